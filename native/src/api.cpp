@@ -1,0 +1,199 @@
+// The C ABI: argument checks, exception firewall, thread-local last error. Every exported
+// function is defined here and nothing else is visible from the shared library.
+#include <cstdarg>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+
+#pragma GCC visibility push(default)
+#include "tinyvllm.h"
+#pragma GCC visibility pop
+
+#include "common.h"
+#include "kernels.h"
+#include "kv_cache.h"
+#include "matmul.h"
+#include "model.h"
+#include "quant.h"
+
+struct tv_model {
+    explicit tv_model(const tv_model_params &p) : m(p) {}
+    tv::Model m;
+};
+
+struct tv_kv_cache {
+    template <class... A>
+    explicit tv_kv_cache(A... a) : c(a...) {}
+    tv::KvCache c;
+};
+
+namespace tv {
+
+void fail(const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    throw InvalidArgument(buf);
+}
+
+namespace {
+
+thread_local std::string t_error;
+
+void set_error(const char *msg) noexcept {
+    try {
+        t_error = msg;
+    } catch (...) {
+        t_error.clear();  // could not even store the message; the return code still says it all
+    }
+}
+
+// Runs f, mapping exceptions to return codes. Success clears the thread's last error.
+template <class F>
+int guard(F &&f) noexcept {
+    try {
+        f();
+        t_error.clear();
+        return TV_OK;
+    } catch (const InvalidArgument &e) {
+        set_error(e.what());
+        return TV_ERR_INVALID;
+    } catch (const std::bad_alloc &) {
+        set_error("out of memory");
+        return TV_ERR_NOMEM;
+    } catch (const std::exception &e) {
+        set_error((std::string("internal error: ") + e.what()).c_str());
+        return TV_ERR_INTERNAL;
+    } catch (...) {
+        set_error("internal error: unknown exception");
+        return TV_ERR_INTERNAL;
+    }
+}
+
+// Checks a caller-described tensor and turns it into a Weight.
+Weight check_tensor(const char *f, const tv_tensor *t) {
+    if (!t) fail("%s: tensor is null", f);
+    if (!dtype_known(t->dtype)) fail("%s: unsupported dtype %d", f, t->dtype);
+    if (t->rows <= 0 || t->cols <= 0) fail("%s: rows and cols must be > 0 (got %lld x %lld)", f, (long long)t->rows, (long long)t->cols);
+    const size_t rb = row_bytes(t->dtype, t->cols);
+    if (rb == 0) fail("%s: %lld columns is not a whole number of %s blocks", f, (long long)t->cols, dtype_name(t->dtype));
+    const size_t expect = checked_mul(rb, (size_t)t->rows, f);
+    if (t->nbytes != expect) fail("%s: nbytes %zu, expected %zu", f, t->nbytes, expect);
+    if (!t->data) fail("%s: tensor data is null", f);
+    return Weight{t->dtype, t->rows, t->cols, static_cast<const uint8_t *>(t->data), rb};
+}
+
+// Pools for the standalone kernels, one per thread count, kept for the process lifetime.
+ThreadPool &shared_pool(int n_threads) {
+    static std::mutex mu;
+    static std::map<int, std::unique_ptr<ThreadPool>> pools;
+    const int n = n_threads > 0 ? n_threads : ThreadPool::default_threads();
+    std::lock_guard<std::mutex> lk(mu);
+    auto &p = pools[n];
+    if (!p) p = std::make_unique<ThreadPool>(n);
+    return *p;
+}
+
+}  // namespace
+}  // namespace tv
+
+using namespace tv;
+
+extern "C" {
+
+const char *tv_last_error(void) { return t_error.c_str(); }
+
+const char *tv_version(void) { return "0.1.0"; }
+
+size_t tv_row_bytes(int32_t dtype, int64_t cols) { return row_bytes(dtype, cols); }
+
+const char *tv_kernel_path(void) { return kernels().name; }
+
+int tv_model_create(const tv_model_params *params, tv_model **out) {
+    return guard([&] {
+        if (!params || !out) fail("tv_model_create: params and out must not be null");
+        *out = nullptr;
+        *out = new tv_model(*params);
+    });
+}
+
+int tv_model_set_tensor(tv_model *model, const char *name, const tv_tensor *tensor) {
+    return guard([&] {
+        if (!model || !name || !tensor) fail("tv_model_set_tensor: model, name and tensor must not be null");
+        model->m.set_tensor(name, *tensor);
+    });
+}
+
+int tv_model_finalize(tv_model *model) {
+    return guard([&] {
+        if (!model) fail("tv_model_finalize: model is null");
+        model->m.finalize();
+    });
+}
+
+void tv_model_free(tv_model *model) { delete model; }
+
+int tv_kv_cache_create(const tv_model *model, int32_t n_blocks, int32_t block_size, int32_t kv_dtype,
+                       tv_kv_cache **out) {
+    return guard([&] {
+        const char *f = "tv_kv_cache_create";
+        if (!model || !out) fail("%s: model and out must not be null", f);
+        *out = nullptr;
+        if (n_blocks <= 0 || block_size <= 0) fail("%s: n_blocks (%d) and block_size (%d) must be > 0", f, n_blocks, block_size);
+        if (kv_dtype != TV_F16 && kv_dtype != TV_F32) fail("%s: kv_dtype must be TV_F16 (1) or TV_F32 (0), got %d", f, kv_dtype);
+        const tv_model_params &p = model->m.params();
+        *out = new tv_kv_cache(p.n_layer, p.n_head_kv, p.head_dim, n_blocks, block_size, kv_dtype);
+    });
+}
+
+size_t tv_kv_cache_bytes(const tv_kv_cache *cache) { return cache ? cache->c.bytes() : 0; }
+
+int tv_kv_cache_copy_block(tv_kv_cache *cache, int32_t src, int32_t dst) {
+    return guard([&] {
+        const char *f = "tv_kv_cache_copy_block";
+        if (!cache) fail("%s: cache is null", f);
+        const int n = cache->c.n_blocks;
+        if (src < 0 || src >= n || dst < 0 || dst >= n) fail("%s: src %d / dst %d out of range [0, %d)", f, src, dst, n);
+        cache->c.copy_block(src, dst);
+    });
+}
+
+void tv_kv_cache_free(tv_kv_cache *cache) { delete cache; }
+
+int tv_model_forward(tv_model *model, tv_kv_cache *cache, const tv_batch *batch, float *logits) {
+    return guard([&] {
+        if (!model || !cache || !batch) fail("tv_model_forward: model, cache and batch must not be null");
+        model->m.forward(cache->c, *batch, logits);
+    });
+}
+
+int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n_threads) {
+    return guard([&] {
+        const char *f = "tv_matmul";
+        const Weight W = check_tensor(f, w);
+        if (m < 0) fail("%s: m must be >= 0 (got %lld)", f, (long long)m);
+        if (m == 0) return;
+        if (!x || !y) fail("%s: x and y must not be null", f);
+        checked_mul(checked_mul((size_t)m, (size_t)W.rows, f), sizeof(float), f);
+        static thread_local std::vector<BlockQ8x> buf;  // reused across calls on this thread
+        matmul(W, x, m, y, shared_pool(n_threads), buf);
+    });
+}
+
+int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *out) {
+    return guard([&] {
+        const char *f = "tv_dequantize_rows";
+        const Weight W = check_tensor(f, w);
+        if (row0 < 0 || rows < 0 || row0 > W.rows || rows > W.rows - row0)
+            fail("%s: rows [%lld, %lld) out of range [0, %lld)", f, (long long)row0, (long long)(row0 + rows), (long long)W.rows);
+        if (rows > 0 && !out) fail("%s: out is null", f);
+        for (int64_t r = 0; r < rows; r++) dequantize_row(W.dtype, W.row(row0 + r), out + r * W.cols, W.cols);
+    });
+}
+
+}  // extern "C"

@@ -1,0 +1,26 @@
+// Causal paged attention for a batch: token t (sequence seq_ids[t], position positions[t])
+// attends to positions 0..positions[t] of its sequence, read from the KV cache through the
+// block table. GQA: query head h reads kv head h / (n_head / n_head_kv).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kv_cache.h"
+#include "threadpool.h"
+
+namespace tv {
+
+struct AttentionBatch {
+    int32_t n_tokens;
+    const int32_t *positions;
+    const int32_t *seq_ids;
+    const int32_t *block_tables;  // [n_seqs * max_blocks]
+    int32_t max_blocks;
+};
+
+// q, out: [n_tokens, n_head * head_dim]. scratch is grown as needed (per-thread work space).
+void attention(const KvCache &cache, int layer, const AttentionBatch &b, const float *q, float *out, int n_head,
+               ThreadPool &pool, std::vector<float> &scratch);
+
+}  // namespace tv

@@ -1,0 +1,41 @@
+// Picks the kernel table once: TINYVLLM_KERNEL if set (and usable), else the best for this CPU.
+#include "kernels.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace tv {
+namespace {
+
+std::atomic<const Kernels *> g_active{nullptr};
+
+const Kernels *lookup(const char *name) {
+    if (std::strcmp(name, "scalar") == 0) return &kernels_scalar;
+    if (std::strcmp(name, "avx2") == 0) return cpu_has_avx2() ? kernels_avx2_table() : nullptr;
+    if (std::strcmp(name, "auto") == 0 || name[0] == '\0')
+        return cpu_has_avx2() && kernels_avx2_table() ? kernels_avx2_table() : &kernels_scalar;
+    return nullptr;
+}
+
+}  // namespace
+
+const Kernels &kernels() {
+    const Kernels *k = g_active.load(std::memory_order_acquire);
+    if (!k) {
+        const char *env = std::getenv("TINYVLLM_KERNEL");
+        k = env ? lookup(env) : nullptr;
+        if (!k) k = lookup("auto");  // an unknown or unsupported request falls back, never crashes
+        g_active.store(k, std::memory_order_release);
+    }
+    return *k;
+}
+
+bool select_kernels(const char *name) {
+    const Kernels *k = name ? lookup(name) : nullptr;
+    if (!k) return false;
+    g_active.store(k, std::memory_order_release);
+    return true;
+}
+
+}  // namespace tv

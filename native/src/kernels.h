@@ -1,0 +1,36 @@
+// The inner loops every matmul and attention call goes through, as a table of function pointers
+// chosen once at runtime: "scalar" (portable C++) or "avx2" (x86-64 with AVX2+FMA+F16C).
+// TINYVLLM_KERNEL=scalar|avx2 in the environment forces a path (tests compare paths with it).
+#pragma once
+
+#include <cstdint>
+
+#include "quant.h"
+
+namespace tv {
+
+struct Kernels {
+    const char *name;
+    // Dot of one quantized weight row (nb blocks, GGML layout) with one activation row in Q8x.
+    float (*dot_q4_0)(const uint8_t *w, const BlockQ8x *x, int64_t nb);
+    float (*dot_q4_1)(const uint8_t *w, const BlockQ8x *x, int64_t nb);
+    float (*dot_q8_0)(const uint8_t *w, const BlockQ8x *x, int64_t nb);
+    // Float dots for F32/F16 weights and for attention over the KV cache.
+    float (*dot_f32)(const float *w, const float *x, int64_t n);
+    float (*dot_f16)(const uint16_t *w, const float *x, int64_t n);
+    // y[i] += a * v[i]: the attention value accumulation.
+    void (*axpy_f32)(float a, const float *v, float *y, int64_t n);
+    void (*axpy_f16)(float a, const uint16_t *v, float *y, int64_t n);
+};
+
+extern const Kernels kernels_scalar;
+// nullptr when not compiled in (non-x86 builds).
+const Kernels *kernels_avx2_table();
+bool cpu_has_avx2();
+
+// The active table (first call picks: env var, else the best the CPU supports).
+const Kernels &kernels();
+// Force a path by name ("scalar", "avx2", "auto"); false when unknown or unsupported here.
+bool select_kernels(const char *name);
+
+}  // namespace tv

@@ -1,0 +1,33 @@
+// y[m, n] = sum_k x[m, k] * W[n, k] for every weight dtype, multi-threaded over output rows.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "quant.h"
+#include "threadpool.h"
+
+namespace tv {
+
+// A validated, borrowed weight matrix.
+struct Weight {
+    int dtype = -1;
+    int64_t rows = 0, cols = 0;
+    const uint8_t *data = nullptr;
+    size_t row_bytes = 0;
+    bool set() const { return data != nullptr; }
+    const uint8_t *row(int64_t r) const { return data + (size_t)r * row_bytes; }
+};
+
+// Quantize m rows of k activations (k % 32 == 0) into buf (grown as needed, never shrunk).
+const BlockQ8x *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<BlockQ8x> &buf);
+
+// xq: x already quantized by quantize_acts (required for quantized weights, ignored otherwise),
+// so one activation quantization can feed several matmuls (q/k/v, gate/up).
+void matmul(const Weight &w, const float *x, const BlockQ8x *xq, int64_t m, float *y, ThreadPool &pool);
+
+// Convenience: quantizes x itself when w needs it.
+void matmul(const Weight &w, const float *x, int64_t m, float *y, ThreadPool &pool, std::vector<BlockQ8x> &buf);
+
+}  // namespace tv

@@ -1,0 +1,226 @@
+// LLaMA forward over a batch of tokens from any number of sequences (prefill and decode mixed):
+//   x = embed(tokens)
+//   per layer: x += Wo · attn(rope(Wq·norm(x)), rope(Wk·norm(x)), Wv·norm(x))
+//              x += Wdown · (silu(Wgate·norm(x)) * Wup·norm(x))
+//   logits = Wout · norm(x) for the requested rows only.
+// Activations are [n_tokens, features] row-major; every matmul runs the whole batch at once.
+#include "model.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include "attention.h"
+#include "common.h"
+#include "ops.h"
+
+namespace tv {
+
+namespace {
+
+template <class T>
+T *grow(std::vector<T> &v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+}
+
+}  // namespace
+
+Model::Model(const tv_model_params &p) : p_(p) {
+    const char *f = "tv_model_create";
+    if (p.n_vocab <= 0 || p.n_embd <= 0 || p.n_ff <= 0 || p.n_layer <= 0 || p.n_head <= 0 || p.n_head_kv <= 0 ||
+        p.head_dim <= 0)
+        fail("%s: n_vocab, n_embd, n_ff, n_layer, n_head, n_head_kv and head_dim must be > 0", f);
+    if (p.n_head % p.n_head_kv != 0)
+        fail("%s: n_head (%d) must be a multiple of n_head_kv (%d)", f, p.n_head, p.n_head_kv);
+    if (p.head_dim % 2 != 0) fail("%s: head_dim (%d) must be even for RoPE", f, p.head_dim);
+    if (!(p.rms_eps >= 0.0f) || !std::isfinite(p.rms_eps)) fail("%s: rms_eps must be finite and >= 0", f);
+    if (!p.rope_inv_freq) fail("%s: rope_inv_freq is null", f);
+    inv_freq_.assign(p.rope_inv_freq, p.rope_inv_freq + p.head_dim / 2);
+    p_.rope_inv_freq = inv_freq_.data();
+    layers_.resize((size_t)p.n_layer);
+    pool_ = std::make_unique<ThreadPool>(p.n_threads);
+    p_.n_threads = pool_->size();
+}
+
+void Model::set_tensor(const char *name, const tv_tensor &t) {
+    const char *f = "tv_model_set_tensor";
+    if (finalized_) fail("%s: model is already finalized", f);
+    const int64_t E = p_.n_embd, V = p_.n_vocab, F = p_.n_ff, Dq = (int64_t)p_.n_head * p_.head_dim,
+                  Dkv = (int64_t)p_.n_head_kv * p_.head_dim;
+    // Find the slot and the expected shape; 1-D tensors (norms, biases) come as rows = 1.
+    Weight *slot = nullptr;
+    int64_t rows = 0, cols = 0;
+    bool f32_only = false;
+    std::string n(name);
+    if (n == "token_embd.weight") slot = &token_embd_, rows = V, cols = E;
+    else if (n == "output.weight") slot = &output_, rows = V, cols = E;
+    else if (n == "output_norm.weight") slot = &output_norm_, rows = 1, cols = E, f32_only = true;
+    else if (n.compare(0, 4, "blk.") == 0) {
+        size_t i = 4;
+        int64_t layer = 0;
+        while (i < n.size() && i < 14 && n[i] >= '0' && n[i] <= '9') layer = layer * 10 + (n[i++] - '0');
+        if (i == 4 || i >= n.size() || n[i] != '.') fail("%s: unknown tensor name '%s'", f, name);
+        if (layer >= p_.n_layer) fail("%s: '%s': layer %lld out of range [0, %d)", f, name, (long long)layer, p_.n_layer);
+        LayerWeights &L = layers_[(size_t)layer];
+        const std::string s = n.substr(i + 1);
+        if (s == "attn_norm.weight") slot = &L.attn_norm, rows = 1, cols = E, f32_only = true;
+        else if (s == "ffn_norm.weight") slot = &L.ffn_norm, rows = 1, cols = E, f32_only = true;
+        else if (s == "attn_q.weight") slot = &L.wq, rows = Dq, cols = E;
+        else if (s == "attn_k.weight") slot = &L.wk, rows = Dkv, cols = E;
+        else if (s == "attn_v.weight") slot = &L.wv, rows = Dkv, cols = E;
+        else if (s == "attn_output.weight") slot = &L.wo, rows = E, cols = Dq;
+        else if (s == "attn_q.bias") slot = &L.bq, rows = 1, cols = Dq, f32_only = true;
+        else if (s == "attn_k.bias") slot = &L.bk, rows = 1, cols = Dkv, f32_only = true;
+        else if (s == "attn_v.bias") slot = &L.bv, rows = 1, cols = Dkv, f32_only = true;
+        else if (s == "ffn_gate.weight") slot = &L.gate, rows = F, cols = E;
+        else if (s == "ffn_up.weight") slot = &L.up, rows = F, cols = E;
+        else if (s == "ffn_down.weight") slot = &L.down, rows = E, cols = F;
+    }
+    if (!slot) fail("%s: unknown tensor name '%s'", f, name);
+    if (slot->set()) fail("%s: tensor '%s' was already set", f, name);
+    if (!dtype_known(t.dtype)) fail("%s: '%s': unsupported dtype %d", f, name, t.dtype);
+    if (f32_only && t.dtype != TV_F32)
+        fail("%s: '%s': norms and biases must be F32, got %s", f, name, dtype_name(t.dtype));
+    if (t.rows != rows || t.cols != cols)
+        fail("%s: '%s': shape %lld x %lld, expected %lld x %lld (rows = out features, 1-D tensors as rows = 1)", f,
+             name, (long long)t.rows, (long long)t.cols, (long long)rows, (long long)cols);
+    const size_t rb = row_bytes(t.dtype, t.cols);
+    if (rb == 0) fail("%s: '%s': %lld columns is not a whole number of %s blocks", f, name, (long long)t.cols, dtype_name(t.dtype));
+    const size_t expect = checked_mul(rb, (size_t)t.rows, f);
+    if (t.nbytes != expect)
+        fail("%s: '%s': nbytes %zu, expected %zu for %s %lld x %lld", f, name, t.nbytes, expect, dtype_name(t.dtype),
+             (long long)t.rows, (long long)t.cols);
+    if (!t.data) fail("%s: '%s': data is null", f, name);
+    *slot = Weight{t.dtype, t.rows, t.cols, static_cast<const uint8_t *>(t.data), rb};
+}
+
+void Model::finalize() {
+    const char *f = "tv_model_finalize";
+    if (finalized_) fail("%s: model is already finalized", f);
+    if (!token_embd_.set()) fail("%s: missing tensor 'token_embd.weight'", f);
+    if (!output_norm_.set()) fail("%s: missing tensor 'output_norm.weight'", f);
+    static const char *names[] = {"attn_norm.weight", "attn_q.weight",   "attn_k.weight",  "attn_v.weight",
+                                  "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                                  "ffn_down.weight"};
+    for (int l = 0; l < p_.n_layer; l++) {
+        const LayerWeights &L = layers_[(size_t)l];
+        const Weight *req[] = {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_norm, &L.gate, &L.up, &L.down};
+        for (int i = 0; i < 9; i++)
+            if (!req[i]->set()) fail("%s: missing tensor 'blk.%d.%s'", f, l, names[i]);
+        const int nb = L.bq.set() + L.bk.set() + L.bv.set();
+        if (nb != 0 && nb != 3) fail("%s: blk.%d: attn_q/k/v biases must be given all three or none", f, l);
+    }
+    finalized_ = true;
+}
+
+void Model::validate_batch(const KvCache &c, const tv_batch &b, const float *logits) {
+    const char *f = "tv_model_forward";
+    if (!finalized_) fail("%s: model is not finalized (call tv_model_finalize)", f);
+    if (c.n_layer != p_.n_layer || c.n_head_kv != p_.n_head_kv || c.head_dim != p_.head_dim)
+        fail("%s: KV cache was made for a different model shape", f);
+    if (b.n_tokens <= 0) fail("%s: n_tokens must be > 0 (got %d)", f, b.n_tokens);
+    if (!b.tokens || !b.positions || !b.seq_ids) fail("%s: tokens, positions and seq_ids must not be null", f);
+    if (b.n_seqs <= 0 || b.max_blocks <= 0 || !b.block_tables)
+        fail("%s: n_seqs and max_blocks must be > 0 and block_tables not null", f);
+    if (b.n_logits < 0) fail("%s: n_logits must be >= 0", f);
+    if (b.n_logits > 0 && (!b.logits_rows || !logits)) fail("%s: logits_rows and logits must not be null", f);
+    int32_t *last = grow(s_.last_pos, (size_t)b.n_seqs);
+    std::fill(last, last + b.n_seqs, -1);
+    for (int t = 0; t < b.n_tokens; t++) {
+        const int32_t tok = b.tokens[t], pos = b.positions[t], seq = b.seq_ids[t];
+        if (tok < 0 || tok >= p_.n_vocab) fail("%s: token %d at index %d out of range [0, %d)", f, tok, t, p_.n_vocab);
+        if (pos < 0) fail("%s: negative position %d at index %d", f, pos, t);
+        if (seq < 0 || seq >= b.n_seqs) fail("%s: seq_id %d at index %d out of range [0, %d)", f, seq, t, b.n_seqs);
+        if (pos / c.block_size >= b.max_blocks)
+            fail("%s: position %d at index %d needs block %d but max_blocks is %d", f, pos, t, pos / c.block_size,
+                 b.max_blocks);
+        if (pos <= last[seq]) fail("%s: positions of sequence %d must increase within a batch (index %d)", f, seq, t);
+        last[seq] = pos;
+    }
+    // every block a token reads (positions 0..pos) must be a real block
+    for (int seq = 0; seq < b.n_seqs; seq++) {
+        const int32_t *table = b.block_tables + (size_t)seq * b.max_blocks;
+        for (int i = 0; last[seq] >= 0 && i <= last[seq] / c.block_size; i++)
+            if (table[i] < 0 || table[i] >= c.n_blocks)
+                fail("%s: block_tables[%d][%d] = %d out of range [0, %d)", f, seq, i, table[i], c.n_blocks);
+    }
+    for (int i = 0; i < b.n_logits; i++)
+        if (b.logits_rows[i] < 0 || b.logits_rows[i] >= b.n_tokens)
+            fail("%s: logits_rows[%d] = %d out of range [0, %d)", f, i, b.logits_rows[i], b.n_tokens);
+}
+
+void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
+    std::lock_guard<std::mutex> lock(forward_mu_);
+    validate_batch(cache, b, logits);
+    const int T = b.n_tokens, E = p_.n_embd, half = p_.head_dim / 2;
+
+    float *x = grow(s_.x, (size_t)T * E);
+    for (int t = 0; t < T; t++) dequantize_row(token_embd_.dtype, token_embd_.row(b.tokens[t]), x + (size_t)t * E, E);
+    // RoPE angles depend only on the position: once per token for all layers and heads.
+    float *rc = grow(s_.rope_cos, (size_t)T * half), *rs = grow(s_.rope_sin, (size_t)T * half);
+    for (int t = 0; t < T; t++) rope_angles(b.positions[t], inv_freq_.data(), half, rc + (size_t)t * half, rs + (size_t)t * half);
+
+    for (int l = 0; l < p_.n_layer; l++) run_layer(l, cache, b);
+
+    if (b.n_logits == 0) return;
+    const Weight &out = output_.set() ? output_ : token_embd_;  // tied embeddings
+    float *xn = grow(s_.xn, (size_t)b.n_logits * E);
+    for (int i = 0; i < b.n_logits; i++)
+        rmsnorm(x + (size_t)b.logits_rows[i] * E, reinterpret_cast<const float *>(output_norm_.data), xn + (size_t)i * E, E,
+                p_.rms_eps);
+    matmul(out, xn, b.n_logits, logits, *pool_, s_.xq);
+}
+
+void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
+    const LayerWeights &L = layers_[(size_t)l];
+    const int T = b.n_tokens, E = p_.n_embd, F = p_.n_ff, hd = p_.head_dim, half = hd / 2;
+    const int Dq = p_.n_head * hd, Dkv = p_.n_head_kv * hd;
+    ThreadPool &pool = *pool_;
+    float *x = s_.x.data();
+    float *xn = grow(s_.xn, (size_t)T * E), *q = grow(s_.q, (size_t)T * Dq), *k = grow(s_.k, (size_t)T * Dkv),
+          *v = grow(s_.v, (size_t)T * Dkv), *att = grow(s_.att, (size_t)T * Dq), *tmp = grow(s_.tmp, (size_t)T * E);
+
+    // --- attention block
+    for (int t = 0; t < T; t++)
+        rmsnorm(x + (size_t)t * E, reinterpret_cast<const float *>(L.attn_norm.data), xn + (size_t)t * E, E, p_.rms_eps);
+    const BlockQ8x *xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by q, k, v
+    matmul(L.wq, xn, xq, T, q, pool);
+    matmul(L.wk, xn, xq, T, k, pool);
+    matmul(L.wv, xn, xq, T, v, pool);
+    for (int t = 0; t < T; t++) {
+        if (L.bq.set()) {
+            const float *bq = reinterpret_cast<const float *>(L.bq.data), *bk = reinterpret_cast<const float *>(L.bk.data),
+                        *bv = reinterpret_cast<const float *>(L.bv.data);
+            for (int i = 0; i < Dq; i++) q[(size_t)t * Dq + i] += bq[i];
+            for (int i = 0; i < Dkv; i++) k[(size_t)t * Dkv + i] += bk[i], v[(size_t)t * Dkv + i] += bv[i];
+        }
+        const float *c = s_.rope_cos.data() + (size_t)t * half, *s = s_.rope_sin.data() + (size_t)t * half;
+        rope_apply(q + (size_t)t * Dq, p_.n_head, hd, p_.rope_interleaved != 0, c, s);
+        rope_apply(k + (size_t)t * Dkv, p_.n_head_kv, hd, p_.rope_interleaved != 0, c, s);
+    }
+    // All of the batch's K/V go in before any attention, so tokens of one sequence in this batch
+    // see each other (causally, by position).
+    for (int t = 0; t < T; t++) {
+        const int pos = b.positions[t];
+        const int block = b.block_tables[(size_t)b.seq_ids[t] * b.max_blocks + pos / cache.block_size];
+        cache.write(l, block, pos % cache.block_size, k + (size_t)t * Dkv, v + (size_t)t * Dkv);
+    }
+    const AttentionBatch ab{T, b.positions, b.seq_ids, b.block_tables, b.max_blocks};
+    attention(cache, l, ab, q, att, p_.n_head, pool, s_.attn);
+    matmul(L.wo, att, T, tmp, pool, s_.xq);
+    for (size_t i = 0; i < (size_t)T * E; i++) x[i] += tmp[i];
+
+    // --- feed-forward block
+    float *g = grow(s_.gate, (size_t)T * F), *u = grow(s_.up, (size_t)T * F);
+    for (int t = 0; t < T; t++)
+        rmsnorm(x + (size_t)t * E, reinterpret_cast<const float *>(L.ffn_norm.data), xn + (size_t)t * E, E, p_.rms_eps);
+    xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by gate, up
+    matmul(L.gate, xn, xq, T, g, pool);
+    matmul(L.up, xn, xq, T, u, pool);
+    swiglu(g, u, (size_t)T * F);
+    matmul(L.down, g, T, tmp, pool, s_.xq);
+    for (size_t i = 0; i < (size_t)T * E; i++) x[i] += tmp[i];
+}
+
+}  // namespace tv

@@ -1,0 +1,52 @@
+// The LLaMA-family model: borrowed weights, validated shapes, and the batched forward pass.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kv_cache.h"
+#include "matmul.h"
+#include "threadpool.h"
+#include "tinyvllm.h"
+
+namespace tv {
+
+struct LayerWeights {
+    Weight attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, gate, up, down;
+};
+
+class Model {
+   public:
+    explicit Model(const tv_model_params &p);  // validates params (throws InvalidArgument)
+
+    void set_tensor(const char *name, const tv_tensor &t);
+    void finalize();
+    bool finalized() const { return finalized_; }
+    // Validates the batch against the model and cache, then runs it.
+    void forward(KvCache &cache, const tv_batch &b, float *logits);
+
+    const tv_model_params &params() const { return p_; }
+
+   private:
+    void validate_batch(const KvCache &cache, const tv_batch &b, const float *logits);
+    void run_layer(int l, KvCache &cache, const tv_batch &b);
+
+    tv_model_params p_;
+    std::vector<float> inv_freq_;
+    Weight token_embd_, output_norm_, output_;
+    std::vector<LayerWeights> layers_;
+    bool finalized_ = false;
+    std::unique_ptr<ThreadPool> pool_;
+    std::mutex forward_mu_;  // scratch below belongs to one forward at a time
+
+    // Scratch, grown to the largest batch seen and then reused: steady-state decode allocates nothing.
+    struct Scratch {
+        std::vector<float> x, xn, q, k, v, att, tmp, gate, up, rope_cos, rope_sin, attn;
+        std::vector<BlockQ8x> xq;
+        std::vector<int32_t> last_pos;
+    } s_;
+};
+
+}  // namespace tv

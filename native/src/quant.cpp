@@ -1,0 +1,103 @@
+// Block formats: sizes, dequantization (the reference every kernel is tested against) and the
+// per-row activation quantizer shared by all kernel paths (so paths see identical int8 inputs).
+#include "quant.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "fp16.h"
+#include "tinyvllm.h"
+
+namespace tv {
+
+bool dtype_known(int dtype) {
+    return dtype == TV_F32 || dtype == TV_F16 || dtype == TV_Q4_0 || dtype == TV_Q4_1 || dtype == TV_Q8_0;
+}
+
+bool dtype_quantized(int dtype) { return dtype == TV_Q4_0 || dtype == TV_Q4_1 || dtype == TV_Q8_0; }
+
+const char *dtype_name(int dtype) {
+    switch (dtype) {
+        case TV_F32: return "F32";
+        case TV_F16: return "F16";
+        case TV_Q4_0: return "Q4_0";
+        case TV_Q4_1: return "Q4_1";
+        case TV_Q8_0: return "Q8_0";
+        default: return "unknown";
+    }
+}
+
+size_t row_bytes(int dtype, int64_t cols) {
+    if (cols <= 0 || cols > (int64_t(1) << 40)) return 0;
+    const size_t n = (size_t)cols;
+    switch (dtype) {
+        case TV_F32: return n * 4;
+        case TV_F16: return n * 2;
+        case TV_Q4_0: return n % QK ? 0 : n / QK * Q4_0_BYTES;
+        case TV_Q4_1: return n % QK ? 0 : n / QK * Q4_1_BYTES;
+        case TV_Q8_0: return n % QK ? 0 : n / QK * Q8_0_BYTES;
+        default: return 0;
+    }
+}
+
+void dequantize_row(int dtype, const void *row, float *out, int64_t cols) {
+    const uint8_t *p = static_cast<const uint8_t *>(row);
+    const int64_t nb = cols / QK;
+    switch (dtype) {
+        case TV_F32:
+            std::memcpy(out, row, (size_t)cols * 4);
+            return;
+        case TV_F16:
+            for (int64_t i = 0; i < cols; i++) out[i] = fp16_to_fp32(load_u16(p + 2 * i));
+            return;
+        case TV_Q4_0:
+            for (int64_t b = 0; b < nb; b++, p += Q4_0_BYTES, out += QK) {
+                const float d = fp16_to_fp32(load_u16(p));
+                const uint8_t *qs = p + 2;
+                for (int j = 0; j < 16; j++) {
+                    out[j] = (float)((qs[j] & 0xF) - 8) * d;
+                    out[j + 16] = (float)((qs[j] >> 4) - 8) * d;
+                }
+            }
+            return;
+        case TV_Q4_1:
+            for (int64_t b = 0; b < nb; b++, p += Q4_1_BYTES, out += QK) {
+                const float d = fp16_to_fp32(load_u16(p)), m = fp16_to_fp32(load_u16(p + 2));
+                const uint8_t *qs = p + 4;
+                for (int j = 0; j < 16; j++) {
+                    out[j] = (float)(qs[j] & 0xF) * d + m;
+                    out[j + 16] = (float)(qs[j] >> 4) * d + m;
+                }
+            }
+            return;
+        case TV_Q8_0:
+            for (int64_t b = 0; b < nb; b++, p += Q8_0_BYTES, out += QK) {
+                const float d = fp16_to_fp32(load_u16(p));
+                const int8_t *qs = reinterpret_cast<const int8_t *>(p + 2);
+                for (int j = 0; j < QK; j++) out[j] = (float)qs[j] * d;
+            }
+            return;
+        default:
+            return;
+    }
+}
+
+void quantize_row_q8x(const float *x, BlockQ8x *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / QK; b++, x += QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = std::fmax(amax, std::fabs(x[j]));
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            float r = std::nearbyint(x[j] * id);  // |r| <= 127 by construction...
+            if (!(r >= -127.0f && r <= 127.0f)) r = r > 0.0f ? 127.0f : (r < 0.0f ? -127.0f : 0.0f);  // ...unless inf/nan
+            const int q = (int)r;
+            out[b].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+    }
+}
+
+}  // namespace tv

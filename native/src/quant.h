@@ -1,0 +1,38 @@
+// GGML block formats (little endian) and the activation format the integer matmul uses.
+//   Q4_0: 18 bytes / 32 values: f16 d, 16 bytes qs; v[j] = ((qs[j] & 15) - 8) * d,
+//                                                    v[j+16] = ((qs[j] >> 4) - 8) * d
+//   Q4_1: 20 bytes / 32 values: f16 d, f16 m, 16 bytes qs; v = q * d + m (same nibble order)
+//   Q8_0: 34 bytes / 32 values: f16 d, 32 int8; v = q * d
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tv {
+
+constexpr int QK = 32;  // values per quantized block
+constexpr size_t Q4_0_BYTES = 18, Q4_1_BYTES = 20, Q8_0_BYTES = 34;
+
+// One activation block: the row is quantized once per matmul to int8 with a scale per 32 values.
+// s = d * sum(qs) lets Q4_1's min term and Q4_0's -8 offset fold in without touching qs again.
+struct BlockQ8x {
+    float d;
+    float s;
+    int8_t qs[QK];
+};
+
+bool dtype_known(int dtype);
+bool dtype_quantized(int dtype);
+const char *dtype_name(int dtype);
+// Bytes of one row of `cols` values; 0 when the dtype is unknown or cols is not a whole number
+// of blocks (or not positive).
+size_t row_bytes(int dtype, int64_t cols);
+
+void dequantize_row(int dtype, const void *row, float *out, int64_t cols);
+// x[cols] -> cols/32 blocks; cols must be a multiple of 32.
+void quantize_row_q8x(const float *x, BlockQ8x *out, int64_t cols);
+
+// Little-endian half read from an unaligned byte pointer.
+inline uint16_t load_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+}  // namespace tv

@@ -1,0 +1,119 @@
+// RoPE (both layouts) and paged attention through a shuffled block table vs double references.
+#include <algorithm>
+#include <numeric>
+
+#include "attention.h"
+#include "fp16.h"
+#include "helpers.h"
+#include "kernels.h"
+#include "kv_cache.h"
+#include "ops.h"
+
+using namespace tvtest;
+
+TEST(rope_both_layouts) {
+    const int n_heads = 3, hd = 8, half = hd / 2;
+    std::vector<float> inv(half);
+    for (int i = 0; i < half; i++) inv[i] = (float)std::pow(10000.0, -2.0 * i / hd);
+    for (int interleaved = 0; interleaved < 2; interleaved++)
+        for (int pos : {0, 1, 7, 1000, 8191}) {
+            std::vector<float> x = random_vec(n_heads * hd), y = x, c(half), s(half);
+            tv::rope_angles(pos, inv.data(), half, c.data(), s.data());
+            tv::rope_apply(y.data(), n_heads, hd, interleaved != 0, c.data(), s.data());
+            for (int h = 0; h < n_heads; h++)
+                for (int i = 0; i < half; i++) {
+                    const int a = h * hd + (interleaved ? 2 * i : i), b = h * hd + (interleaved ? 2 * i + 1 : i + half);
+                    const double ang = (double)pos * inv[i];
+                    const double ra = x[a] * std::cos(ang) - x[b] * std::sin(ang);
+                    const double rb = x[a] * std::sin(ang) + x[b] * std::cos(ang);
+                    CHECK_NEAR(y[a], ra, 1e-6) << "interleaved=" << interleaved << " pos=" << pos;
+                    CHECK_NEAR(y[b], rb, 1e-6) << "interleaved=" << interleaved << " pos=" << pos;
+                }
+        }
+}
+
+TEST(rmsnorm_and_swiglu) {
+    std::vector<float> x = random_vec(40, -3, 3), w = random_vec(40), y(40);
+    tv::rmsnorm(x.data(), w.data(), y.data(), 40, 1e-5f);
+    double ss = 0;
+    for (float v : x) ss += (double)v * v;
+    for (int i = 0; i < 40; i++) CHECK_NEAR(y[i], x[i] * w[i] / std::sqrt(ss / 40 + 1e-5), 1e-6);
+    std::vector<float> g = random_vec(10, -5, 5), u = random_vec(10), g0 = g;
+    tv::swiglu(g.data(), u.data(), 10);
+    for (int i = 0; i < 10; i++) CHECK_NEAR(g[i], g0[i] / (1 + std::exp(-(double)g0[i])) * u[i], 1e-6);
+}
+
+namespace {
+
+void attention_case(int kv_dtype, const char *path) {
+    const int n_head = 6, n_kv = 2, hd = 16, bs = 4, n_blocks = 40, max_blocks = 5;
+    const std::vector<int> lens = {1, 5, 13, 9, 20};  // sequence lengths after this step
+    const std::vector<int> new_toks = {1, 3, 13, 1, 2};  // how many of the last positions are in the batch
+    const int n_seqs = (int)lens.size();
+    tv::KvCache cache(1, n_kv, hd, n_blocks, bs, kv_dtype);
+    // shuffled, non-contiguous physical blocks
+    std::vector<int> perm(n_blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng());
+    std::vector<int32_t> tables((size_t)n_seqs * max_blocks, -1);
+    for (int s = 0, next = 0; s < n_seqs; s++)
+        for (int i = 0; i < (lens[s] + bs - 1) / bs; i++) tables[(size_t)s * max_blocks + i] = perm[next++];
+    // K/V for every position (rounded to the cache's precision for the reference)
+    std::vector<std::vector<float>> K(n_seqs), V(n_seqs);
+    auto round = [&](float v) { return kv_dtype == TV_F16 ? tv::fp16_to_fp32(tv::fp32_to_fp16(v)) : v; };
+    for (int s = 0; s < n_seqs; s++) {
+        K[s] = random_vec((size_t)lens[s] * n_kv * hd, -2, 2);
+        V[s] = random_vec((size_t)lens[s] * n_kv * hd);
+        for (int p = 0; p < lens[s]; p++)
+            cache.write(0, tables[(size_t)s * max_blocks + p / bs], p % bs, &K[s][(size_t)p * n_kv * hd],
+                        &V[s][(size_t)p * n_kv * hd]);
+        for (auto &v : K[s]) v = round(v);
+        for (auto &v : V[s]) v = round(v);
+    }
+    // the batch: interleave sequences, increasing positions within each
+    std::vector<int32_t> pos, seq;
+    for (int step = 0; step < 13; step++)
+        for (int s = n_seqs - 1; s >= 0; s--)
+            if (step < new_toks[s]) seq.push_back(s), pos.push_back(lens[s] - new_toks[s] + step);
+    const int T = (int)pos.size();
+    std::vector<float> q = random_vec((size_t)T * n_head * hd, -2, 2), out((size_t)T * n_head * hd);
+    tv::ThreadPool pool(2);
+    std::vector<float> scratch;
+    CHECK(tv::select_kernels(path));
+    tv::attention(cache, 0, tv::AttentionBatch{T, pos.data(), seq.data(), tables.data(), max_blocks}, q.data(),
+                  out.data(), n_head, pool, scratch);
+    const double scale = 1.0 / std::sqrt((double)hd);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < n_head; h++) {
+            const int s = seq[t], kvh = h / (n_head / n_kv);
+            std::vector<double> sc(pos[t] + 1);
+            double mx = -1e300, sum = 0;
+            for (int p = 0; p <= pos[t]; p++) {
+                double d = 0;
+                for (int i = 0; i < hd; i++)
+                    d += (double)q[((size_t)t * n_head + h) * hd + i] * K[s][((size_t)p * n_kv + kvh) * hd + i];
+                sc[p] = d * scale;
+                mx = std::max(mx, sc[p]);
+            }
+            for (auto &v : sc) sum += (v = std::exp(v - mx));
+            for (int i = 0; i < hd; i++) {
+                double o = 0;
+                for (int p = 0; p <= pos[t]; p++) o += sc[p] / sum * V[s][((size_t)p * n_kv + kvh) * hd + i];
+                CHECK_NEAR(out[((size_t)t * n_head + h) * hd + i], o, 2e-6)
+                    << path << " kv=" << kv_dtype << " t=" << t << " h=" << h;
+            }
+        }
+}
+
+}  // namespace
+
+TEST(attention_paged_gqa) {
+    const char *restore = tv_kernel_path();
+    std::vector<const char *> paths{"scalar"};
+    if (tv::cpu_has_avx2()) paths.push_back("avx2");
+    for (const char *path : paths) {
+        attention_case(TV_F32, path);
+        attention_case(TV_F16, path);
+    }
+    tv::select_kernels(restore);
+}

@@ -1,0 +1,140 @@
+// Matmul of every dtype on ragged shapes, for every kernel path this CPU has, against a double
+// reference on the dequantized weights.
+#include <algorithm>
+#include <cstring>
+
+#include "helpers.h"
+#include "kernels.h"
+#include "quant.h"
+
+using namespace tvtest;
+
+namespace {
+
+struct Shape {
+    int64_t m, n, k;
+};
+
+std::vector<const char *> paths() {
+    std::vector<const char *> p{"scalar"};
+    if (tv::cpu_has_avx2() && tv::kernels_avx2_table()) p.push_back("avx2");
+    return p;
+}
+
+const int32_t kDtypes[] = {TV_F32, TV_F16, TV_Q4_0, TV_Q4_1, TV_Q8_0};
+
+}  // namespace
+
+TEST(kernel_selection) {
+    const char *before = tv_kernel_path();
+    CHECK(tv::select_kernels("scalar"));
+    CHECK(std::strcmp(tv_kernel_path(), "scalar") == 0);
+    CHECK(!tv::select_kernels("nonsense"));
+    CHECK(std::strcmp(tv_kernel_path(), "scalar") == 0);
+    if (tv::cpu_has_avx2()) {
+        CHECK(tv::select_kernels("avx2"));
+        CHECK(std::strcmp(tv_kernel_path(), "avx2") == 0);
+    }
+    tv::select_kernels(before);
+}
+
+TEST(matmul_all_dtypes_all_paths) {
+    std::vector<Shape> shapes = {{1, 1, 32},    {1, 7, 96},   {1, 33, 576}, {2, 130, 160}, {3, 1, 576},
+                                 {5, 65, 32},   {8, 17, 96},  {17, 9, 160}, {67, 31, 576}, {67, 130, 96},
+                                 {4, 64, 64},   {13, 3, 32}};
+    for (int i = 0; i < 4; i++) shapes.push_back({randint(1, 67), randint(1, 90), 32 * randint(1, 12)});
+    const char *restore = tv_kernel_path();
+    int case_id = 0;
+    for (int32_t dtype : kDtypes) {
+        std::vector<Shape> sh = shapes;
+        if (!tv::dtype_quantized(dtype)) sh.push_back({3, 5, 7}), sh.push_back({9, 11, 45});  // any k for floats
+        for (const Shape &s : sh) {
+            case_id++;
+            HostTensor w = random_tensor(dtype, s.n, s.k);
+            std::vector<float> wd = w.dequantized(), x = random_vec((size_t)(s.m * s.k), -2, 2);
+            x[0] = 3.5f;  // one outlier per first block
+            // The integer paths see x quantized to int8 blocks: the reference uses exactly those
+            // values (tight check) and the true x (bounded by the quantization error).
+            std::vector<float> xq = x;
+            const bool quant = tv::dtype_quantized(dtype);
+            if (quant) {
+                std::vector<tv::BlockQ8x> b((size_t)(s.k / 32));
+                for (int64_t i = 0; i < s.m; i++) {
+                    tv::quantize_row_q8x(x.data() + i * s.k, b.data(), s.k);
+                    for (int64_t j = 0; j < s.k; j++) xq[i * s.k + j] = b[j / 32].qs[j % 32] * b[j / 32].d;
+                }
+            }
+            std::vector<std::vector<float>> results;
+            for (const char *path : paths()) {
+                CHECK(tv::select_kernels(path));
+                std::vector<float> y((size_t)(s.m * s.n), -1.0f);
+                tv_tensor d = w.desc();
+                const int threads = 1 + case_id % 3;
+                CHECK(tv_matmul(&d, x.data(), s.m, y.data(), threads) == TV_OK) << tv_last_error();
+                for (int64_t i = 0; i < s.m; i++)
+                    for (int64_t r = 0; r < s.n; r++) {
+                        double ref = 0, refq = 0, mag = 0, qerr = 0;
+                        for (int64_t j = 0; j < s.k; j++) {
+                            const double wv = wd[r * s.k + j];
+                            ref += wv * x[i * s.k + j];
+                            refq += wv * xq[i * s.k + j];
+                            mag += std::fabs(wv * xq[i * s.k + j]);
+                            qerr += std::fabs(wv) * std::fabs(x[i * s.k + j] - xq[i * s.k + j]);
+                        }
+                        const float got = y[i * s.n + r];
+                        CHECK_NEAR(got, refq, 2e-6 * mag + 1e-6)
+                            << path << " " << tv::dtype_name(dtype) << " m=" << s.m << " n=" << s.n << " k=" << s.k;
+                        CHECK_NEAR(got, ref, qerr * 1.001 + 2e-6 * mag + 1e-6) << path << " vs unquantized x";
+                    }
+                results.push_back(y);
+            }
+            // paths agree to float rounding
+            for (size_t p = 1; p < results.size(); p++) {
+                double maxdiff = 0, maxabs = 1e-6;
+                for (size_t i = 0; i < results[0].size(); i++) {
+                    maxdiff = std::max(maxdiff, (double)std::fabs(results[p][i] - results[0][i]));
+                    maxabs = std::max(maxabs, (double)std::fabs(results[0][i]));
+                }
+                CHECK(maxdiff <= 1e-5 * maxabs) << tv::dtype_name(dtype) << " paths differ by " << maxdiff;
+            }
+        }
+    }
+    tv::select_kernels(restore);
+}
+
+TEST(matmul_large_threads_match_single) {
+    // Many chunks: the tied-output shape class (tall n, k = 576), 1 vs 2 vs 4 threads bit-identical.
+    HostTensor w = random_tensor(TV_Q8_0, 3001, 576);
+    std::vector<float> x = random_vec(3 * 576);
+    tv_tensor d = w.desc();
+    std::vector<float> y1(3 * 3001), y2(3 * 3001), y4(3 * 3001);
+    CHECK(tv_matmul(&d, x.data(), 3, y1.data(), 1) == TV_OK);
+    CHECK(tv_matmul(&d, x.data(), 3, y2.data(), 2) == TV_OK);
+    CHECK(tv_matmul(&d, x.data(), 3, y4.data(), 4) == TV_OK);
+    CHECK(y1 == y2 && y1 == y4);
+}
+
+TEST(matmul_errors) {
+    HostTensor w = random_tensor(TV_Q4_1, 4, 64);
+    std::vector<float> x(64), y(4);
+    tv_tensor d = w.desc();
+    CHECK(tv_matmul(nullptr, x.data(), 1, y.data(), 1) == TV_ERR_INVALID);
+    CHECK(std::strlen(tv_last_error()) > 0);
+    CHECK(tv_matmul(&d, nullptr, 1, y.data(), 1) == TV_ERR_INVALID);
+    tv_tensor bad = d;
+    bad.nbytes -= 1;
+    CHECK(tv_matmul(&bad, x.data(), 1, y.data(), 1) == TV_ERR_INVALID);
+    CHECK(std::string(tv_last_error()).find("nbytes") != std::string::npos) << tv_last_error();
+    bad = d;
+    bad.cols = 48;
+    CHECK(tv_matmul(&bad, x.data(), 1, y.data(), 1) == TV_ERR_INVALID);
+    bad = d;
+    bad.dtype = 7;
+    CHECK(tv_matmul(&bad, x.data(), 1, y.data(), 1) == TV_ERR_INVALID);
+    bad = d;
+    bad.data = nullptr;
+    CHECK(tv_matmul(&bad, x.data(), 1, y.data(), 1) == TV_ERR_INVALID);
+    CHECK(tv_matmul(&d, x.data(), -1, y.data(), 1) == TV_ERR_INVALID);
+    CHECK(tv_matmul(&d, x.data(), 1, y.data(), 0) == TV_OK);  // default threads
+    CHECK(std::strlen(tv_last_error()) == 0);                  // success clears the error
+}

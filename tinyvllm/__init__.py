@@ -1,0 +1,19 @@
+"""tinyvllm: a tiny vLLM for edge devices."""
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # LLM / LLMEngine load the native core: import them lazily so `import tinyvllm` stays light.
+    if name == "LLM":
+        from .llm import LLM
+        return LLM
+    if name == "LLMEngine":
+        from .engine import LLMEngine
+        return LLMEngine
+    raise AttributeError(f"module 'tinyvllm' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]

@@ -1,0 +1,102 @@
+"""The `tinyvllm` command: generate and chat (interactive when stdin is a terminal)."""
+import argparse
+import sys
+
+from .model.fetch import DEFAULT_MODEL
+from .sampling_params import SamplingParams
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"alias, GGUF file, HF directory or HF repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--memory-budget", default=None, help="total bytes for weights + KV + workspace, e.g. 512MB")
+    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _params(a) -> SamplingParams:
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+
+
+def _llm(a):
+    from .llm import LLM  # loads the native core: only when a command really runs
+    return LLM(a.model, threads=a.threads, memory_budget=a.memory_budget)
+
+
+def _generate(a) -> int:
+    llm, params = _llm(a), _params(a)
+    prompts = a.prompt or [sys.stdin.read()]
+    if len(prompts) == 1 and not a.no_stream:
+        for piece in llm.stream(prompts[0], params):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    for out in llm.generate(prompts, params):
+        print(out.outputs[0].text)
+    return 0
+
+
+def _chat(a) -> int:
+    llm, params = _llm(a), _params(a)
+    history = [{"role": "system", "content": a.system}] if a.system else []
+
+    def answer(user: str) -> None:
+        history.append({"role": "user", "content": user})
+        reply = ""
+        for piece in llm.stream_chat(history, params):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+    if a.message or not sys.stdin.isatty():
+        answer(a.message or sys.stdin.read())
+        return 0
+    print(f"tinyvllm chat with {a.model} (Ctrl-D or /exit to quit, /reset to forget)", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            del history[1 if a.system else 0:]
+        elif user:
+            try:
+                answer(user)
+            except KeyboardInterrupt:  # stop this answer, keep the session
+                print(file=sys.stderr)
+                history.pop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tinyvllm", description="A tiny vLLM for edge devices")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete raw text prompts")
+    g.add_argument("prompt", nargs="*", help="prompt(s); read from stdin when none")
+    g.add_argument("--no-stream", action="store_true", help="print each full answer at the end")
+    _add_common(g)
+    c = sub.add_parser("chat", help="chat with the model's chat template")
+    c.add_argument("--message", default=None, help="ask one question and exit")
+    c.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    _add_common(c)
+    a = ap.parse_args(argv)
+    try:
+        return {"generate": _generate, "chat": _chat}[a.command](a)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"tinyvllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

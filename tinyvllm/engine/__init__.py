@@ -1,0 +1,3 @@
+from .llm_engine import LLMEngine
+
+__all__ = ["LLMEngine"]

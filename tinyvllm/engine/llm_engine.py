@@ -1,0 +1,200 @@
+"""LLMEngine: requests in, one batched forward per step(), RequestOutputs out (vLLM's shape)."""
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..model import load_model, resolve_model
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..runner import NativeModelRunner
+from ..sampler import Sampler, SequenceSamplingState
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .block_pool import BlockPool
+from .memory import plan_kv_blocks, workspace_bytes
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    def __init__(self, model: str, *, tokenizer: str | None = None, threads: int | None = None,
+                 device: str = "cpu", quantization: str | None = None, memory_budget=None,
+                 kv_cache_bytes=None, kv_cache_dtype: str = "float16", block_size: int = 16,
+                 max_model_len: int | None = None, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, seed: int = 0):
+        if device != "cpu":
+            raise ValueError(f"device {device!r} is not available yet: this build runs device='cpu'")
+        if quantization not in (None, "none"):
+            raise ValueError(f"quantization={quantization!r} is not supported yet (GGUF weights run as stored)")
+        self.model_path = resolve_model(model)
+        self.weights = load_model(self.model_path)
+        cfg = self.config = self.weights.config
+        self.tokenizer = (Tokenizer.from_dir(tokenizer) if tokenizer else
+                          Tokenizer.from_gguf_metadata(self.weights.metadata) if self.weights.kind == "gguf"
+                          else Tokenizer.from_dir(self.weights.path))
+        block_bytes = NativeModelRunner.kv_bytes_per_block(cfg, block_size, kv_cache_dtype)
+        wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        num_blocks = plan_kv_blocks(
+            weight_bytes=sum(t.data.nbytes for t in self.weights.tensors.values()), block_bytes=block_bytes,
+            workspace=workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs), memory_budget=memory_budget,
+            kv_cache_bytes=kv_cache_bytes,
+            default_kv_bytes=min(256 * 2**20, block_bytes * max_num_seqs * -(-wanted_len // block_size)))
+        # A lone sequence must always fit in the pool, or preemption could never make room for it.
+        self.max_model_len = min(wanted_len, num_blocks * block_size)
+        self.runner = NativeModelRunner(self.weights, num_blocks, block_size, kv_cache_dtype, threads)
+        self.pool = BlockPool(num_blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids, self._request_ids = itertools.count(), itertools.count()
+        self.seed = seed
+
+    # ---- requests -------------------------------------------------------------------------
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self._prompt_ids(prompt["prompt"])
+        raise TypeError("a prompt is a string or a dict with 'prompt_token_ids' (or 'prompt')")
+
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_model_len is "
+                             f"{self.max_model_len}, which leaves no room to generate")
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seqs = []
+        for i in range(params.n):
+            state = SequenceSamplingState(params, list(ids), index=i)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
+            seqs.append(Sequence(next(self._seq_ids), request_id, i, ids, params, state, detok, now))
+        self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. False when it is unknown or already done."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens, positions, seq_ids, rows, sampled = [], [], [], [], []
+        for k, (seq, n) in enumerate(batch):
+            start = seq.num_computed_tokens
+            tokens += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            seq_ids += [k] * n
+            if start + n == len(seq):  # the chunk reaches the end: this sequence gets a new token
+                rows.append(len(tokens) - 1)
+                sampled.append(seq)
+        tables = np.zeros((len(batch), max(len(s.block_table) for s, _ in batch)), dtype=np.int32)
+        for k, (seq, _) in enumerate(batch):
+            tables[k, :len(seq.block_table)] = seq.block_table
+        logits = self.runner.forward(tokens, positions, seq_ids, tables, rows)
+        now = time.monotonic()
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+            metrics = self.requests[seq.request_id].metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or now
+        results = self.sampler.sample(logits, [s.sampling_state for s in sampled], self.eos_token_ids) if sampled else []
+        for seq, result in zip(sampled, results):
+            self._append_token(seq, result, now)
+        return [self._output(self.requests.pop(rid) if self._done(rid) else self.requests[rid])
+                for rid in dict.fromkeys(s.request_id for s in sampled)]
+
+    def _append_token(self, seq: Sequence, result, now: float) -> None:
+        token = int(result.token_id)
+        seq.token_ids.append(token)
+        seq.sampling_state.output_token_ids.append(token)
+        seq.cumulative_logprob += float(result.logprob)
+        if seq.logprobs is not None:
+            seq.logprobs.append(result.top_logprobs or {token: float(result.logprob)})
+        metrics = self.requests[seq.request_id].metrics
+        metrics.first_token_time = metrics.first_token_time or now
+        metrics.last_token_time = now
+        seq.text += seq.detokenizer.add(token)
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            self.scheduler.finish(seq)
+
+    def _stop_reason(self, seq: Sequence, token: int):
+        p, n_out = seq.params, len(seq.token_ids) - seq.num_prompt_tokens
+        if n_out >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+            if p.stop:
+                # Only the tail can hold a new match: the new token added at most len(delta) chars.
+                window = max(0, len(seq.text) - max(map(len, p.stop)) - 64)
+                hits = [(i, s) for s in p.stop if (i := seq.text.find(s, window)) >= 0]
+                if hits:
+                    i, s = min(hits)
+                    seq.text = seq.text[:i + len(s) if p.include_stop_str_in_output else i]
+                    return "stop", s
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
+            return "length", None
+        return None
+
+    def _done(self, request_id: str) -> bool:
+        return all(s.is_finished for s in self.requests[request_id].seqs)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        finished = all(s.is_finished for s in req.seqs)
+        if finished:
+            req.metrics.finished_time = time.monotonic()
+        outs = []
+        for s in req.seqs:
+            text = s.text
+            if not s.is_finished and s.params.stop:  # hold back what may turn out to start a stop string
+                text = text[:max(0, len(text) - max(map(len, s.params.stop)) + 1)]
+            outs.append(CompletionOutput(s.index, text, list(s.output_token_ids), s.cumulative_logprob,
+                                         list(s.logprobs) if s.logprobs is not None else None,
+                                         s.finish_reason, s.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics)
+
+    # ---- stats ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "blocks_total": self.pool.num_blocks, "blocks_free": self.pool.num_free_blocks,
+                "preemptions": self.scheduler.num_preemptions}
+
+
+__all__ = ["LLMEngine", "SequenceStatus"]

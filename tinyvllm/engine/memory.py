@@ -1,0 +1,44 @@
+"""Memory planning: how many KV blocks fit in a budget that also pays for weights and workspace."""
+import re
+
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(value) -> int:
+    """512 / "512MB" / "1.5GiB" -> bytes (MB is 10^6, MiB is 2^20)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size in bytes (try 512MB or 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """Activation scratch of one step (native buffers grow to this) plus logits and sampler copies."""
+    q_kv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim)
+    return max_num_batched_tokens * per_token + 3 * max_num_seqs * cfg.vocab_size * 4
+
+
+def plan_kv_blocks(*, weight_bytes: int, block_bytes: int, workspace: int, memory_budget=None,
+                   kv_cache_bytes=None, default_kv_bytes: int) -> int:
+    """Number of KV blocks: from kv_cache_bytes if given, else what the budget leaves after weights
+    and workspace, else a default. Refuses budgets that cannot hold the weights."""
+    if kv_cache_bytes is not None:
+        kv = parse_bytes(kv_cache_bytes)
+    elif memory_budget is not None:
+        budget = parse_bytes(memory_budget)
+        fixed = weight_bytes + workspace
+        if budget <= fixed:
+            raise ValueError(f"memory_budget {budget / 2**20:.1f} MiB is too small: the weights take "
+                             f"{weight_bytes / 2**20:.1f} MiB and the step workspace {workspace / 2**20:.1f} MiB "
+                             f"before any KV cache")
+        kv = budget - fixed
+    else:
+        kv = default_kv_bytes
+    blocks = kv // block_bytes
+    if blocks < 1:
+        raise ValueError(f"KV cache of {kv} bytes holds no block of {block_bytes} bytes")
+    return int(blocks)

@@ -1,0 +1,73 @@
+"""LLM: the offline entry point (vLLM's shape): generate, chat and stream over an LLMEngine."""
+from collections.abc import Iterator
+
+from .engine import LLMEngine
+from .model.fetch import DEFAULT_MODEL
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, *, threads: int | None = None, device: str = "cpu",
+                 quantization: str | None = None, memory_budget=None, enable_prefix_caching: bool = True,
+                 **engine_args):
+        self.engine = LLMEngine(model, threads=threads, device=device, quantization=quantization,
+                                memory_budget=memory_budget, enable_prefix_caching=enable_prefix_caching,
+                                **engine_args)
+        self.tokenizer = self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion, batched together; outputs come back in prompt order."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in ids:  # interrupted: free the blocks of whatever is still running
+                self.engine.abort(rid)
+            raise
+        return [done[rid] for rid in ids]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, *,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """messages: one conversation (a list of {role, content}) or a list of conversations."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self._chat_prompt(c, add_generation_prompt, chat_template_kwargs) for c in convs]
+        return self.generate(prompts, sampling_params)
+
+    def _chat_prompt(self, conversation, add_generation_prompt=True, kwargs=None) -> dict:
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                  **(kwargs or {}))
+        # The template already wrote any BOS it wants: don't let encode() add a second one.
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one completion as it is generated (pieces concatenate to the full text)."""
+        rid = self.engine.add_request(None, prompt, sampling_params)
+        sent = 0
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        text = out.outputs[0].text
+                        if len(text) > sent:
+                            yield text[sent:]
+                            sent = len(text)
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)  # no-op when finished; frees blocks if the consumer stopped early
+
+    def stream_chat(self, messages, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        return self.stream(self._chat_prompt(messages), sampling_params)

@@ -1,0 +1,204 @@
+"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 families)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tinyvllm.model.errors import ModelFormatError
+
+# "mistral" is llama with (optionally) sliding-window attention, which we do not apply: same math for
+# contexts shorter than the window, so it maps to llama semantics.
+_ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+SUPPORTED_ARCHS = tuple(sorted(_ARCH_ALIASES))
+
+
+def _arch(name: Any) -> str:
+    arch = _ARCH_ALIASES.get(str(name).lower())
+    if arch is None:
+        raise ModelFormatError(f"unsupported architecture {name!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    return arch
+
+
+def _normalize_rope_scaling(rs: Any) -> dict | None:
+    """HF-style rope scaling dict -> {"rope_type": ..., ...} or None; unsupported kinds are errors
+    (silently ignoring them would give plausible but wrong logits)."""
+    if not rs:
+        return None
+    if not isinstance(rs, dict):
+        raise ModelFormatError(f"rope_scaling must be a dict, got {rs!r}")
+    rs = dict(rs)
+    kind = rs.pop("rope_type", None) or rs.pop("type", None) or "default"
+    rs.pop("type", None)
+    rs.pop("rope_theta", None)  # newer HF "rope_parameters" puts theta in the same dict
+    if kind == "default":
+        return None
+    need = {"linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "freq_factors": ("factors",)}.get(kind)
+    if need is None:
+        raise ModelFormatError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+    for k in need:
+        if k not in rs:
+            raise ModelFormatError(f"rope scaling {kind!r} is missing {k!r}")
+    return {"rope_type": kind, **rs}
+
+
+@dataclass
+class ModelConfig:
+    arch: str                      # "llama" | "qwen2" (mistral is stored as llama)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False   # q/k/v projections have biases (qwen2)
+    rope_interleaved: bool = False  # True: rotate (x[2i], x[2i+1]) (llama GGUF); False: (x[i], x[i+d/2])
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default=())  # all stop ids when the config lists several
+
+    def __post_init__(self):
+        self.arch = _arch(self.arch)
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        if self.eos_token_id is not None and not self.eos_token_ids:
+            self.eos_token_ids = (self.eos_token_id,)
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ModelFormatError(f"config {k} must be a positive integer, got {v!r}")
+            setattr(self, k, int(v))
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFormatError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ModelFormatError(f"head_dim {self.head_dim} must be even for RoPE")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise ModelFormatError(f"bad rms_norm_eps {self.rms_norm_eps} / rope_theta {self.rope_theta}")
+        self.rms_norm_eps, self.rope_theta = float(self.rms_norm_eps), float(self.rope_theta)
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """float32 [head_dim//2]: theta^(-2i/d), with the configured frequency scaling applied.
+        Computed in float64 and rounded once so every backend sees the same table."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        rs = self.rope_scaling
+        kind = rs["rope_type"] if rs else None
+        if kind == "linear":
+            inv = inv / float(rs["factor"])
+        elif kind == "llama3":
+            # Llama 3.1: keep high frequencies, divide low ones by factor, blend smoothly in between.
+            factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+            old_ctx = float(rs["original_max_position_embeddings"])
+            wavelen = 2 * math.pi / inv
+            smooth = np.clip((old_ctx / wavelen - lo) / (hi - lo), 0.0, 1.0)
+            inv = np.where(wavelen < old_ctx / hi, inv,
+                           np.where(wavelen > old_ctx / lo, inv / factor, (1 - smooth) * inv / factor + smooth * inv))
+        elif kind == "freq_factors":
+            # llama.cpp stores Llama-3 scaling as a per-frequency divisor tensor (rope_freqs.weight).
+            f = np.asarray(rs["factors"], dtype=np.float64)
+            if f.shape != inv.shape:
+                raise ModelFormatError(f"rope freq factors have shape {f.shape}, expected {inv.shape}")
+            inv = inv / f
+        return inv.astype(np.float32)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    # ---- constructors -------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, cfg: dict) -> "ModelConfig":
+        """From a Hugging Face config.json dict. HF checkpoints keep the half-split RoPE layout."""
+        def req(k):
+            if cfg.get(k) is None:
+                raise ModelFormatError(f"config.json is missing required key {k!r}")
+            return cfg[k]
+
+        arch = req("model_type")
+        _arch(arch)  # reject unsupported before complaining about other keys
+        if cfg.get("mlp_bias"):
+            raise ModelFormatError("config.json: mlp_bias=true is not supported")
+        hidden, heads = int(req("hidden_size")), int(req("num_attention_heads"))
+        params = cfg.get("rope_parameters") or {}  # transformers >= 4.56 moved theta + scaling here
+        rope_scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+        theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        return cls(
+            arch=arch, vocab_size=req("vocab_size"), hidden_size=hidden, intermediate_size=req("intermediate_size"),
+            num_layers=req("num_hidden_layers"), num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=req("rms_norm_eps"), rope_theta=theta, rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings") or 2048,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=_arch(arch) == "qwen2" or bool(cfg.get("attention_bias", False)),
+            rope_interleaved=False,
+            bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
+            eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, md: dict) -> "ModelConfig":
+        """From GGUF key/value metadata (plain Python values). llama.cpp's convert script permutes Q/K rows
+        of llama-arch models for interleaved rotation, but not qwen2's (NeoX rotation)."""
+        def req(k):
+            if k not in md:
+                raise ModelFormatError(f"GGUF metadata is missing required key {k!r}")
+            return md[k]
+
+        name = req("general.architecture")
+        arch = _arch(name)
+        p = f"{name}."  # keys are prefixed with the file's own arch string, e.g. "mistral.block_count"
+        hidden, heads = int(req(p + "embedding_length")), int(req(p + "attention.head_count"))
+        head_dim = int(md.get(p + "attention.key_length", hidden // heads))
+        if int(md.get(p + "attention.value_length", head_dim)) != head_dim:
+            raise ModelFormatError("GGUF: attention.key_length != attention.value_length is not supported")
+        rot = int(md.get(p + "rope.dimension_count", head_dim))
+        if rot != head_dim:
+            raise ModelFormatError(f"GGUF: partial rotary (rope.dimension_count {rot} != head_dim {head_dim}) "
+                                   "is not supported")
+        if p + "vocab_size" in md:
+            vocab = md[p + "vocab_size"]
+        elif "tokenizer.ggml.tokens" in md:
+            vocab = len(md["tokenizer.ggml.tokens"])
+        else:
+            raise ModelFormatError(f"GGUF metadata is missing required key {p + 'vocab_size'!r} "
+                                   "(and has no tokenizer.ggml.tokens)")
+        kind = md.get(p + "rope.scaling.type", "none")
+        rope_scaling = None
+        if kind == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(req(p + "rope.scaling.factor"))}
+        elif kind not in ("none", ""):
+            raise ModelFormatError(f"GGUF: unsupported rope scaling type {kind!r}")
+        head_kv = md.get(p + "attention.head_count_kv", heads)
+        if isinstance(head_kv, list):  # per-layer list (some newer archs); we need it uniform
+            if len(set(head_kv)) != 1:
+                raise ModelFormatError("GGUF: per-layer head_count_kv is not supported")
+            head_kv = head_kv[0]
+        eos = md.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=req(p + "feed_forward_length"),
+            num_layers=req(p + "block_count"), num_heads=heads, num_kv_heads=head_kv, head_dim=head_dim,
+            rms_norm_eps=req(p + "attention.layer_norm_rms_epsilon"),
+            rope_theta=md.get(p + "rope.freq_base", 10000.0), rope_scaling=rope_scaling,
+            max_position_embeddings=req(p + "context_length"),
+            tie_word_embeddings=False,  # decided by the loader: no output.weight => tied
+            attention_bias=arch == "qwen2",
+            rope_interleaved=arch == "llama",
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+        )

@@ -1,0 +1,159 @@
+"""WeightTensor (GGML dtype id + raw numpy data), ModelWeights, and the shape checks both loaders share."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+
+from tinyvllm.model.config import ModelConfig
+from tinyvllm.model.errors import ModelFormatError
+
+
+class GGMLType(IntEnum):
+    """GGML's dtype ids (the ones we support). BF16 only exists on disk: it is converted to F32 at load."""
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q8_0 = 8
+    BF16 = 30
+
+
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (int(t) for t in GGMLType)
+# quantized type -> (values per block, bytes per block). Blocks run along a row (the in_features axis).
+QUANT_BLOCKS = {Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34)}
+FLOAT_DTYPES = {F32: np.dtype(np.float32), F16: np.dtype(np.float16)}
+
+
+def row_bytes_for(dtype: int, cols: int) -> int:
+    if dtype in QUANT_BLOCKS:
+        bs, bb = QUANT_BLOCKS[dtype]
+        if cols % bs:
+            raise ModelFormatError(f"{GGMLType(dtype).name} row length {cols} is not a multiple of {bs}")
+        return cols // bs * bb
+    if dtype not in FLOAT_DTYPES:
+        raise ModelFormatError(f"unsupported tensor dtype id {dtype}")
+    return cols * FLOAT_DTYPES[dtype].itemsize
+
+
+@dataclass
+class WeightTensor:
+    """One weight. `data` is C-contiguous: float32/float16 of `shape` for F32/F16, or for quantized types
+    uint8 of shape[:-1] + (row_bytes,) holding the GGML blocks unchanged (a view of the mmapped file)."""
+    name: str
+    dtype: int
+    shape: tuple
+    data: np.ndarray
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        want = self.shape[:-1] + (row_bytes_for(self.dtype, self.shape[-1]),)
+        if self.dtype in QUANT_BLOCKS:
+            ok = self.data.dtype == np.uint8 and self.data.shape == want
+        else:
+            ok = self.data.dtype == FLOAT_DTYPES.get(self.dtype) and self.data.shape == self.shape
+        if not ok or not self.data.flags.c_contiguous:
+            raise ModelFormatError(f"tensor {self.name}: data {self.data.dtype}{list(self.data.shape)} does not "
+                                   f"match {GGMLType(self.dtype).name}{list(self.shape)}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANT_BLOCKS
+
+    @property
+    def row_bytes(self) -> int:
+        return row_bytes_for(self.dtype, self.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 array of `shape` (a fresh array)."""
+        if not self.quantized:
+            return self.data.astype(np.float32)  # astype copies, so callers may mutate the result
+        bs, bb = QUANT_BLOCKS[self.dtype]
+        blocks = self.data.reshape(-1, bb)
+        # fp16 scales sit at unaligned byte offsets inside each block: copy them out before viewing as fp16
+        d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16).astype(np.float32)
+        if self.dtype == Q8_0:
+            out = d * blocks[:, 2:].view(np.int8).astype(np.float32)
+        else:
+            qs = blocks[:, -16:]
+            # nibble order: low nibbles are values 0..15 of the block, high nibbles values 16..31
+            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+            if self.dtype == Q4_0:
+                out = d * (q - 8.0)
+            else:  # Q4_1: q * d + m
+                m = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16).astype(np.float32)
+                out = d * q + m
+        return out.reshape(self.shape)
+
+    def __repr__(self):
+        return f"WeightTensor({self.name!r}, {GGMLType(self.dtype).name}, {self.shape})"
+
+
+@dataclass
+class ModelWeights:
+    config: ModelConfig
+    tensors: dict[str, WeightTensor]
+    metadata: dict = field(default_factory=dict)  # GGUF key/values as plain Python values; {} for HF
+    source: str = ""   # human-readable model name (GGUF general.name, HF dir name)
+    kind: str = "gguf"  # "gguf" | "hf"
+    path: Path | None = None
+
+    def __getitem__(self, name: str) -> WeightTensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    @property
+    def lm_head(self) -> WeightTensor:
+        """The output projection: output.weight, or the embedding when the embeddings are tied."""
+        t = self.tensors.get("output.weight")
+        return t if t is not None else self.tensors["token_embd.weight"]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(required, optional) tensor name -> (rows, cols) for a llama/qwen2 decoder."""
+    h, ff, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    req = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,)}
+    opt = {"rope_freqs.weight": (cfg.head_dim // 2,)}
+    (opt if cfg.tie_word_embeddings else req)["output.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        b = f"blk.{i}."
+        req.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (q, h), b + "attn_k.weight": (kv, h),
+                    b + "attn_v.weight": (kv, h), b + "attn_output.weight": (h, q), b + "ffn_norm.weight": (h,),
+                    b + "ffn_gate.weight": (ff, h), b + "ffn_up.weight": (ff, h), b + "ffn_down.weight": (h, ff)})
+        if cfg.attention_bias:
+            req.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
+    return req, opt
+
+
+_BLOCK_RE = re.compile(r"blk\.\d+\.")
+
+
+def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: str = "model") -> None:
+    """Every expected tensor exists with its expected shape; no per-layer tensor we would silently ignore
+    (an o_proj bias, an mlp bias, a q/k norm, a layer past num_layers: all change the math)."""
+    req, opt = expected_shapes(cfg)
+    for name, shape in req.items():
+        if name not in tensors:
+            raise ModelFormatError(f"{where}: missing tensor {name!r}")
+    for name, t in tensors.items():
+        shape = req.get(name) or opt.get(name)
+        if shape is None:
+            if _BLOCK_RE.match(name):
+                raise ModelFormatError(f"{where}: unexpected tensor {name!r} (not supported for arch {cfg.arch} "
+                                       f"with {cfg.num_layers} layers)")
+            continue  # unknown global tensors are harmless
+        if t.shape != shape:
+            raise ModelFormatError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")

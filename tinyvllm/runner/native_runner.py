@@ -1,0 +1,83 @@
+"""Runs the model on the native C++ core: hands it the (still quantized) weights and batches."""
+import os
+
+import numpy as np
+
+from .._native import NativeError, check, ffi, lib, ptr
+
+KV_DTYPES = {"float16": 1, "fp16": 1, "float32": 0, "fp32": 0}
+
+
+def default_threads() -> int:
+    """Physical cores where we can tell (SMT siblings share the FMA units), else online CPUs."""
+    try:
+        cores = {line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("core id")}
+        cpus = {line for line in open("/proc/cpuinfo") if line.startswith("physical id")}
+        if cores and len(cpus) <= 1:
+            return max(1, min(len(cores), len(os.sched_getaffinity(0))))
+    except (OSError, AttributeError, IndexError):
+        pass
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class NativeModelRunner:
+    """Owns a native tv_model (borrowing the numpy weight arrays) and its paged KV cache."""
+
+    def __init__(self, weights, num_blocks: int, block_size: int = 16, kv_dtype: str = "float16",
+                 threads: int | None = None):
+        cfg = weights.config
+        self.config, self.block_size, self.num_blocks = cfg, block_size, num_blocks
+        self.threads = threads or default_threads()
+        self._inv_freq = np.ascontiguousarray(cfg.rope_inv_freq(), dtype=np.float32)
+        params = ffi.new("tv_model_params *", dict(
+            n_vocab=cfg.vocab_size, n_embd=cfg.hidden_size, n_ff=cfg.intermediate_size,
+            n_layer=cfg.num_layers, n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, rms_eps=cfg.rms_norm_eps, rope_interleaved=int(cfg.rope_interleaved),
+            rope_inv_freq=ptr(self._inv_freq), n_threads=self.threads))
+        out = ffi.new("tv_model **")
+        check(lib.tv_model_create(params, out))
+        self._model = ffi.gc(out[0], lib.tv_model_free)
+        self._keep = []  # the native side borrows these arrays: keep them alive with the model
+        for name, t in weights.tensors.items():
+            data = np.ascontiguousarray(t.data)
+            self._keep.append(data)
+            rows, cols = (1, t.shape[0]) if len(t.shape) == 1 else t.shape
+            desc = ffi.new("tv_tensor *", dict(dtype=t.dtype, rows=rows, cols=cols,
+                                                data=ffi.cast("void *", data.ctypes.data), nbytes=data.nbytes))
+            check(lib.tv_model_set_tensor(self._model, name.encode(), desc))
+        check(lib.tv_model_finalize(self._model))
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
+        cache = ffi.new("tv_kv_cache **")
+        check(lib.tv_kv_cache_create(self._model, num_blocks, block_size, KV_DTYPES[kv_dtype], cache))
+        self._cache = ffi.gc(cache[0], lib.tv_kv_cache_free)
+
+    @staticmethod
+    def kv_bytes_per_block(cfg, block_size: int, kv_dtype: str = "float16") -> int:
+        elt = 2 if KV_DTYPES.get(kv_dtype, 1) == 1 else 4
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elt
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return lib.tv_kv_cache_bytes(self._cache)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        check(lib.tv_kv_cache_copy_block(self._cache, src, dst))
+
+    def forward(self, tokens, positions, seq_ids, block_tables, logits_rows) -> np.ndarray:
+        """One step. block_tables is [n_seqs, max_blocks] int32; returns [len(logits_rows), vocab] float32."""
+        arrays = [np.ascontiguousarray(a, dtype=np.int32) for a in (tokens, positions, seq_ids, logits_rows)]
+        tables = np.ascontiguousarray(block_tables, dtype=np.int32)
+        if tables.ndim != 2:
+            raise ValueError("block_tables must be 2-D [n_seqs, max_blocks]")
+        tok, pos, sid, rows = arrays
+        logits = np.empty((len(rows), self.config.vocab_size), dtype=np.float32)
+        batch = ffi.new("tv_batch *", dict(
+            n_tokens=len(tok), tokens=ptr(tok, "int32_t *"), positions=ptr(pos, "int32_t *"),
+            seq_ids=ptr(sid, "int32_t *"), n_seqs=tables.shape[0], max_blocks=tables.shape[1],
+            block_tables=ptr(tables, "int32_t *"), n_logits=len(rows), logits_rows=ptr(rows, "int32_t *")))
+        check(lib.tv_model_forward(self._model, self._cache, batch, ptr(logits)))
+        return logits
+
+
+__all__ = ["NativeModelRunner", "NativeError", "default_threads"]

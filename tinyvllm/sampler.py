@@ -1,0 +1,142 @@
+"""Sampler: batched float32 logits [B, V] -> one token (+ logprobs) per sequence.
+
+Order follows vLLM: reported logprobs come from the raw model logits; then min_tokens masking,
+repetition/frequency/presence penalties, and greedy argmax or temperature -> top-k -> top-p -> min-p
+-> a draw from the sequence's own generator.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tinyvllm.sampling_params import SamplingParams
+
+_TOP_P_HEADS = (8192, 1024)  # top-p sorts only this many best tokens when they already hold top_p of the mass
+
+
+@dataclass
+class SequenceSamplingState:
+    """Sampling state of one sequence. `index` is its position among the request's n completions:
+    with a seed, completion i draws from default_rng(seed + i), so a seeded request reproduces the
+    same tokens whatever else is in the batch (seed=s, i=1 and seed=s+1, i=0 therefore coincide)."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)  # appended by the engine
+    index: int = 0
+    generator: np.random.Generator | None = None  # None: the sampler's shared rng
+
+    def __post_init__(self):
+        if self.generator is None and self.params.seed is not None:
+            self.generator = np.random.default_rng((self.params.seed + self.index) % 2**64)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float  # raw log_softmax of the model output at token_id
+    top_logprobs: dict[int, float] | None  # chosen token first, then the k best, when params.logprobs
+
+
+def apply_min_tokens(logits: np.ndarray, states: list[SequenceSamplingState], eos_token_ids: Iterable[int]) -> np.ndarray:
+    """Forbid eos and stop_token_ids until min_tokens are out (in place). ignore_eos does not lift
+    this: like vLLM, it only changes when the engine stops."""
+    eos, V = list(eos_token_ids), logits.shape[1]
+    for i, s in enumerate(states):
+        if len(s.output_token_ids) < s.params.min_tokens:  # a user's out-of-vocab stop id can't mask
+            logits[i, [t for t in eos + s.params.stop_token_ids if t < V]] = -np.inf
+    return logits
+
+
+def apply_penalties(logits: np.ndarray, states: list[SequenceSamplingState]) -> np.ndarray:
+    """vLLM penalties (in place): repetition over prompt+output (positive logits divided, others
+    multiplied), then frequency (x count) and presence (x seen) over the output only. Works on the
+    unique seen ids, never on V-sized temporaries."""
+    for i, s in enumerate(states):
+        p, row = s.params, logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = np.unique(np.asarray(s.prompt_token_ids + s.output_token_ids, dtype=np.int64))
+            v = row[seen]
+            row[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and s.output_token_ids:
+            ids, counts = np.unique(np.asarray(s.output_token_ids, dtype=np.int64), return_counts=True)
+            row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+    return logits
+
+
+def filter_probs(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
+    """Zero out (in place) the probs [V] dropped by top-k, then top-p (on the top-k renormalized
+    mass), then min-p; returns w, unnormalized. Masking beats gathering id lists (fresh arrays fault
+    pages). Ties with the k-th value are kept (vLLM masks `< kth`); top-p keeps the smallest prefix
+    of the descending order (ties: lower id first) whose mass reaches top_p, i.e. a token survives
+    iff the mass strictly before it is < top_p; min-p drops p < min_p * max p (ratio-invariant)."""
+    nz = np.count_nonzero(w)
+    pos = w if nz == len(w) else w[w > 0]  # underflowed exp() zeros make np.partition crawl (~10 ms)
+    if 0 < top_k < nz:
+        w[w < np.partition(pos, -top_k)[-top_k]] = 0.0
+        pos = w[w > 0]  # ~k left
+    if top_p < 1.0:
+        target = top_p * pos.sum()
+        head = pos
+        for n in _TOP_P_HEADS:  # shrink to the best n while they still hold the nucleus: skips a full sort
+            if len(head) > n:
+                h = head[head >= np.partition(head, -n)[-n]]
+                if h.sum() < target:
+                    break
+                head = h
+        s = np.sort(head)[::-1]  # values only (argsort is ~3x dearer); ids are recovered by value
+        before = np.concatenate(([0.0], np.cumsum(s)[:-1]))  # mass strictly before each, exact prefix sums
+        k = int(np.count_nonzero(before < target)) or 1  # nucleus size; before[0] = 0 keeps at least one
+        t = s[k - 1]
+        tied = np.flatnonzero(w == t)
+        w[tied[k - int(np.count_nonzero(w > t)):]] = 0.0  # ties at the edge: lower ids first
+        w[w < t] = 0.0
+    if min_p > 0.0:
+        w[w < min_p * w.max()] = 0.0
+    return w
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self.rng = np.random.default_rng(seed)  # for requests without a seed
+
+    def sample(self, logits: np.ndarray, states: list[SequenceSamplingState],
+               eos_token_ids: Iterable[int] = ()) -> list[SampleResult]:
+        logits = np.asarray(logits, dtype=np.float32)
+        assert logits.ndim == 2 and logits.shape[0] == len(states), (logits.shape, len(states))
+        # (1) reporting logprobs from the raw logits: keep only log-sum-exp per row, gather later
+        m = logits.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+        # (2)+(3) processed logits on a copy; rows needing nothing skip the work
+        x = logits.copy()
+        apply_min_tokens(x, states, eos_token_ids)
+        apply_penalties(x, states)
+        tokens = np.argmax(x, axis=1)  # greedy rows: first max => lowest id on ties
+        for i, s in enumerate(states):
+            p = s.params
+            if p.greedy:
+                continue
+            w = x[i].astype(np.float64)  # in place from here: fresh temporaries cost page faults
+            w -= w.max()
+            w *= 1.0 / p.temperature
+            w = filter_probs(np.exp(w, out=w), p.top_k, p.top_p, p.min_p)
+            cdf = np.cumsum(w, out=w)
+            u = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
+            j = int(np.searchsorted(cdf, u * cdf[-1], side="right"))  # first cdf > u*total: never a zero weight
+            tokens[i] = j if j < len(cdf) else int(np.searchsorted(cdf, cdf[-1]))  # u*total rounded up to total
+        results = []
+        for i, s in enumerate(states):
+            tok = int(tokens[i])
+            lp = float(logits[i, tok] - lse[i])
+            top = None
+            if s.params.logprobs is not None:
+                top = {tok: lp}
+                k = min(s.params.logprobs, logits.shape[1])
+                if k > 0:
+                    best = np.flatnonzero(logits[i] >= np.partition(logits[i], -k)[-k])  # >= k on ties
+                    best = best[np.argsort(-logits[i, best], kind="stable")[:k]]  # ties: lower ids
+                    for t in best.tolist():
+                        top.setdefault(t, float(logits[i, t] - lse[i]))
+            results.append(SampleResult(tok, lp, top))
+        return results

@@ -1,0 +1,88 @@
+"""SamplingParams: vLLM-shaped request sampling options, validated at construction."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from enum import IntEnum
+
+_SAMPLING_EPS = 1e-5  # temperatures below this are greedy (same threshold as vLLM)
+_MAX_LOGPROBS = 20
+
+
+class SamplingType(IntEnum):
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled (vLLM accepts both)
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None: until the context is full
+    min_tokens: int = 0
+    logprobs: int | None = None  # top alternatives to return besides the chosen token
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self):
+        self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self._verify()
+        if self.greedy:  # sampling knobs are meaningless when greedy; reset them like vLLM does
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _verify(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+        need(isinstance(self.n, int) and self.n >= 1, f"n must be at least 1, got {self.n}.")
+        need(self.best_of is None or self.best_of == self.n,
+             f"best_of is not supported (must be None or equal to n={self.n}), got {self.best_of}.")
+        need(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        need(-2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        need(self.repetition_penalty > 0.0, f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        need(self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}.")
+        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}.")
+        need(isinstance(self.top_k, int) and self.top_k >= -1,
+             f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}.")
+        need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}.")
+        need(self.seed is None or isinstance(self.seed, int), f"seed must be an int or None, got {self.seed!r}.")
+        need(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}.")
+        need(self.min_tokens >= 0, f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        need(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        need(self.logprobs is None or 0 <= self.logprobs <= _MAX_LOGPROBS,
+             f"logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}.")
+        need(self.prompt_logprobs is None, "prompt_logprobs is not supported yet.")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop cannot contain an empty string.")
+        need(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
+        # n identical greedy completions are pointless; vLLM rejects them too
+        need(not (self.temperature < _SAMPLING_EPS and self.n > 1), f"n must be 1 when using greedy sampling, got {self.n}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _SAMPLING_EPS
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.greedy:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
+
+    def clone(self) -> SamplingParams:
+        return copy.deepcopy(self)

@@ -1,0 +1,348 @@
+"""Tokenizer: one API over a GGUF vocab, an HF tokenizer.json, or a sentencepiece tokenizer.model.
+
+GGUF vocabularies are rebuilt as `tokenizers` pipelines equivalent to the HF ones they came from:
+  * `gpt2` (byte-level BPE): BPE(vocab, merges) + the pre-tokenizer regex named by
+    `tokenizer.ggml.pre` + ByteLevel decoder.
+  * `llama` (sentencepiece BPE): BPE whose merges are derived from the piece scores (any adjacent
+    pair whose concatenation is a piece merges, highest score first: sentencepiece's and llama.cpp's
+    rule), byte fallback, "▁" for spaces and a dummy-prefix "▁". Exact for sentencepiece BPE models;
+    a Unigram sentencepiece model converted to GGUF would be tokenized like llama.cpp does (BPE-ish).
+Control (and unknown) tokens become special added tokens, so "<|im_start|>" in text is one id;
+user-defined tokens become plain added tokens.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .chat_template import render_chat_template, select_template
+from .detokenizer import IncrementalDetokenizer  # noqa: F401  (re-exported: streaming goes with the tokenizer)
+
+# llama.cpp token types
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# Chat templates end a turn with one of these; vLLM users expect generation to stop there even when
+# the model's eos is another token (e.g. Llama 3: eos <|end_of_text|>, turn end <|eot_id|>).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
+                      "<end_of_turn>", "<|end|>", "</s>")
+
+_GPT2_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_RE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _scalar(v):
+    """GGUF readers hand scalars as numpy values or 1-element arrays: normalize to Python."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)) and len(v) == 1:
+        v = v[0]
+    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else v
+
+
+def _strings(v) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, (bytes, bytearray)) else str(s) for s in v]
+
+
+def _byte_level(pre: str):
+    """(normalizer, pre_tokenizer, ignore_merges) for a byte-level BPE `tokenizer.ggml.pre`,
+    mirroring the HF tokenizer.json of each family."""
+    def isolated(rx):  # split by the family's regex, then only map bytes to byte-level chars
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(rx), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # the GPT-2 regex built in
+    if pre in ("llama-bpe", "llama3", "dbrx", "smaug-bpe"):
+        return None, isolated(_LLAMA3_RE), True  # Llama 3 uses whole-word vocab hits before merges
+    if pre in ("qwen2", "deepseek-r1-qwen", "stablelm2"):
+        return normalizers.NFC(), isolated(_QWEN2_RE), False
+    if pre in ("smollm", "starcoder", "refact"):  # digits one by one, then GPT-2
+        return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2]), False
+    if pre not in ("gpt2", "gpt-2", "default", "olmo", "mpt", "jina-es"):
+        warnings.warn(f"unknown tokenizer.ggml.pre {pre!r}: using the GPT-2 pre-tokenizer regex")
+    return None, gpt2, False
+
+
+def _add_gguf_added_tokens(tok: _HFTokenizer, tokens, types, user_normalized: bool):
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN) and tokens[i]])
+    # GGUF stores user-defined tokens as text ("pre-normalized" for byte-level BPE); for sentencepiece
+    # vocabs they carry "▁" and must match the normalized text, as sentencepiece matches them.
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=user_normalized)
+                    for i, t in enumerate(types) if t == _USER_DEFINED and tokens[i]])
+
+
+def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    merges = []
+    for m in _strings(md.get("tokenizer.ggml.merges", [])):
+        k = m.find(" ", 1)  # like llama.cpp: the first part is never empty
+        merges.append((m[:k], m[k + 1:]))
+    normalizer, pre_tokenizer, ignore_merges = _byte_level(str(_scalar(md.get("tokenizer.ggml.pre", "gpt2"))))
+    tok = _HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    _add_gguf_added_tokens(tok, tokens, types, user_normalized=False)
+    return tok
+
+
+def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
+    scores = [float(s) for s in md.get("tokenizer.ggml.scores", [])] or [-float(i) for i in range(len(tokens))]
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    # Symbols that can take part in a merge: sentencepiece only merges into normal/user pieces.
+    mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _USER_DEFINED) and vocab[t] == i}
+    ranked = []
+    for t, i in mergeable.items():
+        if types[i] != _NORMAL:
+            continue
+        for k in range(1, len(t)):
+            left, right = t[:k], t[k:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-scores[i], i, mergeable[left], mergeable[right], left, right))
+    ranked.sort()
+    unk_id = _scalar(md.get("tokenizer.ggml.unknown_token_id", None))
+    if unk_id is None:
+        unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
+    tok = _HFTokenizer(models.BPE(vocab, [(r[4], r[5]) for r in ranked], byte_fallback=True, fuse_unk=True,
+                                  unk_token=tokens[unk_id] if unk_id is not None else None))
+    prefix = bool(_scalar(md.get("tokenizer.ggml.add_space_prefix", True)))
+    spaces = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    _add_gguf_added_tokens(tok, tokens, types, user_normalized=True)
+    return tok
+
+
+class _HFBackend:
+    """A `tokenizers.Tokenizer` (from tokenizer.json or rebuilt from a GGUF vocab)."""
+
+    def __init__(self, tok: _HFTokenizer):
+        self.tok = tok
+        self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int):
+        return self.tok.id_to_token(i)
+
+    def token_to_id(self, t: str):
+        return self.tok.token_to_id(t)
+
+
+class _SPBackend:
+    """The sentencepiece library itself, plus HF-style added tokens split out of the text first."""
+
+    def __init__(self, model_file, added: dict[int, dict]):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        n = self.sp.get_piece_size()
+        self.pieces = [self.sp.id_to_piece(i) for i in range(n)]
+        self.special_ids = {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        self.added = {self.pieces[i]: i for i in self.special_ids}  # content -> id, matched in text
+        for i, t in sorted(added.items()):
+            self.pieces += [""] * (i + 1 - len(self.pieces))
+            self.pieces[i] = t["content"]
+            self.added[t["content"]] = i
+            if t.get("special", True):
+                self.special_ids.add(i)
+        self.outside = set(self.added.values()) | set(range(n, len(self.pieces)))  # not decoded by sp
+        self.vocab_size = len(self.pieces)
+        alts = sorted((c for c in self.added if c), key=len, reverse=True)  # longest match first
+        self._split = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return self.sp.encode(text)
+        out: list[int] = []
+        for k, part in enumerate(self._split.split(text)):
+            if k % 2:
+                out.append(self.added[part])
+            elif part:
+                out += self.sp.encode(part)  # each segment gets the dummy prefix, like HF legacy / llama.cpp
+        return out
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        out, run = [], []
+        for i in ids:
+            if i not in self.outside:
+                run.append(i)
+                continue
+            if run:
+                out.append(self.sp.decode(run))
+                run = []
+            if not (skip_special_tokens and i in self.special_ids):
+                out.append(self.pieces[i])
+        if run:
+            out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def id_to_token(self, i: int):
+        return self.pieces[i] if 0 <= i < len(self.pieces) else None
+
+    def token_to_id(self, t: str):
+        if t in self.added:
+            return self.added[t]
+        i = self.sp.piece_to_id(t)  # returns the unk id for unknown pieces
+        return i if self.pieces[i] == t else None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_content(t):
+    """tokenizer_config tokens are strings or serialized AddedTokens."""
+    return t.get("content") if isinstance(t, dict) else t
+
+
+class Tokenizer:
+    def __init__(self, backend, *, bos_token_id=None, eos_token_id=None, extra_eos_ids=(), prefix_ids=(),
+                 suffix_ids=(), chat_templates: dict[str, str] | None = None, vocab_size: int | None = None):
+        self._backend = backend
+        self._bos, self._eos = bos_token_id, eos_token_id
+        self._prefix, self._suffix = list(prefix_ids), list(suffix_ids)  # what add_special_tokens adds
+        self._templates = dict(chat_templates or {})
+        self._vocab_size = vocab_size or backend.vocab_size
+        self._special = sorted(backend.special_ids | {i for i in (bos_token_id, eos_token_id) if i is not None})
+        eot = (backend.token_to_id(t) for t in END_OF_TURN_TOKENS)
+        self._eos_ids = frozenset({eos_token_id, *extra_eos_ids, *(i for i in eot if i in backend.special_ids)}
+                                  - {None})
+
+    # ---- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
+        kind = str(_scalar(md.get("tokenizer.ggml.model", "")))
+        tokens = _strings(md["tokenizer.ggml.tokens"])
+        types = [int(t) for t in md.get("tokenizer.ggml.token_type", [])] or [_NORMAL] * len(tokens)
+        if kind == "gpt2":
+            tok = _gguf_gpt2(md, tokens, types)
+        elif kind == "llama":
+            tok = _gguf_spm(md, tokens, types)
+        else:
+            raise ValueError(f"unsupported GGUF tokenizer.ggml.model {kind!r} (supported: gpt2, llama)")
+        ids = {k: _scalar(md.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "eot", "eom")}
+        default_bos = kind == "llama" or _scalar(md.get("tokenizer.ggml.pre")) in ("llama-bpe", "llama3")
+        add_bos = bool(_scalar(md.get("tokenizer.ggml.add_bos_token", default_bos))) and ids["bos"] is not None
+        add_eos = bool(_scalar(md.get("tokenizer.ggml.add_eos_token", False))) and ids["eos"] is not None
+        templates = {k[len("tokenizer.chat_template."):]: _scalar(v) for k, v in md.items()
+                     if k.startswith("tokenizer.chat_template.")}
+        if md.get("tokenizer.chat_template"):
+            templates["default"] = _scalar(md["tokenizer.chat_template"])
+        return cls(_HFBackend(tok), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                   extra_eos_ids=[i for i in (ids["eot"], ids["eom"]) if i is not None],
+                   prefix_ids=[ids["bos"]] if add_bos else [], suffix_ids=[ids["eos"]] if add_eos else [],
+                   chat_templates=templates, vocab_size=len(tokens))
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        """An HF model/tokenizer directory: tokenizer.json (preferred) or tokenizer.model, with
+        tokenizer_config.json and generation_config.json when present."""
+        path = Path(path)
+        cfg = _read_json(path / "tokenizer_config.json")
+        added = {int(k): v for k, v in cfg.get("added_tokens_decoder", {}).items()}
+        if (path / "tokenizer.json").is_file():
+            backend = _HFBackend(_HFTokenizer.from_file(str(path / "tokenizer.json")))
+        elif (path / "tokenizer.model").is_file():
+            backend = _SPBackend(path / "tokenizer.model", added)
+        else:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+
+        gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        bos, eos = (backend.token_to_id(_token_content(cfg[k])) if cfg.get(k) else None
+                    for k in ("bos_token", "eos_token"))
+        if isinstance(backend, _SPBackend):  # sentencepiece knows its own bos/eos
+            bos = bos if bos is not None else (backend.sp.bos_id() if backend.sp.bos_id() >= 0 else None)
+            eos = eos if eos is not None else (backend.sp.eos_id() if backend.sp.eos_id() >= 0 else None)
+        if eos is None and gen_eos:
+            eos = gen_eos[0]
+
+        if "add_bos_token" in cfg or "add_eos_token" in cfg or isinstance(backend, _SPBackend):
+            # Explicit config wins (transformers rebuilds Llama's post-processor from it too);
+            # a bare sentencepiece model follows the Llama convention: BOS yes, EOS no.
+            prefix = [bos] if cfg.get("add_bos_token", True) and bos is not None else []
+            suffix = [eos] if cfg.get("add_eos_token", False) and eos is not None else []
+        else:  # whatever the tokenizer.json post-processor adds around a sample text
+            plain = backend.tok.encode("a", add_special_tokens=False).ids
+            full = backend.tok.encode("a", add_special_tokens=True).ids
+            at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), None)
+            prefix, suffix = (full[:at], full[at + len(plain):]) if at is not None else ([], [])
+
+        raw = cfg.get("chat_template")
+        if raw is None and (path / "chat_template.jinja").is_file():
+            raw = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if raw is None:
+            raw = _read_json(path / "chat_template.json").get("chat_template")
+        templates = {t["name"]: t["template"] for t in raw} if isinstance(raw, list) else (
+            {"default": raw} if raw else {})
+        return cls(backend, bos_token_id=bos, eos_token_id=eos, extra_eos_ids=gen_eos, prefix_ids=prefix,
+                   suffix_ids=suffix, chat_templates=templates)
+
+    # ---- encode / decode --------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._backend.encode(text)
+        return self._prefix + ids + self._suffix if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        return [self._backend.id_to_token(int(i)) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self._backend.token_to_id(tokens)
+        return [self._backend.token_to_id(t) for t in tokens]
+
+    def __len__(self) -> int:
+        return self._vocab_size
+
+    # ---- special tokens -----------------------------------------------------------------------
+    vocab_size = property(lambda self: self._vocab_size)
+    bos_token_id = property(lambda self: self._bos)
+    eos_token_id = property(lambda self: self._eos)
+    eos_token_ids = property(lambda self: set(self._eos_ids), doc="eos plus the end-of-turn tokens")
+    all_special_ids = property(lambda self: list(self._special))
+    bos_token = property(lambda self: None if self._bos is None else self._backend.id_to_token(self._bos))
+    eos_token = property(lambda self: None if self._eos is None else self._backend.id_to_token(self._eos))
+    add_bos_token = property(lambda self: bool(self._prefix) and self._prefix[0] == self._bos)
+
+    # ---- chat ---------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        return self._templates.get("default") or next(iter(self._templates.values()), None)
+
+    @property
+    def chat_templates(self) -> dict[str, str]:
+        return dict(self._templates)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs) -> str:
+        """Render messages to the prompt text. Raises ValueError when the model has no template and
+        none is passed (like transformers >= 4.44 and vLLM: a guessed format silently degrades
+        output). Extra kwargs (tools, documents, ...) are passed to the template."""
+        template = select_template(self._templates, chat_template, kwargs.get("tools"))
+        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
+
+    def detokenizer(self, prompt_token_ids=None, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, prompt_token_ids, skip_special_tokens)
