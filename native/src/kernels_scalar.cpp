@@ -12,9 +12,9 @@ float dot_q4_0(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++, w += Q4_0_BYTES) {
         const uint8_t *qs = w + 2;
-        int isum = 0;
-        for (int j = 0; j < 16; j++)
-            isum += ((qs[j] & 0xF) - 8) * x[b].qs[j] + ((qs[j] >> 4) - 8) * x[b].qs[j + 16];
+        int isum = 0;  // two simple loops (low nibbles, high nibbles) vectorize well
+        for (int j = 0; j < 16; j++) isum += ((qs[j] & 0xF) - 8) * x[b].qs[j];
+        for (int j = 0; j < 16; j++) isum += ((qs[j] >> 4) - 8) * x[b].qs[j + 16];
         acc += fp16_to_fp32(load_u16(w)) * x[b].d * (float)isum;
     }
     return acc;
@@ -25,7 +25,8 @@ float dot_q4_1(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, w += Q4_1_BYTES) {
         const uint8_t *qs = w + 4;
         int isum = 0;
-        for (int j = 0; j < 16; j++) isum += (qs[j] & 0xF) * x[b].qs[j] + (qs[j] >> 4) * x[b].qs[j + 16];
+        for (int j = 0; j < 16; j++) isum += (qs[j] & 0xF) * x[b].qs[j];
+        for (int j = 0; j < 16; j++) isum += (qs[j] >> 4) * x[b].qs[j + 16];
         acc += fp16_to_fp32(load_u16(w)) * x[b].d * (float)isum;
         macc += fp16_to_fp32(load_u16(w + 2)) * x[b].s;  // sum_j m * x_j = m * d_x * sum(q_x)
     }
