@@ -21,7 +21,8 @@ def _candidates(name: str, *extra: Path) -> list[Path]:
     here = [_PKG / name, *extra]
     if (_PKG.parent / "pyproject.toml").is_file():
         builds = [b for b in sorted(_PKG.parent.glob("build*")) if "asan" not in b.name]  # ASan libs need LD_PRELOAD
-        here += [p for b in builds for p in sorted(b.rglob(name))]
+        # newest first: a stale copy in another build folder must not shadow a fresh build
+        here += sorted((p for b in builds for p in b.rglob(name)), key=lambda p: -p.stat().st_mtime)
     return here
 
 

@@ -180,7 +180,7 @@ int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n
         if (m == 0) return;
         if (!x || !y) fail("%s: x and y must not be null", f);
         checked_mul(checked_mul((size_t)m, (size_t)W.rows, f), sizeof(float), f);
-        static thread_local std::vector<BlockQ8x> buf;  // reused across calls on this thread
+        static thread_local std::vector<ActBlock> buf;  // reused across calls on this thread
         matmul(W, x, m, y, shared_pool(n_threads), buf);
     });
 }

@@ -9,12 +9,17 @@
 
 namespace tv {
 
+constexpr int MAX_NX = 4;
+
 struct Kernels {
     const char *name;
-    // Dot of one quantized weight row (nb blocks, GGML layout) with one activation row in Q8x.
-    float (*dot_q4_0)(const uint8_t *w, const BlockQ8x *x, int64_t nb);
-    float (*dot_q4_1)(const uint8_t *w, const BlockQ8x *x, int64_t nb);
-    float (*dot_q8_0)(const uint8_t *w, const BlockQ8x *x, int64_t nb);
+    // One quantized weight row (nb blocks, GGML layout) against nx <= MAX_NX activation rows in
+    // int16 ActBlocks (row i at x + i * nb): out[i * out_stride] = dot. The weight blocks are unpacked once
+    // for all nx rows. Each row's result does not depend on nx (same summation order), so a
+    // token's logits do not depend on what else is in its batch.
+    void (*rows_q4_0)(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride);
+    void (*rows_q4_1)(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride);
+    void (*rows_q8_0)(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride);
     // Float dots for F32/F16 weights and for attention over the KV cache.
     float (*dot_f32)(const float *w, const float *x, int64_t n);
     float (*dot_f16)(const uint16_t *w, const float *x, int64_t n);

@@ -1,15 +1,16 @@
 // AVX2 + FMA + F16C kernels. Compiled with per-function target attributes (not -mavx2) so the
 // library still loads and runs the scalar path on CPUs without AVX2.
 //
-// Integer block dot: 32 int8 x 32 int8 -> _mm256_maddubs_epi16 (u8 x s8 pairs -> s16) ->
-// _mm256_madd_epi16 with ones (-> 8 x s32, exact), converted to float and scaled by d_w * d_x
-// with one FMA per block. maddubs needs one unsigned operand: 4-bit Q4_1 nibbles are already
-// unsigned; signed weights (Q8_0, Q4_0 - 8) use the sign trick |w| * (x * sign(w)).
+// Integer block dot: a weight block is widened to 2 x 16 int16 lanes (values 0..15 and 16..31),
+// multiplied with the int16 activations by _mm256_madd_epi16 (pairs -> 8 x int32, exact: |w| <= 128,
+// |x| <= 32767), converted to float and scaled by d_w * d_x with one FMA per block.
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>
+
+#include <cmath>
 
 #define TV_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -25,77 +26,87 @@ TV_AVX2 inline float hsum(__m256 v) {
 
 TV_AVX2 inline float half(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
 
-// sum of w[i] * x[i] over 32 signed bytes, as 8 int32 lanes.
-TV_AVX2 inline __m256i dot_i8(__m256i w, __m256i x) {
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+// A weight block as int16: lo = values 0..15, hi = values 16..31 (GGML's nibble order).
+struct W16 {
+    __m256i lo, hi;
+};
+
+TV_AVX2 inline W16 nibbles16(const uint8_t *qs) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)));
+    return {_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)};
 }
 
-// 16 bytes of nibbles -> 32 bytes: low nibbles in lanes 0..15, high nibbles in 16..31 (GGML order).
-TV_AVX2 inline __m256i unpack_nibbles(const uint8_t *qs) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs));
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+// sum over the block of w * x, as 8 int32 lanes
+TV_AVX2 inline __m256i dot16(const W16 &w, const ActBlock &x) {
+    const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.qs));
+    const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.qs + 16));
+    return _mm256_add_epi32(_mm256_madd_epi16(w.lo, xlo), _mm256_madd_epi16(w.hi, xhi));
 }
 
-TV_AVX2 inline __m256i load_x(const BlockQ8x &x) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.qs));
+// Per-format block access: the 32 weights as int16, and Q4_1's min.
+struct FmtQ4_0 {
+    static constexpr size_t BYTES = Q4_0_BYTES;
+    static constexpr bool HAS_MIN = false;
+    TV_AVX2 static W16 weights(const uint8_t *w) {
+        const W16 n = nibbles16(w + 2);
+        const __m256i eight = _mm256_set1_epi16(8);
+        return {_mm256_sub_epi16(n.lo, eight), _mm256_sub_epi16(n.hi, eight)};
+    }
+    TV_AVX2 static float min(const uint8_t *) { return 0.0f; }
+};
+struct FmtQ4_1 {
+    static constexpr size_t BYTES = Q4_1_BYTES;
+    static constexpr bool HAS_MIN = true;
+    TV_AVX2 static W16 weights(const uint8_t *w) { return nibbles16(w + 4); }
+    TV_AVX2 static float min(const uint8_t *w) { return half(w + 2); }
+};
+struct FmtQ8_0 {
+    static constexpr size_t BYTES = Q8_0_BYTES;
+    static constexpr bool HAS_MIN = false;
+    TV_AVX2 static W16 weights(const uint8_t *w) {
+        return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2))),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 18)))};
+    }
+    TV_AVX2 static float min(const uint8_t *) { return 0.0f; }
+};
+
+// One weight block against NX activation rows: unpack once, one FMA per row.
+template <class Fmt, int NX>
+TV_AVX2 inline void block_step(const uint8_t *w, const ActBlock *x, int64_t nb, __m256 *acc, float *macc) {
+    const W16 wv = Fmt::weights(w);
+    const float dw = half(w);
+    for (int i = 0; i < NX; i++) {
+        const ActBlock &xb = x[i * nb];
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16(wv, xb)), _mm256_set1_ps(dw * xb.d), acc[i]);
+        // explicit fma: contraction must not depend on NX (vectorized or not) for batch invariance
+        if (Fmt::HAS_MIN) macc[i] = std::fma(Fmt::min(w), xb.s, macc[i]);
+    }
 }
 
-TV_AVX2 float dot_q4_0(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i eight = _mm256_set1_epi8(8);
+// Two accumulator sets (even / odd blocks) hide the FMA latency; the same for every NX, so a
+// row's result does not depend on how many rows ran with it.
+template <class Fmt, int NX>
+TV_AVX2 void rows_nx(const uint8_t *w, const ActBlock *x, int64_t nb, float *out, int64_t out_stride) {
+    __m256 acc0[NX], acc1[NX];
+    float macc[NX];
+    for (int i = 0; i < NX; i++) acc0[i] = acc1[i] = _mm256_setzero_ps(), macc[i] = 0.0f;
     int64_t b = 0;
-    for (; b + 2 <= nb; b += 2, w += 2 * Q4_0_BYTES) {
-        const __m256i q0 = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
-        const __m256i q1 = _mm256_sub_epi8(unpack_nibbles(w + Q4_0_BYTES + 2), eight);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q0, load_x(x[b]))), _mm256_set1_ps(half(w) * x[b].d), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q1, load_x(x[b + 1]))),
-                               _mm256_set1_ps(half(w + Q4_0_BYTES) * x[b + 1].d), acc1);
+    for (; b + 2 <= nb; b += 2, w += 2 * Fmt::BYTES) {
+        block_step<Fmt, NX>(w, x + b, nb, acc0, macc);
+        block_step<Fmt, NX>(w + Fmt::BYTES, x + b + 1, nb, acc1, macc);
     }
-    for (; b < nb; b++, w += Q4_0_BYTES) {
-        const __m256i q = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q, load_x(x[b]))), _mm256_set1_ps(half(w) * x[b].d), acc0);
-    }
-    return hsum(_mm256_add_ps(acc0, acc1));
+    if (b < nb) block_step<Fmt, NX>(w, x + b, nb, acc0, macc);
+    for (int i = 0; i < NX; i++) out[i * out_stride] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + macc[i];
 }
 
-TV_AVX2 float dot_q4_1(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
-    float macc = 0.0f;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2, w += 2 * Q4_1_BYTES) {
-        const uint8_t *w1 = w + Q4_1_BYTES;
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_nibbles(w + 4), load_x(x[b])), ones);
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_nibbles(w1 + 4), load_x(x[b + 1])), ones);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(half(w) * x[b].d), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(half(w1) * x[b + 1].d), acc1);
-        macc += half(w + 2) * x[b].s + half(w1 + 2) * x[b + 1].s;
+template <class Fmt>
+TV_AVX2 void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride) {
+    switch (nx) {
+        case 1: rows_nx<Fmt, 1>(w, x, nb, out, out_stride); break;
+        case 2: rows_nx<Fmt, 2>(w, x, nb, out, out_stride); break;
+        case 3: rows_nx<Fmt, 3>(w, x, nb, out, out_stride); break;
+        default: rows_nx<Fmt, 4>(w, x, nb, out, out_stride); break;
     }
-    for (; b < nb; b++, w += Q4_1_BYTES) {
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_nibbles(w + 4), load_x(x[b])), ones);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half(w) * x[b].d), acc0);
-        macc += half(w + 2) * x[b].s;
-    }
-    return hsum(_mm256_add_ps(acc0, acc1)) + macc;
-}
-
-TV_AVX2 float dot_q8_0(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2, w += 2 * Q8_0_BYTES) {
-        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + 2));
-        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + Q8_0_BYTES + 2));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q0, load_x(x[b]))), _mm256_set1_ps(half(w) * x[b].d), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q1, load_x(x[b + 1]))),
-                               _mm256_set1_ps(half(w + Q8_0_BYTES) * x[b + 1].d), acc1);
-    }
-    for (; b < nb; b++, w += Q8_0_BYTES) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + 2));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q, load_x(x[b]))), _mm256_set1_ps(half(w) * x[b].d), acc0);
-    }
-    return hsum(_mm256_add_ps(acc0, acc1));
 }
 
 TV_AVX2 float dot_f32(const float *w, const float *x, int64_t n) {
@@ -144,7 +155,7 @@ TV_AVX2 void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * _cvtsh_ss(v[i]);
 }
 
-const Kernels table = {"avx2", dot_q4_0, dot_q4_1, dot_q8_0, dot_f32, dot_f16, axpy_f32, axpy_f16};
+const Kernels table = {"avx2", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16};
 
 }  // namespace
 

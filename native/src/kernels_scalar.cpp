@@ -1,4 +1,5 @@
-// Portable kernels: integer dots per block (exact), scaled in float. They define the numbers the
+// Portable kernels: integer dots per block (exact in int32: |w| <= 128, |x| <= 32767, 32 terms),
+// scaled in float. They define the numbers the
 // SIMD paths must reproduce up to float summation order.
 #include <cstring>
 
@@ -8,7 +9,7 @@
 namespace tv {
 namespace {
 
-float dot_q4_0(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
+float dot_q4_0(const uint8_t *w, const ActBlock *x, int64_t nb) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++, w += Q4_0_BYTES) {
         const uint8_t *qs = w + 2;
@@ -20,7 +21,7 @@ float dot_q4_0(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
     return acc;
 }
 
-float dot_q4_1(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
+float dot_q4_1(const uint8_t *w, const ActBlock *x, int64_t nb) {
     float acc = 0.0f, macc = 0.0f;
     for (int64_t b = 0; b < nb; b++, w += Q4_1_BYTES) {
         const uint8_t *qs = w + 4;
@@ -33,7 +34,7 @@ float dot_q4_1(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
     return acc + macc;
 }
 
-float dot_q8_0(const uint8_t *w, const BlockQ8x *x, int64_t nb) {
+float dot_q8_0(const uint8_t *w, const ActBlock *x, int64_t nb) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++, w += Q8_0_BYTES) {
         const int8_t *qs = reinterpret_cast<const int8_t *>(w + 2);
@@ -73,8 +74,13 @@ void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * fp16_to_fp32(v[i]);
 }
 
+template <float (*DOT)(const uint8_t *, const ActBlock *, int64_t)>
+void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride) {
+    for (int i = 0; i < nx; i++) out[i * out_stride] = DOT(w, x + i * nb, nb);
+}
+
 }  // namespace
 
-const Kernels kernels_scalar = {"scalar", dot_q4_0, dot_q4_1, dot_q8_0, dot_f32, dot_f16, axpy_f32, axpy_f16};
+const Kernels kernels_scalar = {"scalar", rows<dot_q4_0>, rows<dot_q4_1>, rows<dot_q8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16};
 
 }  // namespace tv

@@ -20,14 +20,14 @@ struct Weight {
     const uint8_t *row(int64_t r) const { return data + (size_t)r * row_bytes; }
 };
 
-// Quantize m rows of k activations (k % 32 == 0) into buf (grown as needed, never shrunk).
-const BlockQ8x *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<BlockQ8x> &buf);
+// Quantize m rows of k activations (k % 32 == 0) to int16 blocks into buf (grown, never shrunk).
+const ActBlock *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<ActBlock> &buf);
 
 // xq: x already quantized by quantize_acts (required for quantized weights, ignored otherwise),
 // so one activation quantization can feed several matmuls (q/k/v, gate/up).
-void matmul(const Weight &w, const float *x, const BlockQ8x *xq, int64_t m, float *y, ThreadPool &pool);
+void matmul(const Weight &w, const float *x, const ActBlock *xq, int64_t m, float *y, ThreadPool &pool);
 
 // Convenience: quantizes x itself when w needs it.
-void matmul(const Weight &w, const float *x, int64_t m, float *y, ThreadPool &pool, std::vector<BlockQ8x> &buf);
+void matmul(const Weight &w, const float *x, int64_t m, float *y, ThreadPool &pool, std::vector<ActBlock> &buf);
 
 }  // namespace tv

@@ -184,7 +184,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     // --- attention block
     for (int t = 0; t < T; t++)
         rmsnorm(x + (size_t)t * E, reinterpret_cast<const float *>(L.attn_norm.data), xn + (size_t)t * E, E, p_.rms_eps);
-    const BlockQ8x *xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by q, k, v
+    const ActBlock *xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by q, k, v
     matmul(L.wq, xn, xq, T, q, pool);
     matmul(L.wk, xn, xq, T, k, pool);
     matmul(L.wv, xn, xq, T, v, pool);

@@ -44,7 +44,7 @@ class Model {
     // Scratch, grown to the largest batch seen and then reused: steady-state decode allocates nothing.
     struct Scratch {
         std::vector<float> x, xn, q, k, v, att, tmp, gate, up, rope_cos, rope_sin, attn;
-        std::vector<BlockQ8x> xq;
+        std::vector<ActBlock> xq;
         std::vector<int32_t> last_pos;
     } s_;
 };

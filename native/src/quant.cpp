@@ -1,5 +1,5 @@
 // Block formats: sizes, dequantization (the reference every kernel is tested against) and the
-// per-row activation quantizer shared by all kernel paths (so paths see identical int8 inputs).
+// per-row activation quantizer shared by all kernel paths (so paths see identical int16 inputs).
 #include "quant.h"
 
 #include <cmath>
@@ -82,17 +82,21 @@ void dequantize_row(int dtype, const void *row, float *out, int64_t cols) {
     }
 }
 
-void quantize_row_q8x(const float *x, BlockQ8x *out, int64_t cols) {
+void quantize_row_act(const float *x, ActBlock *out, int64_t cols) {
+    const float qmax = (float)ACT_MAX;
     for (int64_t b = 0; b < cols / QK; b++, x += QK) {
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = std::fmax(amax, std::fabs(x[j]));
-        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < QK; j++) {
+            const float a = std::fabs(x[j]);
+            amax = a > amax ? a : amax;  // not std::fmax: that is a libm call here
+        }
+        const float d = amax / qmax, id = d > 0.0f ? 1.0f / d : 0.0f;
         int sum = 0;
         for (int j = 0; j < QK; j++) {
-            float r = std::nearbyint(x[j] * id);  // |r| <= 127 by construction...
-            if (!(r >= -127.0f && r <= 127.0f)) r = r > 0.0f ? 127.0f : (r < 0.0f ? -127.0f : 0.0f);  // ...unless inf/nan
+            float r = std::nearbyint(x[j] * id);  // |r| <= ACT_MAX by construction...
+            if (!(r >= -qmax && r <= qmax)) r = r > 0.0f ? qmax : (r < 0.0f ? -qmax : 0.0f);  // ...unless inf/nan
             const int q = (int)r;
-            out[b].qs[j] = (int8_t)q;
+            out[b].qs[j] = (int16_t)q;
             sum += q;
         }
         out[b].d = d;

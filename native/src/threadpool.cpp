@@ -1,5 +1,6 @@
 #include "threadpool.h"
 
+#include <algorithm>
 #include <chrono>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -22,7 +23,7 @@ int ThreadPool::default_threads() {
     return n ? (int)n : 1;
 }
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads > 0 ? n_threads : default_threads()) {
+ThreadPool::ThreadPool(int n_threads) : n_threads_(std::min(n_threads > 0 ? n_threads : default_threads(), 256)) {
     workers_.reserve(n_threads_ - 1);
     for (int t = 1; t < n_threads_; t++) workers_.emplace_back([this, t] { worker_loop(t); });
 }

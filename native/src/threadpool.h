@@ -16,7 +16,7 @@ namespace tv {
 
 class ThreadPool {
    public:
-    explicit ThreadPool(int n_threads);  // n_threads <= 0: one per online CPU
+    explicit ThreadPool(int n_threads);  // n_threads <= 0: one per online CPU; at most 256
     ~ThreadPool();
     ThreadPool(const ThreadPool &) = delete;
     ThreadPool &operator=(const ThreadPool &) = delete;

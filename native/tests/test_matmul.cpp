@@ -1,6 +1,8 @@
 // Matmul of every dtype on ragged shapes, for every kernel path this CPU has, against a double
 // reference on the dequantized weights.
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cstring>
 
 #include "helpers.h"
@@ -53,14 +55,14 @@ TEST(matmul_all_dtypes_all_paths) {
             HostTensor w = random_tensor(dtype, s.n, s.k);
             std::vector<float> wd = w.dequantized(), x = random_vec((size_t)(s.m * s.k), -2, 2);
             x[0] = 3.5f;  // one outlier per first block
-            // The integer paths see x quantized to int8 blocks: the reference uses exactly those
+            // The integer paths see x quantized to int16 blocks: the reference uses exactly those
             // values (tight check) and the true x (bounded by the quantization error).
             std::vector<float> xq = x;
             const bool quant = tv::dtype_quantized(dtype);
             if (quant) {
-                std::vector<tv::BlockQ8x> b((size_t)(s.k / 32));
+                std::vector<tv::ActBlock> b((size_t)(s.k / 32));
                 for (int64_t i = 0; i < s.m; i++) {
-                    tv::quantize_row_q8x(x.data() + i * s.k, b.data(), s.k);
+                    tv::quantize_row_act(x.data() + i * s.k, b.data(), s.k);
                     for (int64_t j = 0; j < s.k; j++) xq[i * s.k + j] = b[j / 32].qs[j % 32] * b[j / 32].d;
                 }
             }
@@ -112,6 +114,44 @@ TEST(matmul_large_threads_match_single) {
     CHECK(tv_matmul(&d, x.data(), 3, y2.data(), 2) == TV_OK);
     CHECK(tv_matmul(&d, x.data(), 3, y4.data(), 4) == TV_OK);
     CHECK(y1 == y2 && y1 == y4);
+}
+
+TEST(matmul_rows_batch_invariant) {
+    // a row's result must not depend on how many rows share the pass (1..4-row tiles)
+    const char *restore = tv_kernel_path();
+    std::vector<const char *> ps{"scalar"};
+    if (tv::cpu_has_avx2()) ps.push_back("avx2");
+    for (const char *path : ps)
+        for (int32_t dtype : kDtypes) {
+            tv::select_kernels(path);
+            HostTensor w = random_tensor(dtype, 37, 160);
+            tv_tensor d = w.desc();
+            std::vector<float> x = random_vec(7 * 160), y(7 * 37), y1(37);
+            CHECK(tv_matmul(&d, x.data(), 7, y.data(), 2) == TV_OK);
+            for (int i = 0; i < 7; i++) {
+                CHECK(tv_matmul(&d, x.data() + i * 160, 1, y1.data(), 1) == TV_OK);
+                CHECK(std::memcmp(y1.data(), y.data() + i * 37, 37 * 4) == 0) << path << " " << tv::dtype_name(dtype) << " row " << i;
+            }
+        }
+    tv::select_kernels(restore);
+}
+
+TEST(matmul_concurrent_callers) {
+    // several threads share the standalone kernels' pool: jobs are serialized, results exact
+    HostTensor w = random_tensor(TV_Q4_0, 257, 96);
+    tv_tensor d = w.desc();
+    std::vector<float> x = random_vec(5 * 96), ref(5 * 257);
+    CHECK(tv_matmul(&d, x.data(), 5, ref.data(), 2) == TV_OK);
+    std::vector<std::thread> ts;
+    std::atomic<int> bad{0};
+    for (int t = 0; t < 4; t++)
+        ts.emplace_back([&] {
+            std::vector<float> y(5 * 257);
+            for (int it = 0; it < 20; it++)
+                if (tv_matmul(&d, x.data(), 5, y.data(), 2) != TV_OK || y != ref) bad++;
+        });
+    for (auto &t : ts) t.join();
+    CHECK(bad == 0);
 }
 
 TEST(matmul_errors) {

@@ -94,18 +94,18 @@ TEST(dequantize_hand_built_blocks) {
 TEST(activation_quantizer) {
     std::vector<float> x = random_vec(64, -3, 3);
     x[5] = 0;
-    std::vector<tv::BlockQ8x> q(2);
-    tv::quantize_row_q8x(x.data(), q.data(), 64);
+    std::vector<tv::ActBlock> q(2);
+    tv::quantize_row_act(x.data(), q.data(), 64);
     for (int b = 0; b < 2; b++) {
         int sum = 0;
         for (int j = 0; j < 32; j++) {
-            CHECK(std::abs(q[b].qs[j]) <= 127);
+            CHECK(std::abs(q[b].qs[j]) <= tv::ACT_MAX);
             CHECK_NEAR(q[b].qs[j] * q[b].d, x[b * 32 + j], q[b].d * 0.5f + 1e-6f);
             sum += q[b].qs[j];
         }
         CHECK_NEAR(q[b].s, q[b].d * sum, 1e-5);
     }
     std::vector<float> z(32, 0.0f);
-    tv::quantize_row_q8x(z.data(), q.data(), 32);
+    tv::quantize_row_act(z.data(), q.data(), 32);
     CHECK(q[0].d == 0.0f && q[0].s == 0.0f);
 }
