@@ -135,3 +135,18 @@ def test_cli_chat_and_generate(reference_gguf_path):
     assert r.returncode == 0 and len(r.stdout.strip()) > 0, r.stderr
     r = run("generate", "x", "--temperature", "-1")
     assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_cli_interactive_chat_in_a_terminal(reference_gguf_path):
+    """stdin is a terminal: a prompt, streamed answers, history kept across turns, /exit quits."""
+    pexpect = __import__("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "tinyvllm", "chat", "--model", str(reference_gguf_path)],
+                          encoding="utf-8", timeout=300)
+    child.expect_exact("> ")
+    child.sendline("What is the capital of France?")
+    child.expect_exact("The capital of France is Paris.")
+    child.expect_exact("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
