@@ -67,8 +67,8 @@ def test_prefill_logits_close_to_reference(llm, reference_model):
     diff = np.abs(got - ref).max(axis=1)
     print(f"prefill logits vs float64: last-position cosine {cos[-1]:.6f}, max |diff| {diff[-1]:.4f}; "
           f"worst position cosine {cos.min():.6f}, max |diff| {diff.max():.4f}; logit std {ref.std():.2f}")
-    assert cos[-1] > 0.999 and cos.min() > 0.998
-    assert diff[-1] < 0.5 and diff.max() < 1.0
+    assert cos[-1] > 0.999 and cos.min() > 0.9999  # measured: 1.000000 and 0.999996
+    assert diff[-1] < 0.1 and diff.max() < 0.25      # measured: 0.009 and 0.047 (int16 activations)
 
 
 @pytest.mark.parametrize("tokenizer,dtype,arch,tie", [
