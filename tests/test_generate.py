@@ -1,5 +1,7 @@
 """The engine against the independent float64 oracle (tests/reference_forward.py): greedy tokens,
 prefill logits, tiny HF / GGUF models of every supported weight type."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,24 @@ def test_tiny_gguf_matches_reference(tmp_path, qtype):
     out = llm.generate("the cat sat on", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     ties = teacher_forced_check(ref, out.prompt_token_ids, out.outputs[0].token_ids, qtype)
     assert len(ties) <= 1
+
+
+@pytest.mark.parametrize("scheme,qtype", [("int8", "Q8_0"), ("int4", "Q4_0")])
+def test_load_time_quantization(tmp_path, scheme, qtype):
+    """LLM(quantization=...) on a float checkpoint equals the reference run on the same weights
+    quantized and dequantized by the gguf library (an implementation we did not write)."""
+    import gguf
+    from safetensors.numpy import load_file, save_file
+    path = Path(tm.make_tiny_hf_dir(tmp_path / "m", tokenizer="json", dtype="float32", tie=False))
+    llm = LLM(str(path), threads=2, quantization=scheme)
+    assert {t.dtype for n, t in llm.engine.weights.tensors.items() if n.endswith("attn_q.weight")} == \
+        {int(gguf.GGMLQuantizationType[qtype])}
+    qt = gguf.GGMLQuantizationType[qtype]
+    tensors = {k: (gguf.quants.dequantize(gguf.quants.quantize(v, qt), qt) if v.ndim == 2 else v)
+               for k, v in load_file(str(path / "model.safetensors")).items()}
+    save_file(tensors, str(path / "model.safetensors"))
+    ref = ReferenceModel.from_hf_dir(str(path))
+    out = llm.generate("the cat sat on the mat", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert not teacher_forced_check(ref, out.prompt_token_ids, out.outputs[0].token_ids, scheme)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(str(path), quantization="int3")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model import load_model, resolve_model
+from ..model.quantize import quantize_weights
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..runner import NativeModelRunner
 from ..sampler import Sampler, SequenceSamplingState
@@ -34,10 +35,8 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, seed: int = 0):
         if device != "cpu":
             raise ValueError(f"device {device!r} is not available yet: this build runs device='cpu'")
-        if quantization not in (None, "none"):
-            raise ValueError(f"quantization={quantization!r} is not supported yet (GGUF weights run as stored)")
         self.model_path = resolve_model(model)
-        self.weights = load_model(self.model_path)
+        self.weights = quantize_weights(load_model(self.model_path), quantization)
         cfg = self.config = self.weights.config
         self.tokenizer = (Tokenizer.from_dir(tokenizer) if tokenizer else
                           Tokenizer.from_gguf_metadata(self.weights.metadata) if self.weights.kind == "gguf"
