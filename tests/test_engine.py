@@ -150,3 +150,11 @@ def test_cli_interactive_chat_in_a_terminal(reference_gguf_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_request_metrics(llm):
+    out = llm.generate("Metrics please:", SamplingParams(max_tokens=10, **GREEDY))[0]
+    m = out.metrics
+    assert m.num_output_tokens == 10 and len(m.itl) == 9 and all(t >= 0 for t in m.itl)
+    assert 0 < m.ttft <= m.e2e and m.tpot == pytest.approx(sum(m.itl) / 9)
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time

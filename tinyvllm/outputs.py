@@ -9,10 +9,30 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    num_output_tokens: int = 0
+    itl: list[float] = field(default_factory=list, repr=False)  # gaps between consecutive tokens (s)
+
+    def on_token(self, now: float) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = now
+        else:
+            self.itl.append(now - self.last_token_time)
+        self.last_token_time = now
+        self.num_output_tokens += 1
 
     @property
     def ttft(self) -> float | None:
+        """Time to first token (s)."""
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (s)."""
+        return sum(self.itl) / len(self.itl) if self.itl else None
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
 
 
 @dataclass

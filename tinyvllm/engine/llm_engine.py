@@ -144,9 +144,7 @@ class LLMEngine:
         seq.cumulative_logprob += float(result.logprob)
         if seq.logprobs is not None:
             seq.logprobs.append(result.top_logprobs or {token: float(result.logprob)})
-        metrics = self.requests[seq.request_id].metrics
-        metrics.first_token_time = metrics.first_token_time or now
-        metrics.last_token_time = now
+        self.requests[seq.request_id].metrics.on_token(now)
         seq.text += seq.detokenizer.add(token)
         reason = self._stop_reason(seq, token)
         if reason is not None:
