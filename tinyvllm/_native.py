@@ -46,8 +46,25 @@ def _cdef_source(header: str) -> str:
 
 ffi = cffi.FFI()
 ffi.cdef(_cdef_source(_find("tinyvllm.h", "TINYVLLM_HEADER", _PKG.parent / "native/include/tinyvllm.h").read_text()))
-LIB_PATH = _find(_LIB_NAME, "TINYVLLM_LIB")
-lib = ffi.dlopen(str(LIB_PATH))
+
+
+def _open_library():
+    """The first candidate that loads: a source tree may also hold cross builds (another CPU) or
+    sanitizer builds (need LD_PRELOAD), which fail to open and are skipped."""
+    if os.environ.get("TINYVLLM_LIB"):
+        return Path(os.environ["TINYVLLM_LIB"]), ffi.dlopen(os.environ["TINYVLLM_LIB"])
+    errors = []
+    for path in (p for p in _candidates(_LIB_NAME) if p.is_file()):
+        try:
+            return path, ffi.dlopen(str(path))
+        except OSError as e:
+            errors.append(f"{path}: {e}")
+    raise ImportError(f"tinyvllm: native library {_LIB_NAME} not found or not loadable at {_PKG / _LIB_NAME} "
+                      f"(nor in a build*/ folder of the source tree; set TINYVLLM_LIB to its path). Reinstall "
+                      f"with `pip install .` to build it." + "".join("\n  " + e for e in errors))
+
+
+LIB_PATH, lib = _open_library()
 
 
 def check(rc: int) -> int:

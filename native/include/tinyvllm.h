@@ -118,6 +118,81 @@ int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n
 /* Dequantize `rows` rows of w starting at row0 into out[rows * cols] floats. */
 int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *out);
 
+/* ---- Paged-KV block manager (src/block_manager.cpp) ------------------------------------------
+ * A pool of num_blocks blocks of block_size token slots with reference counts, and per-sequence
+ * block tables (logical block -> physical block id), sequences named by caller-chosen int64 ids.
+ * Prefix caching: a full block whose KV is computed (tv_block_manager_mark_computed) is cached
+ * under its whole token prefix (a chained 64-bit hash, verified against the stored tokens and
+ * the parent block's key, so hash collisions never share wrong KV). A block whose reference
+ * count drops to 0 is free, or evictable while it holds a cached key: it can still be hit, and
+ * is evicted (least recently freed first) only when no free block is left. num_free_blocks
+ * counts both. Running out of blocks is not an error: allocate / append_slots return
+ * TV_NO_FREE_BLOCKS and change nothing (preempt something and retry). */
+typedef struct tv_block_manager tv_block_manager;
+
+enum tv_block_manager_status {
+    TV_NO_FREE_BLOCKS = 1  /* not enough free + evictable blocks; nothing changed */
+};
+
+typedef struct tv_prefix_cache_stats {
+    int64_t queries;           /* successful allocate calls (with prefix caching on) */
+    int64_t query_tokens;      /* their prompt tokens */
+    int64_t hit_tokens;        /* of which served from the cache */
+    int64_t query_blocks;      /* full blocks they looked up: (n_tokens - 1) / block_size each */
+    int64_t hit_blocks;        /* of which found */
+    int64_t cached_blocks;     /* blocks holding a cached key now (in use or evictable) */
+    int64_t evictable_blocks;  /* cached blocks with no reference */
+    int64_t evictions;         /* cached blocks taken for new data */
+} tv_prefix_cache_stats;
+
+int tv_block_manager_create(int32_t num_blocks, int32_t block_size, int32_t enable_prefix_caching,
+                            tv_block_manager **out);
+void tv_block_manager_free(tv_block_manager *bm);
+/* These four return the value (>= 0) or a negative status. */
+int tv_block_manager_num_blocks(const tv_block_manager *bm);
+int tv_block_manager_block_size(const tv_block_manager *bm);
+int tv_block_manager_num_free_blocks(const tv_block_manager *bm);
+int tv_block_manager_num_seqs(const tv_block_manager *bm);
+/* 1 when seq_id is allocated, 0 when not. */
+int tv_block_manager_has_seq(const tv_block_manager *bm, int64_t seq_id);
+/* 1 when allocate(tokens, n_tokens) would fit now, 0 when not. */
+int tv_block_manager_can_allocate(const tv_block_manager *bm, const int32_t *tokens, int32_t n_tokens);
+/* New sequence seq_id with slots for its n_tokens >= 1 prompt tokens. Leading full blocks found in
+ * the prefix cache are shared instead of allocated, at most (n_tokens - 1) / block_size of them
+ * (the last token is always computed); *num_cached_tokens gets their token count, and the
+ * sequence starts with that many computed tokens. TV_OK or TV_NO_FREE_BLOCKS. */
+int tv_block_manager_allocate(tv_block_manager *bm, int64_t seq_id, const int32_t *tokens, int32_t n_tokens,
+                              int32_t *num_cached_tokens);
+/* 1 when append_slots(seq_id, n) would fit now (copy-on-write included), 0 when not. */
+int tv_block_manager_can_append_slots(const tv_block_manager *bm, int64_t seq_id, int32_t n);
+/* Slots for n >= 0 more tokens of seq_id (their ids in tokens[n]). If they go into a partial last
+ * block shared with another sequence (after fork), that block is copied first: the pair
+ * (src, dst) goes to cow_pairs[0], cow_pairs[1] and *n_cow = 1 (else 0); copy the KV of block src
+ * to dst (tv_kv_cache_copy_block) before running the new tokens. cow_cap counts pairs; at most
+ * one pair per call. TV_OK or TV_NO_FREE_BLOCKS. */
+int tv_block_manager_append_slots(tv_block_manager *bm, int64_t seq_id, const int32_t *tokens, int32_t n,
+                                  int32_t *cow_pairs, int32_t cow_cap, int32_t *n_cow);
+/* The first num_computed_tokens tokens of seq_id have their KV written (never decreases, at most
+ * the token count). Full blocks among them become prefix-cache entries. */
+int tv_block_manager_mark_computed(tv_block_manager *bm, int64_t seq_id, int32_t num_computed_tokens);
+/* New sequence child_id sharing every block of parent_id (tokens and computed count copied). */
+int tv_block_manager_fork(tv_block_manager *bm, int64_t parent_id, int64_t child_id);
+/* Drops seq_id's references (last block first); seq_id is then unknown. */
+int tv_block_manager_free_seq(tv_block_manager *bm, int64_t seq_id);
+/* Any of the out pointers may be null. */
+int tv_block_manager_seq_info(const tv_block_manager *bm, int64_t seq_id, int32_t *num_tokens,
+                              int32_t *num_blocks, int32_t *num_computed_tokens);
+/* Writes seq_id's block table to out[cap]; returns its length (cap must be at least that). */
+int tv_block_manager_get_block_table(const tv_block_manager *bm, int64_t seq_id, int32_t *out, int32_t cap);
+/* Per block (cap >= num_blocks): reference count, and 1 if it holds a cached key. Either may be null. */
+int tv_block_manager_block_info(const tv_block_manager *bm, int32_t *ref_counts, int32_t *cached, int32_t cap);
+int tv_block_manager_prefix_cache_stats(const tv_block_manager *bm, tv_prefix_cache_stats *out);
+/* Tests: keep only the low `bits` (1..64) bits of block hashes, to force collisions. Only while
+ * the prefix cache is empty. */
+int tv_block_manager_set_hash_bits(tv_block_manager *bm, int32_t bits);
+/* Tests: recount all state from scratch; TV_ERR_INTERNAL with the broken rule if inconsistent. */
+int tv_block_manager_check(const tv_block_manager *bm);
+
 #ifdef __cplusplus
 }
 #endif

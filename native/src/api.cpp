@@ -12,6 +12,7 @@
 #include "tinyvllm.h"
 #pragma GCC visibility pop
 
+#include "block_manager.h"
 #include "common.h"
 #include "kernels.h"
 #include "kv_cache.h"
@@ -197,3 +198,6 @@ int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *ou
 }
 
 }  // extern "C"
+
+// For C ABI functions defined in other files (block_manager.cpp): the same firewall and last error.
+int tv::guarded(void (*fn)(void *), void *ctx) noexcept { return guard([&] { fn(ctx); }); }

@@ -1,9 +1,10 @@
 // The inner loops every matmul and attention call goes through, as a table of function pointers
 // chosen once at runtime: "scalar" (portable C++) or "avx2" (x86-64 with AVX2+FMA+F16C).
-// TINYVLLM_KERNEL=scalar|avx2 in the environment forces a path (tests compare paths with it).
+// TINYVLLM_KERNEL=scalar|avx2|avx512vnni|neon|neon_dotprod in the environment forces a path (tests compare paths with it).
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "quant.h"
 
@@ -32,10 +33,29 @@ extern const Kernels kernels_scalar;
 // nullptr when not compiled in (non-x86 builds).
 const Kernels *kernels_avx2_table();
 bool cpu_has_avx2();
+const Kernels *kernels_avx512_table();  // "avx512vnni": AVX-512 F/BW/VL + VNNI
+bool cpu_has_avx512vnni();
+// aarch64 (kernels_neon.cpp): "neon" (ARMv8.0 Advanced SIMD) and "neon_dotprod" (ARMv8.2 SDOT);
+// nullptr when not compiled in or, for dotprod, when the CPU lacks FEAT_DotProd.
+const Kernels *kernels_neon_table();
+const Kernels *kernels_neon_dotprod_table();
+
+// Optional whole-matmul kernel for quantized weights, for paths that tile past MAX_NX rows
+// (unpack a weight row once, reuse it for every activation row). prepare() runs once per matmul
+// on the calling thread (its result lives until that thread's next prepare); run() computes
+// y[i * ldy + r] for rows r in [r0, r1) and all m activation rows, from any pool thread.
+struct QuantGemm {
+    const void *(*prepare)(const ActBlock *x, int64_t m, int64_t nb);
+    void (*run)(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const void *prep, int64_t m,
+                int64_t nb, float *y, int64_t ldy);
+};
+const QuantGemm *quant_gemm(const Kernels &k);  // nullptr: the driver loops k.rows_*
 
 // The active table (first call picks: env var, else the best the CPU supports).
 const Kernels &kernels();
-// Force a path by name ("scalar", "avx2", "auto"); false when unknown or unsupported here.
+// Force a path by name ("scalar", "avx2", "avx512vnni", "auto"); false when unknown or unsupported here.
 bool select_kernels(const char *name);
+// Names of the paths this build and CPU can run, "scalar" first (tests loop over all of them).
+std::vector<const char *> available_kernels();
 
 }  // namespace tv

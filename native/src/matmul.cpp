@@ -1,6 +1,7 @@
 // Matmul driver. Work is split over chunks of output rows (weight rows); inside a chunk every
 // activation row is run against the chunk's weights, so each weight byte comes from DRAM once per
-// matmul however large m is (the chunk stays in L1/L2 while the m rows go by).
+// matmul however large m is (the chunk stays in L1/L2 while the m rows go by). Every output
+// element is computed by one thread in a fixed order: results do not depend on the thread count.
 #include "matmul.h"
 
 #include <algorithm>
@@ -17,42 +18,68 @@ const ActBlock *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<
     return buf.data();
 }
 
-void matmul(const Weight &w, const float *x, const ActBlock *xq, int64_t m, float *y, ThreadPool &pool) {
+namespace {
+
+// Rows [r0, r1) of y = x W^T for one weight.
+void run_rows(const Kernels &K, const QuantGemm *G, const void *prep, const Weight &w, const float *x,
+              const ActBlock *xq, int64_t m, float *y, int64_t r0, int64_t r1) {
     const int64_t n = w.rows, k = w.cols, nb = k / QK;
-    if (m <= 0 || n <= 0) return;
-    const Kernels &K = kernels();
-    // ~8 chunks per thread for balance, at most 64 rows so a chunk of weights stays cache resident.
-    const int64_t chunk = std::clamp<int64_t>(n / ((int64_t)pool.size() * 8), 1, 64);
-    const int64_t n_chunks = (n + chunk - 1) / chunk;
-    auto run_float = [&](auto &&dot) {
-        pool.run(n_chunks, [&](int64_t c, int) {
-            const int64_t r0 = c * chunk, r1 = std::min(n, r0 + chunk);
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t r = r0; r < r1; r++) y[i * n + r] = dot(w.row(r), x + i * k);
-        });
-    };
-    // Quantized: each weight row meets up to MAX_NX activation rows per pass (unpacked once).
-    auto run_quant = [&](auto rows_fn) {
-        pool.run(n_chunks, [&](int64_t c, int) {
-            const int64_t r0 = c * chunk, r1 = std::min(n, r0 + chunk);
-            for (int64_t i = 0; i < m; i += MAX_NX) {
-                const int nx = (int)std::min<int64_t>(MAX_NX, m - i);
-                for (int64_t r = r0; r < r1; r++) rows_fn(w.row(r), xq + i * nb, nb, nx, y + i * n + r, n);
-            }
-        });
-    };
     switch (w.dtype) {
         case TV_F32:
-            run_float([&](const uint8_t *wr, const float *xr) { return K.dot_f32(reinterpret_cast<const float *>(wr), xr, k); });
-            break;
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t r = r0; r < r1; r++)
+                    y[i * n + r] = K.dot_f32(reinterpret_cast<const float *>(w.row(r)), x + i * k, k);
+            return;
         case TV_F16:
-            run_float([&](const uint8_t *wr, const float *xr) { return K.dot_f16(reinterpret_cast<const uint16_t *>(wr), xr, k); });
-            break;
-        case TV_Q4_0: run_quant(K.rows_q4_0); break;
-        case TV_Q4_1: run_quant(K.rows_q4_1); break;
-        case TV_Q8_0: run_quant(K.rows_q8_0); break;
-        default: break;  // unreachable: dtypes are validated at the API
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t r = r0; r < r1; r++)
+                    y[i * n + r] = K.dot_f16(reinterpret_cast<const uint16_t *>(w.row(r)), x + i * k, k);
+            return;
+        default: break;
     }
+    if (G) return G->run(w.dtype, w.data, w.row_bytes, r0, r1, prep, m, nb, y, n);
+    auto rows_fn = w.dtype == TV_Q4_0 ? K.rows_q4_0 : w.dtype == TV_Q4_1 ? K.rows_q4_1 : K.rows_q8_0;
+    // each weight row meets up to MAX_NX activation rows per pass (unpacked once)
+    for (int64_t i = 0; i < m; i += MAX_NX) {
+        const int nx = (int)std::min<int64_t>(MAX_NX, m - i);
+        for (int64_t r = r0; r < r1; r++) rows_fn(w.row(r), xq + i * nb, nb, nx, y + i * n + r, n);
+    }
+}
+
+}  // namespace
+
+void matmul_multi(const Weight *const *ws, float *const *ys, int count, const float *x, const ActBlock *xq, int64_t m,
+                  ThreadPool &pool) {
+    if (m <= 0 || count <= 0) return;
+    const Kernels &K = kernels();
+    const int64_t k = ws[0]->cols;
+    bool quant = false;
+    constexpr int MAXW = 4;
+    int64_t chunk[MAXW], first[MAXW + 1];  // chunk rows of weight j; its chunks are tasks [first[j], first[j+1])
+    first[0] = 0;
+    for (int j = 0; j < count && j < MAXW; j++) {
+        const int64_t n = ws[j]->rows;
+        quant |= dtype_quantized(ws[j]->dtype);
+        // ~8 chunks per thread for balance, at most 64 rows so a chunk of weights stays cache resident.
+        chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * 8), 1, 64);
+        first[j + 1] = first[j] + (n + chunk[j] - 1) / chunk[j];
+    }
+    count = std::min(count, MAXW);
+    const QuantGemm *G = quant ? quant_gemm(K) : nullptr;
+    const void *prep = G ? G->prepare(xq, m, k / QK) : nullptr;
+    pool.run(first[count], [&](int64_t t, int) {
+        int j = 0;
+        while (t >= first[j + 1]) j++;
+        const int64_t r0 = (t - first[j]) * chunk[j], r1 = std::min(ws[j]->rows, r0 + chunk[j]);
+        run_rows(K, G, prep, *ws[j], x, xq, m, ys[j], r0, r1);
+    });
+}
+
+void matmul(const Weight &w, const float *x, const ActBlock *xq, int64_t m, float *y, ThreadPool &pool) {
+    if (w.rows <= 0) return;
+    const Weight *ws[1] = {&w};
+    float *ys[1] = {y};
+    matmul_multi(ws, ys, 1, x, xq, m, pool);
 }
 
 void matmul(const Weight &w, const float *x, int64_t m, float *y, ThreadPool &pool, std::vector<ActBlock> &buf) {

@@ -27,6 +27,12 @@ const ActBlock *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<
 // so one activation quantization can feed several matmuls (q/k/v, gate/up).
 void matmul(const Weight &w, const float *x, const ActBlock *xq, int64_t m, float *y, ThreadPool &pool);
 
+// Several weights against the same activations (q/k/v, gate/up) in ONE parallel region: chunks of
+// all of them go to the pool together, so a decode step pays one wake-up/join instead of three.
+// All ws[j] must have the same cols; y[j] is [m, ws[j]->rows].
+void matmul_multi(const Weight *const *ws, float *const *ys, int count, const float *x, const ActBlock *xq, int64_t m,
+                  ThreadPool &pool);
+
 // Convenience: quantizes x itself when w needs it.
 void matmul(const Weight &w, const float *x, int64_t m, float *y, ThreadPool &pool, std::vector<ActBlock> &buf);
 

@@ -185,9 +185,11 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     for (int t = 0; t < T; t++)
         rmsnorm(x + (size_t)t * E, reinterpret_cast<const float *>(L.attn_norm.data), xn + (size_t)t * E, E, p_.rms_eps);
     const ActBlock *xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by q, k, v
-    matmul(L.wq, xn, xq, T, q, pool);
-    matmul(L.wk, xn, xq, T, k, pool);
-    matmul(L.wv, xn, xq, T, v, pool);
+    {
+        const Weight *ws[3] = {&L.wq, &L.wk, &L.wv};
+        float *ys[3] = {q, k, v};
+        matmul_multi(ws, ys, 3, xn, xq, T, pool);  // one parallel region for q, k and v
+    }
     for (int t = 0; t < T; t++) {
         if (L.bq.set()) {
             const float *bq = reinterpret_cast<const float *>(L.bq.data), *bk = reinterpret_cast<const float *>(L.bk.data),
@@ -216,8 +218,11 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     for (int t = 0; t < T; t++)
         rmsnorm(x + (size_t)t * E, reinterpret_cast<const float *>(L.ffn_norm.data), xn + (size_t)t * E, E, p_.rms_eps);
     xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by gate, up
-    matmul(L.gate, xn, xq, T, g, pool);
-    matmul(L.up, xn, xq, T, u, pool);
+    {
+        const Weight *ws[2] = {&L.gate, &L.up};
+        float *ys[2] = {g, u};
+        matmul_multi(ws, ys, 2, xn, xq, T, pool);
+    }
     swiglu(g, u, (size_t)T * F);
     matmul(L.down, g, T, tmp, pool, s_.xq);
     for (size_t i = 0; i < (size_t)T * E; i++) x[i] += tmp[i];

@@ -1,7 +1,9 @@
 #include <chrono>
 #include <cstring>
 
+#include "kernels.h"
 #include "test.h"
+#include "tinyvllm.h"
 
 namespace tvtest {
 int g_failures = 0;
@@ -11,6 +13,10 @@ int g_total_checks = 0;
 // Usage: tinyvllm_tests [substring]   (runs the tests whose name contains it)
 int main(int argc, char **argv) {
     int failed_tests = 0, ran = 0;
+    // The default path (TINYVLLM_KERNEL or the best detected): cross/run-tests.sh checks this line.
+    std::string avail;
+    for (const char *name : tv::available_kernels()) avail += std::string(avail.empty() ? "" : ",") + name;
+    std::printf("kernel path: %s (available: %s)\n", tv_kernel_path(), avail.c_str());
     for (auto &[name, fn] : tvtest::Registry::get().tests) {
         if (argc > 1 && name.find(argv[1]) == std::string::npos) continue;
         tvtest::g_failures = 0;

@@ -109,9 +109,7 @@ void attention_case(int kv_dtype, const char *path) {
 
 TEST(attention_paged_gqa) {
     const char *restore = tv_kernel_path();
-    std::vector<const char *> paths{"scalar"};
-    if (tv::cpu_has_avx2()) paths.push_back("avx2");
-    for (const char *path : paths) {
+    for (const char *path : tv::available_kernels()) {
         attention_case(TV_F32, path);
         attention_case(TV_F16, path);
     }

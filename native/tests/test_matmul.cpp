@@ -18,9 +18,7 @@ struct Shape {
 };
 
 std::vector<const char *> paths() {
-    std::vector<const char *> p{"scalar"};
-    if (tv::cpu_has_avx2() && tv::kernels_avx2_table()) p.push_back("avx2");
-    return p;
+    return tv::available_kernels();  // runtime detection: never runs a path this CPU lacks
 }
 
 const int32_t kDtypes[] = {TV_F32, TV_F16, TV_Q4_0, TV_Q4_1, TV_Q8_0};
@@ -33,9 +31,9 @@ TEST(kernel_selection) {
     CHECK(std::strcmp(tv_kernel_path(), "scalar") == 0);
     CHECK(!tv::select_kernels("nonsense"));
     CHECK(std::strcmp(tv_kernel_path(), "scalar") == 0);
-    if (tv::cpu_has_avx2()) {
-        CHECK(tv::select_kernels("avx2"));
-        CHECK(std::strcmp(tv_kernel_path(), "avx2") == 0);
+    for (const char *name : tv::available_kernels()) {
+        CHECK(tv::select_kernels(name)) << name;
+        CHECK(std::strcmp(tv_kernel_path(), name) == 0) << name;
     }
     tv::select_kernels(before);
 }
@@ -119,18 +117,24 @@ TEST(matmul_large_threads_match_single) {
 TEST(matmul_rows_batch_invariant) {
     // a row's result must not depend on how many rows share the pass (1..4-row tiles)
     const char *restore = tv_kernel_path();
-    std::vector<const char *> ps{"scalar"};
-    if (tv::cpu_has_avx2()) ps.push_back("avx2");
-    for (const char *path : ps)
+    for (const char *path : paths())
         for (int32_t dtype : kDtypes) {
             tv::select_kernels(path);
-            HostTensor w = random_tensor(dtype, 37, 160);
-            tv_tensor d = w.desc();
-            std::vector<float> x = random_vec(7 * 160), y(7 * 37), y1(37);
-            CHECK(tv_matmul(&d, x.data(), 7, y.data(), 2) == TV_OK);
-            for (int i = 0; i < 7; i++) {
-                CHECK(tv_matmul(&d, x.data() + i * 160, 1, y1.data(), 1) == TV_OK);
-                CHECK(std::memcmp(y1.data(), y.data() + i * 37, 37 * 4) == 0) << path << " " << tv::dtype_name(dtype) << " row " << i;
+            // k: fewer than 16 blocks, 37 (odd, a partial 16-block group), 48 (whole groups);
+            // m = 13 runs the avx512vnni panel path (6-row tiles + remainder), m = 1..3 its direct path
+            for (int64_t k : {160, 37 * 32, 48 * 32}) {
+                const int m = 13;
+                HostTensor w = random_tensor(dtype, 37, k);
+                tv_tensor d = w.desc();
+                std::vector<float> x = random_vec((size_t)(m * k)), y((size_t)m * 37), y1(3 * 37);
+                CHECK(tv_matmul(&d, x.data(), m, y.data(), 2) == TV_OK);
+                for (int i = 0; i < m; i++) {
+                    const int n1 = 1 + i % 3;  // rows i..i+n1-1 as their own batch
+                    if (i + n1 > m) continue;
+                    CHECK(tv_matmul(&d, x.data() + i * k, n1, y1.data(), 1) == TV_OK);
+                    CHECK(std::memcmp(y1.data(), y.data() + i * 37, (size_t)n1 * 37 * 4) == 0)
+                        << path << " " << tv::dtype_name(dtype) << " k=" << k << " rows " << i << "+" << n1;
+                }
             }
         }
     tv::select_kernels(restore);

@@ -309,9 +309,7 @@ TEST(model_forward_f32_weights) {
 TEST(model_forward_quantized_weights) {
     // int16 activations: quantization noise ~1e-5 relative, so compare relative to the logit scale
     const char *restore = tv_kernel_path();
-    std::vector<const char *> paths{"scalar"};
-    if (tv::cpu_has_avx2()) paths.push_back("avx2");
-    for (const char *path : paths) {
+    for (const char *path : tv::available_kernels()) {
         tv::select_kernels(path);
         run_model_case({TV_Q4_1, TV_Q4_0, TV_Q4_1, TV_Q8_0, TV_Q8_0, false, true, true, TV_F16}, 1e-3, path);
         run_model_case({TV_Q8_0, TV_Q8_0, TV_Q4_0, TV_F16, TV_Q4_1, true, false, false, TV_F32}, 1e-3, path);

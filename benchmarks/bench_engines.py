@@ -1,0 +1,287 @@
+"""tinyvllm vs llama.cpp (llama-cpp-python) on the reference model, in one run.
+
+Each engine runs in its own child process (fair peak RSS, no interference between engines); the
+parent alternates the order of the children across repetitions, aggregates, adds the machine's
+measured read bandwidth (the decode roofline) and writes docs/benchmarks/engines.{json,md}.
+
+    bash benchmarks/setup_env.sh                                  # once: .venv-bench/
+    .venv-bench/bin/python benchmarks/bench_engines.py            # full run (quiet machine!)
+    .venv-bench/bin/python benchmarks/bench_engines.py --quick    # smoke test
+
+By default tinyvllm is imported from this checkout (newest build*/libtinyvllm.so; TINYVLLM_LIB
+overrides); --installed uses the copy pip installed into the environment instead.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
+MODEL = "smollm2-135m"
+PREFILL_LENS = (128, 512)
+DECODE_PROMPT = 16
+
+
+def token_ids(vocab: int, n: int) -> list[int]:
+    """A fixed pseudo-random sequence of ordinary token ids (past the first 256: no special tokens)."""
+    x, out = 12345, []
+    for _ in range(n):
+        x = (x * 1103515245 + 12345) % 2**31
+        out.append(256 + x % (vocab - 256))
+    return out
+
+
+def rss_now() -> int:
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+# ---- the engines (in a child process) ------------------------------------------------------------
+class TinyVLLM:
+    name = "tinyvllm"
+
+    def __init__(self, path, threads):
+        from tinyvllm import LLM, SamplingParams
+        from tinyvllm import _native
+        self.SP = SamplingParams
+        # KV capacity = llama.cpp's n_ctx (2048); no prefix caching, so a repeated prompt is recomputed.
+        self.llm = LLM(str(path), threads=threads, max_num_batched_tokens=1024, max_num_seqs=1,
+                       max_model_len=2048, enable_prefix_caching=False)
+        self.engine = self.llm.engine
+        self.info = {"lib": str(_native.LIB_PATH), "kernel_path": _native.ffi.string(_native.lib.tv_kernel_path()).decode(),
+                     "version": _native.ffi.string(_native.lib.tv_version()).decode(),
+                     "package": str(Path(sys.modules["tinyvllm"].__file__).parent)}
+
+    def prefill(self, ids) -> float:
+        """Time from the first step to the first token: the prefill step(s), one token sampled."""
+        self.engine.add_request(None, {"prompt_token_ids": ids}, self.SP(max_tokens=1, temperature=0, ignore_eos=True))
+        t = time.perf_counter()
+        while not any(o.finished for o in self.engine.step()):
+            pass
+        return time.perf_counter() - t
+
+    def decode(self, ids, n) -> tuple[float, list[int]]:
+        """Time of the n steps after the prefill step, each one forward + greedy sample."""
+        self.engine.add_request(None, {"prompt_token_ids": ids}, self.SP(max_tokens=n + 1, temperature=0, ignore_eos=True))
+        while not self.engine.step():  # the prefill step returns the first token
+            pass
+        t = time.perf_counter()
+        for _ in range(n):
+            outs = self.engine.step()
+        dt = time.perf_counter() - t
+        assert outs and outs[0].finished, "decode did not finish in n steps"
+        return dt, list(outs[0].outputs[0].token_ids)
+
+
+class LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads):
+        import llama_cpp
+        import numpy as np
+        self.np = np
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                                   n_batch=512, verbose=False, logits_all=False)
+        self.n_vocab = self.llm.n_vocab()
+        self.info = {"version": llama_cpp.__version__, "package": str(Path(llama_cpp.__file__).parent),
+                     "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+
+    def _argmax(self) -> int:
+        return int(self.np.argmax(self.np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))))
+
+    def prefill(self, ids) -> float:
+        self.llm.reset()  # n_tokens = 0: eval() drops the KV cache past it, so nothing is reused
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        self._argmax()
+        return time.perf_counter() - t
+
+    def decode(self, ids, n) -> tuple[float, list[int]]:
+        self.llm.reset()
+        self.llm.eval(ids)
+        out = [self._argmax()]
+        t = time.perf_counter()
+        for _ in range(n):
+            self.llm.eval(out[-1:])
+            out.append(self._argmax())
+        return time.perf_counter() - t, out
+
+
+def child(args) -> dict:
+    rss0 = rss_now()
+    t = time.perf_counter()
+    eng = (TinyVLLM if args.engine == "tinyvllm" else LlamaCpp)(args.model_path, args.threads)
+    res = {"engine": eng.name, "load_s": time.perf_counter() - t, "rss_base": rss0, "rss_loaded": rss_now(),
+           "info": eng.info, "prefill_s": {}, "decode_s": []}
+    ids = token_ids(args.vocab, max(PREFILL_LENS))
+    for n in PREFILL_LENS:
+        eng.prefill(ids[:n])  # warm-up: thread pool, pages, workspace
+        res["prefill_s"][n] = [eng.prefill(ids[:n]) for _ in range(args.inner)]
+    eng.decode(ids[:DECODE_PROMPT], 8)  # warm-up
+    for _ in range(args.inner):
+        dt, toks = eng.decode(ids[:DECODE_PROMPT], args.decode_tokens)
+        res["decode_s"].append(dt)
+    res["decode_tokens"] = toks
+    res["rss_peak"] = peak_rss()
+    return res
+
+
+# ---- the parent ----------------------------------------------------------------------------------
+def run_child(engine, args, model_path, vocab) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--engine", engine, "--threads", str(args.threads),
+           "--inner", str(args.inner), "--decode-tokens", str(args.decode_tokens),
+           "--model-path", str(model_path), "--vocab", str(vocab)] + (["--installed"] if args.installed else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    if r.returncode or not lines:
+        sys.exit(f"{engine} child failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def stats(samples, work) -> dict:
+    """tok/s for each sample of `work` tokens: median and best."""
+    rates = [work / s for s in samples]
+    return {"median_tok_s": statistics.median(rates), "best_tok_s": max(rates), "samples_s": samples}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=4, help="child processes per engine, alternating order")
+    ap.add_argument("--inner", type=int, default=3, help="timed runs of each measurement inside a child")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 rep, 1 inner run, short bandwidth test")
+    ap.add_argument("--engines", default="tinyvllm,llama.cpp")
+    ap.add_argument("--installed", action="store_true", help="use the installed tinyvllm, not this checkout")
+    ap.add_argument("--out-dir", type=Path, default=machine.DOCS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    machine.use_source_tree(args.installed)
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    if args.quick:
+        args.reps, args.inner = 1, 1
+
+    from gguf import GGUFReader
+    from tinyvllm.model import resolve_model
+    model_path = resolve_model(MODEL)
+    vocab = len(GGUFReader(str(model_path)).fields["tokenizer.ggml.tokens"].data)
+    info = machine.machine_info()
+    load = machine.OtherLoad()
+    engines = args.engines.split(",")
+    print(f"model {model_path}\nthreads {args.threads}, reps {args.reps} x inner {args.inner}, load {info['loadavg_at_start']}")
+    bw = machine.read_bandwidth(args.threads, reps=3 if args.quick else 7)
+    print(f"read bandwidth ({args.threads} threads): {bw['bytes_per_s'] / 1e9:.1f} GB/s")
+
+    runs = {e: [] for e in engines}
+    for rep in range(args.reps):
+        for e in (engines if rep % 2 == 0 else engines[::-1]):
+            r = run_child(e, args, model_path, vocab)
+            runs[e].append(r)
+            print(f"  rep {rep} {e:9s} prefill128 {128 / min(r['prefill_s']['128']):7.1f}  "
+                  f"prefill512 {512 / min(r['prefill_s']['512']):7.1f}  "
+                  f"decode {args.decode_tokens / min(r['decode_s']):6.1f} tok/s  peak RSS {r['rss_peak'] / 2**20:.0f} MiB")
+
+    bw_end = machine.read_bandwidth(args.threads, reps=3 if args.quick else 7)
+    bw["bytes_per_s_start_end"] = [bw["bytes_per_s"], bw_end["bytes_per_s"]]
+    bw["bytes_per_s"] = max(bw["bytes_per_s_start_end"])  # the ceiling: best of the two
+    wb = machine.decode_weight_bytes(model_path)
+    roof = bw["bytes_per_s"] / wb["bytes_per_token"]
+    res = {}
+    for e, rs in runs.items():
+        res[e] = {f"prefill{n}": stats([s for r in rs for s in r["prefill_s"][str(n)]], n) for n in PREFILL_LENS}
+        res[e]["decode"] = stats([s for r in rs for s in r["decode_s"]], args.decode_tokens)
+        res[e]["decode"]["roofline_fraction"] = res[e]["decode"]["median_tok_s"] / roof
+        res[e].update(load_s=statistics.median(r["load_s"] for r in rs),
+                      rss_peak_bytes=max(r["rss_peak"] for r in rs), rss_base_bytes=min(r["rss_base"] for r in rs),
+                      info=rs[0]["info"], decode_tokens=rs[0]["decode_tokens"])
+    agree = None
+    if len(engines) == 2:
+        a, b = (res[e]["decode_tokens"] for e in engines)
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    data = {"model": str(model_path), "threads": args.threads, "reps": args.reps, "inner": args.inner,
+            "quick": args.quick, "decode_prompt_tokens": DECODE_PROMPT, "decode_tokens": args.decode_tokens,
+            "machine": info, "read_bandwidth": bw, "decode_weight_bytes": wb,
+            "roofline_decode_tok_s": roof, "greedy_tokens_agree_prefix": agree, "engines": res,
+            "loadavg_at_end": os.getloadavg(), "other_cpu_share": load.share()}
+    machine.write_outputs("engines", data, markdown(data, engines), args.out_dir)
+
+
+def _pct(x):
+    return "?" if x is None else f"{x:.0%}"
+
+
+def markdown(d, engines) -> str:
+    e = d["engines"]
+    ratio = len(engines) == 2
+
+    def row(label, get, fmt="{:.1f}"):
+        vals = [get(e[x]) for x in engines]
+        cells = [fmt.format(v) for v in vals]
+        if ratio:
+            cells.append(f"{vals[0] / vals[1]:.2f}x" if vals[1] else "-")
+        return [label] + cells
+
+    rows = []
+    for key, label in [("prefill128", "prefill 128 tokens"), ("prefill512", "prefill 512 tokens"),
+                       ("decode", f"decode {d['decode_tokens']} tokens (batch 1)")]:
+        rows.append(row(f"{label}, tok/s median", lambda r: r[key]["median_tok_s"]))
+        rows.append(row(f"{label}, tok/s best", lambda r: r[key]["best_tok_s"]))
+    rows.append(row("decode, fraction of roofline", lambda r: r["decode"]["roofline_fraction"], "{:.0%}"))
+    rows.append(row("peak RSS, MiB", lambda r: r["rss_peak_bytes"] / 2**20, "{:.0f}"))
+    rows.append(row("peak RSS above the interpreter before loading, MiB",
+                    lambda r: (r["rss_peak_bytes"] - r["rss_base_bytes"]) / 2**20, "{:.0f}"))
+    rows.append(row("load, s", lambda r: r["load_s"], "{:.2f}"))
+    m, bw, wb = d["machine"], d["read_bandwidth"], d["decode_weight_bytes"]
+    cpu = m["cpu"]
+    head = ["metric"] + engines + (["ratio"] if ratio else [])
+    tv = e.get("tinyvllm", {}).get("info", {})
+    lc = e.get("llama.cpp", {}).get("info", {})
+    lines = [
+        "# tinyvllm vs llama.cpp", "",
+        ("**Smoke test (--quick): 1 repetition, not a measurement.**\n\n" if d["quick"] else "") +
+        machine.busy_warning(d["other_cpu_share"]) +
+        f"{d['machine']['date']} · {cpu.get('model')} · {cpu.get('usable_cpus')} CPUs usable · "
+        f"{d['threads']} threads per engine · {d['reps']} child processes per engine x {d['inner']} timed runs · "
+        f"other processes' CPU share during the run {_pct(d['other_cpu_share'])} · "
+        f"git {m['git_commit']}", "",
+        f"Model `{Path(d['model']).name}`; tinyvllm {tv.get('version', '?')} (kernels `{tv.get('kernel_path', '?')}`), "
+        f"llama-cpp-python {lc.get('version', '?')}. Ratio = tinyvllm / llama.cpp (higher is better for tinyvllm, "
+        "except for memory and load time).", "",
+        machine.md_table(head, rows), "",
+        f"**Roofline**: a decoded token reads {wb['bytes_per_token'] / 1e6:.1f} MB of weights "
+        f"(all GGUF tensors{', token_embd whole as the tied output matrix' if wb['tied_output'] else ''}); "
+        f"measured read bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['threads']} threads, {bw['method']}; "
+        f"best of the runs before and after the engines: "
+        f"{' / '.join(f'{x / 1e9:.1f}' for x in bw['bytes_per_s_start_end'])} GB/s) "
+        f"=> at most **{d['roofline_decode_tok_s']:.0f} tok/s** at batch 1.",
+    ]
+    if d["greedy_tokens_agree_prefix"] is not None:
+        lines += ["", f"Greedy decode: the two engines' first {d['greedy_tokens_agree_prefix']} of "
+                      f"{d['decode_tokens'] + 1} tokens agree (different quantized arithmetic may diverge later)."]
+    return "\n".join(lines)
+
+
+
+if __name__ == "__main__":
+    main()

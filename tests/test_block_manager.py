@@ -1,0 +1,369 @@
+"""The native block manager (tinyvllm.core.BlockManager) against a pure-Python model of its rules.
+
+The model below is written from the rules, not from the C++: prefix-cache keys are whole token
+prefixes (tuples), the evictable list is an OrderedDict, nothing is hashed. A randomized run of
+10^6 operations in all (over five pool shapes, two of them with block hashes truncated to a few
+bits so that every lookup meets colliding hashes) compares, after every operation, each result,
+the free-block count and the touched sequence's table, and every few operations the whole state
+(all tables, token and computed counts, reference counts, which blocks are cached, cache stats,
+the manager's own recount). A shadow KV cache records which token prefix each block's slots were
+computed from, so a wrong prefix hit or a write into a shared block is caught even where the
+model and the manager would agree.
+
+PYTEST_DONT_REWRITE: pytest's assertion rewriting would make the 10^6-op run ~4x slower; the
+asserts carry their own messages.
+"""
+import os
+import random
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from tinyvllm._native import NativeError
+from tinyvllm.core import BlockManager
+
+
+# ---- the reference model -------------------------------------------------------------------------
+class Seq:
+    __slots__ = ("tokens", "table", "computed")
+
+    def __init__(self, tokens, table, computed):
+        self.tokens, self.table, self.computed = tokens, table, computed
+
+
+class Model:
+    """Rules: blocks come from the free stack (lowest ids first at start), then by evicting the
+    least recently freed cached block. A block is cached under the token prefix ending with it once
+    that block is full and computed, unless that prefix is cached already. A prompt shares the
+    cached blocks of its longest cached prefix of full blocks, leaving its last token uncached.
+    Appending into a shared partial last block first copies it. Freeing drops references from
+    the last block to the first; an unreferenced block goes to the evictable list if cached, else
+    back on the free stack."""
+
+    def __init__(self, num_blocks, block_size, caching):
+        self.bs, self.caching = block_size, caching
+        self.free = list(range(num_blocks - 1, -1, -1))
+        self.lru = OrderedDict()
+        self.ref = [0] * num_blocks
+        self.cache, self.key = {}, {}   # prefix -> block, block -> prefix
+        self.seqs = {}
+        self.stats = dict(queries=0, query_tokens=0, hit_tokens=0, query_blocks=0, hit_blocks=0, evictions=0)
+
+    def available(self):
+        return len(self.free) + len(self.lru)
+
+    def hits(self, tokens):
+        out = []
+        if self.caching:
+            for j in range((len(tokens) - 1) // self.bs):
+                b = self.cache.get(tuple(tokens[:(j + 1) * self.bs]))
+                if b is None:
+                    break
+                out.append(b)
+        return out
+
+    def can_allocate(self, tokens):
+        h = self.hits(tokens)
+        need = -(-len(tokens) // self.bs) - len(h)
+        return need <= self.available() - sum(self.ref[b] == 0 for b in h)
+
+    def take(self):
+        if self.free:
+            b = self.free.pop()
+        else:
+            b, _ = self.lru.popitem(last=False)
+            del self.cache[self.key.pop(b)]
+            self.stats["evictions"] += 1
+        self.ref[b] = 1
+        return b
+
+    def allocate(self, sid, tokens):
+        assert sid not in self.seqs
+        if not self.can_allocate(tokens):
+            return None
+        h = self.hits(tokens)
+        for b in h:
+            self.lru.pop(b, None)
+            self.ref[b] += 1
+        table = h + [self.take() for _ in range(-(-len(tokens) // self.bs) - len(h))]
+        self.seqs[sid] = Seq(list(tokens), table, len(h) * self.bs)
+        if self.caching:
+            s = self.stats
+            s["queries"] += 1
+            s["query_tokens"] += len(tokens)
+            s["hit_tokens"] += len(h) * self.bs
+            s["query_blocks"] += (len(tokens) - 1) // self.bs
+            s["hit_blocks"] += len(h)
+        return len(h) * self.bs
+
+    def _cow_needed(self, s, n):
+        return n > 0 and len(s.tokens) % self.bs != 0 and self.ref[s.table[-1]] > 1
+
+    def can_append(self, sid, n):
+        s = self.seqs[sid]
+        return -(-(len(s.tokens) + n) // self.bs) - len(s.table) + self._cow_needed(s, n) <= self.available()
+
+    def append(self, sid, tokens):
+        s = self.seqs[sid]
+        if not self.can_append(sid, len(tokens)):
+            return None
+        pairs = []
+        if self._cow_needed(s, len(tokens)):
+            src, dst = s.table[-1], self.take()
+            self.ref[src] -= 1
+            s.table[-1] = dst
+            pairs = [(src, dst)]
+        s.table += [self.take() for _ in range(-(-(len(s.tokens) + len(tokens)) // self.bs) - len(s.table))]
+        s.tokens += tokens
+        return pairs
+
+    def mark_computed(self, sid, c):
+        s = self.seqs[sid]
+        assert s.computed <= c <= len(s.tokens)
+        if self.caching:
+            for j in range(s.computed // self.bs, c // self.bs):
+                key, b = tuple(s.tokens[:(j + 1) * self.bs]), s.table[j]
+                if key not in self.cache and b not in self.key:
+                    self.cache[key], self.key[b] = b, key
+        s.computed = c
+
+    def fork(self, parent, child):
+        p = self.seqs[parent]
+        self.seqs[child] = Seq(list(p.tokens), list(p.table), p.computed)
+        for b in p.table:
+            self.ref[b] += 1
+
+    def free_seq(self, sid):
+        for b in reversed(self.seqs.pop(sid).table):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self.key:
+                    self.lru[b] = None
+                else:
+                    self.free.append(b)
+
+
+# ---- unit checks of the wrapper ----------------------------------------------------------------
+def test_wrapper_basics():
+    bm = BlockManager(8, 4)
+    assert (bm.num_blocks, bm.block_size, bm.num_free_blocks, bm.num_seqs) == (8, 4, 8, 0)
+    assert bm.allocate(1, [1, 2, 3, 4, 5, 6]) == 0
+    assert list(bm.block_table(1)) == [0, 1] and bm.block_table(1).dtype == np.int32
+    assert 1 in bm and 2 not in bm
+    bm.mark_computed(1, 6)
+    assert bm.allocate(2, np.array([1, 2, 3, 4, 9], dtype=np.int64)) == 4
+    assert list(bm.block_table(2)) == [0, 2]
+    assert list(bm.ref_counts()[:3]) == [2, 1, 1] and list(bm.cached_mask()[:2]) == [True, False]
+    bm.fork(1, 3)
+    assert bm.append_slots(3, [7]) == [(1, 3)]
+    assert bm.append_slots(1, []) == []
+    assert bm.seq_info(3) == (7, 2, 6) and bm.num_tokens(1) == 6 and bm.num_computed_tokens(2) == 4
+    st = bm.prefix_cache_stats
+    assert st["hit_tokens"] == 4 and st["query_tokens"] == 11 and st["cached_blocks"] == 1
+    assert st["hit_rate"] == pytest.approx(4 / 11)
+    assert bm.allocate(4, list(range(100))) is None and 4 not in bm
+    assert not bm.can_allocate(list(range(100))) and bm.can_allocate([5])
+    assert bm.can_append_slots(1, 4) and not bm.can_append_slots(1, 100)
+    assert bm.append_slots(1, list(range(100))) is None
+    for call in (lambda: bm.free(99), lambda: bm.allocate(1, [1]), lambda: bm.allocate(5, []),
+                lambda: bm.append_slots(42, [1]), lambda: bm.mark_computed(1, 2), lambda: bm.fork(1, 2),
+                lambda: bm.block_table(77), lambda: bm.set_hash_bits(70), lambda: bm.can_append_slots(1, -1)):
+        with pytest.raises(NativeError):
+            call()
+    for sid in (1, 2, 3):
+        bm.free(sid)
+    with pytest.raises(NativeError, match="unknown sequence id 3"):
+        bm.free(3)
+    assert bm.num_free_blocks == 8 and bm.num_seqs == 0
+    bm.check()
+    with pytest.raises(NativeError):
+        BlockManager(0, 4)
+
+
+def test_prefix_caching_disabled():
+    bm = BlockManager(4, 2, enable_prefix_caching=False)
+    bm.allocate(1, [1, 2, 3])
+    bm.mark_computed(1, 3)
+    bm.free(1)
+    assert bm.allocate(2, [1, 2, 3]) == 0
+    assert bm.prefix_cache_stats["cached_blocks"] == 0 and not bm.cached_mask().any()
+
+
+# ---- the randomized comparison -----------------------------------------------------------------
+class Run:
+    MAX_SEQS = 40
+
+    def __init__(self, num_blocks, block_size, caching, hash_bits, seed, full_every):
+        self.r = random.Random(seed)
+        self.bs, self.nb, self.full_every = block_size, num_blocks, full_every
+        self.bm = BlockManager(num_blocks, block_size, caching)
+        if hash_bits != 64:
+            self.bm.set_hash_bits(hash_bits)
+        self.m = Model(num_blocks, block_size, caching)
+        self.prefixes = [[self.r.randrange(4) for _ in range(self.r.randint(1, 4 * block_size))] for _ in range(6)]
+        self.kv = [None] * num_blocks   # shadow KV: the token prefix each block's written slots hold
+        self.next_id = 0
+        self.counts = dict(alloc=0, hit=0, no_space=0, cow=0, fork=0, free=0, invalid=0, compute=0, append=0)
+
+    def pick(self):
+        return self.r.choice(list(self.m.seqs))
+
+    def prompt(self):
+        return self.r.choice(self.prefixes) + [self.r.randrange(4) for _ in range(self.r.randint(0, 2 * self.bs))]
+
+    def table(self, sid):
+        t = self.bm.block_table(sid).tolist()
+        assert t == self.m.seqs[sid].table, (sid, t, self.m.seqs[sid].table)
+        return t
+
+    # one random operation, checked against the model
+    def step(self):
+        r, m, bm = self.r, self.m, self.bm
+        x = r.random()
+        if not m.seqs or x < 0.25:
+            p = self.prompt()
+            assert bm.can_allocate(p) == m.can_allocate(p)
+            sid, self.next_id = self.next_id, self.next_id + 1
+            got, want = bm.allocate(sid, p), m.allocate(sid, p)
+            assert got == want, (got, want)
+            if got is None:
+                self.counts["no_space"] += 1
+                assert sid not in bm
+                if m.seqs:  # preempt someone, as the scheduler would
+                    victim = self.pick()
+                    bm.free(victim)
+                    m.free_seq(victim)
+            else:
+                self.counts["alloc"] += 1
+                self.counts["hit"] += got > 0
+                t = self.table(sid)
+                for j in range(got // self.bs):
+                    assert self.kv[t[j]] == p[:(j + 1) * self.bs], "prefix hit on KV of another prefix"
+        elif x < 0.50:
+            sid = self.pick()
+            s = m.seqs[sid]
+            c = r.randint(s.computed, len(s.tokens)) if r.random() < 0.5 else len(s.tokens)
+            self.compute(sid, s, c)
+            bm.mark_computed(sid, c)
+            m.mark_computed(sid, c)
+            self.counts["compute"] += 1
+        elif x < 0.70:
+            sid = self.pick()
+            s = m.seqs[sid]
+            if len(s.tokens) > 10 * self.bs:
+                bm.free(sid)
+                m.free_seq(sid)
+                return
+            add = [r.randrange(4) for _ in range(1 if r.random() < 0.6 else r.randint(1, 2 * self.bs))]
+            assert bm.can_append_slots(sid, len(add)) == m.can_append(sid, len(add))
+            before = list(s.table)
+            got, want = bm.append_slots(sid, add), m.append(sid, add)
+            assert got == want, (got, want)
+            if got is None:
+                self.counts["no_space"] += 1
+            else:
+                self.counts["append"] += 1
+                for src, dst in got:
+                    self.counts["cow"] += 1
+                    assert src == before[-1]
+                    self.kv[dst] = self.kv[src]
+            self.table(sid)
+        elif x < 0.78:
+            sid = self.pick()
+            if len(m.seqs) >= self.MAX_SEQS or m.seqs[sid].computed < len(m.seqs[sid].tokens):
+                return
+            child, self.next_id = self.next_id, self.next_id + 1
+            bm.fork(sid, child)
+            m.fork(sid, child)
+            self.table(child)
+            self.counts["fork"] += 1
+        elif x < 0.90:
+            sid = self.pick()
+            bm.free(sid)
+            m.free_seq(sid)
+            self.counts["free"] += 1
+        elif x < 0.95:  # lookups change nothing
+            p = self.prompt()
+            assert bm.can_allocate(p) == m.can_allocate(p)
+            self.table(self.pick())
+        else:  # invalid use: an error, and nothing changes
+            sid = self.pick()
+            s = m.seqs[sid]
+            bad = r.choice([lambda: bm.free(self.next_id + 3), lambda: bm.allocate(sid, [1]),
+                            lambda: bm.mark_computed(sid, s.computed - 1), lambda: bm.fork(sid, sid),
+                            lambda: bm.mark_computed(sid, len(s.tokens) + 1), lambda: bm.append_slots(-5, [1]),
+                            lambda: bm.allocate(self.next_id + 9, [])])
+            with pytest.raises(NativeError):
+                bad()
+            self.counts["invalid"] += 1
+        assert bm.num_free_blocks == m.available()
+
+    def compute(self, sid, s, c):
+        """Shadow forward of tokens [computed, c): writes only into unshared blocks, reads only KV
+        computed from this sequence's own prefix."""
+        bs, t = self.bs, s.table
+        p = s.computed
+        while p < c:
+            b, end = t[p // bs], min(c, (p // bs + 1) * bs)
+            assert self.m.ref[b] == 1, f"writing into block {b} shared by {self.m.ref[b]} sequences"
+            if p % bs:
+                assert self.kv[b] == s.tokens[:p], "block holds KV of another prefix"
+            self.kv[b] = s.tokens[:end]
+            p = end
+        for i in range(-(-c // bs)):
+            end = min((i + 1) * bs, c)
+            assert self.kv[t[i]][:end] == s.tokens[:end], "attention would read KV of another prefix"
+
+    def full_check(self):
+        bm, m = self.bm, self.m
+        bm.check()
+        assert bm.num_seqs == len(m.seqs)
+        for sid, s in m.seqs.items():
+            assert bm.seq_info(sid) == (len(s.tokens), len(s.table), s.computed)
+            self.table(sid)
+        assert bm.ref_counts().tolist() == m.ref
+        assert bm.cached_mask().tolist() == [b in m.key for b in range(self.nb)]
+        st = bm.prefix_cache_stats
+        assert {k: st[k] for k in m.stats} == m.stats
+        assert st["cached_blocks"] == len(m.key) and st["evictable_blocks"] == len(m.lru)
+
+    def run(self, n_ops):
+        for i in range(n_ops):
+            self.step()
+            if i % self.full_every == 0:
+                self.full_check()
+        self.full_check()
+        for sid in list(self.m.seqs):
+            self.bm.free(sid)
+            self.m.free_seq(sid)
+        self.full_check()
+        assert self.bm.num_free_blocks == self.nb and self.bm.num_seqs == 0, "leaked blocks"
+        assert not self.bm.ref_counts().any()
+        return self.counts
+
+
+# (num_blocks, block_size, prefix caching, hash bits, ops): 10^6 ops in all. TINYVLLM_BM_OPS
+# scales them (e.g. 0.1 for a quick run under ASan).
+CONFIGS = [
+    (32, 4, True, 64, 350_000),
+    (32, 4, True, 2, 250_000),    # every lookup walks colliding hashes
+    (16, 1, True, 3, 100_000),    # one token per block
+    (24, 3, False, 64, 150_000),
+    (64, 16, True, 64, 150_000),
+]
+
+
+@pytest.mark.parametrize("num_blocks,block_size,caching,hash_bits,n_ops", CONFIGS)
+def test_randomized_against_model(num_blocks, block_size, caching, hash_bits, n_ops):
+    n = max(1000, int(n_ops * float(os.environ.get("TINYVLLM_BM_OPS", "1"))))
+    t0 = time.perf_counter()
+    counts = Run(num_blocks, block_size, caching, hash_bits, seed=num_blocks * 1000 + block_size + hash_bits,
+                 full_every=10).run(n)
+    dt = time.perf_counter() - t0
+    print(f"\n{n} ops in {dt:.1f} s ({dt / n * 1e6:.1f} us/op): {counts}")
+    # the run went through every path
+    assert counts["no_space"] and counts["fork"] and counts["invalid"] and counts["free"]
+    assert counts["cow"] or block_size == 1
+    assert counts["hit"] if caching else not counts["hit"]
