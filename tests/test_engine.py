@@ -81,15 +81,15 @@ def test_n_seed_and_logprobs(llm):
 
 def test_abort_frees_blocks(llm):
     eng = llm.engine
-    total = eng.pool.num_blocks
+    total = eng.blocks.num_blocks
     ids = [eng.add_request(None, f"Request number {i} says", SamplingParams(max_tokens=200, **GREEDY)) for i in range(5)]
     for _ in range(6):
         eng.step()
-    assert eng.pool.num_free_blocks < total
+    assert eng.blocks.num_free_blocks < total
     for rid in ids:
         assert eng.abort(rid)
     assert not eng.abort(ids[0])
-    assert eng.pool.num_free_blocks == total and not eng.has_unfinished_requests()
+    assert eng.blocks.num_free_blocks == total and not eng.has_unfinished_requests()
 
 
 def test_preemption_keeps_greedy_output(reference_gguf_path):
@@ -101,7 +101,7 @@ def test_preemption_keeps_greedy_output(reference_gguf_path):
     outs = tight.generate(prompts, params)
     assert tight.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
-    assert tight.engine.pool.num_free_blocks == tight.engine.pool.num_blocks
+    assert tight.engine.blocks.num_free_blocks == tight.engine.blocks.num_blocks
 
 
 def test_bad_requests_raise_clearly(llm):
@@ -113,7 +113,7 @@ def test_bad_requests_raise_clearly(llm):
         llm.generate({"prompt_token_ids": [5] * (llm.engine.max_model_len + 1)})
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
-    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
 def test_memory_budget(reference_gguf_path):

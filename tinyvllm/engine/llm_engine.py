@@ -12,7 +12,7 @@ from ..runner import NativeModelRunner
 from ..sampler import Sampler, SequenceSamplingState
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from .block_pool import BlockPool
+from ..core import BlockManager
 from .memory import plan_kv_blocks, workspace_bytes
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
@@ -51,8 +51,8 @@ class LLMEngine:
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_model_len = min(wanted_len, num_blocks * block_size)
         self.runner = NativeModelRunner(self.weights, num_blocks, block_size, kv_cache_dtype, threads)
-        self.pool = BlockPool(num_blocks, block_size)
-        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -90,8 +90,11 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
             seqs.append(Sequence(next(self._seq_ids), request_id, i, ids, params, state, detok, now))
         self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
-        for seq in seqs:
-            self.scheduler.add(seq)
+        # n > 1: only the first sequence prefills the prompt; the others fork from it (sharing its
+        # blocks, copy-on-write) when its prefill completes, and sample from the same logits.
+        self.scheduler.add(seqs[0])
+        for seq in seqs[1:]:
+            seq.awaiting_fork = True
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -125,12 +128,26 @@ class LLMEngine:
         tables = np.zeros((len(batch), max(len(s.block_table) for s, _ in batch)), dtype=np.int32)
         for k, (seq, _) in enumerate(batch):
             tables[k, :len(seq.block_table)] = seq.block_table
+        for src, dst in self.scheduler.block_copies:  # copy-on-write: split shared blocks first
+            self.runner.copy_block(src, dst)
+        self.scheduler.block_copies.clear()
         logits = self.runner.forward(tokens, positions, seq_ids, tables, rows)
         now = time.monotonic()
         for seq, n in batch:
             seq.num_computed_tokens += n
+            self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)  # full blocks become cacheable
             metrics = self.requests[seq.request_id].metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
+        which = list(range(len(sampled)))  # logits row of each sampled sequence
+        for i, seq in enumerate(list(sampled)):
+            for child in self.requests[seq.request_id].seqs:
+                if child.awaiting_fork:  # n > 1: forks share the prompt's blocks and its logits
+                    child.awaiting_fork = False
+                    self.scheduler.fork(seq, child)
+                    sampled.append(child)
+                    which.append(i)
+        if len(which) > len(logits):
+            logits = logits[which]
         results = self.sampler.sample(logits, [s.sampling_state for s in sampled], self.eos_token_ids) if sampled else []
         for seq, result in zip(sampled, results):
             self._append_token(seq, result, now)
@@ -190,8 +207,8 @@ class LLMEngine:
     # ---- stats ----------------------------------------------------------------------------
     def stats(self) -> dict:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "blocks_total": self.pool.num_blocks, "blocks_free": self.pool.num_free_blocks,
-                "preemptions": self.scheduler.num_preemptions}
+                "blocks_total": self.blocks.num_blocks, "blocks_free": self.blocks.num_free_blocks,
+                "preemptions": self.scheduler.num_preemptions, "prefix_cache": self.blocks.prefix_cache_stats}
 
 
 __all__ = ["LLMEngine", "SequenceStatus"]

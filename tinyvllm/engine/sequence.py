@@ -15,8 +15,10 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0          # tokens whose K/V are in the cache
-        self.block_table: list[int] = []
+        self.num_slots = 0                    # tokens with a KV slot in the block manager
+        self.block_table = []                 # physical block ids (an int32 array from the manager)
         self.status = SequenceStatus.WAITING
+        self.awaiting_fork = False            # n > 1: joins when the request's first sequence has prefilled
         self.params, self.sampling_state, self.detokenizer = params, sampling_state, detokenizer
         self.arrival_time = arrival_time
         self.text = ""
