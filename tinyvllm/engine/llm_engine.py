@@ -53,11 +53,10 @@ class LLMEngine:
         self.runner = NativeModelRunner(self.weights, num_blocks, block_size, kv_cache_dtype, threads)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed)  # draws for requests without a seed of their own
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
-        self.seed = seed
 
     # ---- requests -------------------------------------------------------------------------
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
