@@ -27,6 +27,12 @@ struct Kernels {
     // y[i] += a * v[i]: the attention value accumulation.
     void (*axpy_f32)(float a, const float *v, float *y, int64_t n);
     void (*axpy_f16)(float a, const uint16_t *v, float *y, int64_t n);
+    // One KV block against R query vectors with the online-softmax update (see attn_block.h):
+    // q [R][hd], n_valid[r] keys of the block visible to query r; straight from the cache (fp16 or
+    // fp32): keys transposed, row d (bs values) at k + d * bs * elt, value s at v + s * ld bytes; running m/l [R],
+    // acc [R][hd]; work: 2 * bs * hd + bs floats of scratch.
+    void (*attn_block)(const float *q, int R, int hd, const int *n_valid, const uint8_t *k, const uint8_t *v, size_t ld,
+                       bool f16, int bs, float scale, float *m, float *l, float *acc, float *work);
 };
 
 extern const Kernels kernels_scalar;

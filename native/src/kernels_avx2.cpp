@@ -4,6 +4,7 @@
 // Integer block dot: a weight block is widened to 2 x 16 int16 lanes (values 0..15 and 16..31),
 // multiplied with the int16 activations by _mm256_madd_epi16 (pairs -> 8 x int32, exact: |w| <= 128,
 // |x| <= 32767), converted to float and scaled by d_w * d_x with one FMA per block.
+#include "attn_block.h"
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -11,6 +12,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 
 #define TV_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -155,7 +157,18 @@ TV_AVX2 void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * _cvtsh_ss(v[i]);
 }
 
-const Kernels table = {"avx2", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16};
+TV_AVX2 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any count
+    int i = 0;
+    if (f16) {
+        for (; i + 8 <= hd; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + 2 * i))));
+        for (; i < hd; i++) dst[i] = _cvtsh_ss((unsigned short)(src[2 * i] | src[2 * i + 1] << 8));
+    } else {
+        std::memcpy(dst, src, sizeof(float) * hd);
+    }
+}
+TV_DEFINE_ATTN_BLOCK(TV_AVX2, attn_block, conv_row)
+const Kernels table = {"avx2", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
 
 }  // namespace
 

@@ -10,6 +10,7 @@
 //   - per-block scales are never converted one by one: 16 weight scales come in with one gather,
 //     and d_w * d_x is formed 16 blocks at a time, so the inner loop is dpwssd, cvt, fma;
 //   - Q4_1's min term sum_b m_b * (d_x * sum q_x) is a separate 16-wide dot per row.
+#include "attn_block.h"
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -334,7 +335,128 @@ TV_AVX512 void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
     }
 }
 
-const Kernels table = {"avx512vnni", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16};
+
+// ---- attention block (hd == 64, bs <= 16; anything else goes to the generic loops) -------------
+// Keys come transposed from the cache (row d = element d of the block's 16 keys) so scores run with lanes over keys: per
+// query row, score[s] = sum over even d + sum over odd d, each chain sequential in d, whatever
+// the other rows are. Up to 4 rows share each key/value load. Vector exp (Cephes polynomial).
+TV_AVX512 inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    const __m512 r2 = _mm512_mul_ps(r, r);
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+TV_AVX512 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {
+    for (int i = 0; i < hd; i += 16) {
+        const __mmask16 k = tail_mask(hd - i);
+        _mm512_mask_storeu_ps(dst + i, k, f16 ? load_h16(k, reinterpret_cast<const uint16_t *>(src) + i)
+                                              : _mm512_maskz_loadu_ps(k, reinterpret_cast<const float *>(src) + i));
+    }
+}
+
+TV_AVX512 void attn_block(const float *q, int R, int hd, const int *n_valid, const uint8_t *k, const uint8_t *v,
+                          size_t ld, bool f16, int bs, float scale, float *m, float *l, float *acc, float *work) {
+    if (hd != 64 || bs > 16 || ld > (1u << 24))
+        return attn_block_rows(conv_row, q, R, hd, n_valid, k, v, ld, f16, bs, scale, m, l, acc, work);
+    int nmax = 0;
+    for (int r = 0; r < R; r++) nmax = std::max(nmax, n_valid[r]);
+    if (nmax <= 0) return;
+    alignas(64) float kt[64 * 16];
+    alignas(64) float pa[4][16];
+    alignas(64) float dummy[64];
+    const __mmask16 gm = tail_mask(nmax);  // keys past every query load as 0
+    for (int d = 0; d < 64; d++)
+        _mm512_store_ps(kt + 16 * d, f16 ? load_h16(gm, reinterpret_cast<const uint16_t *>(k) + d * bs)
+                                         : _mm512_maskz_loadu_ps(gm, reinterpret_cast<const float *>(k) + d * bs));
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int r0 = 0; r0 < R; r0 += 4) {
+        const int nr = std::min(4, R - r0);
+        const float *qr[4];
+        float *ar[4];
+        for (int j = 0; j < 4; j++) {
+            qr[j] = q + (size_t)(j < nr ? r0 + j : r0) * 64;
+            ar[j] = j < nr ? acc + (size_t)(r0 + j) * 64 : dummy;
+        }
+        __m512 se0 = _mm512_setzero_ps(), se1 = se0, se2 = se0, se3 = se0, so0 = se0, so1 = se0, so2 = se0, so3 = se0;
+        for (int d = 0; d < 64; d += 2) {
+            const __m512 k0 = _mm512_load_ps(kt + 16 * d), k1 = _mm512_load_ps(kt + 16 * (d + 1));
+            se0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[0][d]), k0, se0);
+            so0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[0][d + 1]), k1, so0);
+            se1 = _mm512_fmadd_ps(_mm512_set1_ps(qr[1][d]), k0, se1);
+            so1 = _mm512_fmadd_ps(_mm512_set1_ps(qr[1][d + 1]), k1, so1);
+            se2 = _mm512_fmadd_ps(_mm512_set1_ps(qr[2][d]), k0, se2);
+            so2 = _mm512_fmadd_ps(_mm512_set1_ps(qr[2][d + 1]), k1, so2);
+            se3 = _mm512_fmadd_ps(_mm512_set1_ps(qr[3][d]), k0, se3);
+            so3 = _mm512_fmadd_ps(_mm512_set1_ps(qr[3][d + 1]), k1, so3);
+        }
+        const __m512 sv[4] = {_mm512_add_ps(se0, so0), _mm512_add_ps(se1, so1), _mm512_add_ps(se2, so2),
+                              _mm512_add_ps(se3, so3)};
+        for (int j = 0; j < 4; j++) {
+            const int n = j < nr ? n_valid[r0 + j] : 0;
+            if (n <= 0) {
+                _mm512_store_ps(pa[j], _mm512_setzero_ps());
+                continue;
+            }
+            const int r = r0 + j;
+            const __mmask16 mk = tail_mask(n);
+            const __m512 s = _mm512_mul_ps(sv[j], vscale);
+            const float bmax = _mm512_mask_reduce_max_ps(mk, s);
+            float mr = m[r], lr = l[r];
+            if (bmax > mr) {  // new running max: rescale what was accumulated so far
+                const float rr = std::exp(mr - bmax);
+                lr *= rr;
+                const __m512 vr = _mm512_set1_ps(rr);
+                for (int i = 0; i < 64; i += 16) _mm512_storeu_ps(ar[j] + i, _mm512_mul_ps(_mm512_loadu_ps(ar[j] + i), vr));
+                mr = bmax;
+            }
+            const __m512 p = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mr))));
+            lr += _mm512_reduce_add_ps(p);
+            m[r] = mr;
+            l[r] = lr;
+            _mm512_store_ps(pa[j], p);
+        }
+        __m512 a[4][4];
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < 4; i++) a[j][i] = _mm512_loadu_ps(ar[j] + 16 * i);
+        for (int s = 0; s < nmax; s++) {
+            const uint8_t *vs = v + s * ld;
+            __m512 v0, v1, v2, v3;
+            if (f16) {
+                v0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs)));
+                v1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 32)));
+                v2 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 64)));
+                v3 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 96)));
+            } else {
+                const float *vf = reinterpret_cast<const float *>(vs);
+                v0 = _mm512_loadu_ps(vf), v1 = _mm512_loadu_ps(vf + 16), v2 = _mm512_loadu_ps(vf + 32),
+                v3 = _mm512_loadu_ps(vf + 48);
+            }
+            for (int j = 0; j < 4; j++) {
+                const __m512 p = _mm512_set1_ps(pa[j][s]);
+                a[j][0] = _mm512_fmadd_ps(p, v0, a[j][0]);
+                a[j][1] = _mm512_fmadd_ps(p, v1, a[j][1]);
+                a[j][2] = _mm512_fmadd_ps(p, v2, a[j][2]);
+                a[j][3] = _mm512_fmadd_ps(p, v3, a[j][3]);
+            }
+        }
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(ar[j] + 16 * i, a[j][i]);
+    }
+    (void)work;
+}
+
+const Kernels table = {"avx512vnni", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
 const QuantGemm gemm = {prepare, gemm_run};
 
 }  // namespace

@@ -16,6 +16,7 @@
 // activation rows. Q4_1's weights are unsigned (0..15), so it takes lo = x & 255 with UDOT and
 // needs no correction. Both halves are one UZP1/UZP2 of the int16 bytes (little endian).
 // Per-lane bounds: 256 * 8 * 128 * 128 + 8 * 128 * 128 + 128 * 8 * 128 < 2^31.
+#include "attn_block.h"
 #include "kernels.h"
 
 #if defined(__aarch64__)
@@ -246,12 +247,21 @@ TV_BLOCK_STEP(TV_DOTPROD, DotprodDot, DotprodDot::template prep_t<Fmt::UNSIGNED>
         }                                                                                                \
     }
 TV_ROWS(TV_NOATTR, NeonDot)
+void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any count
+    if (f16) {
+        std::memset(dst, 0, sizeof(float) * hd);
+        axpy_f16(1.0f, reinterpret_cast<const uint16_t *>(src), dst, hd);  // 1 * v + 0: exact
+    } else {
+        std::memcpy(dst, src, sizeof(float) * hd);
+    }
+}
+TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row)
 const Kernels neon_table = {"neon", rows_NeonDot<FmtQ4_0>, rows_NeonDot<FmtQ4_1>, rows_NeonDot<FmtQ8_0>,
-                            dot_f32, dot_f16, axpy_f32, axpy_f16};
+                            dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
 #if TV_HAVE_DOTPROD
 TV_ROWS(TV_DOTPROD, DotprodDot)
 const Kernels dotprod_table = {"neon_dotprod", rows_DotprodDot<FmtQ4_0>, rows_DotprodDot<FmtQ4_1>,
-                               rows_DotprodDot<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16};
+                               rows_DotprodDot<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
 #endif
 
 #if TV_HAVE_DOTPROD

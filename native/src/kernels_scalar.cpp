@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "fp16.h"
+#include "attn_block.h"
 #include "kernels.h"
 
 namespace tv {
@@ -81,6 +82,16 @@ void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, i
 
 }  // namespace
 
-const Kernels kernels_scalar = {"scalar", rows<dot_q4_0>, rows<dot_q4_1>, rows<dot_q8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16};
+namespace {
+void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any count
+    if (f16)
+        for (int i = 0; i < hd; i++) dst[i] = fp16_to_fp32(load_u16(src + 2 * i));
+    else
+        std::memcpy(dst, src, sizeof(float) * hd);
+}
+TV_DEFINE_ATTN_BLOCK(, attn_block, conv_row)
+}  // namespace
+
+const Kernels kernels_scalar = {"scalar", rows<dot_q4_0>, rows<dot_q4_1>, rows<dot_q8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
 
 }  // namespace tv

@@ -33,14 +33,16 @@ KvCache::~KvCache() {
 }
 
 void KvCache::write(int layer, int block, int slot, const float *k, const float *v) {
-    const size_t n = token_elems(), off = offset(layer, block, slot);
+    const size_t n = token_elems(), off = offset(layer, block, slot), kb = offset(layer, block, 0);
+    // K element i = (kv head, d) of this slot goes to row i of the block's transposed keys
     if (dtype == TV_F32) {
-        std::memcpy(k_ + off, k, n * 4);
+        float *kd = reinterpret_cast<float *>(k_ + kb);
+        for (size_t i = 0; i < n; i++) kd[i * block_size + slot] = k[i];
         std::memcpy(v_ + off, v, n * 4);
     } else {
-        uint16_t *kd = reinterpret_cast<uint16_t *>(k_ + off), *vd = reinterpret_cast<uint16_t *>(v_ + off);
+        uint16_t *kd = reinterpret_cast<uint16_t *>(k_ + kb), *vd = reinterpret_cast<uint16_t *>(v_ + off);
         for (size_t i = 0; i < n; i++) {
-            kd[i] = fp32_to_fp16(k[i]);
+            kd[i * block_size + slot] = fp32_to_fp16(k[i]);
             vd[i] = fp32_to_fp16(v[i]);
         }
     }
@@ -50,7 +52,7 @@ void KvCache::copy_block(int src, int dst) {
     if (src == dst) return;
     const size_t block_bytes = (size_t)block_size * token_elems() * elt_bytes;
     for (int l = 0; l < n_layer; l++) {
-        std::memcpy(k_at(l, dst, 0), k_at(l, src, 0), block_bytes);
+        std::memcpy(k_block(l, dst, 0), k_block(l, src, 0), block_bytes);
         std::memcpy(v_at(l, dst, 0), v_at(l, src, 0), block_bytes);
     }
 }

@@ -60,8 +60,11 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
     for (int j = 0; j < count && j < MAXW; j++) {
         const int64_t n = ws[j]->rows;
         quant |= dtype_quantized(ws[j]->dtype);
-        // ~8 chunks per thread for balance, at most 64 rows so a chunk of weights stays cache resident.
-        chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * 8), 1, 64);
+        // ~8 chunks per thread for balance (tasks are handed out dynamically), at most 64 rows so a
+        // chunk of weights stays cache resident while m > 4 activation rows go by; with m <= 4 each
+        // weight row is read once anyway, so bigger chunks only save task hand-outs (the m = 1
+        // output matmul: 192 tasks instead of 768 on 2 threads). Results do not depend on chunks.
+        chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * 8), 1, m <= MAX_NX ? 256 : 64);
         first[j + 1] = first[j] + (n + chunk[j] - 1) / chunk[j];
     }
     count = std::min(count, MAXW);

@@ -93,8 +93,12 @@ void quantize_row_act(const float *x, ActBlock *out, int64_t cols) {
         const float d = amax / qmax, id = d > 0.0f ? 1.0f / d : 0.0f;
         int sum = 0;
         for (int j = 0; j < QK; j++) {
-            float r = std::nearbyint(x[j] * id);  // |r| <= ACT_MAX by construction...
-            if (!(r >= -qmax && r <= qmax)) r = r > 0.0f ? qmax : (r < 0.0f ? -qmax : 0.0f);  // ...unless inf/nan
+            // |v| <= ACT_MAX by construction (unless inf/nan, or a rounding hair above): round to
+            // nearest-even by adding and removing 1.5 * 2^23 (what nearbyint does in the default
+            // rounding mode, without its libm call; the loop vectorizes).
+            const float v = x[j] * id;
+            float r = (v + 12582912.0f) - 12582912.0f;
+            if (!(std::fabs(v) <= qmax)) r = v > 0.0f ? qmax : (v < 0.0f ? -qmax : 0.0f);
             const int q = (int)r;
             out[b].qs[j] = (int16_t)q;
             sum += q;
