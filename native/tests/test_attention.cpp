@@ -45,6 +45,34 @@ TEST(rmsnorm_and_swiglu) {
 
 namespace {
 
+// Double-precision causal GQA attention for every batch row, read from the unpaged K/V copies,
+// compared with what the kernel wrote to `out`.
+void check_against_naive(const std::vector<float> &q, const std::vector<float> &out,
+                         const std::vector<std::vector<float>> &K, const std::vector<std::vector<float>> &V,
+                         const std::vector<int32_t> &pos, const std::vector<int32_t> &seq, int n_head, int n_kv,
+                         int hd, const char *path, int kv_dtype) {
+    const double scale = 1.0 / std::sqrt((double)hd);
+    for (size_t t = 0; t < pos.size(); t++)
+        for (int h = 0; h < n_head; h++) {
+            const int s = seq[t], kvh = h / (n_head / n_kv);
+            std::vector<double> sc(pos[t] + 1), o(hd, 0.0);
+            double mx = -1e300, sum = 0;
+            for (int p = 0; p <= pos[t]; p++) {
+                double d = 0;
+                for (int i = 0; i < hd; i++)
+                    d += (double)q[(t * n_head + h) * hd + i] * K[s][((size_t)p * n_kv + kvh) * hd + i];
+                sc[p] = d * scale;
+                mx = std::max(mx, sc[p]);
+            }
+            for (auto &v : sc) sum += (v = std::exp(v - mx));
+            for (int p = 0; p <= pos[t]; p++)
+                for (int i = 0; i < hd; i++) o[i] += sc[p] * V[s][((size_t)p * n_kv + kvh) * hd + i];
+            for (int i = 0; i < hd; i++)
+                CHECK_NEAR(out[(t * n_head + h) * hd + i], o[i] / sum, 2e-6)
+                    << path << " kv=" << kv_dtype << " t=" << t << " pos=" << pos[t] << " h=" << h;
+        }
+}
+
 void attention_case(int kv_dtype, const char *path) {
     const int n_head = 6, n_kv = 2, hd = 16, bs = 4, n_blocks = 40, max_blocks = 5;
     const std::vector<int> lens = {1, 5, 13, 9, 20};  // sequence lengths after this step
@@ -82,27 +110,7 @@ void attention_case(int kv_dtype, const char *path) {
     CHECK(tv::select_kernels(path));
     tv::attention(cache, 0, tv::AttentionBatch{T, pos.data(), seq.data(), tables.data(), max_blocks}, q.data(),
                   out.data(), n_head, pool, scratch);
-    const double scale = 1.0 / std::sqrt((double)hd);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < n_head; h++) {
-            const int s = seq[t], kvh = h / (n_head / n_kv);
-            std::vector<double> sc(pos[t] + 1);
-            double mx = -1e300, sum = 0;
-            for (int p = 0; p <= pos[t]; p++) {
-                double d = 0;
-                for (int i = 0; i < hd; i++)
-                    d += (double)q[((size_t)t * n_head + h) * hd + i] * K[s][((size_t)p * n_kv + kvh) * hd + i];
-                sc[p] = d * scale;
-                mx = std::max(mx, sc[p]);
-            }
-            for (auto &v : sc) sum += (v = std::exp(v - mx));
-            for (int i = 0; i < hd; i++) {
-                double o = 0;
-                for (int p = 0; p <= pos[t]; p++) o += sc[p] / sum * V[s][((size_t)p * n_kv + kvh) * hd + i];
-                CHECK_NEAR(out[((size_t)t * n_head + h) * hd + i], o, 2e-6)
-                    << path << " kv=" << kv_dtype << " t=" << t << " h=" << h;
-            }
-        }
+    check_against_naive(q, out, K, V, pos, seq, n_head, n_kv, hd, path, kv_dtype);
 }
 
 }  // namespace
@@ -161,27 +169,7 @@ void attention_long_case(int kv_dtype, const char *path) {
         for (int i = 0; i < n_head * hd; i++)
             CHECK(one[i] == out[(size_t)t * n_head * hd + i]) << path << " row " << t << " alone differs";
     }
-    const double scale = 1.0 / std::sqrt((double)hd);
-    std::vector<double> sc(N);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < n_head; h++) {
-            const int s = seq[t], kvh = h / (n_head / n_kv);
-            double mx = -1e300, sum = 0;
-            for (int p = 0; p <= pos[t]; p++) {
-                double d = 0;
-                for (int i = 0; i < hd; i++)
-                    d += (double)q[((size_t)t * n_head + h) * hd + i] * K[s][((size_t)p * n_kv + kvh) * hd + i];
-                sc[p] = d * scale;
-                mx = std::max(mx, sc[p]);
-            }
-            for (int p = 0; p <= pos[t]; p++) sum += (sc[p] = std::exp(sc[p] - mx));
-            std::vector<double> o(hd, 0.0);
-            for (int p = 0; p <= pos[t]; p++)
-                for (int i = 0; i < hd; i++) o[i] += sc[p] * V[s][((size_t)p * n_kv + kvh) * hd + i];
-            for (int i = 0; i < hd; i++)
-                CHECK_NEAR(out[((size_t)t * n_head + h) * hd + i], o[i] / sum, 2e-6)
-                    << path << " kv=" << kv_dtype << " t=" << t << " pos=" << pos[t] << " h=" << h;
-        }
+    check_against_naive(q, out, K, V, pos, seq, n_head, n_kv, hd, path, kv_dtype);
 }
 
 }  // namespace
