@@ -90,9 +90,14 @@ def main(argv=None) -> int:
     c.add_argument("--message", default=None, help="ask one question and exit")
     c.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     _add_common(c)
+    # serve and bench live in their own packages; configure() only adds arguments (no heavy imports)
+    from .server.cli import configure as configure_serve
+    from .bench.cli import configure as configure_bench
+    configure_serve(sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install tinyvllm[server])"))
+    configure_bench(sub.add_parser("bench", help="throughput/latency benchmark, offline or against a server URL"))
     a = ap.parse_args(argv)
     try:
-        return {"generate": _generate, "chat": _chat}[a.command](a)
+        return a.func(a) if hasattr(a, "func") else {"generate": _generate, "chat": _chat}[a.command](a)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tinyvllm: error: {e}", file=sys.stderr)
         return 2
