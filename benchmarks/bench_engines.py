@@ -80,11 +80,16 @@ class TinyVLLM:
         self.engine.add_request(None, {"prompt_token_ids": ids}, self.SP(max_tokens=n + 1, temperature=0, ignore_eos=True))
         while not self.engine.step():  # the prefill step returns the first token
             pass
+        runner = self.engine.runner
+        overhead = []  # per step: step() wall time minus the native forward inside it
         t = time.perf_counter()
         for _ in range(n):
+            t0 = time.perf_counter()
             outs = self.engine.step()
+            overhead.append(time.perf_counter() - t0 - getattr(runner, "last_forward_s", float("nan")))
         dt = time.perf_counter() - t
         assert outs and outs[0].finished, "decode did not finish in n steps"
+        self.step_overhead_s = statistics.median(overhead)
         return dt, list(outs[0].outputs[0].token_ids)
 
 
@@ -136,6 +141,8 @@ def child(args) -> dict:
     for _ in range(args.inner):
         dt, toks = eng.decode(ids[:DECODE_PROMPT], args.decode_tokens)
         res["decode_s"].append(dt)
+        if hasattr(eng, "step_overhead_s"):
+            res.setdefault("step_overhead_s", []).append(eng.step_overhead_s)
     res["decode_tokens"] = toks
     res["rss_peak"] = peak_rss()
     return res
@@ -214,6 +221,8 @@ def main():
         res[e].update(load_s=statistics.median(r["load_s"] for r in rs),
                       rss_peak_bytes=max(r["rss_peak"] for r in rs), rss_base_bytes=min(r["rss_base"] for r in rs),
                       info=rs[0]["info"], decode_tokens=rs[0]["decode_tokens"])
+        if all("step_overhead_s" in r for r in rs):  # median over runs of each run's median over steps
+            res[e]["decode_step_overhead_s"] = statistics.median(s for r in rs for s in r["step_overhead_s"])
     agree = None
     if len(engines) == 2:
         a, b = (res[e]["decode_tokens"] for e in engines)
@@ -248,6 +257,11 @@ def markdown(d, engines) -> str:
         rows.append(row(f"{label}, tok/s median", lambda r: r[key]["median_tok_s"]))
         rows.append(row(f"{label}, tok/s best", lambda r: r[key]["best_tok_s"]))
     rows.append(row("decode, fraction of roofline", lambda r: r["decode"]["roofline_fraction"], "{:.0%}"))
+    if "decode_step_overhead_s" in e.get("tinyvllm", {}):
+        ov = e["tinyvllm"]["decode_step_overhead_s"]
+        step = 1 / e["tinyvllm"]["decode"]["median_tok_s"]
+        rows.append(["Python overhead per decode step (LLMEngine.step() minus the native forward), us median",
+                     f"{ov * 1e6:.0f} ({ov / step:.0%} of a step)"] + ["-"] * (len(engines) - 1 + ratio))
     rows.append(row("peak RSS, MiB", lambda r: r["rss_peak_bytes"] / 2**20, "{:.0f}"))
     rows.append(row("peak RSS above the interpreter before loading, MiB",
                     lambda r: (r["rss_peak_bytes"] - r["rss_base_bytes"]) / 2**20, "{:.0f}"))

@@ -4,16 +4,17 @@
     bandwidth. "streamed" cycles through enough copies of the weight (>= 256 MiB) that every call reads
     from DRAM, as a decode step does (96.6 MB of weights per token do not fit the caches); "hot" repeats
     one copy (cache-resident when it fits L2/L3).
-  - GEMM (m = 64/128/512, prefill): GOP/s (2 ops per multiply-add) vs the measured int16 and int8
+  - GEMM (m = 16 batched decode, 64/128/512 prefill): GOP/s (2 ops per multiply-add) vs the measured int16 and int8
     dot-product peaks (benchmarks/membw.c) and the peak computed from /proc/cpuinfo's clock.
-  - attention: flash attention vs a naive numpy attention (materialized score matrix), time and peak
-    memory, when the C ABI exposes an attention entry point; otherwise only the numpy side runs.
+  - attention: flash attention (tv_attention) vs a naive numpy attention (materialized score
+    matrix) at 512 and 2048 tokens: time and peak memory (O(n) vs O(n^2)).
 
     .venv-bench/bin/python benchmarks/bench_kernels.py [--threads 2] [--quick]
 Writes docs/benchmarks/kernels.{json,md}. Any python3 with numpy + cffi works (no llama.cpp needed).
 """
 import argparse
 import os
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -27,7 +28,7 @@ import machine  # noqa: E402
 Q4_1, Q8_0 = 3, 8
 GEMV_SHAPES = [("Q4_1", Q4_1, 576, 576, "attn q / o"), ("Q4_1", Q4_1, 1536, 576, "ffn gate / up"),
                ("Q4_1", Q4_1, 576, 1536, "ffn down"), ("Q8_0", Q8_0, 49152, 576, "output (tied embedding)")]
-GEMM_M = (64, 128, 512)
+GEMM_M = (16, 64, 128, 512)  # 16: a batched decode step of 16 streams
 # Per-cycle, per-core dot-product throughput of one 512-bit instruction, for the formula peak.
 MACS_PER_INSTR = {"int16_dot": 32, "int8_dot": 64}  # vpdpwssd: 16 lanes x 2; vpdpbusd: 16 lanes x 4
 
@@ -84,27 +85,75 @@ def naive_attention(q, k, v):
     return (s / s.sum(-1, keepdims=True)) @ v
 
 
-def bench_attention(nat, quick):
-    header = (machine.ROOT / "native/include/tinyvllm.h").read_text()
-    entry = next((name for name in ("tv_attention", "tv_flash_attention") if name + "(" in header), None)
-    out = {"heads": 9, "kv_heads": 3, "head_dim": 64, "naive_numpy": {}, "tinyvllm": None}
+def _status_bytes(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+
+
+def peak_extra_bytes(fn):
+    """Peak resident memory fn adds above the RSS before it (Linux: VmHWM reset via clear_refs), so
+    native allocations count too; None where /proc does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS")
+        fn()
+        return max(0, _status_bytes("VmHWM") - before)
+    except (OSError, StopIteration):
+        return None
+
+
+_PEAK_CHILD = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[4])
+import bench_kernels as bk
+from tinyvllm import _native as nat
+n, threads = int(sys.argv[1]), int(sys.argv[2])
+q = np.random.default_rng(0).standard_normal((n, 9, 64), np.float32)
+k, v, o = q[:, :3].copy(), q[:, 3:6].copy(), np.zeros_like(q)
+print(bk.peak_extra_bytes(lambda: nat.check(nat.lib.tv_attention(n, n, 9, 3, 64, nat.ptr(q), nat.ptr(k), nat.ptr(v),
+                                                                1, nat.ptr(o), threads))))
+"""
+
+
+def native_peak(nat, n, threads):
+    """tv_attention's peak memory, measured in a fresh child process (in this one, pages freed by
+    earlier numpy work are reused and the call would seem to take nothing)."""
+    env = dict(os.environ, TINYVLLM_LIB=str(nat.LIB_PATH))
+    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(n), str(threads), str(Path(__file__).resolve().parent),
+                        str(Path(nat.__file__).resolve().parent.parent)], env=env, capture_output=True, text=True)
+    return int(r.stdout.split()[-1]) if r.returncode == 0 and r.stdout.split()[-1].isdigit() else None
+
+
+def bench_attention(nat, quick, threads):
+    H, HKV, D, F16 = 9, 3, 64, 1
+    out = {"heads": H, "kv_heads": HKV, "head_dim": D, "kv_dtype": "f16", "naive_numpy": {}, "tinyvllm": {}}
     for n in (512, 2048):
         rng = np.random.default_rng(n)
-        q = rng.standard_normal((9, n, 64), np.float32)
-        k, v = (rng.standard_normal((3, n, 64), np.float32) for _ in range(2))
+        q = rng.standard_normal((H, n, D), np.float32)
+        k, v = (rng.standard_normal((HKV, n, D), np.float32) for _ in range(2))
         tracemalloc.start()
-        naive_attention(q, k, v)
+        ref = naive_attention(q, k, v)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         out["naive_numpy"][n] = {"s": time_calls(lambda: naive_attention(q, k, v), 0.2 if quick else 1.0),
                                  "peak_bytes": peak}
-    if entry is None:
-        out["note"] = ("native/include/tinyvllm.h has no attention entry point (tv_attention): tinyvllm's "
-                       "flash attention is only reachable inside tv_model_forward, so only the naive side ran")
-    else:
-        out["note"] = (f"{entry} is in tinyvllm.h but this harness does not know its arguments yet: "
-                       "extend bench_attention() to call it")
-    print("attention:", out["note"])
+        # tv_attention: [token][head][dim] rows, the whole causal prefill (n queries over n keys) in one call;
+        # its cost includes copying K/V into a temporary fp16 paged cache (O(n), as the engine's cache holds it)
+        qt, kt, vt = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (q, k, v))
+        o = np.empty_like(qt)
+
+        def flash(n_q=n):
+            nat.check(nat.lib.tv_attention(n_q, n, H, HKV, D, nat.ptr(qt[n - n_q:]), nat.ptr(kt), nat.ptr(vt), F16,
+                                           nat.ptr(o), threads))
+        out["tinyvllm"][n] = {"s": time_calls(flash, 0.2 if quick else 1.0), "peak_rss_bytes": native_peak(nat, n, threads),
+                              "max_abs_diff_vs_naive": float(np.abs(o.transpose(1, 0, 2) - ref).max())}
+        print(f"  attention n={n}: naive {out['naive_numpy'][n]['s'] * 1e3:.1f} ms, "
+              f"flash {out['tinyvllm'][n]['s'] * 1e3:.1f} ms")
+    out["note"] = ("naive: numpy float32, materializes the [heads, n, n] scores; tinyvllm: tv_attention (the tiled "
+                   "flash kernel of tv_model_forward: one online-softmax update per 16-key block, no score matrix), "
+                   "K/V copied into an fp16 paged cache inside the call. Peak memory: naive by tracemalloc (numpy's "
+                   "allocations), tinyvllm by resident memory above the RSS before the call (VmHWM, in a fresh child "
+                   "process so no freed pages are reused)")
     return out
 
 
@@ -161,7 +210,7 @@ def main():
             gemm.append(r)
             print(f"  GEMM {name} {rows}x{cols} m={m}: {r['GOPs']:.1f} GOP/s")
 
-    attn = bench_attention(nat, args.quick)
+    attn = bench_attention(nat, args.quick, T)
     data = {"threads": T, "quick": args.quick, "machine": info, "lib": str(nat.LIB_PATH), "kernel_path": kernel_path,
             "read_bandwidth": bw, "measured_peaks_ops_per_s": peaks, "formula_peaks_ops_per_s": formula,
             "call_overhead_s": overhead, "gemv": gemv, "gemm": gemm, "attention": attn,
@@ -175,6 +224,9 @@ def markdown(d) -> str:
 
     def g(v):
         return f"{v / 1e9:.0f}" if v else "-"
+
+    def mib(v):
+        return "-" if v is None else f"{v / 2**20:.1f}"
     lines = [
         "# tinyvllm kernels vs the machine", "",
         ("**Smoke test (--quick), not a measurement.**\n\n" if d["quick"] else "") +
@@ -203,15 +255,18 @@ def markdown(d) -> str:
                            f"{r['hot_s'] * 1e6:.1f}", f"{r['hot_GBps']:.1f}"] for r in d["gemv"]]), "",
         "streamed: each call reads a different copy of the weight (>= 256 MiB in all), from DRAM as in a decode "
         "step; hot: the same copy every call (cache-resident when it fits).", "",
-        "## GEMM (prefill): GOP/s, 2 ops per multiply-add", "",
+        "## GEMM (m = 16: a 16-stream decode step; 64+: prefill): GOP/s, 2 ops per multiply-add", "",
         machine.md_table(["weight", "m", "ms", "GOP/s", "of int16 peak", "of int8 peak"],
                          [[f"{r['dtype']} {r['rows']}x{r['cols']}", r["m"], f"{r['s'] * 1e3:.2f}", f"{r['GOPs']:.0f}",
                            f"{r.get('fraction_of_int16_dot_peak', 0):.0%}", f"{r.get('fraction_of_int8_dot_peak', 0):.0%}"]
                           for r in d["gemm"]]), "",
         "## Attention (prefill, causal, 9 heads / 3 KV heads, head 64)", "",
-        machine.md_table(["tokens", "naive numpy ms", "naive peak MiB", "tinyvllm flash ms", "tinyvllm peak MiB"],
-                         [[n, f"{r['s'] * 1e3:.1f}", f"{r['peak_bytes'] / 2**20:.0f}", "-", "-"]
-                          for n, r in d["attention"]["naive_numpy"].items()]), "",
+        machine.md_table(["tokens", "naive numpy ms", "naive peak MiB (tracemalloc)", "tinyvllm flash ms",
+                          "tinyvllm peak MiB (RSS)", "speed-up", "max abs diff"],
+                         [[n, f"{r['s'] * 1e3:.1f}", f"{r['peak_bytes'] / 2**20:.1f}",
+                           f"{t['s'] * 1e3:.1f}", mib(t.get("peak_rss_bytes")), f"{r['s'] / t['s']:.1f}x",
+                           f"{t['max_abs_diff_vs_naive']:.1e}"]
+                          for (n, r), t in zip(d["attention"]["naive_numpy"].items(), d["attention"]["tinyvllm"].values())]), "",
         f"{d['attention']['note']}.",
     ]
     return "\n".join(lines)

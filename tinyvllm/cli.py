@@ -11,6 +11,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"alias, GGUF file, HF directory or HF repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--memory-budget", default=None, help="total bytes for weights + KV + workspace, e.g. 512MB")
+    p.add_argument("--device", default="cpu", help="cpu (native core) or tinygrad[:DEV] (pip install tinyvllm[gpu])")
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -28,7 +29,7 @@ def _params(a) -> SamplingParams:
 
 def _llm(a):
     from .llm import LLM  # loads the native core: only when a command really runs
-    return LLM(a.model, threads=a.threads, memory_budget=a.memory_budget)
+    return LLM(a.model, threads=a.threads, memory_budget=a.memory_budget, device=a.device)
 
 
 def _generate(a) -> int:

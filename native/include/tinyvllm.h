@@ -118,6 +118,27 @@ int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n
 /* Dequantize `rows` rows of w starting at row0 into out[rows * cols] floats. */
 int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *out);
 
+/* ---- Attention, standalone (tests, benchmarks; tv_model_forward runs the same kernel) ----------
+ * Tiled (flash-style, online softmax) causal attention over a paged KV cache: memory O(tokens),
+ * no score matrix. GQA: query head h reads kv head h / (n_head / n_head_kv); scale 1/sqrt(head_dim).
+ * Rows are [token][head][head_dim] f32. The paged calls take a tv_batch for the token layout:
+ * positions, seq_ids, n_seqs, max_blocks, block_tables, with the same rules as tv_model_forward
+ * (tokens, n_logits and logits_rows are ignored). */
+/* A KV cache without a model (same layout and bytes as tv_kv_cache_create). */
+int tv_kv_cache_create_raw(int32_t n_layer, int32_t n_head_kv, int32_t head_dim, int32_t n_blocks,
+                           int32_t block_size, int32_t kv_dtype, tv_kv_cache **out);
+/* Store k[i], v[i] ([n_tokens, n_head_kv * head_dim]) at the position of batch token i in `layer`. */
+int tv_kv_cache_write(tv_kv_cache *cache, int32_t layer, const tv_batch *batch, const float *k, const float *v);
+/* out[i] = attention of q[i] ([n_tokens, n_head * head_dim]) over positions 0..positions[i] of its
+ * sequence, as the cache holds them (write them first, this batch's included). */
+int tv_attention_paged(const tv_kv_cache *cache, int32_t layer, const tv_batch *batch, int32_t n_head,
+                       const float *q, float *out, int32_t n_threads);
+/* Contiguous K/V of one sequence: k, v [n_kv, n_head_kv * head_dim] at positions 0..n_kv-1; the n_q
+ * queries (1 <= n_q <= n_kv) sit at the last n_q positions (n_q = n_kv: prefill, 1: decode). Copies
+ * K/V into a temporary paged cache (kv_dtype TV_F16 or TV_F32, blocks of 16) and runs the kernel. */
+int tv_attention(int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                 const float *q, const float *k, const float *v, int32_t kv_dtype, float *out, int32_t n_threads);
+
 /* ---- Paged-KV block manager (src/block_manager.cpp) ------------------------------------------
  * A pool of num_blocks blocks of block_size token slots with reference counts, and per-sequence
  * block tables (logical block -> physical block id), sequences named by caller-chosen int64 ids.

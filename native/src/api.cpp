@@ -12,6 +12,7 @@
 #include "tinyvllm.h"
 #pragma GCC visibility pop
 
+#include "attention.h"
 #include "block_manager.h"
 #include "common.h"
 #include "kernels.h"
@@ -100,6 +101,42 @@ ThreadPool &shared_pool(int n_threads) {
     return *p;
 }
 
+void check_cache_args(const char *f, int n_blocks, int block_size, int kv_dtype) {
+    if (n_blocks <= 0 || block_size <= 0) fail("%s: n_blocks (%d) and block_size (%d) must be > 0", f, n_blocks, block_size);
+    if (kv_dtype != TV_F16 && kv_dtype != TV_F32) fail("%s: kv_dtype must be TV_F16 (1) or TV_F32 (0), got %d", f, kv_dtype);
+}
+
+// The token layout of a paged attention call, checked like tv_model_forward's batch.
+AttentionBatch check_paged(const char *f, const KvCache &c, int layer, const tv_batch *b) {
+    if (!b) fail("%s: batch is null", f);
+    if (layer < 0 || layer >= c.n_layer) fail("%s: layer %d out of range [0, %d)", f, layer, c.n_layer);
+    if (b->n_tokens <= 0) fail("%s: n_tokens must be > 0 (got %d)", f, b->n_tokens);
+    if (!b->positions || !b->seq_ids || !b->block_tables || b->n_seqs <= 0 || b->max_blocks <= 0)
+        fail("%s: positions, seq_ids and block_tables must not be null, n_seqs and max_blocks > 0", f);
+    std::vector<int32_t> last((size_t)b->n_seqs, -1);
+    for (int t = 0; t < b->n_tokens; t++) {
+        const int32_t pos = b->positions[t], seq = b->seq_ids[t];
+        if (seq < 0 || seq >= b->n_seqs) fail("%s: seq_id %d at index %d out of range [0, %d)", f, seq, t, b->n_seqs);
+        if (pos <= last[(size_t)seq]) fail("%s: positions of sequence %d must be >= 0 and increase (index %d)", f, seq, t);
+        if (pos / c.block_size >= b->max_blocks)
+            fail("%s: position %d at index %d needs block %d but max_blocks is %d", f, pos, t, pos / c.block_size, b->max_blocks);
+        for (int i = 0; i <= pos / c.block_size; i++) {
+            const int32_t blk = b->block_tables[(size_t)seq * b->max_blocks + i];
+            if (blk < 0 || blk >= c.n_blocks) fail("%s: block_tables[%d][%d] = %d out of range [0, %d)", f, seq, i, blk, c.n_blocks);
+        }
+        last[(size_t)seq] = pos;
+    }
+    return AttentionBatch{b->n_tokens, b->positions, b->seq_ids, b->block_tables, b->max_blocks};
+}
+
+void run_attention(const char *f, const KvCache &c, int layer, const AttentionBatch &ab, int n_head, const float *q,
+                   float *out, int n_threads) {
+    if (n_head <= 0 || n_head % c.n_head_kv != 0) fail("%s: n_head (%d) must be a positive multiple of n_head_kv (%d)", f, n_head, c.n_head_kv);
+    if (!q || !out) fail("%s: q and out must not be null", f);
+    static thread_local std::vector<float> scratch;
+    attention(c, layer, ab, q, out, n_head, shared_pool(n_threads), scratch);
+}
+
 }  // namespace
 }  // namespace tv
 
@@ -145,8 +182,7 @@ int tv_kv_cache_create(const tv_model *model, int32_t n_blocks, int32_t block_si
         const char *f = "tv_kv_cache_create";
         if (!model || !out) fail("%s: model and out must not be null", f);
         *out = nullptr;
-        if (n_blocks <= 0 || block_size <= 0) fail("%s: n_blocks (%d) and block_size (%d) must be > 0", f, n_blocks, block_size);
-        if (kv_dtype != TV_F16 && kv_dtype != TV_F32) fail("%s: kv_dtype must be TV_F16 (1) or TV_F32 (0), got %d", f, kv_dtype);
+        check_cache_args(f, n_blocks, block_size, kv_dtype);
         const tv_model_params &p = model->m.params();
         *out = new tv_kv_cache(p.n_layer, p.n_head_kv, p.head_dim, n_blocks, block_size, kv_dtype);
     });
@@ -165,6 +201,63 @@ int tv_kv_cache_copy_block(tv_kv_cache *cache, int32_t src, int32_t dst) {
 }
 
 void tv_kv_cache_free(tv_kv_cache *cache) { delete cache; }
+
+int tv_kv_cache_create_raw(int32_t n_layer, int32_t n_head_kv, int32_t head_dim, int32_t n_blocks, int32_t block_size,
+                           int32_t kv_dtype, tv_kv_cache **out) {
+    return guard([&] {
+        const char *f = "tv_kv_cache_create_raw";
+        if (!out) fail("%s: out must not be null", f);
+        *out = nullptr;
+        if (n_layer <= 0 || n_head_kv <= 0 || head_dim <= 0) fail("%s: n_layer, n_head_kv and head_dim must be > 0", f);
+        check_cache_args(f, n_blocks, block_size, kv_dtype);
+        *out = new tv_kv_cache(n_layer, n_head_kv, head_dim, n_blocks, block_size, kv_dtype);
+    });
+}
+
+int tv_kv_cache_write(tv_kv_cache *cache, int32_t layer, const tv_batch *batch, const float *k, const float *v) {
+    return guard([&] {
+        const char *f = "tv_kv_cache_write";
+        if (!cache || !k || !v) fail("%s: cache, k and v must not be null", f);
+        KvCache &c = cache->c;
+        const AttentionBatch ab = check_paged(f, c, layer, batch);
+        const size_t row = c.token_elems();
+        for (int t = 0; t < ab.n_tokens; t++) {
+            const int pos = ab.positions[t];
+            c.write(layer, ab.block_tables[(size_t)ab.seq_ids[t] * ab.max_blocks + pos / c.block_size], pos % c.block_size,
+                    k + t * row, v + t * row);
+        }
+    });
+}
+
+int tv_attention_paged(const tv_kv_cache *cache, int32_t layer, const tv_batch *batch, int32_t n_head, const float *q,
+                       float *out, int32_t n_threads) {
+    return guard([&] {
+        const char *f = "tv_attention_paged";
+        if (!cache) fail("%s: cache is null", f);
+        run_attention(f, cache->c, layer, check_paged(f, cache->c, layer, batch), n_head, q, out, n_threads);
+    });
+}
+
+int tv_attention(int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t head_dim, const float *q,
+                 const float *k, const float *v, int32_t kv_dtype, float *out, int32_t n_threads) {
+    return guard([&] {
+        const char *f = "tv_attention";
+        if (n_kv <= 0 || n_q <= 0 || n_q > n_kv) fail("%s: need 1 <= n_q <= n_kv (got n_q %d, n_kv %d)", f, n_q, n_kv);
+        if (n_head_kv <= 0 || head_dim <= 0) fail("%s: n_head_kv and head_dim must be > 0", f);
+        if (!k || !v) fail("%s: k and v must not be null", f);
+        constexpr int BS = 16;
+        const int n_blocks = (n_kv + BS - 1) / BS;
+        check_cache_args(f, n_blocks, BS, kv_dtype);
+        KvCache c(1, n_head_kv, head_dim, n_blocks, BS, kv_dtype);
+        std::vector<int32_t> table((size_t)n_blocks), pos((size_t)n_q), seq((size_t)n_q, 0);
+        for (int i = 0; i < n_blocks; i++) table[(size_t)i] = i;
+        for (int i = 0; i < n_q; i++) pos[(size_t)i] = n_kv - n_q + i;
+        const size_t row = c.token_elems();
+        for (int t = 0; t < n_kv; t++) c.write(0, t / BS, t % BS, k + t * row, v + t * row);
+        const AttentionBatch ab{n_q, pos.data(), seq.data(), table.data(), n_blocks};
+        run_attention(f, c, 0, ab, n_head, q, out, n_threads);
+    });
+}
 
 int tv_model_forward(tv_model *model, tv_kv_cache *cache, const tv_batch *batch, float *logits) {
     return guard([&] {

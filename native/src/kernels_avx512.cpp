@@ -4,12 +4,9 @@
 // A weight block is widened to 32 int16 lanes (value order 0..31, the same order as ActBlock.qs),
 // so one _mm512_dpwssd_epi32 forms the block's exact integer dot as 16 int32 partial sums.
 // On Zen 4 a 512-bit op costs two 256-bit slots, so the win over AVX2 comes from doing less
-// per block, not from wider lanes:
-//   - the quantized matmul (QuantGemm below) unpacks a weight row once into an L1 buffer and
-//     reuses it for every activation row (prefill, batched decode);
-//   - per-block scales are never converted one by one: 16 weight scales come in with one gather,
-//     and d_w * d_x is formed 16 blocks at a time, so the inner loop is dpwssd, cvt, fma;
-//   - Q4_1's min term sum_b m_b * (d_x * sum q_x) is a separate 16-wide dot per row.
+// per block, not from wider lanes: the quantized matmul (QuantGemm below) forms each block's
+// exact integer dot first and does the float work (convert, scale, accumulate) once per block
+// for 8 outputs at a time (8 weight rows in decode, 8 activation rows in the panel path).
 #include "attn_block.h"
 #include "kernels.h"
 
@@ -41,9 +38,16 @@ TV_AVX512 inline W16 nibbles16(const uint8_t *qs) {
     return {_mm256_cvtepu8_epi16(_mm_and_si128(q, f)), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), f))};
 }
 
+// A block's 16 pairs (value j, value j + 16) as int16 halves of 16 dwords, j = 0..15.
+TV_AVX512 inline __m512i nibble_pairs(const uint8_t *qs) {
+    const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)));
+    return _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(t, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (t | t << 12) & mask
+}
+
 struct FmtQ4_0 {
     static constexpr size_t BYTES = Q4_0_BYTES;
     static constexpr bool HAS_MIN = false;
+    TV_AVX512 static __m512i pairs(const uint8_t *w) { return _mm512_sub_epi16(nibble_pairs(w + 2), _mm512_set1_epi16(8)); }
     TV_AVX512 static W16 weights(const uint8_t *w) {
         const W16 n = nibbles16(w + 2);
         const __m256i eight = _mm256_set1_epi16(8);
@@ -54,10 +58,16 @@ struct FmtQ4_1 {
     static constexpr size_t BYTES = Q4_1_BYTES;
     static constexpr bool HAS_MIN = true;
     TV_AVX512 static W16 weights(const uint8_t *w) { return nibbles16(w + 4); }
+    TV_AVX512 static __m512i pairs(const uint8_t *w) { return nibble_pairs(w + 4); }
 };
 struct FmtQ8_0 {
     static constexpr size_t BYTES = Q8_0_BYTES;
     static constexpr bool HAS_MIN = false;
+    TV_AVX512 static __m512i pairs(const uint8_t *w) {
+        const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2)));
+        const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 18)));
+        return _mm512_mask_blend_epi16(0xAAAAAAAA, lo, _mm512_slli_epi32(hi, 16));
+    }
     TV_AVX512 static W16 weights(const uint8_t *w) {
         return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2))),
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 18)))};
@@ -99,179 +109,227 @@ TV_AVX512 void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, flo
 }
 
 // ---- QuantGemm: the tiled matmul --------------------------------------------------------------
+// Every output, whatever path computes it, is the same float sequence:
+//     acc = 0; for each block b: acc = fma(float(idot_b), d_w * d_x, acc) [; acc = fma(m_b, s_b, acc)]
+// where idot_b is the block's exact integer dot (so the order of its int32 partial sums does not
+// matter). Rows of a batch therefore get the same bits whichever path (and tile) ran them.
+//   - m < GEMM_MIN (decode): 8 weight rows at a time, unpacked in registers, their block dots
+//     reduced into one 8-lane vector (lane = weight row), scales fetched with one gather;
+//   - m >= GEMM_MIN: 8 weight rows unpacked once into an L1 panel of int16 pairs, then run
+//     against tiles of 8 (m <= 8: ymm) or 16 (zmm) activation rows (lane = activation row): per
+//     pair one broadcast weight dword meets the tile in one vpdpwssd, float work once per block.
+// Pairs are (value j, value j + 16), j = 0..15: one dword per pair, int16 halves.
 
-// Activations re-laid once per matmul: qs 64-byte aligned (one aligned load per block), and the
-// per-block scales d and sums s contiguous per row so 16 blocks' worth load as one vector.
+constexpr int GEMM_MIN = 4;  // activation rows from which the panel path runs
+constexpr int NW = 8;        // weight rows per group
+
 // 64 bytes, 64-aligned: one block of int16 (std::vector<__m512i> would drop the vector attributes).
 struct alignas(64) Blk16 {
     int16_t v[QK];
 };
 
 struct Prep {
-    std::vector<Blk16> qs;  // [m][nb]
-    std::vector<float> d, s;  // [m][nb]
+    std::vector<Blk16> qs;       // [m][nb] (decode path)
+    std::vector<float> d, s;     // [m][nb]
+    int64_t tw = 8;              // panel path: activation rows per tile (8: ymm lanes, 16: zmm)
+    std::vector<int32_t> xt;     // [tile][nb][16 pairs][tw rows], padded rows 0
+    std::vector<float> xd, xs;   // [tile][nb][tw]
 };
+
 
 TV_AVX512 const void *prepare(const ActBlock *x, int64_t m, int64_t nb) {
     thread_local Prep p;  // the calling thread's; workers only read it during the matmul
     const size_t n = (size_t)(m * nb);
-    if (p.qs.size() < n) p.qs.resize(n), p.d.resize(n), p.s.resize(n);
-    Blk16 *qs = p.qs.data();
-    float *d = p.d.data(), *s = p.s.data();
-    for (size_t i = 0; i < n; i++) {
-        _mm512_store_si512(qs[i].v, _mm512_loadu_si512(x[i].qs));
-        d[i] = x[i].d;
-        s[i] = x[i].s;
+    if (m < GEMM_MIN) {
+        if (p.qs.size() < n) p.qs.resize(n), p.d.resize(n), p.s.resize(n);
+        for (size_t i = 0; i < n; i++) {
+            _mm512_store_si512(p.qs[i].v, _mm512_loadu_si512(x[i].qs));
+            p.d[i] = x[i].d;
+            p.s[i] = x[i].s;
+        }
+        return &p;
     }
+    const int64_t tw = p.tw = m <= 8 ? 8 : 16, tiles = (m + tw - 1) / tw;
+    if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
+    if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
+    alignas(64) int32_t tmp[16];
+    for (int64_t t = 0; t < tiles; t++)
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t *xt = p.xt.data() + ((t * nb + b) * 16) * tw;
+            float *xd = p.xd.data() + (t * nb + b) * tw, *xs = p.xs.data() + (t * nb + b) * tw;
+            for (int i = 0; i < tw; i++) {
+                const int64_t row = t * tw + i;
+                if (row < m) {
+                    const ActBlock &a = x[row * nb + b];
+                    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(a.qs)));
+                    const __m512i hi = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(a.qs + 16)));
+                    _mm512_store_si512(tmp, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                    xd[i] = a.d, xs[i] = a.s;
+                } else {
+                    std::memset(tmp, 0, sizeof tmp);
+                    xd[i] = xs[i] = 0.0f;
+                }
+                for (int j = 0; j < 16; j++) xt[j * tw + i] = tmp[j];
+            }
+        }
     return &p;
 }
 
-// Per-thread unpacked weights: a panel of rows as int16 blocks plus float scales (and mins).
-// Row strides are nb16 (nb rounded up to 16) so every scale vector load/store is a full one: a
-// masked store followed by loads of what it wrote cannot be store-forwarded (a stall per row).
-struct Panel {
-    std::vector<Blk16> w;           // [rows][nb]
-    std::vector<uint16_t> hd, hm;   // [rows][nb16] raw fp16 scales / mins, converted 16 at a time
-    std::vector<float> d, mn;       // [rows][nb16]
-    std::vector<float> scale;       // [rows][NR][nb16]: d_w * d_x for the current activation tile
-};
-
-constexpr int GEMM_NR = 6;  // activation rows per micro-kernel: 2 x 6 accumulators + loads fit easily
-
-// One weight row (unpacked) x NR activation rows. Every row runs the same sequence (block order,
-// two fma chains for even/odd blocks, a fixed reduction tree), whatever NR is, so results are
-// batch invariant.
-template <int NR, bool HAS_MIN>
-TV_AVX512 void micro(const Blk16 *w, const float *wm, const Prep &x, int64_t i0, int64_t nb, int64_t nb16,
-                     const float *scale, float *y, int64_t ldy) {
-    __m256 acc0[NR], acc1[NR];
-    for (int i = 0; i < NR; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-    const Blk16 *xq = x.qs.data() + i0 * nb;
-    auto step = [&](int64_t b, __m256 *acc) TV_AVX512 {
-        const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i *>(w[b].v));
-        const __m256i hi = _mm256_load_si256(reinterpret_cast<const __m256i *>(w[b].v + 16));
-        for (int i = 0; i < NR; i++)
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(lo, hi, xq[i * nb + b].v)), _mm256_set1_ps(scale[i * nb16 + b]), acc[i]);
-    };
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) step(b, acc0), step(b + 1, acc1);
-    if (b < nb) step(b, acc0);
-    for (int i = 0; i < NR; i++) {
-        float r = hsum8(_mm256_add_ps(acc0[i], acc1[i]));
-        if (HAS_MIN) {  // sum_b m_b * s_b, 16 blocks per fma (x.s rows are not padded: mask the tail)
-            const float *xs = x.s.data() + (i0 + i) * nb;
-            __m512 mv = _mm512_setzero_ps();
-            for (int64_t c = 0; c < nb; c += 16)
-                mv = _mm512_fmadd_ps(_mm512_loadu_ps(wm + c), _mm512_maskz_loadu_ps(tail_mask(nb - c), xs + c), mv);
-            r += _mm512_reduce_add_ps(mv);
-        }
-        y[(i0 + i) * ldy] = r;
-    }
+TV_AVX512 inline void store_lanes(__m256 v, float *y, int64_t stride, int n) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    for (int i = 0; i < n; i++) y[i * stride] = t[i];
 }
 
-// Few activation rows (decode): weights unpacked in registers, no buffer. Bit-identical to micro()
-// (same products, block b into accumulator b & 1, the min term per lane b % 16, same reductions),
-// so a row's result does not depend on whether its batch took this path or the panel path.
+// fp16 d (and Q4_1's m right after it) of block o of 8 rows in one gather.
+template <class Fmt>
+TV_AVX512 inline void scales8(const uint8_t *w0, __m256i voff, __m256 &dw, __m256 &mn) {
+    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int *>(w0), voff, 1);
+    dw = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(g));
+    mn = Fmt::HAS_MIN ? _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(g, 16))) : dw;
+}
+
+// Decode: weight rows [g0, g0 + 8) (clamped to r1 - 1; extra lanes are not stored) x NR rows.
 template <class Fmt, int NR>
-TV_AVX512 void direct_row(const uint8_t *w, const Prep &x, int64_t i0, int64_t nb, float *y, int64_t ldy) {
-    __m256 acc0[NR], acc1[NR];
-    alignas(64) float mv[NR][16] = {};  // lane b % 16 of micro()'s 16-wide min-term fma, kept per lane
-    for (int i = 0; i < NR; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-    const Blk16 *xq = x.qs.data() + i0 * nb;
-    const float *xd = x.d.data() + i0 * nb, *xs = x.s.data() + i0 * nb;
-    // even blocks into acc0, odd into acc1; the scale is the same float product micro() uses
-    auto step = [&](int64_t b, __m256 *acc) TV_AVX512 {
-        const uint8_t *wb = w + b * Fmt::BYTES;
-        const W16 wv = Fmt::weights(wb);
-        const float dw = half(wb);
-        for (int i = 0; i < NR; i++) {
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(wv.lo, wv.hi, xq[i * nb + b].v)),
-                                     _mm256_set1_ps(dw * xd[i * nb + b]), acc[i]);
-            if (Fmt::HAS_MIN) mv[i][b & 15] = std::fma(half(wb + 2), xs[i * nb + b], mv[i][b & 15]);
+TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, const Prep &x, int64_t nb, float *y,
+                     int64_t ldy) {
+    const uint8_t *wr[NW];
+    alignas(32) int32_t off[NW];
+    for (int r = 0; r < NW; r++) {
+        wr[r] = w + (size_t)std::min(g0 + r, r1 - 1) * row_bytes;
+        off[r] = (int32_t)(wr[r] - wr[0]);
+    }
+    const __m256i voff = _mm256_load_si256(reinterpret_cast<const __m256i *>(off));
+    constexpr int PF_LINES = (NW * Fmt::BYTES + 63) / 64;
+    const uint8_t *next = w + (size_t)(g0 + NW) * row_bytes;
+    __m256 acc[NR];
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * Fmt::BYTES;
+        __m256i h[NR][4];
+        for (int p = 0; p < 4; p++) {
+            const W16 a = Fmt::weights(wr[2 * p] + o), c = Fmt::weights(wr[2 * p + 1] + o);
+            for (int i = 0; i < NR; i++) {
+                const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
+                h[i][p] = _mm256_hadd_epi32(dot8(a.lo, a.hi, xq), dot8(c.lo, c.hi, xq));
+            }
         }
-    };
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) step(b, acc0), step(b + 1, acc1);
-    if (b < nb) step(b, acc0);
-    for (int i = 0; i < NR; i++) {
-        float r = hsum8(_mm256_add_ps(acc0[i], acc1[i]));
-        if (Fmt::HAS_MIN) r += _mm512_reduce_add_ps(_mm512_load_ps(mv[i]));
-        y[(i0 + i) * ldy] = r;
+        __m256 dw, mn;
+        scales8<Fmt>(wr[0] + o, voff, dw, mn);
+        // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
+        // rows are contiguous) a few lines per block, so it is in cache when its turn comes
+        for (int c = 0; c < PF_LINES; c++) _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
+        for (int i = 0; i < NR; i++) {
+            const __m256i A = _mm256_hadd_epi32(h[i][0], h[i][1]), B = _mm256_hadd_epi32(h[i][2], h[i][3]);
+            const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
+            const size_t xb = (size_t)(i * nb + b);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[xb])), acc[i]);
+            if (Fmt::HAS_MIN) acc[i] = _mm256_fmadd_ps(mn, _mm256_set1_ps(x.s[xb]), acc[i]);
+        }
+    }
+    const int nw = (int)std::min<int64_t>(NW, r1 - g0);
+    for (int i = 0; i < NR; i++) store_lanes(acc[i], y + i * ldy + g0, 1, nw);
+}
+
+// A panel: NW weight rows as int16 pairs [nb][NW][16] plus their scales [nb][NW].
+struct Panel {
+    std::vector<Blk16> w;  // one Blk16 = one block's 16 pair dwords
+    std::vector<float> d, mn;
+};
+
+// 8 (ymm) or 16 (zmm) activation rows as vector lanes, for micro().
+struct Lanes8 {
+    using I = __m256i;
+    using F = __m256;
+    TV_AVX512 static I zero_i() { return _mm256_setzero_si256(); }
+    TV_AVX512 static F zero_f() { return _mm256_setzero_ps(); }
+    TV_AVX512 static I load_i(const int32_t *p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+    TV_AVX512 static F load_f(const float *p) { return _mm256_loadu_ps(p); }
+    TV_AVX512 static I dot(I acc, int32_t w, I x) { return _mm256_dpwssd_epi32(acc, _mm256_set1_epi32(w), x); }
+    // acc + float(id) * (d * dx)
+    TV_AVX512 static F scale(F acc, I id, float d, F dx) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(id), _mm256_mul_ps(_mm256_set1_ps(d), dx), acc); }
+    TV_AVX512 static F fma1(float a, F b, F acc) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, acc); }
+    TV_AVX512 static void store(F v, float *t) { _mm256_storeu_ps(t, v); }
+};
+struct Lanes16 {
+    using I = __m512i;
+    using F = __m512;
+    TV_AVX512 static I zero_i() { return _mm512_setzero_si512(); }
+    TV_AVX512 static F zero_f() { return _mm512_setzero_ps(); }
+    TV_AVX512 static I load_i(const int32_t *p) { return _mm512_loadu_si512(p); }
+    TV_AVX512 static F load_f(const float *p) { return _mm512_loadu_ps(p); }
+    TV_AVX512 static I dot(I acc, int32_t w, I x) { return _mm512_dpwssd_epi32(acc, _mm512_set1_epi32(w), x); }
+    TV_AVX512 static F scale(F acc, I id, float d, F dx) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(id), _mm512_mul_ps(_mm512_set1_ps(d), dx), acc); }
+    TV_AVX512 static F fma1(float a, F b, F acc) { return _mm512_fmadd_ps(_mm512_set1_ps(a), b, acc); }
+    TV_AVX512 static void store(F v, float *t) { _mm512_storeu_ps(t, v); }
+};
+
+// Panel (the group's NW weight rows) x one tile of TW activation rows (the vector lanes): per
+// pair, one weight dword broadcast meets TW rows in one vpdpwssd; float work once per block.
+template <class L, bool HAS_MIN>
+TV_AVX512 void micro(const Panel &P, const Prep &x, int64_t t, int64_t nb, int nw, int ni, float *y, int64_t ldy) {
+    constexpr int TW = sizeof(typename L::F) / 4;
+    typename L::F acc[NW];
+    for (int r = 0; r < NW; r++) acc[r] = L::zero_f();
+    const int32_t *pw = reinterpret_cast<const int32_t *>(P.w.data()), *xt = x.xt.data() + t * nb * 16 * TW;
+    const float *xd = x.xd.data() + t * nb * TW, *xs = x.xs.data() + t * nb * TW;
+    for (int64_t b = 0; b < nb; b++, pw += NW * 16, xt += 16 * TW) {
+        typename L::I id[NW];
+        for (int r = 0; r < NW; r++) id[r] = L::zero_i();
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) {
+            const typename L::I xv = L::load_i(xt + j * TW);
+            for (int r = 0; r < NW; r++) id[r] = L::dot(id[r], pw[r * 16 + j], xv);
+        }
+        const typename L::F dx = L::load_f(xd + b * TW);
+        const float *pd = P.d.data() + b * NW, *pm = P.mn.data() + b * NW;
+        for (int r = 0; r < NW; r++) acc[r] = L::scale(acc[r], id[r], pd[r], dx);
+        if (HAS_MIN) {
+            const typename L::F sx = L::load_f(xs + b * TW);
+            for (int r = 0; r < NW; r++) acc[r] = L::fma1(pm[r], sx, acc[r]);
+        }
+    }
+    alignas(64) float tmp[TW];
+    for (int r = 0; r < nw; r++) {
+        L::store(acc[r], tmp);
+        for (int i = 0; i < ni; i++) y[(t * TW + i) * ldy + r] = tmp[i];
     }
 }
 
 template <class Fmt>
 TV_AVX512 void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const Prep &x, int64_t m,
                          int64_t nb, float *y, int64_t ldy) {
-    if (m < 4) {  // decode: nothing to share an unpacked row with
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *wr = w + (size_t)r * row_bytes;
-            switch (m) {
-                case 1: direct_row<Fmt, 1>(wr, x, 0, nb, y + r, ldy); break;
-                case 2: direct_row<Fmt, 2>(wr, x, 0, nb, y + r, ldy); break;
-                default: direct_row<Fmt, 3>(wr, x, 0, nb, y + r, ldy); break;
+    if (m < GEMM_MIN) {
+        for (int64_t g0 = r0; g0 < r1; g0 += NW) switch (m) {
+                case 1: gemv8<Fmt, 1>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+                case 2: gemv8<Fmt, 2>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+                default: gemv8<Fmt, 3>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
             }
-        }
         return;
     }
-    static thread_local Panel tls;
-    const int64_t nb16 = (nb + 15) & ~int64_t(15);
-    // A panel of weight rows small enough (~16 KiB unpacked) to stay in L1 with an activation tile.
-    const int64_t panel = std::clamp<int64_t>(16384 / (nb * 64), 1, 16);
-    Panel &P = tls;  // raw pointers below: __m512i stores may alias anything, including vector internals
-    if (P.w.size() < (size_t)(panel * nb)) P.w.resize((size_t)(panel * nb));
-    if (P.d.size() < (size_t)(panel * nb16)) {
-        const size_t n = (size_t)(panel * nb16);
-        P.hd.resize(n), P.hm.resize(n), P.d.resize(n), P.mn.resize(n), P.scale.resize(n * GEMM_NR);
-    }
-    Blk16 *const pw0 = P.w.data();
-    uint16_t *const hd = P.hd.data(), *const hm = P.hm.data();
-    float *const pd0 = P.d.data(), *const pm0 = P.mn.data(), *const scale = P.scale.data();
-    for (int64_t p0 = r0; p0 < r1; p0 += panel) {
-        const int64_t np = std::min(panel, r1 - p0);
-        for (int64_t r = 0; r < np; r++) {
-            const uint8_t *wr = w + (size_t)(p0 + r) * row_bytes;
-            Blk16 *dst = pw0 + r * nb;
-            for (int64_t b = 0; b < nb; b++, wr += Fmt::BYTES) {
-                const W16 wv = Fmt::weights(wr);
-                _mm256_store_si256(reinterpret_cast<__m256i *>(dst[b].v), wv.lo);
-                _mm256_store_si256(reinterpret_cast<__m256i *>(dst[b].v + 16), wv.hi);
-                hd[r * nb16 + b] = load_u16(wr);
-                if (Fmt::HAS_MIN) hm[r * nb16 + b] = load_u16(wr + 2);
-            }
-            for (int64_t b = nb; b < nb16; b++) hd[r * nb16 + b] = hm[r * nb16 + b] = 0;  // 0 * 0, never nan
+    static thread_local Panel P;
+    if (P.w.size() < (size_t)(nb * NW)) P.w.resize((size_t)(nb * NW)), P.d.resize((size_t)(nb * NW)), P.mn.resize((size_t)(nb * NW));
+    for (int64_t g0 = r0; g0 < r1; g0 += NW) {
+        const int nw = (int)std::min<int64_t>(NW, r1 - g0);
+        alignas(32) int32_t off[NW];  // rows past r1 repeat the last one (computed, never stored)
+        for (int r = 0; r < NW; r++) off[r] = (int32_t)((size_t)std::min(r, nw - 1) * row_bytes);
+        const __m256i voff = _mm256_load_si256(reinterpret_cast<const __m256i *>(off));
+        const uint8_t *w0 = w + (size_t)g0 * row_bytes, *next = w0 + NW * row_bytes;
+        constexpr int PF_LINES = (NW * Fmt::BYTES + 63) / 64;  // see gemv8
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *wb = w0 + b * Fmt::BYTES;
+            for (int c = 0; c < PF_LINES; c++) _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T1);
+            for (int r = 0; r < NW; r++) _mm512_store_si512(P.w[(size_t)(b * NW + r)].v, Fmt::pairs(wb + off[r]));
+            __m256 dw, mn;
+            scales8<Fmt>(wb, voff, dw, mn);
+            _mm256_storeu_ps(P.d.data() + b * NW, dw);
+            if (Fmt::HAS_MIN) _mm256_storeu_ps(P.mn.data() + b * NW, mn);
         }
-        // fp16 -> fp32 16 at a time
-        for (int64_t c = 0; c < np * nb16; c += 16) {
-            _mm512_storeu_ps(pd0 + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(hd + c))));
-            if (Fmt::HAS_MIN)
-                _mm512_storeu_ps(pm0 + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(hm + c))));
-        }
-        for (int64_t i0 = 0; i0 < m; i0 += GEMM_NR) {
-            const int64_t nr = std::min<int64_t>(GEMM_NR, m - i0);
-            // d_w * d_x for every (panel row, tile row, block), before any micro-kernel reads them
-            for (int64_t r = 0; r < np; r++)
-                for (int64_t i = 0; i < nr; i++) {
-                    const float *xd = x.d.data() + (i0 + i) * nb;
-                    for (int64_t c = 0; c < nb; c += 16)
-                        _mm512_storeu_ps(scale + (r * GEMM_NR + i) * nb16 + c,
-                                        _mm512_mul_ps(_mm512_loadu_ps(pd0 + r * nb16 + c),
-                                                      _mm512_maskz_loadu_ps(tail_mask(nb - c), xd + c)));
-                }
-            for (int64_t r = 0; r < np; r++) {
-                const Blk16 *pw = pw0 + r * nb;
-                const float *pm = pm0 + r * nb16, *sc = scale + r * GEMM_NR * nb16;
-                float *yr = y + p0 + r;
-                constexpr bool M = Fmt::HAS_MIN;
-                switch (nr) {
-                    case 1: micro<1, M>(pw, pm, x, i0, nb, nb16, sc, yr, ldy); break;
-                    case 2: micro<2, M>(pw, pm, x, i0, nb, nb16, sc, yr, ldy); break;
-                    case 3: micro<3, M>(pw, pm, x, i0, nb, nb16, sc, yr, ldy); break;
-                    case 4: micro<4, M>(pw, pm, x, i0, nb, nb16, sc, yr, ldy); break;
-                    case 5: micro<5, M>(pw, pm, x, i0, nb, nb16, sc, yr, ldy); break;
-                    default: micro<6, M>(pw, pm, x, i0, nb, nb16, sc, yr, ldy); break;
-                }
-            }
+        const int64_t tw = x.tw;
+        for (int64_t t = 0; t * tw < m; t++) {
+            const int ni = (int)std::min<int64_t>(tw, m - t * tw);
+            if (tw == 8) micro<Lanes8, Fmt::HAS_MIN>(P, x, t, nb, nw, ni, y + g0, ldy);
+            else micro<Lanes16, Fmt::HAS_MIN>(P, x, t, nb, nw, ni, y + g0, ldy);
         }
     }
 }

@@ -65,6 +65,7 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
         // weight row is read once anyway, so bigger chunks only save task hand-outs (the m = 1
         // output matmul: 192 tasks instead of 768 on 2 threads). Results do not depend on chunks.
         chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * 8), 1, m <= MAX_NX ? 256 : 64);
+        if (quant_gemm(K)) chunk[j] = (chunk[j] + 7) & ~int64_t(7);  // its kernels run 8 weight rows at a time
         first[j + 1] = first[j] + (n + chunk[j] - 1) / chunk[j];
     }
     count = std::min(count, MAXW);

@@ -6,6 +6,7 @@
 // Activations are [n_tokens, features] row-major; every matmul runs the whole batch at once.
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -22,6 +23,18 @@ template <class T>
 T *grow(std::vector<T> &v, size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
+}
+
+// Per-token work (norms, quantization, RoPE, KV writes, SwiGLU, residuals) over the pool when the
+// batch pays for a parallel region (prefill, batched decode: SwiGLU's exp alone is ~0.2 ms per
+// layer at 16 tokens); a decode token runs inline. Each token's arithmetic is the same either way.
+template <class F>
+void per_token(ThreadPool &pool, int T, F &&fn) {
+    if (T < 4) {
+        for (int t = 0; t < T; t++) fn(t);
+        return;
+    }
+    pool.run(T, [&](int64_t t, int) { fn((int)t); });
 }
 
 }  // namespace
@@ -181,16 +194,30 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     float *xn = grow(s_.xn, (size_t)T * E), *q = grow(s_.q, (size_t)T * Dq), *k = grow(s_.k, (size_t)T * Dkv),
           *v = grow(s_.v, (size_t)T * Dkv), *att = grow(s_.att, (size_t)T * Dq), *tmp = grow(s_.tmp, (size_t)T * E);
 
+    // x[t] += tmp[t] (when add), then xn[t] = norm(x[t]) and its int16 blocks for the next matmuls.
+    const bool qE = E % QK == 0;
+    ActBlock *xq = grow(s_.xq, (size_t)T * (std::max({E, F, Dq}) / QK));  // every quantization below
+    auto norm_quant = [&](const Weight &norm, bool add) {
+        per_token(pool, T, [&](int t) {
+            float *xt = x + (size_t)t * E, *xnt = xn + (size_t)t * E;
+            if (add)
+                for (int i = 0; i < E; i++) xt[i] += tmp[(size_t)t * E + i];
+            rmsnorm(xt, reinterpret_cast<const float *>(norm.data), xnt, E, p_.rms_eps);
+            if (qE) quantize_row_act(xnt, xq + (size_t)t * (E / QK), E);
+        });
+        return qE ? xq : nullptr;
+    };
+
     // --- attention block
-    for (int t = 0; t < T; t++)
-        rmsnorm(x + (size_t)t * E, reinterpret_cast<const float *>(L.attn_norm.data), xn + (size_t)t * E, E, p_.rms_eps);
-    const ActBlock *xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by q, k, v
     {
+        const ActBlock *xqn = norm_quant(L.attn_norm, false);  // shared by q, k, v
         const Weight *ws[3] = {&L.wq, &L.wk, &L.wv};
         float *ys[3] = {q, k, v};
-        matmul_multi(ws, ys, 3, xn, xq, T, pool);  // one parallel region for q, k and v
+        matmul_multi(ws, ys, 3, xn, xqn, T, pool);  // one parallel region for q, k and v
     }
-    for (int t = 0; t < T; t++) {
+    // All of the batch's K/V go in before any attention, so tokens of one sequence in this batch
+    // see each other (causally, by position).
+    per_token(pool, T, [&](int t) {
         if (L.bq.set()) {
             const float *bq = reinterpret_cast<const float *>(L.bq.data), *bk = reinterpret_cast<const float *>(L.bk.data),
                         *bv = reinterpret_cast<const float *>(L.bv.data);
@@ -200,32 +227,35 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
         const float *c = s_.rope_cos.data() + (size_t)t * half, *s = s_.rope_sin.data() + (size_t)t * half;
         rope_apply(q + (size_t)t * Dq, p_.n_head, hd, p_.rope_interleaved != 0, c, s);
         rope_apply(k + (size_t)t * Dkv, p_.n_head_kv, hd, p_.rope_interleaved != 0, c, s);
-    }
-    // All of the batch's K/V go in before any attention, so tokens of one sequence in this batch
-    // see each other (causally, by position).
-    for (int t = 0; t < T; t++) {
-        const int pos = b.positions[t];
+        const int pos = b.positions[t];  // tokens write distinct slots: no two tasks touch one value
         const int block = b.block_tables[(size_t)b.seq_ids[t] * b.max_blocks + pos / cache.block_size];
         cache.write(l, block, pos % cache.block_size, k + (size_t)t * Dkv, v + (size_t)t * Dkv);
-    }
+    });
     const AttentionBatch ab{T, b.positions, b.seq_ids, b.block_tables, b.max_blocks};
     attention(cache, l, ab, q, att, p_.n_head, pool, s_.attn);
-    matmul(L.wo, att, T, tmp, pool, s_.xq);
-    for (size_t i = 0; i < (size_t)T * E; i++) x[i] += tmp[i];
+    // (a quantized weight's cols are a whole number of blocks, checked at set_tensor: qD, qE, qF hold
+    // whenever the matmul needs xq; float weights ignore it)
+    const bool qD = Dq % QK == 0;
+    if (qD) per_token(pool, T, [&](int t) { quantize_row_act(att + (size_t)t * Dq, xq + (size_t)t * (Dq / QK), Dq); });
+    matmul(L.wo, att, qD ? xq : nullptr, T, tmp, pool);
 
     // --- feed-forward block
     float *g = grow(s_.gate, (size_t)T * F), *u = grow(s_.up, (size_t)T * F);
-    for (int t = 0; t < T; t++)
-        rmsnorm(x + (size_t)t * E, reinterpret_cast<const float *>(L.ffn_norm.data), xn + (size_t)t * E, E, p_.rms_eps);
-    xq = E % QK == 0 ? quantize_acts(xn, T, E, s_.xq) : nullptr;  // shared by gate, up
     {
+        const ActBlock *xqn = norm_quant(L.ffn_norm, true);  // shared by gate, up
         const Weight *ws[2] = {&L.gate, &L.up};
         float *ys[2] = {g, u};
-        matmul_multi(ws, ys, 2, xn, xq, T, pool);
+        matmul_multi(ws, ys, 2, xn, xqn, T, pool);
     }
-    swiglu(g, u, (size_t)T * F);
-    matmul(L.down, g, T, tmp, pool, s_.xq);
-    for (size_t i = 0; i < (size_t)T * E; i++) x[i] += tmp[i];
+    const bool qF = F % QK == 0;
+    per_token(pool, T, [&](int t) {
+        swiglu(g + (size_t)t * F, u + (size_t)t * F, F);
+        if (qF) quantize_row_act(g + (size_t)t * F, xq + (size_t)t * (F / QK), F);
+    });
+    matmul(L.down, g, qF ? xq : nullptr, T, tmp, pool);
+    per_token(pool, T, [&](int t) {
+        for (int i = 0; i < E; i++) x[(size_t)t * E + i] += tmp[(size_t)t * E + i];
+    });
 }
 
 }  // namespace tv

@@ -182,3 +182,32 @@ TEST(attention_long_context_2048) {
     }
     tv::select_kernels(restore);
 }
+
+TEST(attention_c_abi_contiguous_and_paged) {
+    // tv_attention (contiguous K/V, copied into blocks of 16) vs the double reference, and
+    // tv_kv_cache_write + tv_attention_paged on shuffled blocks of 16: the same kernel, the same bits.
+    const int n_head = 6, n_kv = 2, hd = 16, N = 45, nq = 7, row = n_kv * hd;
+    std::vector<std::vector<float>> K{random_vec((size_t)N * row, -2, 2)}, V{random_vec((size_t)N * row)};
+    std::vector<float> q = random_vec((size_t)nq * n_head * hd, -2, 2), out(q.size()), paged(q.size());
+    std::vector<int32_t> pos(nq), seq(nq, 0), table = {5, 0, 3};
+    std::iota(pos.begin(), pos.end(), N - nq);
+    CHECK(tv_attention(nq, N, n_head, n_kv, hd, q.data(), K[0].data(), V[0].data(), TV_F32, out.data(), 2) == TV_OK)
+        << tv_last_error();
+    check_against_naive(q, out, K, V, pos, seq, n_head, n_kv, hd, tv_kernel_path(), TV_F32);
+
+    tv_kv_cache *cache = nullptr;
+    CHECK(tv_kv_cache_create_raw(1, n_kv, hd, 6, 16, TV_F32, &cache) == TV_OK);
+    std::vector<int32_t> all(N), zeros(N, 0);
+    std::iota(all.begin(), all.end(), 0);
+    tv_batch wb{N, nullptr, all.data(), zeros.data(), 1, 3, table.data(), 0, nullptr};
+    CHECK(tv_kv_cache_write(cache, 0, &wb, K[0].data(), V[0].data()) == TV_OK) << tv_last_error();
+    tv_batch qb{nq, nullptr, pos.data(), seq.data(), 1, 3, table.data(), 0, nullptr};
+    CHECK(tv_attention_paged(cache, 0, &qb, n_head, q.data(), paged.data(), 1) == TV_OK) << tv_last_error();
+    CHECK(paged == out);
+    table[1] = 6;  // out of range
+    CHECK(tv_attention_paged(cache, 0, &qb, n_head, q.data(), paged.data(), 1) == TV_ERR_INVALID);
+    CHECK(std::string(tv_last_error()).find("block_tables") != std::string::npos) << tv_last_error();
+    CHECK(tv_attention(N + 1, N, n_head, n_kv, hd, q.data(), K[0].data(), V[0].data(), TV_F32, out.data(), 1) ==
+          TV_ERR_INVALID);
+    tv_kv_cache_free(cache);
+}

@@ -67,3 +67,61 @@ TEST(kernels_int16_full_range_exact) {
     }
     tv::select_kernels(restore);
 }
+
+TEST(matmul_int16_extremes_exact_all_batch_sizes) {
+    // The same exactness through tv_matmul (each path's whole matmul: avx512vnni's decode and
+    // panel kernels, which re-pair values), one 32-value block per row so the result is the block's
+    // integer dot: activation rows with amax 32767 quantize with d = 1 to themselves, swept over
+    // [-32767, 32767]; 9 weight rows (a partial group of 8) at d = 1, m = 0.
+    const int64_t n = 9, k = 32, m = 2100;
+    std::vector<float> x((size_t)(m * k));
+    for (int64_t i = 0; i < m; i++)
+        for (int j = 0; j < 32; j++)
+            x[(size_t)(i * k + j)] = j == i % 32 ? 32767.0f : (float)((i * 31 + j * 2113) % 65535 - 32767);
+    const char *restore = tv_kernel_path();
+    for (const char *path : tv::available_kernels()) {
+        CHECK(tv::select_kernels(path));
+        for (int32_t dtype : {TV_Q4_0, TV_Q4_1, TV_Q8_0}) {
+            const size_t bytes = tv_row_bytes(dtype, k);
+            std::vector<uint8_t> w(bytes * n);
+            std::vector<int> wv((size_t)(n * 32));
+            for (int64_t r = 0; r < n; r++) {
+                uint8_t *p = w.data() + r * bytes;
+                int *v = &wv[(size_t)(r * 32)];
+                put_f16(p, 1.0f);
+                if (dtype == TV_Q8_0) {
+                    for (int j = 0; j < 32; j++) v[j] = randint(-3, 3);
+                    v[randint(0, 31)] = randint(0, 1) ? -128 : 127;
+                    for (int j = 0; j < 32; j++) p[2 + j] = (uint8_t)(int8_t)v[j];
+                } else {
+                    const size_t qs = dtype == TV_Q4_1 ? 4 : 2;
+                    if (dtype == TV_Q4_1) put_f16(p + 2, 0.0f);
+                    for (int j = 0; j < 16; j++) {
+                        const int lo = randint(0, 15), hi = randint(0, 15);
+                        p[qs + j] = (uint8_t)(lo | hi << 4);
+                        v[j] = dtype == TV_Q4_0 ? lo - 8 : lo;
+                        v[j + 16] = dtype == TV_Q4_0 ? hi - 8 : hi;
+                    }
+                }
+            }
+            tv_tensor t{dtype, n, k, w.data(), w.size()};
+            std::vector<float> y((size_t)(m * n)), y3((size_t)(3 * n));
+            CHECK(tv_matmul(&t, x.data(), m, y.data(), 2) == TV_OK) << tv_last_error();
+            int bad = 0;
+            for (int64_t i = 0; i < m; i++) {
+                if (i % 97 == 0)  // also as a small batch (the decode path)
+                    CHECK(tv_matmul(&t, x.data() + i * k, 1 + i % 3, y3.data(), 1) == TV_OK);
+                for (int64_t r = 0; r < n; r++) {
+                    int64_t ref = 0;
+                    for (int j = 0; j < 32; j++) ref += (int64_t)wv[(size_t)(r * 32 + j)] * (int64_t)x[(size_t)(i * k + j)];
+                    const bool ok = y[(size_t)(i * n + r)] == (float)ref && (i % 97 != 0 || y3[(size_t)r] == (float)ref);
+                    if (!ok && bad++ < 5)
+                        CHECK(false) << path << " " << tv::dtype_name(dtype) << " row " << i << " col " << r << ": "
+                                     << y[(size_t)(i * n + r)] << " vs " << ref;
+                }
+            }
+            CHECK(bad == 0) << path << " " << tv::dtype_name(dtype) << ": " << bad << " wrong";
+        }
+    }
+    tv::select_kernels(restore);
+}

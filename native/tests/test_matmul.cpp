@@ -115,27 +115,28 @@ TEST(matmul_large_threads_match_single) {
 }
 
 TEST(matmul_rows_batch_invariant) {
-    // a row's result must not depend on how many rows share the pass (1..4-row tiles)
+    // a row's result must not depend on how many rows share the pass (tiles, decode vs panel path)
     const char *restore = tv_kernel_path();
     for (const char *path : paths())
         for (int32_t dtype : kDtypes) {
             tv::select_kernels(path);
-            // k: fewer than 16 blocks, 37 (odd, a partial 16-block group), 48 (whole groups);
-            // m = 13 runs the avx512vnni panel path (6-row tiles + remainder), m = 1..3 its direct path
-            for (int64_t k : {160, 37 * 32, 48 * 32}) {
-                const int m = 13;
-                HostTensor w = random_tensor(dtype, 37, k);
-                tv_tensor d = w.desc();
-                std::vector<float> x = random_vec((size_t)(m * k)), y((size_t)m * 37), y1(3 * 37);
-                CHECK(tv_matmul(&d, x.data(), m, y.data(), 2) == TV_OK);
-                for (int i = 0; i < m; i++) {
-                    const int n1 = 1 + i % 3;  // rows i..i+n1-1 as their own batch
-                    if (i + n1 > m) continue;
-                    CHECK(tv_matmul(&d, x.data() + i * k, n1, y1.data(), 1) == TV_OK);
-                    CHECK(std::memcmp(y1.data(), y.data() + i * 37, (size_t)n1 * 37 * 4) == 0)
-                        << path << " " << tv::dtype_name(dtype) << " k=" << k << " rows " << i << "+" << n1;
+            // k: fewer than 16 blocks, 37 (odd), 48; avx512vnni: m = 1..3 run its decode path (8 weight
+            // rows per pass), m = 6 its panel path with 8-lane tiles, m = 13 and 20 16-lane tiles
+            // (one partial, one whole + a partial); 37 weight rows = 4 whole groups of 8 + a partial one
+            for (int64_t k : {160, 37 * 32, 48 * 32})
+                for (int m : {6, 13, 20}) {
+                    HostTensor w = random_tensor(dtype, 37, k);
+                    tv_tensor d = w.desc();
+                    std::vector<float> x = random_vec((size_t)(m * k)), y((size_t)m * 37), y1(3 * 37);
+                    CHECK(tv_matmul(&d, x.data(), m, y.data(), 2) == TV_OK);
+                    for (int i = 0; i < m; i++) {
+                        const int n1 = 1 + i % 3;  // rows i..i+n1-1 as their own batch
+                        if (i + n1 > m) continue;
+                        CHECK(tv_matmul(&d, x.data() + i * k, n1, y1.data(), 1) == TV_OK);
+                        CHECK(std::memcmp(y1.data(), y.data() + i * 37, (size_t)n1 * 37 * 4) == 0)
+                            << path << " " << tv::dtype_name(dtype) << " k=" << k << " m=" << m << " rows " << i << "+" << n1;
+                    }
                 }
-            }
         }
     tv::select_kernels(restore);
 }

@@ -8,12 +8,12 @@ import numpy as np
 from ..model import load_model, resolve_model
 from ..model.quantize import quantize_weights
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
-from ..runner import NativeModelRunner
+from ..runner import NativeModelRunner, runner_for
 from ..sampler import Sampler, SequenceSamplingState
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from ..core import BlockManager
-from .memory import plan_kv_blocks, workspace_bytes
+from .memory import rss_bytes, heap_weight_bytes, plan_kv_blocks, workspace_bytes
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -28,29 +28,36 @@ class _Request:
 
 
 class LLMEngine:
+    # Cumulative step counters for serving metrics; class defaults so they exist before the first step.
+    num_steps = num_scheduled_tokens = num_generated_tokens = 0
+    last_batch_size = 0  # sequences in the latest step's batch
+
     def __init__(self, model: str, *, tokenizer: str | None = None, threads: int | None = None,
                  device: str = "cpu", quantization: str | None = None, memory_budget=None,
                  kv_cache_bytes=None, kv_cache_dtype: str = "float16", block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, seed: int = 0):
-        if device != "cpu":
-            raise ValueError(f"device {device!r} is not available yet: this build runs device='cpu'")
+        runner_cls, runner_kwargs = runner_for(device)  # ValueError / ImportError (with install hint) up front
+        heap_before = rss_bytes()
         self.model_path = resolve_model(model)
         self.weights = quantize_weights(load_model(self.model_path), quantization)
         cfg = self.config = self.weights.config
         self.tokenizer = (Tokenizer.from_dir(tokenizer) if tokenizer else
                           Tokenizer.from_gguf_metadata(self.weights.metadata) if self.weights.kind == "gguf"
                           else Tokenizer.from_dir(self.weights.path))
+        # What loading left on the heap besides weights (parsed metadata, tokenizer) is paid from the budget too.
+        weight_bytes = sum(t.data.nbytes for t in self.weights.tensors.values())
+        self.load_overhead_bytes = max(0, rss_bytes() - heap_before - heap_weight_bytes(self.weights.tensors.values()))
         block_bytes = NativeModelRunner.kv_bytes_per_block(cfg, block_size, kv_cache_dtype)
         wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         num_blocks = plan_kv_blocks(
-            weight_bytes=sum(t.data.nbytes for t in self.weights.tensors.values()), block_bytes=block_bytes,
-            workspace=workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs), memory_budget=memory_budget,
+            weight_bytes=weight_bytes, block_bytes=block_bytes, memory_budget=memory_budget,
+            workspace=workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs) + self.load_overhead_bytes,
             kv_cache_bytes=kv_cache_bytes,
             default_kv_bytes=min(256 * 2**20, block_bytes * max_num_seqs * -(-wanted_len // block_size)))
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_model_len = min(wanted_len, num_blocks * block_size)
-        self.runner = NativeModelRunner(self.weights, num_blocks, block_size, kv_cache_dtype, threads)
+        self.runner = runner_cls(self.weights, num_blocks, block_size, kv_cache_dtype, threads, **runner_kwargs)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
@@ -131,6 +138,8 @@ class LLMEngine:
             self.runner.copy_block(src, dst)
         self.scheduler.block_copies.clear()
         logits = self.runner.forward(tokens, positions, seq_ids, tables, rows)
+        self.num_steps, self.last_batch_size = self.num_steps + 1, len(batch)
+        self.num_scheduled_tokens += len(tokens)
         now = time.monotonic()
         for seq, n in batch:
             seq.num_computed_tokens += n
@@ -148,6 +157,7 @@ class LLMEngine:
         if len(which) > len(logits):
             logits = logits[which]
         results = self.sampler.sample(logits, [s.sampling_state for s in sampled], self.eos_token_ids) if sampled else []
+        self.num_generated_tokens += len(results)
         for seq, result in zip(sampled, results):
             self._append_token(seq, result, now)
         return [self._output(self.requests.pop(rid) if self._done(rid) else self.requests[rid])
@@ -207,7 +217,9 @@ class LLMEngine:
     def stats(self) -> dict:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "blocks_total": self.blocks.num_blocks, "blocks_free": self.blocks.num_free_blocks,
-                "preemptions": self.scheduler.num_preemptions, "prefix_cache": self.blocks.prefix_cache_stats}
+                "preemptions": self.scheduler.num_preemptions, "prefix_cache": self.blocks.prefix_cache_stats,
+                "steps": self.num_steps, "last_batch_size": self.last_batch_size,
+                "scheduled_tokens": self.num_scheduled_tokens, "generated_tokens": self.num_generated_tokens}
 
 
 __all__ = ["LLMEngine", "SequenceStatus"]

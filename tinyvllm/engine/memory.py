@@ -1,5 +1,9 @@
 """Memory planning: how many KV blocks fit in a budget that also pays for weights and workspace."""
+import ctypes
+import mmap
 import re
+
+import numpy as np
 
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -19,7 +23,35 @@ def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
     """Activation scratch of one step (native buffers grow to this) plus logits and sampler copies."""
     q_kv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim)
-    return max_num_batched_tokens * per_token + 3 * max_num_seqs * cfg.vocab_size * 4
+    return max_num_batched_tokens * per_token + 3 * max_num_seqs * cfg.vocab_size * 4 + RUNTIME_RESERVE_BYTES
+
+
+# Measured on the reference model: Python objects of running requests and sampler copies grow the heap by
+# ~4 MiB over a long run, and code pages of the native core and tokenizer fault in on first use (~2 MiB).
+RUNTIME_RESERVE_BYTES = 8 * 2**20
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (heap and touched file pages): 0 where /proc is missing.
+    glibc keeps freed heap pages; malloc_trim hands them back first so the reading is what is live."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def heap_weight_bytes(tensors) -> int:
+    """Bytes of weight arrays that live on the heap (copies, quantized at load); the rest map the file."""
+    def on_file(a):
+        while isinstance(a, np.ndarray):
+            a = a.base
+        return isinstance(a, mmap.mmap)
+    return sum(t.data.nbytes for t in tensors if not on_file(t.data))
 
 
 def plan_kv_blocks(*, weight_bytes: int, block_bytes: int, workspace: int, memory_budget=None,
@@ -33,8 +65,8 @@ def plan_kv_blocks(*, weight_bytes: int, block_bytes: int, workspace: int, memor
         fixed = weight_bytes + workspace
         if budget <= fixed:
             raise ValueError(f"memory_budget {budget / 2**20:.1f} MiB is too small: the weights take "
-                             f"{weight_bytes / 2**20:.1f} MiB and the step workspace {workspace / 2**20:.1f} MiB "
-                             f"before any KV cache")
+                             f"{weight_bytes / 2**20:.1f} MiB, the step workspace and what loading keeps (metadata, "
+                             f"tokenizer) {workspace / 2**20:.1f} MiB, before any KV cache")
         kv = budget - fixed
     else:
         kv = default_kv_bytes

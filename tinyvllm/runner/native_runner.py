@@ -1,5 +1,6 @@
 """Runs the model on the native C++ core: hands it the (still quantized) weights and batches."""
 import os
+import time
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class NativeModelRunner:
         cache = ffi.new("tv_kv_cache **")
         check(lib.tv_kv_cache_create(self._model, num_blocks, block_size, KV_DTYPES[kv_dtype], cache))
         self._cache = ffi.gc(cache[0], lib.tv_kv_cache_free)
+        self.last_forward_s = 0.0  # wall time of the last native forward call (benchmarks: Python overhead)
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, kv_dtype: str = "float16") -> int:
@@ -76,7 +78,10 @@ class NativeModelRunner:
             n_tokens=len(tok), tokens=ptr(tok, "int32_t *"), positions=ptr(pos, "int32_t *"),
             seq_ids=ptr(sid, "int32_t *"), n_seqs=tables.shape[0], max_blocks=tables.shape[1],
             block_tables=ptr(tables, "int32_t *"), n_logits=len(rows), logits_rows=ptr(rows, "int32_t *")))
-        check(lib.tv_model_forward(self._model, self._cache, batch, ptr(logits)))
+        t = time.perf_counter()
+        rc = lib.tv_model_forward(self._model, self._cache, batch, ptr(logits))
+        self.last_forward_s = time.perf_counter() - t
+        check(rc)
         return logits
 
 

@@ -1,0 +1,425 @@
+"""OpenAI-compatible server on loopback: the real `openai` client and raw SSE clients against
+answers computed offline on the same LLMEngine (before the server's engine thread owns it)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from tinyvllm import LLMEngine, SamplingParams
+from tinyvllm.server.api import build_app
+from tinyvllm.server.async_engine import AsyncEngine
+
+MODEL = "smollm2-135m"
+GEN = 5  # tokens per answer in the many-client tests
+PROMPTS = [f"{subject} number {i} is" for i, subject in
+           zip(range(16), ["The story", "My favourite colour", "The answer", "A good name"] * 4)]
+GREEDY = dict(temperature=0, ignore_eos=True)
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def offline(engine, prompt, params):
+    """The engine alone: one request, stepped to the end on this thread."""
+    rid = engine.add_request(None, prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out
+
+
+class LiveServer:
+    """uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            assert self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def engine(reference_gguf_path):
+    return LLMEngine(str(reference_gguf_path), threads=2, max_model_len=512, max_num_seqs=32)
+
+
+@pytest.fixture(scope="module")
+def ref(engine):
+    """Offline answers every test compares against, computed before the engine thread starts."""
+    tok = engine.tokenizer
+    chat_text = tok.apply_chat_template(FRANCE, add_generation_prompt=True)
+    chat_ids = tok.encode(chat_text, add_special_tokens=False)
+    completion = offline(engine, "The capital of France is", SamplingParams(temperature=0, max_tokens=16))
+    word = completion.outputs[0].text.split()[2]
+    return dict(
+        alone={p: offline(engine, p, SamplingParams(max_tokens=GEN, **GREEDY)).outputs[0] for p in PROMPTS},
+        completion=completion, stop_word=word,
+        logprobs=offline(engine, "The capital of France is", SamplingParams(temperature=0, max_tokens=16, logprobs=2)),
+        chat=offline(engine, {"prompt": chat_text, "prompt_token_ids": chat_ids},
+                     SamplingParams(temperature=0, max_tokens=24)),
+        n3=offline(engine, "Once upon a time", SamplingParams(n=3, temperature=0.8, seed=7, max_tokens=10)))
+
+
+@pytest.fixture(scope="module")
+def aeng(engine, ref):
+    a = AsyncEngine(engine).start()
+    yield a
+    a.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(aeng):
+    s = LiveServer(build_app(aeng, MODEL))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def sse_completion(url, body, drop_after=None, hold=None):
+    """Stream one completion over raw HTTP. Returns (status, text, finish_reason); with drop_after,
+    closes the connection after that many chunks; with hold, waits on that barrier once headers are in."""
+    with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+        if hold is not None:
+            hold.wait(60)
+        if r.status_code != 200:
+            return r.status_code, json.loads(r.read()), None
+        text, finish, chunks = "", None, 0
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                return 200, text, finish
+            if line.startswith("data: "):
+                choice = json.loads(line[6:])["choices"][0]
+                text, finish, chunks = text + choice["text"], choice["finish_reason"], chunks + 1
+                if drop_after and chunks >= drop_after:
+                    return "dropped", text, None
+    return "no [DONE]", text, finish
+
+
+def wait_idle(engine, aeng, timeout=30):
+    """Poll until nothing runs or waits and every KV block is free again (evictable prefix-cache
+    blocks count as free in BlockManager.num_free_blocks)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = aeng.stats
+        if not s["running"] and not aeng.num_waiting and s["blocks_free"] == s["blocks_total"]:
+            break
+        time.sleep(0.05)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert not engine.has_unfinished_requests()
+
+
+def metric(text, name):
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+# ---- 1. the openai client: completions and chat, streaming or not ---------------------------------
+def test_completion_equals_offline(client, ref, engine):
+    want = ref["completion"]
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0)
+    assert r.choices[0].text == want.outputs[0].text and r.choices[0].finish_reason == want.outputs[0].finish_reason
+    assert r.usage.prompt_tokens == len(engine.tokenizer.encode("The capital of France is"))
+    assert r.usage.completion_tokens == len(want.outputs[0].token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.outputs[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.outputs[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # token-id prompts and several prompts at once (choices in prompt order)
+    ids = engine.tokenizer.encode("The capital of France is")
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=16, temperature=0)
+    assert r.choices[0].text == want.outputs[0].text and r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model=MODEL, prompt=["The capital of France is", "Hi"], max_tokens=16, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == want.outputs[0].text
+    assert r.usage.prompt_tokens == len(ids) + len(engine.tokenizer.encode("Hi"))
+
+
+def test_chat_equals_offline(client, ref):
+    want = ref["chat"]
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_completion_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want.outputs[0].text and "Paris" in want.outputs[0].text
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == want.outputs[0].finish_reason
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.completion_tokens == len(want.outputs[0].token_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.outputs[0].text
+    assert chunks[-1].usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+def test_n_seeded_equals_offline(client, ref):
+    want = ref["n3"].outputs
+    for stream in (False, True):
+        usage_opt = {"include_usage": True} if stream else None
+        r = client.completions.create(model=MODEL, prompt="Once upon a time", n=3, temperature=0.8, seed=7,
+                                      max_tokens=10, stream=stream, stream_options=usage_opt)
+        texts, usage = {}, None
+        for chunk in (r if stream else [r]):
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+            usage = chunk.usage or usage
+        assert texts == {o.index: o.text for o in want}
+        assert len(set(texts.values())) > 1  # three different samples
+        assert usage.completion_tokens == sum(len(o.token_ids) for o in want)
+
+
+def test_stop_strings(client, ref):
+    base, word = ref["completion"].outputs[0].text, ref["stop_word"]
+    for stop in (word, [word, "never appears"]):
+        r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0,
+                                      stop=stop)
+        assert r.choices[0].text == base[:base.index(word)] and r.choices[0].finish_reason == "stop"
+        chunks = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16,
+                                           temperature=0, stop=stop, stream=True)
+        assert "".join(c.choices[0].text for c in chunks) == base[:base.index(word)]
+
+
+def test_logprobs(client, ref):
+    want = ref["logprobs"].outputs[0]
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(want.token_ids) == r.usage.completion_tokens
+    assert lp.token_logprobs == pytest.approx([d[t] for t, d in zip(want.token_ids, want.logprobs)], abs=1e-4)
+    assert all(len(top) >= 2 for top in lp.top_logprobs) and "".join(lp.tokens).startswith(r.choices[0].text)
+    c = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)  # greedy picks the best
+
+
+def test_models_health_tokenize(client, server, engine):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").status_code == 200
+    text = "Tokenize me: naïve café, 日本語 and 123."
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert r["tokens"] == engine.tokenizer.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] == 512
+    assert httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == text
+    r = httpx.post(server.url + "/tokenize", json={"messages": FRANCE}).json()
+    chat_text = engine.tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True)
+    assert r["tokens"] == engine.tokenizer.encode(chat_text, add_special_tokens=False)
+
+
+# ---- 2. many clients share one running batch ------------------------------------------------------
+def test_32_concurrent_streams_equal_alone(server, ref):
+    start, prompts = threading.Barrier(32), [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    before = httpx.get(server.url + "/metrics").text
+
+    def one(prompt):
+        start.wait(60)
+        return sse_completion(server.url, {"model": MODEL, "prompt": prompt, "max_tokens": GEN, **GREEDY})
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, prompts))
+    assert [r[0] for r in results] == [200] * 32
+    assert [r[1] for r in results] == [ref["alone"][p].text for p in prompts]
+    assert {r[2] for r in results} == {"length"}
+    m = httpx.get(server.url + "/metrics").text
+    steps = metric(m, "tinyvllm:batch_size_count") - metric(before, "tinyvllm:batch_size_count")
+    ones = 'tinyvllm:batch_size_bucket{le="1.0"}'
+    single = metric(m, ones) - metric(before, ones)
+    assert steps > single  # some steps ran several clients' sequences together
+    assert steps < 32 * GEN  # ... so far fewer steps than tokens generated
+    assert metric(m, "tinyvllm:generation_tokens_total") >= 32 * GEN
+
+
+# ---- 3. bad input ---------------------------------------------------------------------------------
+LONG = "hello " * 600  # ~600 tokens > max_model_len 512
+MID = "hello " * 480   # fits alone, not with 100 more
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+BAD = [
+    (C, {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    (C, {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    (C, {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    (C, {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    (C, {"prompt": "x", "top_k": -5}, 400, "top_k"),
+    (C, {"prompt": "x", "min_p": 2}, 400, "min_p"),
+    (C, {"prompt": "x", "n": 0}, 400, "n"),
+    (C, {"prompt": "x", "n": 2, "temperature": 0}, 400, "n"),
+    (C, {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    (C, {"prompt": "x", "frequency_penalty": -9}, 400, "frequency_penalty"),
+    (C, {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (C, {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    (C, {"prompt": "x", "seed": "abc"}, 400, "seed"),
+    (C, {"prompt": "x", "stop": [""]}, 400, "stop"),
+    (C, {"prompt": "x", "stop": 5}, 400, "stop"),
+    (C, {"prompt": "x", "stream": "sometimes"}, 400, "stream"),
+    (C, {"prompt": LONG}, 400, "prompt"),
+    (C, {"prompt": MID, "max_tokens": 100}, 400, "max_tokens"),
+    (C, {"prompt": ""}, 400, "prompt"),
+    (C, {"prompt": []}, 400, "prompt"),
+    (C, {"prompt": [10 ** 7]}, 400, "prompt"),
+    (C, {"prompt": 5}, 400, "prompt"),
+    (C, {"max_tokens": 3}, 400, "prompt"),
+    (C, {"prompt": "x", "echo": True}, 400, "echo"),
+    (C, b'{"prompt": "x", "max_tokens": ', 400, None),
+    (C, b'["prompt"]', 400, None),
+    (C, {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": [{"content": "hi"}]}, 400, "messages"),
+    (CHAT, {"messages": FRANCE, "top_logprobs": 2}, 400, "top_logprobs"),
+    (CHAT, {"messages": FRANCE, "logprobs": True, "top_logprobs": 21}, 400, "logprobs"),
+    (CHAT, {"messages": FRANCE, "max_completion_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    (CHAT, {"model": "gpt-4", "messages": FRANCE}, 404, "model"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/v1/no-such-endpoint", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input(server, path, body, status, param):
+    raw = {"content": body, "headers": {"content-type": "application/json"}}
+    r = httpx.post(server.url + path, timeout=30, **(raw if isinstance(body, bytes) else {"json": body}))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"]
+    assert err["param"] == param
+
+
+def test_still_serving_after_bad_input(client, server, ref):
+    for path, body, _, _ in BAD[:5]:
+        httpx.post(server.url + path, json=body)
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0,
+                                  extra_body={"unknown_field": 1, "another": {"x": 2}})  # unknown fields: ignored
+    assert r.choices[0].text == ref["completion"].outputs[0].text
+
+
+# ---- 4. clients that hang up ----------------------------------------------------------------------
+def test_disconnect_storm_frees_everything(server, engine, aeng, ref):
+    wait_idle(engine, aeng)
+    generated = aeng.stats["generated_tokens"]
+    drops = set(range(0, 100, 10)) | set(range(3, 100, 10)) | set(range(7, 100, 10))  # 30 of 100
+
+    def one(i):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        if i in drops:  # long answers, dropped after the first chunk or two
+            return sse_completion(server.url, {"prompt": prompt, "max_tokens": 64, **GREEDY}, drop_after=1 + i % 2)
+        return sse_completion(server.url, {"prompt": prompt, "max_tokens": GEN, **GREEDY})
+
+    with ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(one, range(100)))
+    assert [r[0] for i, r in enumerate(results) if i in drops] == ["dropped"] * 30
+    kept = [(i, r) for i, r in enumerate(results) if i not in drops]
+    assert [r for _, r in kept] == [(200, ref["alone"][PROMPTS[i % len(PROMPTS)]].text, "length") for i, _ in kept]
+    wait_idle(engine, aeng)
+    # had the dropped requests run on, they would have generated all their 64 tokens each
+    assert aeng.stats["generated_tokens"] - generated < 70 * GEN + 30 * 64
+
+
+def test_non_streaming_client_that_hangs_up_is_aborted(server, engine, aeng):
+    wait_idle(engine, aeng)
+    before = aeng.stats["generated_tokens"]
+    body = json.dumps({"prompt": "Tell me a story", "max_tokens": 400, **GREEDY}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        end = time.monotonic() + 60
+        while aeng.stats["generated_tokens"] == before and time.monotonic() < end:
+            time.sleep(0.05)  # until it is generating
+    wait_idle(engine, aeng)
+    assert 0 < aeng.stats["generated_tokens"] - before < 400
+
+
+# ---- 5. a bounded waiting queue -------------------------------------------------------------------
+def test_queue_full_is_429(aeng, engine, ref):
+    wait_idle(engine, aeng)
+    small = LiveServer(build_app(aeng, MODEL, max_waiting=2))  # same engine, a tiny waiting queue
+    try:
+        hold = threading.Barrier(41)  # 40 clients stay connected until every one has its status line
+        with ThreadPoolExecutor(40) as pool:
+            bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 200, **GREEDY} for i in range(40)]
+            futures = [pool.submit(sse_completion, small.url, b, drop_after=1, hold=hold) for b in bodies]
+            hold.wait(120)
+            results = [f.result() for f in futures]
+        rejected = [r for r in results if r[0] == 429]
+        # 32 can run (max_num_seqs) and 2 may wait: at least 6 of 40 long requests are refused
+        assert len(rejected) >= 40 - 32 - 2 and all(r[0] in (429, "dropped") for r in results)
+        assert all(r[1]["error"]["type"] == "rate_limit_exceeded" for r in rejected)
+        wait_idle(engine, aeng)
+        r = httpx.post(small.url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": GEN, **GREEDY},
+                       timeout=60)
+        assert r.json()["choices"][0]["text"] == ref["alone"][PROMPTS[0]].text
+    finally:
+        small.stop()
+
+
+# ---- 6. `tinyvllm serve` as a process: API key, SIGTERM -----------------------------------------------
+def test_serve_subprocess_api_key_and_sigterm(reference_gguf_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "tinyvllm", "serve", str(reference_gguf_path), "--port", str(port),
+                             "--threads", "1", "--max-num-seqs", "4", "--served-model-name", "smol",
+                             "--api-key", "sekrit", "--log-level", "warning"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        body = {"model": "smol", "prompt": "Hello", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(url + "/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0, timeout=60)
+        r = good.completions.create(model="smol", prompt="Hello", max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+        # SIGTERM while a stream is in flight: it is finished, then the server exits 0
+        stream = good.completions.create(model="smol", prompt="Count: 1, 2,", max_tokens=24, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert first.choices[0].text and rest[-1].choices[0].finish_reason == "length"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_without_server_extra_says_what_to_install(monkeypatch, capsys):
+    import argparse
+    from tinyvllm.server import cli
+    code = "import sys, tinyvllm.server.cli; sys.exit(bool({'fastapi', 'uvicorn'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0  # the CLI imports stay light
+    p = argparse.ArgumentParser()
+    cli.configure(p)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
+    a = p.parse_args(["no-such-model"])
+    assert a.func(a) == 1 and "pip install tinyvllm[server]" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""`tinyvllm bench`: throughput and latency of the engine (offline) or of any OpenAI-compatible server (--url)."""

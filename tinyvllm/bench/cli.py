@@ -1,0 +1,145 @@
+"""`tinyvllm bench`: arguments only at import time; the engine, httpx and matplotlib load when it runs.
+
+    tinyvllm bench --num-prompts 64 --input-len 32-256 --output-len 64-128 --ignore-eos      # offline
+    tinyvllm bench --memory-budget 128MB,256MB,512MB                                         # budget sweep
+    tinyvllm bench --url http://127.0.0.1:8000 --max-concurrency 1,4,16 --plot bench.png     # any server
+"""
+import argparse
+import gc
+import json
+from pathlib import Path
+
+from ..model.fetch import DEFAULT_MODEL
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need integers separated by commas, got {value!r}") from None
+    if min(out) < 1:
+        raise argparse.ArgumentTypeError("concurrency must be at least 1")
+    return out
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="benchmark a running OpenAI-compatible server instead of the engine")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="model to run offline; with --url, the tokenizer for prompts and token counts")
+    p.add_argument("--served-model-name", default=None, help="--url: the `model` field (default: /v1/models)")
+    p.add_argument("--api-key", default=None, help="--url: sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--server-pid", type=int, default=None, help="--url: report this process's peak RSS")
+    p.add_argument("--threads", "-t", type=int, default=None, help="offline: CPU threads")
+    p.add_argument("--memory-budget", default=None,
+                   help="offline: budget for weights + KV + workspace; a comma list (64MB,256MB) sweeps it")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="offline: sequences in one batch at most")
+    p.add_argument("--max-model-len", type=int, default=None, help="offline: context length per sequence")
+    p.add_argument("--num-prompts", "-n", type=int, default=64, help="requests (with --dataset: its first N)")
+    p.add_argument("--input-len", default="128", help="prompt tokens, a number or a range like 32-256")
+    p.add_argument("--output-len", default="128", help="output tokens (max_tokens), a number or a range")
+    p.add_argument("--dataset", default=None, help="JSONL of {\"prompt\": ..., \"max_tokens\": ...} instead of "
+                                                   "random token prompts")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (default inf: all at once)")
+    p.add_argument("--max-concurrency", type=_int_list, default=None,
+                   help="requests in flight at most; a comma list (1,4,16) sweeps it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrivals")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
+    p.add_argument("--output-json", default=None)
+    p.add_argument("--output-md", default=None)
+    p.add_argument("--plot", default=None, help="PNG: latency CDFs and throughput vs concurrency")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def _workload(a, tokenizer, vocab_size: int, salt: int):
+    from .workload import load_dataset, parse_range, random_workload
+    out_len = parse_range(a.output_len)
+    if a.dataset:
+        return load_dataset(a.dataset, tokenizer, out_len, a.num_prompts, a.seed)
+    return random_workload(a.num_prompts, parse_range(a.input_len), out_len, vocab_size, a.seed, salt)
+
+
+def _run_name(a, budget, conc) -> str:
+    parts = ([f"budget {budget}"] if budget else []) + ([f"concurrency {conc}"] if conc else [])
+    return ", ".join(parts) or ("server" if a.url else "offline")
+
+
+def _offline_runs(a, offsets_for, progress_for) -> list[dict]:
+    from ..engine import LLMEngine
+    from .offline import peak_rss_bytes, peak_rss_reset, run_offline
+    from .stats import summarize
+    runs = []
+    for budget in (a.memory_budget.split(",") if a.memory_budget else [None]):
+        engine = None
+        gc.collect()  # the previous budget's engine (and its KV pool) goes before the next one loads
+        peak_rss_reset()
+        try:
+            engine = LLMEngine(a.model, threads=a.threads, memory_budget=budget, max_num_seqs=a.max_num_seqs,
+                               max_model_len=a.max_model_len)
+        except (ValueError, MemoryError, RuntimeError) as e:  # a budget too small for the weights is a result
+            runs += [{"name": _run_name(a, budget, c), "memory_budget": budget, "max_concurrency": c, "error": str(e)}
+                     for c in a.max_concurrency or [None]]
+            continue
+        for k, conc in enumerate(a.max_concurrency or [None]):
+            workload = _workload(a, engine.tokenizer, engine.config.vocab_size, salt=k)
+            peak_rss_reset()
+            name = _run_name(a, budget, conc)
+            results, duration, info = run_offline(engine, workload, offsets_for(workload), conc, a.ignore_eos,
+                                                  progress_for(name, workload))
+            runs.append({"name": name, "memory_budget": budget, "max_concurrency": conc, **summarize(results, duration),
+                         **info, "peak_rss_mb": peak_rss_bytes() / 1e6, "kv_blocks": engine.blocks.num_blocks,
+                         "max_model_len": engine.max_model_len})
+    return runs
+
+
+def _url_runs(a, offsets_for, progress_for) -> list[dict]:
+    import asyncio
+    from ..model import load_model, resolve_model
+    from ..tokenizer import Tokenizer
+    from .client import run_url
+    from .offline import peak_rss_bytes
+    from .stats import summarize
+    w = load_model(resolve_model(a.model))  # memory-mapped: only the tokenizer and the vocabulary size are read
+    tokenizer = Tokenizer.from_gguf_metadata(w.metadata) if w.kind == "gguf" else Tokenizer.from_dir(w.path)
+    runs = []
+    for k, conc in enumerate(a.max_concurrency or [None]):
+        workload = _workload(a, tokenizer, w.config.vocab_size, salt=k)
+        name = _run_name(a, None, conc)
+        results, duration, info = asyncio.run(run_url(
+            a.url, workload, offsets_for(workload), conc, tokenizer=tokenizer, ignore_eos=a.ignore_eos,
+            progress=progress_for(name, workload), model=a.served_model_name, api_key=a.api_key))
+        rss = peak_rss_bytes(a.server_pid) if a.server_pid else None
+        runs.append({"name": name, "max_concurrency": conc, **summarize(results, duration), **info,
+                     "peak_rss_mb": None if rss is None else rss / 1e6})
+    return runs
+
+
+def run(a) -> int:
+    from .progress import Progress
+    from .report import markdown, plot
+    from ..engine.memory import parse_bytes
+    from .workload import arrival_offsets, parse_range
+    if a.url and a.memory_budget:
+        raise ValueError("--memory-budget is for offline runs; give the server its own budget")
+    # Bad arguments fail here, before a model loads.
+    if a.num_prompts < 1:
+        raise ValueError("--num-prompts must be at least 1")
+    parse_range(a.input_len), parse_range(a.output_len), arrival_offsets(1, a.request_rate, a.seed)
+    [parse_bytes(b) for b in (a.memory_budget or "0").split(",")]
+    if a.dataset and not Path(a.dataset).is_file():
+        raise FileNotFoundError(f"--dataset {a.dataset}: no such file")
+    offsets_for = lambda wl: arrival_offsets(len(wl), a.request_rate, a.seed)
+    progress_for = lambda name, wl: Progress(len(wl), name, enabled=not a.no_progress)
+    runs = (_url_runs if a.url else _offline_runs)(a, offsets_for, progress_for)
+    report = {"mode": "url" if a.url else "offline", "url": a.url, "model": a.model,
+              "config": {k: v for k, v in vars(a).items() if k != "func"}, "runs": runs}
+    table = markdown(runs)
+    print(table)
+    if a.output_md:
+        Path(a.output_md).write_text(table)
+    if a.output_json:
+        Path(a.output_json).write_text(json.dumps(report, indent=1, default=str))
+    if a.plot:
+        plot(runs, a.plot)
+    return 0 if any(not r.get("error") and r["completed"] for r in runs) else 1

@@ -1,0 +1,285 @@
+"""build_app: the FastAPI app of the OpenAI-compatible server, over one AsyncEngine.
+
+Every error leaves as OpenAI's shape {"error": {"message", "type", "param", "code"}}: bad fields 400
+(FastAPI's 422 included), wrong API key 401, unknown model 404, full waiting queue 429."""
+import json
+import secrets
+import time
+import uuid
+from contextlib import aclosing, asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..engine import LLMEngine
+from .async_engine import AsyncEngine
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+_FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+_OPEN_PATHS = {"/health", "/metrics"}  # monitoring stays reachable without the API key
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+class _APIKeyCheck:
+    """Pure ASGI middleware (runs before the body is parsed): `Authorization: Bearer <key>`."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS:
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(got, self.expected):
+                err = APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>').",
+                               "authentication_error", code="invalid_api_key")
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _conversation(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as plain dicts for the chat template; text content parts are joined."""
+    out = []
+    for m in messages:
+        d = m.model_dump(exclude_none=True)
+        d["content"] = "".join(p.text for p in m.content) if isinstance(m.content, list) else (m.content or "")
+        out.append(d)
+    return out
+
+
+def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_key: str | None = None,
+              max_waiting: int = 256) -> FastAPI:
+    """An app serving `engine`. Given an LLMEngine, the app owns an AsyncEngine over it (started and
+    stopped with the app); given an AsyncEngine, several apps may share it and it is only started."""
+    owned = isinstance(engine, LLMEngine)
+    aeng = AsyncEngine(engine) if owned else engine
+    tok, max_len, vocab = aeng.engine.tokenizer, aeng.engine.max_model_len, aeng.engine.config.vocab_size
+    metrics = ServerMetrics(aeng)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        aeng.start()
+        yield
+        if owned:  # by now uvicorn has let in-flight requests finish (or cancelled them: aborted)
+            aeng.shutdown()
+
+    app = FastAPI(title="tinyvllm", lifespan=lifespan)
+    app.state.async_engine, app.state.metrics = aeng, metrics
+    if api_key is not None:
+        app.add_middleware(_APIKeyCheck, api_key=api_key)
+
+    # ---- errors ------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        errs = e.errors()
+        locs = [".".join(str(x) for x in err.get("loc", ()) if x != "body") for err in errs]
+        msg = "; ".join(f"{loc}: {err['msg']}" if loc else err["msg"] for loc, err in zip(locs, errs[:3]))
+        if errs and errs[0].get("type") == "json_invalid":
+            msg, locs = f"Invalid JSON body: {errs[0].get('ctx', {}).get('error', msg)}", [None]
+        param = str(errs[0]["loc"][1]) if errs and len(errs[0].get("loc", ())) > 1 and locs[0] else None
+        return APIError(400, msg or "invalid request", param=param).response()
+
+    @app.exception_handler(ValueError)  # SamplingParams and the chat template say what is wrong
+    async def _bad_value(_, e: ValueError):
+        word = str(e).split(" ", 1)[0]
+        return APIError(400, str(e), param=word if word in _FIELDS else None).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, e: HTTPException):
+        return APIError(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
+                        "invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        return APIError(500, f"internal error: {e!r}", "internal_error").response()
+
+    # ---- checks ------------------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model", "model_not_found")
+
+    def check_prompt(ids: list[int], max_tokens: int | None, field: str = "prompt") -> None:
+        if not ids:
+            raise APIError(400, "The prompt is empty.", param=field)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise APIError(400, f"Prompt token ids must be in [0, {vocab}).", param=field)
+        want = len(ids) + (max_tokens or 1)
+        if want > max_len:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
+                           f"{want} tokens ({len(ids)} in the prompt, {max_tokens or 1} for the completion).",
+                           param="max_tokens" if len(ids) < max_len else field, code="context_length_exceeded")
+
+    def admit(num_prompts: int) -> None:
+        if not aeng.alive:
+            raise APIError(503, "The engine is not running.", "service_unavailable")
+        if aeng.num_waiting + num_prompts > max_waiting:
+            raise APIError(429, f"The server is busy: {aeng.num_waiting} requests are already waiting "
+                           f"(at most {max_waiting}). Retry later.", "rate_limit_exceeded")
+
+    # ---- generation --------------------------------------------------------------------------
+    def token_str(t: int) -> str:
+        return tok.decode([t], skip_special_tokens=False)
+
+    def logprobs_json(chat: bool, toks: list[int], lps: list[dict], top: int, offset: int):
+        if chat:
+            def entry(t, lp):
+                s = token_str(t)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(t, d[t]), "top_logprobs": [entry(a, lp) for a, lp in sorted(
+                d.items(), key=lambda kv: -kv[1])[:top]]} for t, d in zip(toks, lps)]}
+        strs = [token_str(t) for t in toks]
+        offsets = [offset + sum(map(len, strs[:i])) for i in range(len(strs))]
+        return {"tokens": strs, "token_logprobs": [d[t] for t, d in zip(toks, lps)],
+                "top_logprobs": [{token_str(a): lp for a, lp in d.items()} for d in lps], "text_offset": offsets}
+
+    async def deltas(outputs, n: int, usage: dict):
+        """Per choice update: (choice index, new text, new token ids, new logprobs, finish, stop_reason)."""
+        sent = {}  # choice index -> [chars sent, tokens sent, finished]
+        async with aclosing(outputs):
+            async for k, out in outputs:
+                for c in out.outputs:
+                    chars, ntok, done = sent.setdefault(k * n + c.index, [0, 0, False])
+                    if done:
+                        continue
+                    text, toks = c.text[chars:], c.token_ids[ntok:]
+                    sent[k * n + c.index] = [max(chars, len(c.text)), len(c.token_ids), c.finish_reason is not None]
+                    if text or toks or c.finish_reason:
+                        yield (k * n + c.index, text, toks, c.logprobs[ntok:] if c.logprobs is not None else None,
+                               c.finish_reason, c.stop_reason)
+                if out.finished:
+                    metrics.on_finished(out)
+                    usage["completion_tokens"] = usage.get("completion_tokens", 0) + sum(
+                        len(c.token_ids) for c in out.outputs)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage.setdefault("completion_tokens", 0)
+
+    async def respond(body, prompts: list[dict], params, chat: bool, request: Request):
+        admit(len(prompts))
+        try:
+            outputs = aeng.generate(prompts, params)  # queued now: the next admit() counts these
+        except RuntimeError as e:  # shutting down, or the engine thread died
+            raise APIError(503, str(e), "service_unavailable") from e
+        usage = {"prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts)}
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": served_model_name}
+        top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
+        if body.stream:
+            return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage),
+                                     media_type="text/event-stream")
+        choices = {}  # choice index -> [text, token ids, logprobs, finish, stop_reason]
+        async with aclosing(deltas(outputs, params.n, usage)) as updates:
+            async for i, text, toks, lps, finish, stop in updates:
+                ch = choices.setdefault(i, ["", [], [], None, None])
+                ch[0] += text
+                ch[1] += toks
+                ch[2] += lps or []
+                ch[3], ch[4] = finish, stop
+                if await request.is_disconnected():  # nobody will read the answer: stop generating
+                    return Response(status_code=499)
+        out = []
+        for i, (text, toks, lps, finish, stop) in sorted(choices.items()):
+            lp = logprobs_json(chat, toks, lps, top, 0) if params.logprobs is not None else None
+            body_part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            out.append({"index": i, **body_part, "logprobs": lp, "finish_reason": finish, "stop_reason": stop})
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
+
+    async def sse(body, outputs, num_prompts, params, chat, head, top, usage):
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        event = lambda choices, **extra: f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+        if chat:  # the role first, like OpenAI
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(num_prompts * params.n)])
+        offsets = {}
+        try:
+            async with aclosing(deltas(outputs, params.n, usage)) as updates:
+                async for i, text, toks, lps, finish, stop in updates:
+                    lp = None
+                    if lps is not None:
+                        lp = logprobs_json(chat, toks, lps, top, offsets.get(i, 0))
+                        offsets[i] = offsets.get(i, 0) + sum(len(token_str(t)) for t in toks)
+                    elif not text and not finish:
+                        continue  # text held back (a possible stop string, an unfinished character)
+                    part = {"delta": {"content": text} if text or not finish else {}} if chat else {"text": text}
+                    yield event([{"index": i, **part, "logprobs": lp, "finish_reason": finish,
+                                  "stop_reason": stop}])
+            if body.include_usage:
+                yield event([], usage=usage)
+        except Exception as e:  # the status line is long gone: report in-band, then end the stream
+            err = {"message": str(e), "type": "internal_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': err})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # ---- routes ------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.to_params()
+        p = body.prompt
+        items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not items:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        prompts = [{"prompt": x, "prompt_token_ids": tok.encode(x)} if isinstance(x, str) else
+                   {"prompt": None, "prompt_token_ids": list(x)} for x in items]
+        for x in prompts:
+            check_prompt(x["prompt_token_ids"], params.max_tokens)
+        return await respond(body, prompts, params, False, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.to_params()
+        text = tok.apply_chat_template(_conversation(body.messages), add_generation_prompt=body.add_generation_prompt)
+        ids = tok.encode(text, add_special_tokens=False)  # the template already wrote any BOS it wants
+        check_prompt(ids, params.max_tokens, "messages")
+        return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "tinyvllm", "root": str(aeng.engine.model_path),
+                                            "max_model_len": max_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "Give exactly one of prompt or messages.", param="prompt")
+        if body.messages is not None:
+            text = tok.apply_chat_template(_conversation(body.messages),
+                                           add_generation_prompt=body.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": max_len, "tokens": ids,
+                "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= vocab):
+            raise APIError(400, f"Token ids must be in [0, {vocab}).", param="tokens")
+        return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if aeng.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
