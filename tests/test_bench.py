@@ -11,7 +11,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -21,6 +20,8 @@ from tinyvllm.bench.stats import RequestResult, latency_ms, percentile, summariz
 from tinyvllm.bench.workload import (FIRST_ORDINARY_ID, arrival_offsets, load_dataset, parse_range,
                                      random_workload)
 from tinyvllm.cli import main
+
+from serve_process import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -274,28 +275,13 @@ def test_bench_command_against_fake_server(reference_gguf_path, tmp_path):
 
 # ---- --url against a real `tinyvllm serve` ---------------------------------------------------------------
 def test_bench_url_against_tinyvllm_serve(reference_gguf_path, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "tinyvllm", "serve", str(reference_gguf_path), "--port", str(port),
-                             "--threads", "1", "--log-level", "warning"], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, url = start_server(reference_gguf_path, "--threads", "1")
     try:
-        for _ in range(600):
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
         args = _args(tmp_path, "--model", str(reference_gguf_path), "--url", url, "-n", "4",
                      "--server-pid", str(proc.pid))
         assert main(args) == 0
     finally:
-        proc.kill()
-        proc.wait()
+        stop_server(proc)
     (run,) = json.loads((tmp_path / "r.json").read_text())["runs"]
     expected = random_workload(4, (6, 20), (3, 9), vocab_size=49152, seed=5)
     assert run["completed"] == 4 and run["server"] == "tinyvllm"

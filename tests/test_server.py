@@ -1,7 +1,6 @@
 """OpenAI-compatible server on loopback: the real `openai` client and raw SSE clients against
 answers computed offline on the same LLMEngine (before the server's engine thread owns it)."""
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,6 +18,8 @@ import uvicorn
 from tinyvllm import LLMEngine, SamplingParams
 from tinyvllm.server.api import build_app
 from tinyvllm.server.async_engine import AsyncEngine
+
+from serve_process import start_server, stop_server
 
 MODEL = "smollm2-135m"
 GEN = 5  # tokens per answer in the many-client tests
@@ -371,24 +372,9 @@ def test_queue_full_is_429(aeng, engine, ref):
 
 # ---- 6. `tinyvllm serve` as a process: API key, SIGTERM -----------------------------------------------
 def test_serve_subprocess_api_key_and_sigterm(reference_gguf_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "tinyvllm", "serve", str(reference_gguf_path), "--port", str(port),
-                             "--threads", "1", "--max-num-seqs", "4", "--served-model-name", "smol",
-                             "--api-key", "sekrit", "--log-level", "warning"], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc, url = start_server(reference_gguf_path, "--threads", "1", "--max-num-seqs", "4",
+                             "--served-model-name", "smol", "--api-key", "sekrit")
     try:
-        for _ in range(600):
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
         body = {"model": "smol", "prompt": "Hello", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = httpx.post(url + "/v1/completions", json=body, headers=headers)
@@ -408,9 +394,7 @@ def test_serve_subprocess_api_key_and_sigterm(reference_gguf_path):
         assert first.choices[0].text and rest[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def test_serve_without_server_extra_says_what_to_install(monkeypatch, capsys):

@@ -1,7 +1,6 @@
 """Tokenizer tests: the reference GGUF vocab, an independent byte-level BPE, sentencepiece parity,
 HF directories, chat templates and incremental detokenization."""
 import json
-import os
 import random
 import shutil
 from pathlib import Path

@@ -100,6 +100,14 @@ def filter_probs(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.rng = np.random.default_rng(seed)  # for requests without a seed
+        # Reused [B, V] scratch: a fresh multi-MB temporary per step costs more in page faults
+        # (kernel zeroing) than the exp over it (~4 ms vs ~1 ms at 16 x 49152).
+        self._scratch = np.empty((0, 0), dtype=np.float32)
+
+    def _buffer(self, shape) -> np.ndarray:
+        if self._scratch.shape[0] < shape[0] or self._scratch.shape[1] != shape[1]:
+            self._scratch = np.empty((max(shape[0], 2 * self._scratch.shape[0]), shape[1]), dtype=np.float32)
+        return self._scratch[:shape[0]]
 
     def sample(self, logits: np.ndarray, states: list[SequenceSamplingState],
                eos_token_ids: Iterable[int] = ()) -> list[SampleResult]:
@@ -107,11 +115,15 @@ class Sampler:
         assert logits.ndim == 2 and logits.shape[0] == len(states), (logits.shape, len(states))
         # (1) reporting logprobs from the raw logits: keep only log-sum-exp per row, gather later
         m = logits.max(axis=1, keepdims=True)
-        lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
-        # (2)+(3) processed logits on a copy; rows needing nothing skip the work
-        x = logits.copy()
-        apply_min_tokens(x, states, eos_token_ids)
-        apply_penalties(x, states)
+        buf = np.subtract(logits, m, out=self._buffer(logits.shape))
+        lse = m[:, 0] + np.log(np.exp(buf, out=buf).sum(axis=1))
+        # (2)+(3) processed logits on a copy (the scratch again), only when some row needs processing
+        x = logits
+        if any(s.params.min_tokens or s.params.repetition_penalty != 1.0 or s.params.frequency_penalty
+               or s.params.presence_penalty for s in states):
+            x = np.copyto(buf, logits) or buf
+            apply_min_tokens(x, states, eos_token_ids)
+            apply_penalties(x, states)
         tokens = np.argmax(x, axis=1)  # greedy rows: first max => lowest id on ties
         for i, s in enumerate(states):
             p = s.params

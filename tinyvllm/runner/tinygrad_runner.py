@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from ..model.weights import F16, F32, Q4_0, Q4_1, Q8_0, QUANT_BLOCKS
+from ..model.weights import F16, F32, Q4_0, Q8_0, QUANT_BLOCKS
 
 INSTALL_HINT = ("device='tinygrad' needs tinygrad: `pip install tinyvllm[gpu]` (Python >= 3.11); "
                 "its CPU device also needs clang on PATH (e.g. `apt-get install -y clang`)")
