@@ -43,8 +43,9 @@ def test_resident_memory_stays_under_budget(reference_gguf_path, budget):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
-    # The workload must really fill the pool (preempting for room), or the check proves nothing about KV.
-    assert m["preemptions"] > 0 and m["peak_used"] >= m["blocks"] - 1, m
+    # The workload must really fill the pool, or the check proves nothing about KV: a preemption happens
+    # only when no block is left (used blocks are sampled between steps, after finished ones are freed).
+    assert m["preemptions"] > 0 and m["peak_used"] >= 0.9 * m["blocks"], m
     grown = m["hwm"] - m["base"]
     assert grown <= parse_bytes(budget), f"peak resident growth {grown / 2**20:.1f} MiB > budget {budget}: {m}"
     # ...and the budget is used, not wasted: what the engine planned is close to what it takes.
