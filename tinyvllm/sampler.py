@@ -106,7 +106,7 @@ class Sampler:
 
     def _buffer(self, shape) -> np.ndarray:
         if self._scratch.shape[0] < shape[0] or self._scratch.shape[1] != shape[1]:
-            self._scratch = np.empty((max(shape[0], 2 * self._scratch.shape[0]), shape[1]), dtype=np.float32)
+            self._scratch = np.empty(shape, dtype=np.float32)  # exact: the memory budget counts it
         return self._scratch[:shape[0]]
 
     def sample(self, logits: np.ndarray, states: list[SequenceSamplingState],

@@ -3,6 +3,7 @@ here so a bad file gives a ModelFormatError naming the file and the problem, nev
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from pathlib import Path
 
@@ -84,12 +85,25 @@ def _field_value(f):
             return []
         if len(f.types) > 2:  # nested arrays: rare, GGUFReader flattens them anyway
             return f.contents()
-        if f.types[1] == GGUFValueType.STRING:
-            # surrogateescape keeps invalid UTF-8 byte tokens lossless: encode back with the same handler
-            return [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data]
+        if f.types[1] == GGUFValueType.STRING:  # decoded by _strings() once the reader is gone
+            return _PackedStrings(b"".join(bytes(f.parts[i]) for i in f.data), [len(f.parts[i]) for i in f.data])
         # each element is its own 1-element array: one concatenate is much faster than per-item tolist()
         return np.concatenate([f.parts[i] for i in f.data]).tolist()
     return f.parts[-1].tolist()[0]
+
+
+class _PackedStrings:
+    """A string array kept as one bytes blob while the reader is alive. GGUFReader makes ~250k tiny
+    objects; 100k token/merge strings made among them would pin their allocator arenas after the
+    reader is freed (~30 MB resident). Decoded after it is gone, they pack into fresh arenas."""
+
+    def __init__(self, blob: bytes, lengths: list[int]):
+        self.blob, self.ends = blob, np.cumsum(np.asarray(lengths, dtype=np.int64)).tolist()
+
+    def strings(self) -> list[str]:
+        # surrogateescape keeps invalid UTF-8 byte tokens lossless: encode back with the same handler
+        b, starts = self.blob, [0] + self.ends[:-1]
+        return [b[i:j].decode("utf-8", "surrogateescape") for i, j in zip(starts, self.ends)]
 
 
 def _to_weight(t) -> WeightTensor:
@@ -140,6 +154,9 @@ def _load(path: Path) -> ModelWeights:
     except Exception as e:
         raise ModelFormatError(f"cannot decode GGUF metadata ({type(e).__name__}: {e})") from None
     tensors = {t.name: _to_weight(t) for t in reader.tensors}
+    del reader
+    gc.collect()  # the reader's objects hold reference cycles: free them before the strings are made
+    md = {k: v.strings() if isinstance(v, _PackedStrings) else v for k, v in md.items()}
 
     cfg = ModelConfig.from_gguf_metadata(md)
     # What the file holds decides these: no output.weight means the embedding is reused (tied); llama-arch
