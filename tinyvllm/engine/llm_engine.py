@@ -28,26 +28,22 @@ class _Request:
 
 
 class LLMEngine:
-    # Cumulative step counters for serving metrics; class defaults so they exist before the first step.
-    num_steps = num_scheduled_tokens = num_generated_tokens = 0
-    last_batch_size = 0  # sequences in the latest step's batch
-
     def __init__(self, model: str, *, tokenizer: str | None = None, threads: int | None = None,
                  device: str = "cpu", quantization: str | None = None, memory_budget=None,
                  kv_cache_bytes=None, kv_cache_dtype: str = "float16", block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, seed: int = 0):
         runner_cls, runner_kwargs = runner_for(device)  # ValueError / ImportError (with install hint) up front
-        heap_before = rss_bytes()
+        rss_before = rss_bytes()
         self.model_path = resolve_model(model)
         self.weights = quantize_weights(load_model(self.model_path), quantization)
         cfg = self.config = self.weights.config
         self.tokenizer = (Tokenizer.from_dir(tokenizer) if tokenizer else
                           Tokenizer.from_gguf_metadata(self.weights.metadata) if self.weights.kind == "gguf"
                           else Tokenizer.from_dir(self.weights.path))
-        # What loading left on the heap besides weights (parsed metadata, tokenizer) is paid from the budget too.
+        # What loading left resident besides weights (parsed metadata, tokenizer) is paid from the budget too.
         weight_bytes = sum(t.data.nbytes for t in self.weights.tensors.values())
-        self.load_overhead_bytes = max(0, rss_bytes() - heap_before - heap_weight_bytes(self.weights.tensors.values()))
+        self.load_overhead_bytes = max(0, rss_bytes() - rss_before - heap_weight_bytes(self.weights.tensors.values()))
         block_bytes = NativeModelRunner.kv_bytes_per_block(cfg, block_size, kv_cache_dtype)
         wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         num_blocks = plan_kv_blocks(
@@ -64,6 +60,8 @@ class LLMEngine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
+        # cumulative counters for serving metrics; last_batch_size = sequences in the latest step
+        self.num_steps = self.num_scheduled_tokens = self.num_generated_tokens = self.last_batch_size = 0
 
     # ---- requests -------------------------------------------------------------------------
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
