@@ -33,6 +33,11 @@ struct Kernels {
     // acc [R][hd]; work: 2 * bs * hd + bs floats of scratch.
     void (*attn_block)(const float *q, int R, int hd, const int *n_valid, const uint8_t *k, const uint8_t *v, size_t ld,
                        bool f16, int bs, float scale, float *m, float *l, float *acc, float *work);
+    // Per-token ops of every matmul input (prefill spends ~15% in them at scalar speed):
+    // quantize_row_act's exact bits (every path must reproduce them), and swiglu (g = silu(g) * u)
+    // to float accuracy (a path may use its own exp).
+    void (*quantize_act)(const float *x, ActBlock *out, int64_t cols);
+    void (*silu_mul)(float *g, const float *u, int64_t n);
 };
 
 extern const Kernels kernels_scalar;

@@ -6,6 +6,7 @@
 // |x| <= 32767), converted to float and scaled by d_w * d_x with one FMA per block.
 #include "attn_block.h"
 #include "kernels.h"
+#include "ops.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 
@@ -168,7 +169,69 @@ TV_AVX2 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd
     }
 }
 TV_DEFINE_ATTN_BLOCK(TV_AVX2, attn_block, conv_row)
-const Kernels table = {"avx2", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
+
+// quantize_row_act 8 lanes at a time, bit for bit (the reasoning is at kernels_avx512.cpp's copy).
+TV_AVX2 void quantize_act(const float *x, ActBlock *out, int64_t cols) {
+    const __m256 qmax = _mm256_set1_ps((float)ACT_MAX), magic = _mm256_set1_ps(12582912.0f), zero = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t b = 0; b < cols / QK; b++, x += QK) {
+        __m256 xv[4], m = zero;
+        for (int h = 0; h < 4; h++) xv[h] = _mm256_loadu_ps(x + 8 * h), m = _mm256_max_ps(_mm256_and_ps(xv[h], abs_mask), m);
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float d = amax / (float)ACT_MAX, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i sum = _mm256_setzero_si256();
+        for (int h = 0; h < 4; h++) {
+            const __m256 v = _mm256_mul_ps(xv[h], _mm256_set1_ps(id));
+            const __m256 r = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+            const __m256 sat = _mm256_blendv_ps(_mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), qmax),
+                                                _mm256_sub_ps(zero, qmax), _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+            const __m256i q = _mm256_cvttps_epi32(_mm256_blendv_ps(sat, r, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), qmax, _CMP_LE_OQ)));
+            sum = _mm256_add_epi32(sum, q);
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(out[b].qs + 8 * h),
+                             _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        out[b].d = d;
+        out[b].s = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+// e^x, x clamped to [-87, 88] (the Cephes polynomial of kernels_avx512.cpp's exp512; 2^n built
+// in the exponent bits, which the clamp keeps in range).
+TV_AVX2 inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+TV_AVX2 void silu_mul(float *g, const float *u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    swiglu(g + i, u + i, n - i);
+}
+
+const Kernels table = {"avx2", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
+                       quantize_act, silu_mul};
 
 }  // namespace
 

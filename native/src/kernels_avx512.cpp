@@ -514,7 +514,49 @@ TV_AVX512 void attn_block(const float *q, int R, int hd, const int *n_valid, con
     (void)work;
 }
 
-const Kernels table = {"avx512vnni", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
+// ---- per-token ops --------------------------------------------------------------------------
+
+// quantize_row_act (quant.cpp) 16 lanes at a time, the same operations in the same order, so
+// the same bits: amax over non-NaN values (max(a, acc) keeps acc when a is NaN, like the scalar
+// `a > amax`), the scalar d and 1/d, then per value the product, the 1.5 * 2^23 rounding and
+// the clamp of anything not within +-ACT_MAX (inf/NaN products) to +-ACT_MAX or 0.
+TV_AVX512 void quantize_act(const float *x, ActBlock *out, int64_t cols) {
+    const __m512 qmax = _mm512_set1_ps((float)ACT_MAX), magic = _mm512_set1_ps(12582912.0f), zero = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols / QK; b++, x += QK) {
+        const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+        const __m512 m = _mm512_max_ps(_mm512_abs_ps(x1), _mm512_max_ps(_mm512_abs_ps(x0), zero));
+        const float amax = _mm512_reduce_max_ps(m), d = amax / (float)ACT_MAX, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m512 vid = _mm512_set1_ps(id);
+        __m512i q[2];
+        for (int h = 0; h < 2; h++) {
+            const __m512 v = _mm512_mul_ps(h ? x1 : x0, vid);
+            __m512 r = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+            const __mmask16 in = _mm512_cmp_ps_mask(_mm512_abs_ps(v), qmax, _CMP_LE_OQ);
+            const __m512 sat = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ),
+                                                    _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), qmax),
+                                                    _mm512_sub_ps(zero, qmax));
+            r = _mm512_mask_blend_ps(in, sat, r);
+            q[h] = _mm512_cvttps_epi32(r);
+            _mm256_storeu_si256(reinterpret_cast<__m256i *>(out[b].qs + 16 * h), _mm512_cvtepi32_epi16(q[h]));
+        }
+        out[b].d = d;
+        out[b].s = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+    }
+}
+
+// g = g / (1 + exp(-g)) * u with exp512 (a few ulp from libm's expf).
+TV_AVX512 void silu_mul(float *g, const float *u, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = tail_mask(n - i);
+        const __m512 x = _mm512_maskz_loadu_ps(k, g + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_mask_storeu_ps(g + i, k, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(k, u + i)));
+    }
+}
+
+const Kernels table = {"avx512vnni", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
+                       quantize_act, silu_mul};
 const QuantGemm gemm = {prepare, gemm_run};
 
 }  // namespace

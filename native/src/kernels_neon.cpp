@@ -18,6 +18,7 @@
 // Per-lane bounds: 256 * 8 * 128 * 128 + 8 * 128 * 128 + 128 * 8 * 128 < 2^31.
 #include "attn_block.h"
 #include "kernels.h"
+#include "ops.h"
 
 #if defined(__aarch64__)
 
@@ -257,11 +258,12 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 }
 TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row)
 const Kernels neon_table = {"neon", rows_NeonDot<FmtQ4_0>, rows_NeonDot<FmtQ4_1>, rows_NeonDot<FmtQ8_0>,
-                            dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
+                            dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block, quantize_row_act, swiglu};
 #if TV_HAVE_DOTPROD
 TV_ROWS(TV_DOTPROD, DotprodDot)
 const Kernels dotprod_table = {"neon_dotprod", rows_DotprodDot<FmtQ4_0>, rows_DotprodDot<FmtQ4_1>,
-                               rows_DotprodDot<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
+                               rows_DotprodDot<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
+                               quantize_row_act, swiglu};
 #endif
 
 #if TV_HAVE_DOTPROD

@@ -6,6 +6,7 @@
 #include "fp16.h"
 #include "attn_block.h"
 #include "kernels.h"
+#include "ops.h"
 
 namespace tv {
 namespace {
@@ -92,6 +93,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 TV_DEFINE_ATTN_BLOCK(, attn_block, conv_row)
 }  // namespace
 
-const Kernels kernels_scalar = {"scalar", rows<dot_q4_0>, rows<dot_q4_1>, rows<dot_q8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block};
+const Kernels kernels_scalar = {"scalar", rows<dot_q4_0>, rows<dot_q4_1>, rows<dot_q8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
+                                  quantize_row_act, swiglu};
 
 }  // namespace tv

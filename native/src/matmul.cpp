@@ -14,7 +14,7 @@ namespace tv {
 const ActBlock *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<ActBlock> &buf) {
     const size_t nb = (size_t)(k / QK);
     if (buf.size() < (size_t)m * nb) buf.resize((size_t)m * nb);
-    for (int64_t i = 0; i < m; i++) quantize_row_act(x + i * k, buf.data() + i * nb, k);
+    for (int64_t i = 0; i < m; i++) kernels().quantize_act(x + i * k, buf.data() + i * nb, k);
     return buf.data();
 }
 

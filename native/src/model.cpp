@@ -13,6 +13,7 @@
 
 #include "attention.h"
 #include "common.h"
+#include "kernels.h"
 #include "ops.h"
 
 namespace tv {
@@ -194,6 +195,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     float *xn = grow(s_.xn, (size_t)T * E), *q = grow(s_.q, (size_t)T * Dq), *k = grow(s_.k, (size_t)T * Dkv),
           *v = grow(s_.v, (size_t)T * Dkv), *att = grow(s_.att, (size_t)T * Dq), *tmp = grow(s_.tmp, (size_t)T * E);
 
+    const Kernels &K = kernels();
     // x[t] += tmp[t] (when add), then xn[t] = norm(x[t]) and its int16 blocks for the next matmuls.
     const bool qE = E % QK == 0;
     ActBlock *xq = grow(s_.xq, (size_t)T * (std::max({E, F, Dq}) / QK));  // every quantization below
@@ -203,7 +205,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
             if (add)
                 for (int i = 0; i < E; i++) xt[i] += tmp[(size_t)t * E + i];
             rmsnorm(xt, reinterpret_cast<const float *>(norm.data), xnt, E, p_.rms_eps);
-            if (qE) quantize_row_act(xnt, xq + (size_t)t * (E / QK), E);
+            if (qE) K.quantize_act(xnt, xq + (size_t)t * (E / QK), E);
         });
         return qE ? xq : nullptr;
     };
@@ -236,7 +238,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     // (a quantized weight's cols are a whole number of blocks, checked at set_tensor: qD, qE, qF hold
     // whenever the matmul needs xq; float weights ignore it)
     const bool qD = Dq % QK == 0;
-    if (qD) per_token(pool, T, [&](int t) { quantize_row_act(att + (size_t)t * Dq, xq + (size_t)t * (Dq / QK), Dq); });
+    if (qD) per_token(pool, T, [&](int t) { K.quantize_act(att + (size_t)t * Dq, xq + (size_t)t * (Dq / QK), Dq); });
     matmul(L.wo, att, qD ? xq : nullptr, T, tmp, pool);
 
     // --- feed-forward block
@@ -249,8 +251,8 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     }
     const bool qF = F % QK == 0;
     per_token(pool, T, [&](int t) {
-        swiglu(g + (size_t)t * F, u + (size_t)t * F, F);
-        if (qF) quantize_row_act(g + (size_t)t * F, xq + (size_t)t * (F / QK), F);
+        K.silu_mul(g + (size_t)t * F, u + (size_t)t * F, F);
+        if (qF) K.quantize_act(g + (size_t)t * F, xq + (size_t)t * (F / QK), F);
     });
     matmul(L.down, g, qF ? xq : nullptr, T, tmp, pool);
     per_token(pool, T, [&](int t) {

@@ -1,11 +1,13 @@
 // Every int16 activation value the quantizer can produce (it clamps to +-ACT_MAX; -32768 is
 // covered too) through every path's integer block dot, exactly. Guards the neon_dotprod split
 // x = 256 * hi + lo + 128 (int8 halves) and any other path that narrows or widens activations.
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "helpers.h"
 #include "kernels.h"
+#include "ops.h"
 #include "quant.h"
 
 using namespace tvtest;
@@ -122,6 +124,47 @@ TEST(matmul_int16_extremes_exact_all_batch_sizes) {
             }
             CHECK(bad == 0) << path << " " << tv::dtype_name(dtype) << ": " << bad << " wrong";
         }
+    }
+    tv::select_kernels(restore);
+}
+
+TEST(quantize_act_and_silu_mul_every_path_vs_scalar) {
+    // quantize_act must give the scalar quantizer's exact bits (the integer dots downstream are
+    // exact, so this is what keeps paths equal); silu_mul may differ by its exp, to float accuracy.
+    const int64_t cols = 32 * 40;
+    std::vector<float> x((size_t)cols);
+    for (int64_t i = 0; i < cols; i++) {
+        const int64_t b = i / 32;  // blocks of different kinds: normal, tiny, huge, with outliers, specials
+        float v = (float)uniform(-3, 3);
+        if (b % 5 == 1) v *= 1e-30f;
+        if (b % 5 == 2) v *= 1e30f;
+        if (b % 5 == 3 && i % 32 == 7) v = 1000.0f;
+        if (b == 4) v = 0.0f;
+        if ((b == 9 && i % 32 == 3) || (b == 24 && i % 32 == 31)) v = std::nanf("");
+        if (b == 14 && i % 32 == 5) v = -INFINITY;
+        if (b == 19) v = i % 2 ? 32767.5f : -0.5f;  // ties of the rounding
+        x[(size_t)i] = v;
+    }
+    const int64_t nb = cols / 32;
+    std::vector<tv::ActBlock> ref((size_t)nb), got((size_t)nb);
+    tv::quantize_row_act(x.data(), ref.data(), cols);
+    std::vector<float> g = random_vec(1003, -90, 90), u = random_vec(1003), gref = g;
+    tv::swiglu(gref.data(), u.data(), (int64_t)g.size());
+    const char *restore = tv_kernel_path();
+    for (const char *path : tv::available_kernels()) {
+        CHECK(tv::select_kernels(path));
+        std::memset(got.data(), 0x55, got.size() * sizeof(tv::ActBlock));
+        tv::kernels().quantize_act(x.data(), got.data(), cols);
+        for (int64_t b = 0; b < nb; b++) {
+            const tv::ActBlock &r = ref[(size_t)b], &o = got[(size_t)b];
+            CHECK(std::memcmp(&r.d, &o.d, 4) == 0 && std::memcmp(&r.s, &o.s, 4) == 0 &&
+                  std::memcmp(r.qs, o.qs, sizeof r.qs) == 0)
+                << path << " block " << b << ": d " << o.d << " vs " << r.d << ", s " << o.s << " vs " << r.s;
+        }
+        std::vector<float> gp = g;
+        tv::kernels().silu_mul(gp.data(), u.data(), (int64_t)gp.size());
+        for (size_t i = 0; i < g.size(); i++)
+            CHECK_NEAR(gp[i], gref[i], 1e-6 * (1 + std::fabs(gref[i]))) << path << " silu_mul at " << g[i];
     }
     tv::select_kernels(restore);
 }
