@@ -85,12 +85,17 @@ def tv_serve(engine, reqs, group: int | None, t0: float, track=None) -> dict:
     from tinyvllm import SamplingParams
     groups = [reqs] if not group else [reqs[i:i + group] for i in range(0, len(reqs), group)]
     done, steps, p0 = {}, 0, engine.scheduler.num_preemptions
+    best_step_tok_s = 0.0  # the fastest any step of >= 256 tokens moved tokens through the model
     for g in groups:
         for i, r in enumerate(g):
             engine.add_request(f"r{len(done) + i}", {"prompt_token_ids": r["prompt_token_ids"]},
                                SamplingParams(max_tokens=r["max_tokens"], temperature=0, ignore_eos=True), arrival_time=t0)
         while engine.has_unfinished_requests():
+            n0, ts = engine.num_scheduled_tokens, time.perf_counter()
             outs = engine.step()
+            n, dt = engine.num_scheduled_tokens - n0, time.perf_counter() - ts
+            if n >= 256:
+                best_step_tok_s = max(best_step_tok_s, n / dt)
             steps += 1
             if track:
                 track(engine)
@@ -101,6 +106,7 @@ def tv_serve(engine, reqs, group: int | None, t0: float, track=None) -> dict:
     outs = [done[f"r{i}"] for i in range(len(reqs))]
     assert all(len(o.outputs[0].token_ids) == r["max_tokens"] for o, r in zip(outs, reqs)), "wrong output lengths"
     return {"wall_s": wall, "steps": steps, "preemptions": engine.scheduler.num_preemptions - p0,
+            "best_step_tok_s": best_step_tok_s,
             "requests": [{"prompt": len(r["prompt_token_ids"]), "output": len(o.outputs[0].token_ids),
                           "ttft": o.metrics.ttft, "tpot": o.metrics.tpot, "e2e": o.metrics.e2e,
                           "itl": o.metrics.itl} for o, r in zip(outs, reqs)]}
@@ -390,7 +396,13 @@ def main():
                 "llama_cpp_tok_s": lc16["decode_tok_s"] if lc16_ok else FACTS_LLAMA_BATCHED_B16,
                 "llama_cpp_measured_in_this_run": lc16_ok, "llama_cpp": lc16}
     decode16["ratio"] = decode16["tinyvllm_tok_s"] / decode16["llama_cpp_tok_s"]
+    # The ceiling of continuous vs sequential on this workload: batching cannot beat running every
+    # prompt and output token through the model once at the best rate any continuous step reached.
+    tokens_all = sum(len(r["prompt_token_ids"]) + r["max_tokens"] - 1 for r in reqs)  # the last token is never fed back
+    best_rate = runs["tinyvllm/continuous"]["best_step_tok_s"]
+    ceiling = thr["tinyvllm sequential"]["wall_s"] / (tokens_all / best_rate) if best_rate else None
     speedups = {"continuous_vs_static": cont / stat, "continuous_vs_sequential": cont / seq,
+                "continuous_vs_sequential_ceiling": ceiling, "best_step_tok_s": best_rate, "tokens_through_model": tokens_all,
                 "continuous_vs_llama_cpp_sequential": cont / thr["llama.cpp sequential"]["output_tok_s"]
                 if "llama.cpp sequential" in thr else None,
                 "decode16_vs_llama_cpp_batched": decode16["ratio"], "memory_paged_vs_prealloc": memory["ratio"]}
@@ -452,7 +464,9 @@ def markdown(d) -> str:
     t16 = d16["tinyvllm"]
     sp_rows = [
         ["continuous vs static batching (output tok/s)", f"{sp['continuous_vs_static']:.2f}x", "-"],
-        ["continuous vs sequential (output tok/s)", f"{sp['continuous_vs_sequential']:.2f}x", ">= 5x"],
+        ["continuous vs sequential (output tok/s)", f"{sp['continuous_vs_sequential']:.2f}x (ceiling "
+         + (f"{sp['continuous_vs_sequential_ceiling']:.2f}x" if sp.get("continuous_vs_sequential_ceiling") else "-")
+         + ", see below)", ">= 5x"],
         ["continuous vs llama.cpp sequential", f"{sp['continuous_vs_llama_cpp_sequential']:.2f}x"
          if sp["continuous_vs_llama_cpp_sequential"] else "-", "-"],
         [f"{t16['streams']}-stream decode: tinyvllm {d16['tinyvllm_tok_s']:.1f} vs llama.cpp "
@@ -473,6 +487,14 @@ def markdown(d) -> str:
         f"greedy with ignore_eos, prefix caching off, max_num_batched_tokens {w['max_num_batched_tokens']}, "
         f"seed {d['seed']}. Each row ran in its own child process.", "",
         "## Targets", "", machine.md_table(["claim", "measured", "target"], sp_rows), "",
+        "**Ceiling of continuous vs sequential.** Sequential serving already runs each prompt as one batched "
+        "forward, so batching can only speed up the decode part. However requests are batched, every prompt "
+        "token and every output token but each request's last passes through the model at least once, and no "
+        f"step of the continuous run moved more than {sp['best_step_tok_s']:.0f} tokens/s: that puts the "
+        f"continuous run at >= {sp['tokens_through_model']} / {sp['best_step_tok_s']:.0f} s, against the sequential run's "
+        f"{thr['tinyvllm sequential']['wall_s']:.0f} s. The ratio of the two is the ceiling in the table; a 5x "
+        "target needs a workload with far more output than prompt tokens, or a machine whose batched forward "
+        "is much faster per token than its single-sequence decode (a GPU).", "",
         "## Memory: sequences held under one KV budget", "",
         machine.md_table(["", "value"], mem_rows), "",
         "The paged engine ran the whole workload with `max_num_seqs` 256 and `kv_cache_bytes` = the budget; "
