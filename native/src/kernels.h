@@ -40,6 +40,12 @@ struct Kernels {
     void (*silu_mul)(float *g, const float *u, int64_t n);
 };
 
+// e^x = 2^n * (1 + r + r^2 * P(r)), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for
+// precision): Cephes' expf polynomial P, highest power first, shared by the SIMD paths' vector exps.
+constexpr float EXP_LN2_HI = 0.693359375f, EXP_LN2_LO = -2.12194440e-4f;
+constexpr float EXP_POLY[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                               4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+
 extern const Kernels kernels_scalar;
 // nullptr when not compiled in (non-x86 builds).
 const Kernels *kernels_avx2_table();
