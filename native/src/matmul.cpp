@@ -65,7 +65,7 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
         // each weight row is read once anyway, and a task start costs a DRAM ramp-up (the prefetch
         // runs ahead only within a task), so 2 long chunks per thread (a reference-model decode step:
         // 5.4 ms instead of 6.6 with 8 per thread, medians of 4 runs). Results do not depend on chunks.
-        chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * (m <= MAX_NX ? 2 : 8)), 1, m <= MAX_NX ? 1 << 30 : 64);
+        chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * (m <= MAX_NX ? 2 : 8)), 1, m <= MAX_NX ? n : 64);
         if (quant_gemm(K)) chunk[j] = (chunk[j] + 7) & ~int64_t(7);  // its kernels run 8 weight rows at a time
         first[j + 1] = first[j] + (n + chunk[j] - 1) / chunk[j];
     }
