@@ -31,7 +31,15 @@ enum tv_dtype {
     TV_F16 = 1,
     TV_Q4_0 = 2,   /* 32-element blocks: f16 d, 16 bytes of nibbles; x = (q - 8) * d      */
     TV_Q4_1 = 3,   /* 32-element blocks: f16 d, f16 m, 16 bytes of nibbles; x = q * d + m */
-    TV_Q8_0 = 8    /* 32-element blocks: f16 d, 32 int8; x = q * d                        */
+    TV_Q5_0 = 6,   /* 32-element blocks: f16 d, 32 high bits, nibbles; x = (q - 16) * d   */
+    TV_Q5_1 = 7,   /* 32-element blocks: f16 d, f16 m, 32 high bits, nibbles; x = q*d + m */
+    TV_Q8_0 = 8,   /* 32-element blocks: f16 d, 32 int8; x = q * d                        */
+    TV_Q2_K = 10,  /* 256-element super-blocks ("K-quants"), layouts in native/src/formats.h */
+    TV_Q3_K = 11,
+    TV_Q4_K = 12,
+    TV_Q5_K = 13,
+    TV_Q6_K = 14,
+    TV_IQ4_NL = 20 /* 32-element blocks: f16 d, 4-bit indices into a fixed non-linear table */
 };
 
 /* A borrowed 2-D weight: `rows` output features, each a row of `cols` elements stored in
@@ -59,6 +67,22 @@ typedef struct tv_model_params {
     /* head_dim/2 inverse frequencies, rope scaling (Llama 3, linear) already applied; copied. */
     const float *rope_inv_freq;
     int32_t n_threads; /* <= 0: one per online CPU */
+    /* Features beyond LLaMA / Qwen2, per model; all zero (as cffi's ffi.new and `{}` leave them)
+     * is the LLaMA block. */
+    int32_t qk_norm;     /* 1: RMSNorm every q and k head (blk.N.attn_q_norm / attn_k_norm, [head_dim])
+                          * before RoPE (qwen3, gemma3) */
+    int32_t post_norms;  /* 1: RMSNorm the attention and FFN outputs before their residual adds
+                          * (blk.N.post_attention_norm / post_ffw_norm, [n_embd]) (gemma3) */
+    int32_t ffn_act;     /* gate activation: 0 SiLU, 1 GELU (tanh approximation, gemma3) */
+    float embd_scale;    /* token embeddings are multiplied by this (gemma3: sqrt(n_embd)); 0: 1 */
+    float attn_scale;    /* attention logit scale; 0: 1/sqrt(head_dim) */
+    float final_logit_softcap; /* > 0: logits = cap * tanh(logits / cap) */
+    /* Sliding-window attention: on layers with swa_layers[l] != 0, a query at position p sees keys
+     * at positions > p - sliding_window (the KV stays in the cache; attention masks it). */
+    int32_t sliding_window;          /* 0: none */
+    const int32_t *swa_layers;       /* [n_layer], copied; may be null when sliding_window is 0 */
+    const float *rope_inv_freq_swa;  /* head_dim/2, copied: the sliding layers' own RoPE frequencies;
+                                      * null: rope_inv_freq */
 } tv_model_params;
 
 typedef struct tv_model tv_model;
@@ -90,6 +114,10 @@ const char *tv_version(void);
 size_t tv_row_bytes(int32_t dtype, int64_t cols);
 /* Name of the matmul kernel path in use ("scalar", "avx2", ...). */
 const char *tv_kernel_path(void);
+/* Switch every later call to path `name` ("scalar", "avx2", "avx512vnni", "neon", "neon_dotprod",
+ * "auto"); TV_ERR_INVALID when this build or CPU cannot run it. For tests and benchmarks: the
+ * TINYVLLM_KERNEL environment variable does the same at start-up. */
+int tv_select_kernel_path(const char *name);
 
 /* Model: create, hand it every weight by GGUF name, then finalize. Weights are borrowed: the
  * caller keeps their memory alive (and unchanged) until tv_model_free.

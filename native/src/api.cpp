@@ -152,6 +152,13 @@ size_t tv_row_bytes(int32_t dtype, int64_t cols) { return row_bytes(dtype, cols)
 
 const char *tv_kernel_path(void) { return kernels().name; }
 
+int tv_select_kernel_path(const char *name) {
+    return guard([&] {
+        if (!name || !select_kernels(name))
+            fail("tv_select_kernel_path: '%s' is not a kernel path this build and CPU can run", name ? name : "(null)");
+    });
+}
+
 int tv_model_create(const tv_model_params *params, tv_model **out) {
     return guard([&] {
         if (!params || !out) fail("tv_model_create: params and out must not be null");

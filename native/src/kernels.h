@@ -1,5 +1,5 @@
 // The inner loops every matmul and attention call goes through, as a table of function pointers
-// chosen once at runtime: "scalar" (portable C++) or "avx2" (x86-64 with AVX2+FMA+F16C).
+// chosen once at runtime: "scalar" (portable C++), "avx2", "avx512vnni", "neon", "neon_dotprod".
 // TINYVLLM_KERNEL=scalar|avx2|avx512vnni|neon|neon_dotprod in the environment forces a path (tests compare paths with it).
 #pragma once
 
@@ -12,21 +12,22 @@ namespace tv {
 
 constexpr int MAX_NX = 4;
 
+// One quantized weight row (nb activation blocks of 32 values, GGML layout; formats.h) against
+// nx <= MAX_NX activation rows in int16 ActBlocks (row i at x + i * nb): out[i * out_stride] = dot.
+// The weight blocks are unpacked once for all nx rows. Each row's result does not depend on nx
+// (same summation order), so a token's logits do not depend on what else is in its batch.
+using RowsFn = void (*)(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride);
+
+struct QuantGemm;
+
 struct Kernels {
     const char *name;
-    // One quantized weight row (nb blocks, GGML layout) against nx <= MAX_NX activation rows in
-    // int16 ActBlocks (row i at x + i * nb): out[i * out_stride] = dot. The weight blocks are unpacked once
-    // for all nx rows. Each row's result does not depend on nx (same summation order), so a
-    // token's logits do not depend on what else is in its batch.
-    void (*rows_q4_0)(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride);
-    void (*rows_q4_1)(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride);
-    void (*rows_q8_0)(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride);
+    RowsFn rows[DTYPE_SLOTS];  // by dtype id, every quantized format (formats.h); nullptr otherwise
+    // Optional whole-matmul kernel (nullptr: the driver loops rows[]).
+    const QuantGemm *gemm;
     // Float dots for F32/F16 weights and for attention over the KV cache.
     float (*dot_f32)(const float *w, const float *x, int64_t n);
     float (*dot_f16)(const uint16_t *w, const float *x, int64_t n);
-    // y[i] += a * v[i]: the attention value accumulation.
-    void (*axpy_f32)(float a, const float *v, float *y, int64_t n);
-    void (*axpy_f16)(float a, const uint16_t *v, float *y, int64_t n);
     // One KV block against R query vectors with the online-softmax update (see attn_block.h):
     // q [R][hd], n_valid[r] keys of the block visible to query r; straight from the cache (fp16 or
     // fp32): keys transposed, row d (bs values) at k + d * bs * elt, value s at v + s * ld bytes; running m/l [R],
@@ -57,16 +58,22 @@ bool cpu_has_avx512vnni();
 const Kernels *kernels_neon_table();
 const Kernels *kernels_neon_dotprod_table();
 
-// Optional whole-matmul kernel for quantized weights, for paths that tile past MAX_NX rows
-// (unpack a weight row once, reuse it for every activation row). prepare() runs once per matmul
-// on the calling thread (its result lives until that thread's next prepare); run() computes
-// y[i * ldy + r] for rows r in [r0, r1) and all m activation rows, from any pool thread.
+// A whole-matmul kernel for quantized weights, for paths that tile past MAX_NX rows (unpack a
+// weight row once, reuse it for every activation row). prepare() runs once per matmul on the
+// calling thread (its result lives until that thread's next prepare); run() computes
+// y[i * ldy + r] for rows r in [r0, r1) and all m activation rows, from any pool thread, and
+// returns false (touching nothing) for a dtype it does not handle (the driver then uses rows[]).
+// Its kernels run ROWS weight rows at a time: the driver's chunks are multiples of it.
 struct QuantGemm {
+    int rows_per_group;
     const void *(*prepare)(const ActBlock *x, int64_t m, int64_t nb);
-    void (*run)(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const void *prep, int64_t m,
+    bool (*run)(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const void *prep, int64_t m,
                 int64_t nb, float *y, int64_t ldy);
 };
-const QuantGemm *quant_gemm(const Kernels &k);  // nullptr: the driver loops k.rows_*
+
+// A table named `name` with the scalar rows[] for every format and nothing else set: a path starts
+// from it and overrides what it has kernels of its own for (safe during static initialization).
+Kernels kernels_with_scalar_rows(const char *name);
 
 // The active table (first call picks: env var, else the best the CPU supports).
 const Kernels &kernels();

@@ -7,6 +7,7 @@
 #include "attn_block.h"
 #include "kernels.h"
 #include "ops.h"
+#include "tinyvllm.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 
@@ -48,7 +49,7 @@ TV_AVX2 inline __m256i dot16(const W16 &w, const ActBlock &x) {
 
 // Per-format block access: the 32 weights as int16, and Q4_1's min.
 struct FmtQ4_0 {
-    static constexpr size_t BYTES = Q4_0_BYTES;
+    static constexpr size_t BYTES = 18;
     static constexpr bool HAS_MIN = false;
     TV_AVX2 static W16 weights(const uint8_t *w) {
         const W16 n = nibbles16(w + 2);
@@ -58,13 +59,13 @@ struct FmtQ4_0 {
     TV_AVX2 static float min(const uint8_t *) { return 0.0f; }
 };
 struct FmtQ4_1 {
-    static constexpr size_t BYTES = Q4_1_BYTES;
+    static constexpr size_t BYTES = 20;
     static constexpr bool HAS_MIN = true;
     TV_AVX2 static W16 weights(const uint8_t *w) { return nibbles16(w + 4); }
     TV_AVX2 static float min(const uint8_t *w) { return half(w + 2); }
 };
 struct FmtQ8_0 {
-    static constexpr size_t BYTES = Q8_0_BYTES;
+    static constexpr size_t BYTES = 34;
     static constexpr bool HAS_MIN = false;
     TV_AVX2 static W16 weights(const uint8_t *w) {
         return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2))),
@@ -144,19 +145,7 @@ TV_AVX2 float dot_f16(const uint16_t *w, const float *x, int64_t n) {
     return s;
 }
 
-TV_AVX2 void axpy_f32(float a, const float *v, float *y, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(v + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * v[i];
-}
 
-TV_AVX2 void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load_h8(v + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * _cvtsh_ss(v[i]);
-}
 
 TV_AVX2 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any count
     int i = 0;
@@ -226,8 +215,19 @@ TV_AVX2 void silu_mul(float *g, const float *u, int64_t n) {
     swiglu(g + i, u + i, n - i);
 }
 
-const Kernels table = {"avx2", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
-                       quantize_act, silu_mul};
+Kernels make_table() {
+    Kernels k = kernels_with_scalar_rows("avx2");
+    k.rows[TV_Q4_0] = rows<FmtQ4_0>;
+    k.rows[TV_Q4_1] = rows<FmtQ4_1>;
+    k.rows[TV_Q8_0] = rows<FmtQ8_0>;
+    k.dot_f32 = dot_f32;
+    k.dot_f16 = dot_f16;
+    k.attn_block = attn_block;
+    k.quantize_act = quantize_act;
+    k.silu_mul = silu_mul;
+    return k;
+}
+const Kernels table = make_table();
 
 }  // namespace
 

@@ -9,6 +9,7 @@
 // for 8 outputs at a time (8 weight rows in decode, 8 activation rows in the panel path).
 #include "attn_block.h"
 #include "kernels.h"
+#include "tinyvllm.h"
 
 #if defined(__x86_64__)
 
@@ -45,7 +46,7 @@ TV_AVX512 inline __m512i nibble_pairs(const uint8_t *qs) {
 }
 
 struct FmtQ4_0 {
-    static constexpr size_t BYTES = Q4_0_BYTES;
+    static constexpr size_t BYTES = 18;
     static constexpr bool HAS_MIN = false;
     TV_AVX512 static __m512i pairs(const uint8_t *w) { return _mm512_sub_epi16(nibble_pairs(w + 2), _mm512_set1_epi16(8)); }
     TV_AVX512 static W16 weights(const uint8_t *w) {
@@ -55,13 +56,13 @@ struct FmtQ4_0 {
     }
 };
 struct FmtQ4_1 {
-    static constexpr size_t BYTES = Q4_1_BYTES;
+    static constexpr size_t BYTES = 20;
     static constexpr bool HAS_MIN = true;
     TV_AVX512 static W16 weights(const uint8_t *w) { return nibbles16(w + 4); }
     TV_AVX512 static __m512i pairs(const uint8_t *w) { return nibble_pairs(w + 4); }
 };
 struct FmtQ8_0 {
-    static constexpr size_t BYTES = Q8_0_BYTES;
+    static constexpr size_t BYTES = 34;
     static constexpr bool HAS_MIN = false;
     TV_AVX512 static __m512i pairs(const uint8_t *w) {
         const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2)));
@@ -334,14 +335,14 @@ TV_AVX512 void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t
     }
 }
 
-TV_AVX512 void gemm_run(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const void *prep,
+TV_AVX512 bool gemm_run(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const void *prep,
                         int64_t m, int64_t nb, float *y, int64_t ldy) {
     const Prep &x = *static_cast<const Prep *>(prep);
     switch (dtype) {
-        case 2: gemm_rows<FmtQ4_0>(w, row_bytes, r0, r1, x, m, nb, y, ldy); break;  // TV_Q4_0
-        case 3: gemm_rows<FmtQ4_1>(w, row_bytes, r0, r1, x, m, nb, y, ldy); break;  // TV_Q4_1
-        case 8: gemm_rows<FmtQ8_0>(w, row_bytes, r0, r1, x, m, nb, y, ldy); break;  // TV_Q8_0
-        default: break;
+        case TV_Q4_0: gemm_rows<FmtQ4_0>(w, row_bytes, r0, r1, x, m, nb, y, ldy); return true;
+        case TV_Q4_1: gemm_rows<FmtQ4_1>(w, row_bytes, r0, r1, x, m, nb, y, ldy); return true;
+        case TV_Q8_0: gemm_rows<FmtQ8_0>(w, row_bytes, r0, r1, x, m, nb, y, ldy); return true;
+        default: return false;
     }
 }
 
@@ -377,21 +378,7 @@ TV_AVX512 float dot_f16(const uint16_t *w, const float *x, int64_t n) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-TV_AVX512 void axpy_f32(float a, const float *v, float *y, int64_t n) {
-    const __m512 va = _mm512_set1_ps(a);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 k = tail_mask(n - i);
-        _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, v + i), _mm512_maskz_loadu_ps(k, y + i)));
-    }
-}
 
-TV_AVX512 void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
-    const __m512 va = _mm512_set1_ps(a);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 k = tail_mask(n - i);
-        _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, load_h16(k, v + i), _mm512_maskz_loadu_ps(k, y + i)));
-    }
-}
 
 
 // ---- attention block (hd == 64, bs <= 16; anything else goes to the generic loops) -------------
@@ -551,15 +538,26 @@ TV_AVX512 void silu_mul(float *g, const float *u, int64_t n) {
     }
 }
 
-const Kernels table = {"avx512vnni", rows<FmtQ4_0>, rows<FmtQ4_1>, rows<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
-                       quantize_act, silu_mul};
-const QuantGemm gemm = {prepare, gemm_run};
+const QuantGemm gemm = {NW, prepare, gemm_run};
+Kernels make_table() {
+    Kernels k = kernels_with_scalar_rows("avx512vnni");
+    k.rows[TV_Q4_0] = rows<FmtQ4_0>;
+    k.rows[TV_Q4_1] = rows<FmtQ4_1>;
+    k.rows[TV_Q8_0] = rows<FmtQ8_0>;
+    k.gemm = &gemm;
+    k.dot_f32 = dot_f32;
+    k.dot_f16 = dot_f16;
+    k.attn_block = attn_block;
+    k.quantize_act = quantize_act;
+    k.silu_mul = silu_mul;
+    return k;
+}
+const Kernels table = make_table();
 
 }  // namespace
 
 const Kernels *kernels_avx512_table() { return &table; }
 
-const QuantGemm *quant_gemm(const Kernels &k) { return &k == &table ? &gemm : nullptr; }
 
 bool cpu_has_avx512vnni() {
     __builtin_cpu_init();
@@ -574,7 +572,6 @@ bool cpu_has_avx512vnni() {
 
 namespace tv {
 const Kernels *kernels_avx512_table() { return nullptr; }
-const QuantGemm *quant_gemm(const Kernels &) { return nullptr; }
 bool cpu_has_avx512vnni() { return false; }
 }  // namespace tv
 

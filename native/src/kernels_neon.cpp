@@ -19,6 +19,7 @@
 #include "attn_block.h"
 #include "kernels.h"
 #include "ops.h"
+#include "tinyvllm.h"
 
 #if defined(__aarch64__)
 
@@ -101,12 +102,6 @@ float dot_f16(const uint16_t *w, const float *x, int64_t n) {
     return s;
 }
 
-void axpy_f32(float a, const float *v, float *y, int64_t n) {
-    const float32x4_t va = vdupq_n_f32(a);
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), va, vld1q_f32(v + i)));
-    for (; i < n; i++) y[i] = std::fma(a, v[i], y[i]);
-}
 
 void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
     const float32x4_t va = vdupq_n_f32(a);
@@ -125,7 +120,7 @@ inline W8 nibbles(const uint8_t *qs) {
     return {vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8(q, 4))};
 }
 struct FmtQ4_0 {
-    static constexpr size_t BYTES = Q4_0_BYTES, QS = 2;
+    static constexpr size_t BYTES = 18, QS = 2;
     static constexpr bool HAS_MIN = false, UNSIGNED = false;
     static W8 weights(const uint8_t *w) {
         const W8 n = nibbles(w + QS);
@@ -133,12 +128,12 @@ struct FmtQ4_0 {
     }
 };
 struct FmtQ4_1 {
-    static constexpr size_t BYTES = Q4_1_BYTES, QS = 4;
+    static constexpr size_t BYTES = 20, QS = 4;
     static constexpr bool HAS_MIN = true, UNSIGNED = true;  // 0..15: UDOT-able
     static W8 weights(const uint8_t *w) { return nibbles(w + QS); }
 };
 struct FmtQ8_0 {
-    static constexpr size_t BYTES = Q8_0_BYTES, QS = 2;
+    static constexpr size_t BYTES = 34, QS = 2;
     static constexpr bool HAS_MIN = false, UNSIGNED = false;
     static W8 weights(const uint8_t *w) {
         return {vld1q_s8(reinterpret_cast<const int8_t *>(w + QS)), vld1q_s8(reinterpret_cast<const int8_t *>(w + QS + 16))};
@@ -257,13 +252,30 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
     }
 }
 TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row)
-const Kernels neon_table = {"neon", rows_NeonDot<FmtQ4_0>, rows_NeonDot<FmtQ4_1>, rows_NeonDot<FmtQ8_0>,
-                            dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block, quantize_row_act, swiglu};
+Kernels make_neon_table() {
+    Kernels k = kernels_with_scalar_rows("neon");
+    k.rows[TV_Q4_0] = rows_NeonDot<FmtQ4_0>;
+    k.rows[TV_Q4_1] = rows_NeonDot<FmtQ4_1>;
+    k.rows[TV_Q8_0] = rows_NeonDot<FmtQ8_0>;
+    k.dot_f32 = dot_f32;
+    k.dot_f16 = dot_f16;
+    k.attn_block = attn_block;
+    k.quantize_act = quantize_row_act;
+    k.silu_mul = swiglu;
+    return k;
+}
+const Kernels neon_table = make_neon_table();
 #if TV_HAVE_DOTPROD
 TV_ROWS(TV_DOTPROD, DotprodDot)
-const Kernels dotprod_table = {"neon_dotprod", rows_DotprodDot<FmtQ4_0>, rows_DotprodDot<FmtQ4_1>,
-                               rows_DotprodDot<FmtQ8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
-                               quantize_row_act, swiglu};
+Kernels make_dotprod_table() {
+    Kernels k = make_neon_table();
+    k.name = "neon_dotprod";
+    k.rows[TV_Q4_0] = rows_DotprodDot<FmtQ4_0>;
+    k.rows[TV_Q4_1] = rows_DotprodDot<FmtQ4_1>;
+    k.rows[TV_Q8_0] = rows_DotprodDot<FmtQ8_0>;
+    return k;
+}
+const Kernels dotprod_table = make_dotprod_table();
 #endif
 
 #if TV_HAVE_DOTPROD

@@ -1,50 +1,46 @@
-// Portable kernels: integer dots per block (exact in int32: |w| <= 128, |x| <= 32767, 32 terms),
-// scaled in float. They define the numbers the
-// SIMD paths must reproduce up to float summation order.
+// Portable kernels: integer dots per 32-value slice (or 16-value half; exact in int32: |w| <= 128,
+// |x| <= 32767, 32 terms), scaled in float. They define the numbers the SIMD paths must reproduce
+// up to float summation order, and run every format a SIMD path has no kernel of its own for.
 #include <cstring>
 
-#include "fp16.h"
 #include "attn_block.h"
+#include "formats.h"
 #include "kernels.h"
 #include "ops.h"
 
 namespace tv {
 namespace {
 
-float dot_q4_0(const uint8_t *w, const ActBlock *x, int64_t nb) {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < nb; b++, w += Q4_0_BYTES) {
-        const uint8_t *qs = w + 2;
-        int isum = 0;  // two simple loops (low nibbles, high nibbles) vectorize well
-        for (int j = 0; j < 16; j++) isum += ((qs[j] & 0xF) - 8) * x[b].qs[j];
-        for (int j = 0; j < 16; j++) isum += ((qs[j] >> 4) - 8) * x[b].qs[j + 16];
-        acc += fp16_to_fp32(load_u16(w)) * x[b].d * (float)isum;
-    }
-    return acc;
-}
-
-float dot_q4_1(const uint8_t *w, const ActBlock *x, int64_t nb) {
+template <class F>
+float dot_row(const uint8_t *w, const ActBlock *x, int64_t nb) {
     float acc = 0.0f, macc = 0.0f;
-    for (int64_t b = 0; b < nb; b++, w += Q4_1_BYTES) {
-        const uint8_t *qs = w + 4;
-        int isum = 0;
-        for (int j = 0; j < 16; j++) isum += (qs[j] & 0xF) * x[b].qs[j];
-        for (int j = 0; j < 16; j++) isum += (qs[j] >> 4) * x[b].qs[j + 16];
-        acc += fp16_to_fp32(load_u16(w)) * x[b].d * (float)isum;
-        macc += fp16_to_fp32(load_u16(w + 2)) * x[b].s;  // sum_j m * x_j = m * d_x * sum(q_x)
+    BlockScales<F::SLICES> sc{};  // m stays 0 for formats without a min
+    int8_t q[QK];
+    for (int64_t b = 0; b < nb; b += F::SLICES, w += F::BYTES) {
+        F::scales(w, sc);
+        for (int s = 0; s < F::SLICES; s++) {
+            const ActBlock &xb = x[b + s];
+            unpack_slice<F>(w, s, q);
+            int lo = 0, hi = 0;  // two simple loops vectorize well
+            for (int j = 0; j < 16; j++) lo += q[j] * xb.qs[j];
+            for (int j = 16; j < QK; j++) hi += q[j] * xb.qs[j];
+            if (F::TWO_SCALES) acc += sc.d[s][0] * xb.d * (float)lo + sc.d[s][1] * xb.d * (float)hi;
+            else acc += sc.d[s][0] * xb.d * (float)(lo + hi);
+            if (F::TWO_MINS) {  // sum_j m_h * x_j per half: m_h * d_x * sum(q_x)
+                int slo = 0, shi = 0;
+                for (int j = 0; j < 16; j++) slo += xb.qs[j], shi += xb.qs[j + 16];
+                macc += sc.m[s][0] * xb.d * (float)slo + sc.m[s][1] * xb.d * (float)shi;
+            } else if (F::HAS_MIN) {
+                macc += sc.m[s][0] * xb.s;  // sum_j m * x_j = m * d_x * sum(q_x)
+            }
+        }
     }
     return acc + macc;
 }
 
-float dot_q8_0(const uint8_t *w, const ActBlock *x, int64_t nb) {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < nb; b++, w += Q8_0_BYTES) {
-        const int8_t *qs = reinterpret_cast<const int8_t *>(w + 2);
-        int isum = 0;
-        for (int j = 0; j < QK; j++) isum += qs[j] * x[b].qs[j];
-        acc += fp16_to_fp32(load_u16(w)) * x[b].d * (float)isum;
-    }
-    return acc;
+template <class F>
+void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride) {
+    for (int i = 0; i < nx; i++) out[i * out_stride] = dot_row<F>(w, x + i * nb, nb);
 }
 
 // 8 independent partial sums: lets the compiler vectorize without -ffast-math.
@@ -68,22 +64,6 @@ float dot_f16(const uint16_t *w, const float *x, int64_t n) {
     return s;
 }
 
-void axpy_f32(float a, const float *v, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * v[i];
-}
-
-void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * fp16_to_fp32(v[i]);
-}
-
-template <float (*DOT)(const uint8_t *, const ActBlock *, int64_t)>
-void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride) {
-    for (int i = 0; i < nx; i++) out[i * out_stride] = DOT(w, x + i * nb, nb);
-}
-
-}  // namespace
-
-namespace {
 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any count
     if (f16)
         for (int i = 0; i < hd; i++) dst[i] = fp16_to_fp32(load_u16(src + 2 * i));
@@ -91,9 +71,36 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
         std::memcpy(dst, src, sizeof(float) * hd);
 }
 TV_DEFINE_ATTN_BLOCK(, attn_block, conv_row)
+
+struct RowsTable {
+    RowsFn fn[DTYPE_SLOTS] = {};
+    RowsTable() {
+#define TV_ROWS(F) fn[F::DTYPE] = rows<F>;
+        TV_QUANT_FORMATS(TV_ROWS)
+#undef TV_ROWS
+    }
+};
+
+Kernels make_table() {
+    Kernels k = kernels_with_scalar_rows("scalar");
+    k.dot_f32 = dot_f32;
+    k.dot_f16 = dot_f16;
+    k.attn_block = attn_block;
+    k.quantize_act = quantize_row_act;
+    k.silu_mul = swiglu;
+    return k;
+}
+
 }  // namespace
 
-const Kernels kernels_scalar = {"scalar", rows<dot_q4_0>, rows<dot_q4_1>, rows<dot_q8_0>, dot_f32, dot_f16, axpy_f32, axpy_f16, attn_block,
-                                  quantize_row_act, swiglu};
+Kernels kernels_with_scalar_rows(const char *name) {
+    static const RowsTable t;  // function-local: other paths build their tables during static initialization
+    Kernels k{};
+    k.name = name;
+    std::memcpy(k.rows, t.fn, sizeof k.rows);
+    return k;
+}
+
+const Kernels kernels_scalar = make_table();
 
 }  // namespace tv

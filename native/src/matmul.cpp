@@ -37,8 +37,8 @@ void run_rows(const Kernels &K, const QuantGemm *G, const void *prep, const Weig
             return;
         default: break;
     }
-    if (G) return G->run(w.dtype, w.data, w.row_bytes, r0, r1, prep, m, nb, y, n);
-    auto rows_fn = w.dtype == TV_Q4_0 ? K.rows_q4_0 : w.dtype == TV_Q4_1 ? K.rows_q4_1 : K.rows_q8_0;
+    if (G && G->run(w.dtype, w.data, w.row_bytes, r0, r1, prep, m, nb, y, n)) return;
+    const RowsFn rows_fn = K.rows[w.dtype];
     // each weight row meets up to MAX_NX activation rows per pass (unpacked once)
     for (int64_t i = 0; i < m; i += MAX_NX) {
         const int nx = (int)std::min<int64_t>(MAX_NX, m - i);
@@ -66,11 +66,11 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
         // runs ahead only within a task), so 2 long chunks per thread (a reference-model decode step:
         // 5.4 ms instead of 6.6 with 8 per thread, medians of 4 runs). Results do not depend on chunks.
         chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * (m <= MAX_NX ? 2 : 8)), 1, m <= MAX_NX ? n : 64);
-        if (quant_gemm(K)) chunk[j] = (chunk[j] + 7) & ~int64_t(7);  // its kernels run 8 weight rows at a time
+        if (K.gemm) chunk[j] = (chunk[j] + K.gemm->rows_per_group - 1) / K.gemm->rows_per_group * K.gemm->rows_per_group;
         first[j + 1] = first[j] + (n + chunk[j] - 1) / chunk[j];
     }
     count = std::min(count, MAXW);
-    const QuantGemm *G = quant ? quant_gemm(K) : nullptr;
+    const QuantGemm *G = quant ? K.gemm : nullptr;
     const void *prep = G ? G->prepare(xq, m, k / QK) : nullptr;
     pool.run(first[count], [&](int64_t t, int) {
         int j = 0;

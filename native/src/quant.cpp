@@ -1,84 +1,80 @@
-// Block formats: sizes, dequantization (the reference every kernel is tested against) and the
-// per-row activation quantizer shared by all kernel paths (so paths see identical int16 inputs).
+// Dtype facts, dequantization (the reference every kernel is tested against, through the same
+// format traits) and the per-row activation quantizer shared by all kernel paths (so paths see
+// identical int16 inputs).
 #include "quant.h"
 
 #include <cmath>
 #include <cstring>
+#include <string>
 
-#include "fp16.h"
+#include "formats.h"
 #include "tinyvllm.h"
 
 namespace tv {
 
-bool dtype_known(int dtype) {
-    return dtype == TV_F32 || dtype == TV_F16 || dtype == TV_Q4_0 || dtype == TV_Q4_1 || dtype == TV_Q8_0;
+namespace {
+
+struct DtypeInfo {
+    const char *name;
+    int values, bytes;  // per block; 0 for unknown ids
+};
+
+constexpr DtypeInfo info(int dtype) {
+#define TV_INFO(F) \
+    if (dtype == F::DTYPE) return {#F + 3, F::VALUES, F::BYTES};
+    TV_QUANT_FORMATS(TV_INFO)
+#undef TV_INFO
+    if (dtype == TV_F32) return {"F32", 1, 4};
+    if (dtype == TV_F16) return {"F16", 1, 2};
+    return {"unknown", 0, 0};
 }
 
-bool dtype_quantized(int dtype) { return dtype == TV_Q4_0 || dtype == TV_Q4_1 || dtype == TV_Q8_0; }
-
-const char *dtype_name(int dtype) {
-    switch (dtype) {
-        case TV_F32: return "F32";
-        case TV_F16: return "F16";
-        case TV_Q4_0: return "Q4_0";
-        case TV_Q4_1: return "Q4_1";
-        case TV_Q8_0: return "Q8_0";
-        default: return "unknown";
+template <class F>
+void dequantize_fmt(const uint8_t *p, float *out, int64_t cols) {
+    BlockScales<F::SLICES> sc{};  // m stays 0 for formats without a min
+    int8_t q[QK];
+    for (int64_t b = 0; b < cols / F::VALUES; b++, p += F::BYTES) {
+        F::scales(p, sc);
+        for (int s = 0; s < F::SLICES; s++, out += QK) {
+            unpack_slice<F>(p, s, q);
+            for (int j = 0; j < QK; j++) out[j] = sc.d[s][j / 16] * (float)q[j] + sc.m[s][j / 16];
+        }
     }
+}
+
+}  // namespace
+
+bool dtype_known(int dtype) { return info(dtype).values > 0; }
+
+bool dtype_quantized(int dtype) { return info(dtype).values >= QK; }
+
+const char *dtype_name(int dtype) { return info(dtype).name; }
+
+const char *dtype_names_supported() {
+#define TV_NAME(F) +", " + std::string(#F + 3)
+    static const std::string names = std::string("F32, F16") TV_QUANT_FORMATS(TV_NAME);
+#undef TV_NAME
+    return names.c_str();
 }
 
 size_t row_bytes(int dtype, int64_t cols) {
-    if (cols <= 0 || cols > (int64_t(1) << 40)) return 0;
-    const size_t n = (size_t)cols;
-    switch (dtype) {
-        case TV_F32: return n * 4;
-        case TV_F16: return n * 2;
-        case TV_Q4_0: return n % QK ? 0 : n / QK * Q4_0_BYTES;
-        case TV_Q4_1: return n % QK ? 0 : n / QK * Q4_1_BYTES;
-        case TV_Q8_0: return n % QK ? 0 : n / QK * Q8_0_BYTES;
-        default: return 0;
-    }
+    const DtypeInfo d = info(dtype);
+    if (d.values == 0 || cols <= 0 || cols > (int64_t(1) << 40) || cols % d.values) return 0;
+    return (size_t)(cols / d.values) * (size_t)d.bytes;
 }
 
 void dequantize_row(int dtype, const void *row, float *out, int64_t cols) {
     const uint8_t *p = static_cast<const uint8_t *>(row);
-    const int64_t nb = cols / QK;
     switch (dtype) {
-        case TV_F32:
-            std::memcpy(out, row, (size_t)cols * 4);
-            return;
+        case TV_F32: std::memcpy(out, row, (size_t)cols * 4); return;
         case TV_F16:
             for (int64_t i = 0; i < cols; i++) out[i] = fp16_to_fp32(load_u16(p + 2 * i));
             return;
-        case TV_Q4_0:
-            for (int64_t b = 0; b < nb; b++, p += Q4_0_BYTES, out += QK) {
-                const float d = fp16_to_fp32(load_u16(p));
-                const uint8_t *qs = p + 2;
-                for (int j = 0; j < 16; j++) {
-                    out[j] = (float)((qs[j] & 0xF) - 8) * d;
-                    out[j + 16] = (float)((qs[j] >> 4) - 8) * d;
-                }
-            }
-            return;
-        case TV_Q4_1:
-            for (int64_t b = 0; b < nb; b++, p += Q4_1_BYTES, out += QK) {
-                const float d = fp16_to_fp32(load_u16(p)), m = fp16_to_fp32(load_u16(p + 2));
-                const uint8_t *qs = p + 4;
-                for (int j = 0; j < 16; j++) {
-                    out[j] = (float)(qs[j] & 0xF) * d + m;
-                    out[j + 16] = (float)(qs[j] >> 4) * d + m;
-                }
-            }
-            return;
-        case TV_Q8_0:
-            for (int64_t b = 0; b < nb; b++, p += Q8_0_BYTES, out += QK) {
-                const float d = fp16_to_fp32(load_u16(p));
-                const int8_t *qs = reinterpret_cast<const int8_t *>(p + 2);
-                for (int j = 0; j < QK; j++) out[j] = (float)qs[j] * d;
-            }
-            return;
-        default:
-            return;
+#define TV_DEQ(F) \
+    case F::DTYPE: return dequantize_fmt<F>(p, out, cols);
+            TV_QUANT_FORMATS(TV_DEQ)
+#undef TV_DEQ
+        default: return;
     }
 }
 

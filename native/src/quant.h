@@ -1,8 +1,5 @@
-// GGML block formats (little endian) and the activation format the integer matmul uses.
-//   Q4_0: 18 bytes / 32 values: f16 d, 16 bytes qs; v[j] = ((qs[j] & 15) - 8) * d,
-//                                                    v[j+16] = ((qs[j] >> 4) - 8) * d
-//   Q4_1: 20 bytes / 32 values: f16 d, f16 m, 16 bytes qs; v = q * d + m (same nibble order)
-//   Q8_0: 34 bytes / 32 values: f16 d, 32 int8; v = q * d
+// Dtype facts (sizes, names, dequantization) and the activation format the integer matmul uses.
+// The weight block layouts themselves are in formats.h.
 #pragma once
 
 #include <cstddef>
@@ -10,8 +7,8 @@
 
 namespace tv {
 
-constexpr int QK = 32;  // values per quantized block
-constexpr size_t Q4_0_BYTES = 18, Q4_1_BYTES = 20, Q8_0_BYTES = 34;
+constexpr int QK = 32;  // values per activation block (and per slice of every weight format)
+constexpr int DTYPE_SLOTS = 32;  // dtype ids index tables: every GGML id we know is below this
 
 // One activation block: each activation row is quantized once per matmul to int16 with a scale per
 // 32 values, so every weight format runs an exact integer dot per block. int16, not int8: small
@@ -29,6 +26,8 @@ struct ActBlock {
 bool dtype_known(int dtype);
 bool dtype_quantized(int dtype);
 const char *dtype_name(int dtype);
+// Comma-separated names of every dtype a weight may have (error messages).
+const char *dtype_names_supported();
 // Bytes of one row of `cols` values; 0 when the dtype is unknown or cols is not a whole number
 // of blocks (or not positive).
 size_t row_bytes(int dtype, int64_t cols);

@@ -49,7 +49,7 @@ void check_format(int32_t dtype, const tv::Kernels &k, const char *path) {
             int64_t ref = 0;
             for (int j = 0; j < 32; j++) ref += (int64_t)wv[j] * x[(size_t)b].qs[j];
             float got = -1.0f;
-            auto fn = dtype == TV_Q4_0 ? k.rows_q4_0 : dtype == TV_Q4_1 ? k.rows_q4_1 : k.rows_q8_0;
+            auto fn = k.rows[dtype];
             fn(w.data(), &x[(size_t)b], 1, 1, &got, 1);
             if (got != (float)ref && bad++ < 5) {
                 CHECK(false) << path << " " << tv::dtype_name(dtype) << " block " << b << ": " << got << " vs " << ref;
