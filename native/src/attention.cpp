@@ -6,6 +6,10 @@
 // diagonal). A decode token is a tile of one: its group's heads still share the key/value read.
 // Per query the arithmetic does not depend on what else is in its tile (attn_block.h), so
 // attention stays batch-invariant (prefill == decode == recompute, bit for bit).
+// Sliding window: a query at p sees keys [p - window + 1, p]. attn_block only takes a count of
+// leading keys per row, so the one block where a row's window starts mid-block runs as a call of
+// its own on that block's tail (key and value pointers shifted by the start slot). Which calls a
+// query goes through depends only on its position, so batch invariance holds here too.
 #include "attention.h"
 
 #include <algorithm>
@@ -31,7 +35,8 @@ void attention(const KvCache &cache, int layer, const AttentionBatch &b, const f
                ThreadPool &pool, std::vector<float> &scratch) {
     const int hd = cache.head_dim, bs = cache.block_size, n_kv = cache.n_head_kv, group = n_head / n_kv;
     const int T = b.n_tokens, R = QT * group;
-    const float scale = 1.0f / std::sqrt((float)hd);
+    const float scale = b.scale > 0.0f ? b.scale : 1.0f / std::sqrt((float)hd);
+    const int window = b.window;
     const Kernels &K = kernels();
     const bool f16 = cache.dtype == TV_F16;
     const size_t head_bytes = (size_t)hd * cache.elt_bytes, ld = cache.token_elems() * cache.elt_bytes;
@@ -74,8 +79,9 @@ void attention(const KvCache &cache, int layer, const AttentionBatch &b, const f
         const int kvh = (int)(task / parts % n_kv), g0 = (int)(task % parts) * hpp, nt = tl.count, rows = nt * hpp;
         float *qb = scratch.data() + per_thread * tid, *acc = qb + (size_t)R * hd, *m = acc + (size_t)R * hd,
               *l = m + R, *work = l + R;
-        thread_local std::vector<int> nvalid;
+        thread_local std::vector<int> nvalid, nedge;
         nvalid.resize((size_t)R);
+        nedge.resize((size_t)R);
         const int32_t *tok = order_p + tl.first;
         const int32_t *table = b.block_tables + (size_t)b.seq_ids[tok[0]] * b.max_blocks;
         for (int i = 0; i < nt; i++)
@@ -85,14 +91,25 @@ void attention(const KvCache &cache, int layer, const AttentionBatch &b, const f
         std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
         std::fill(l, l + rows, 0.0f);
         const int n_ctx = b.positions[tok[nt - 1]] + 1;  // the tile's last token sees the most
-        for (int p0 = 0; p0 < n_ctx; p0 += bs) {
+        // first key any row of the tile sees (positions increase within the tile)
+        const int first = window > 0 ? std::max(0, b.positions[tok[0]] - window + 1) : 0;
+        for (int p0 = first / bs * bs; p0 < n_ctx; p0 += bs) {
             const int block = table[p0 / bs];
+            const uint8_t *kb = cache.k_block(layer, block, kvh), *vb = cache.v_at(layer, block, 0) + kvh * head_bytes;
             for (int i = 0; i < nt; i++) {
-                const int vis = std::clamp(b.positions[tok[i]] + 1 - p0, 0, bs);
-                for (int g = 0; g < hpp; g++) nvalid[(size_t)i * hpp + g] = vis;
+                const int pos = b.positions[tok[i]];
+                const int lo = window > 0 ? std::max(0, pos - window + 1) - p0 : 0;  // first visible slot
+                const int vis = std::clamp(pos + 1 - p0, 0, bs);
+                if (lo > 0 && lo < vis) {  // the window starts inside this block: its tail, alone
+                    for (int g = 0; g < hpp; g++) nvalid[(size_t)i * hpp + g] = 0, nedge[(size_t)g] = vis - lo;
+                    const size_t r = (size_t)i * hpp;
+                    K.attn_block(qb + r * hd, hpp, hd, nedge.data(), kb + (size_t)lo * cache.elt_bytes,
+                                 vb + (size_t)lo * ld, ld, f16, bs, scale, m + r, l + r, acc + r * hd, work);
+                } else {
+                    for (int g = 0; g < hpp; g++) nvalid[(size_t)i * hpp + g] = lo > 0 ? 0 : vis;
+                }
             }
-            K.attn_block(qb, rows, hd, nvalid.data(), cache.k_block(layer, block, kvh),
-                         cache.v_at(layer, block, 0) + kvh * head_bytes, ld, f16, bs, scale, m, l, acc, work);
+            K.attn_block(qb, rows, hd, nvalid.data(), kb, vb, ld, f16, bs, scale, m, l, acc, work);
         }
         for (int i = 0; i < nt; i++)
             for (int g = 0; g < hpp; g++) {

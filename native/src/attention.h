@@ -1,6 +1,7 @@
 // Causal paged attention for a batch: token t (sequence seq_ids[t], position positions[t])
-// attends to positions 0..positions[t] of its sequence, read from the KV cache through the
-// block table. GQA: query head h reads kv head h / (n_head / n_head_kv).
+// attends to positions 0..positions[t] of its sequence (only the last `window` of them on a
+// sliding-window layer), read from the KV cache through the block table. GQA: query head h reads
+// kv head h / (n_head / n_head_kv).
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,8 @@ struct AttentionBatch {
     const int32_t *seq_ids;
     const int32_t *block_tables;  // [n_seqs * max_blocks]
     int32_t max_blocks;
+    int32_t window = 0;  // > 0: keys at positions <= positions[t] - window are masked out
+    float scale = 0.0f;  // score scale; 0: 1/sqrt(head_dim)
 };
 
 // q, out: [n_tokens, n_head * head_dim]. scratch is grown as needed (per-thread work space).

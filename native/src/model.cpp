@@ -3,6 +3,11 @@
 //   per layer: x += Wo · attn(rope(Wq·norm(x)), rope(Wk·norm(x)), Wv·norm(x))
 //              x += Wdown · (silu(Wgate·norm(x)) * Wup·norm(x))
 //   logits = Wout · norm(x) for the requested rows only.
+// The other architectures are this block with per-model switches (tv_model_params), each tested
+// once per layer or step: Qwen2's q/k/v biases; qk_norm (Qwen3, Gemma 3) normalizes every q/k
+// head before RoPE; Gemma 3 adds embd_scale, post_norms (the attention and FFN outputs are
+// normalized before their residual adds), a GELU gate, its own attention scale, and sliding-window
+// layers with their own RoPE frequencies.
 // Activations are [n_tokens, features] row-major; every matmul runs the whole batch at once.
 #include "model.h"
 
@@ -50,8 +55,20 @@ Model::Model(const tv_model_params &p) : p_(p) {
     if (p.head_dim % 2 != 0) fail("%s: head_dim (%d) must be even for RoPE", f, p.head_dim);
     if (!(p.rms_eps >= 0.0f) || !std::isfinite(p.rms_eps)) fail("%s: rms_eps must be finite and >= 0", f);
     if (!p.rope_inv_freq) fail("%s: rope_inv_freq is null", f);
+    if ((p.qk_norm | p.post_norms) & ~1) fail("%s: qk_norm and post_norms must be 0 or 1", f);
+    if (p.ffn_act != 0 && p.ffn_act != 1) fail("%s: ffn_act must be 0 (SiLU) or 1 (GELU tanh), got %d", f, p.ffn_act);
+    for (float v : {p.embd_scale, p.attn_scale, p.final_logit_softcap})
+        if (!(v >= 0.0f) || !std::isfinite(v)) fail("%s: embd_scale, attn_scale and final_logit_softcap must be finite and >= 0", f);
+    if (p.sliding_window < 0) fail("%s: sliding_window must be >= 0 (got %d)", f, p.sliding_window);
+    if (p.sliding_window > 0 && !p.swa_layers) fail("%s: sliding_window is set but swa_layers is null", f);
     inv_freq_.assign(p.rope_inv_freq, p.rope_inv_freq + p.head_dim / 2);
     p_.rope_inv_freq = inv_freq_.data();
+    const float *fs = p.rope_inv_freq_swa ? p.rope_inv_freq_swa : p.rope_inv_freq;
+    inv_freq_swa_.assign(fs, fs + p.head_dim / 2);
+    p_.rope_inv_freq_swa = inv_freq_swa_.data();
+    swa_.assign((size_t)p.n_layer, 0);
+    for (int l = 0; p.sliding_window > 0 && l < p.n_layer; l++) swa_[(size_t)l] = p.swa_layers[l] != 0;
+    p_.swa_layers = nullptr;  // copied into swa_; the caller's array is not kept
     layers_.resize((size_t)p.n_layer);
     pool_ = std::make_unique<ThreadPool>(p.n_threads);
     p_.n_threads = pool_->size();
@@ -90,8 +107,12 @@ void Model::set_tensor(const char *name, const tv_tensor &t) {
         else if (s == "ffn_gate.weight") slot = &L.gate, rows = F, cols = E;
         else if (s == "ffn_up.weight") slot = &L.up, rows = F, cols = E;
         else if (s == "ffn_down.weight") slot = &L.down, rows = E, cols = F;
+        else if (p_.qk_norm && s == "attn_q_norm.weight") slot = &L.q_norm, rows = 1, cols = p_.head_dim, f32_only = true;
+        else if (p_.qk_norm && s == "attn_k_norm.weight") slot = &L.k_norm, rows = 1, cols = p_.head_dim, f32_only = true;
+        else if (p_.post_norms && s == "post_attention_norm.weight") slot = &L.post_attn_norm, rows = 1, cols = E, f32_only = true;
+        else if (p_.post_norms && s == "post_ffw_norm.weight") slot = &L.post_ffw_norm, rows = 1, cols = E, f32_only = true;
     }
-    if (!slot) fail("%s: unknown tensor name '%s'", f, name);
+    if (!slot) fail("%s: unknown tensor name '%s' (q/k norms need qk_norm, post norms need post_norms)", f, name);
     if (slot->set()) fail("%s: tensor '%s' was already set", f, name);
     if (!dtype_known(t.dtype)) fail("%s: '%s': unsupported dtype %d", f, name, t.dtype);
     if (f32_only && t.dtype != TV_F32)
@@ -122,6 +143,10 @@ void Model::finalize() {
         const Weight *req[] = {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_norm, &L.gate, &L.up, &L.down};
         for (int i = 0; i < 9; i++)
             if (!req[i]->set()) fail("%s: missing tensor 'blk.%d.%s'", f, l, names[i]);
+        if (p_.qk_norm && !(L.q_norm.set() && L.k_norm.set()))
+            fail("%s: missing tensor 'blk.%d.attn_%c_norm.weight' (qk_norm is on)", f, l, L.q_norm.set() ? 'k' : 'q');
+        if (p_.post_norms && !L.post_attn_norm.set()) fail("%s: missing tensor 'blk.%d.post_attention_norm.weight'", f, l);
+        if (p_.post_norms && !L.post_ffw_norm.set()) fail("%s: missing tensor 'blk.%d.post_ffw_norm.weight'", f, l);
         const int nb = L.bq.set() + L.bk.set() + L.bv.set();
         if (nb != 0 && nb != 3) fail("%s: blk.%d: attn_q/k/v biases must be given all three or none", f, l);
     }
@@ -171,9 +196,17 @@ void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
 
     float *x = grow(s_.x, (size_t)T * E);
     for (int t = 0; t < T; t++) dequantize_row(token_embd_.dtype, token_embd_.row(b.tokens[t]), x + (size_t)t * E, E);
-    // RoPE angles depend only on the position: once per token for all layers and heads.
+    if (p_.embd_scale != 0.0f)
+        for (size_t i = 0; i < (size_t)T * E; i++) x[i] *= p_.embd_scale;
+    // RoPE angles depend only on the position: once per token for all layers and heads (and once
+    // more for the sliding-window layers' own frequencies).
     float *rc = grow(s_.rope_cos, (size_t)T * half), *rs = grow(s_.rope_sin, (size_t)T * half);
     for (int t = 0; t < T; t++) rope_angles(b.positions[t], inv_freq_.data(), half, rc + (size_t)t * half, rs + (size_t)t * half);
+    if (p_.sliding_window > 0) {
+        float *c = grow(s_.rope_cos_swa, (size_t)T * half), *s = grow(s_.rope_sin_swa, (size_t)T * half);
+        for (int t = 0; t < T; t++)
+            rope_angles(b.positions[t], inv_freq_swa_.data(), half, c + (size_t)t * half, s + (size_t)t * half);
+    }
 
     for (int l = 0; l < p_.n_layer; l++) run_layer(l, cache, b);
 
@@ -184,6 +217,7 @@ void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
         rmsnorm(x + (size_t)b.logits_rows[i] * E, reinterpret_cast<const float *>(output_norm_.data), xn + (size_t)i * E, E,
                 p_.rms_eps);
     matmul(out, xn, b.n_logits, logits, *pool_, s_.xq);
+    if (p_.final_logit_softcap > 0.0f) softcap(logits, (int64_t)b.n_logits * p_.n_vocab, p_.final_logit_softcap);
 }
 
 void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
@@ -196,14 +230,20 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
           *v = grow(s_.v, (size_t)T * Dkv), *att = grow(s_.att, (size_t)T * Dq), *tmp = grow(s_.tmp, (size_t)T * E);
 
     const Kernels &K = kernels();
+    // Gemma 3 normalizes a block's output (tmp) before the residual add: post is its norm or null.
+    const Weight *post_attn = p_.post_norms ? &L.post_attn_norm : nullptr, *post_ffw = p_.post_norms ? &L.post_ffw_norm : nullptr;
+    auto residual_add = [&](int t, const Weight *post) {
+        float *xt = x + (size_t)t * E, *tt = tmp + (size_t)t * E;
+        if (post) rmsnorm(tt, reinterpret_cast<const float *>(post->data), tt, E, p_.rms_eps);
+        for (int i = 0; i < E; i++) xt[i] += tt[i];
+    };
     // x[t] += tmp[t] (when add), then xn[t] = norm(x[t]) and its int16 blocks for the next matmuls.
     const bool qE = E % QK == 0;
     ActBlock *xq = grow(s_.xq, (size_t)T * (std::max({E, F, Dq}) / QK));  // every quantization below
-    auto norm_quant = [&](const Weight &norm, bool add) {
+    auto norm_quant = [&](const Weight &norm, bool add, const Weight *post) {
         per_token(pool, T, [&](int t) {
             float *xt = x + (size_t)t * E, *xnt = xn + (size_t)t * E;
-            if (add)
-                for (int i = 0; i < E; i++) xt[i] += tmp[(size_t)t * E + i];
+            if (add) residual_add(t, post);
             rmsnorm(xt, reinterpret_cast<const float *>(norm.data), xnt, E, p_.rms_eps);
             if (qE) K.quantize_act(xnt, xq + (size_t)t * (E / QK), E);
         });
@@ -212,13 +252,16 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
 
     // --- attention block
     {
-        const ActBlock *xqn = norm_quant(L.attn_norm, false);  // shared by q, k, v
+        const ActBlock *xqn = norm_quant(L.attn_norm, false, nullptr);  // shared by q, k, v
         const Weight *ws[3] = {&L.wq, &L.wk, &L.wv};
         float *ys[3] = {q, k, v};
         matmul_multi(ws, ys, 3, xn, xqn, T, pool);  // one parallel region for q, k and v
     }
     // All of the batch's K/V go in before any attention, so tokens of one sequence in this batch
     // see each other (causally, by position).
+    const bool swa = swa_[(size_t)l] != 0;
+    const float *rope_cos = swa ? s_.rope_cos_swa.data() : s_.rope_cos.data(),
+                *rope_sin = swa ? s_.rope_sin_swa.data() : s_.rope_sin.data();
     per_token(pool, T, [&](int t) {
         if (L.bq.set()) {
             const float *bq = reinterpret_cast<const float *>(L.bq.data), *bk = reinterpret_cast<const float *>(L.bk.data),
@@ -226,14 +269,23 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
             for (int i = 0; i < Dq; i++) q[(size_t)t * Dq + i] += bq[i];
             for (int i = 0; i < Dkv; i++) k[(size_t)t * Dkv + i] += bk[i], v[(size_t)t * Dkv + i] += bv[i];
         }
-        const float *c = s_.rope_cos.data() + (size_t)t * half, *s = s_.rope_sin.data() + (size_t)t * half;
+        if (p_.qk_norm) {  // per head, before RoPE
+            for (int h = 0; h < p_.n_head; h++)
+                rmsnorm(q + (size_t)t * Dq + (size_t)h * hd, reinterpret_cast<const float *>(L.q_norm.data),
+                        q + (size_t)t * Dq + (size_t)h * hd, hd, p_.rms_eps);
+            for (int h = 0; h < p_.n_head_kv; h++)
+                rmsnorm(k + (size_t)t * Dkv + (size_t)h * hd, reinterpret_cast<const float *>(L.k_norm.data),
+                        k + (size_t)t * Dkv + (size_t)h * hd, hd, p_.rms_eps);
+        }
+        const float *c = rope_cos + (size_t)t * half, *s = rope_sin + (size_t)t * half;
         rope_apply(q + (size_t)t * Dq, p_.n_head, hd, p_.rope_interleaved != 0, c, s);
         rope_apply(k + (size_t)t * Dkv, p_.n_head_kv, hd, p_.rope_interleaved != 0, c, s);
         const int pos = b.positions[t];  // tokens write distinct slots: no two tasks touch one value
         const int block = b.block_tables[(size_t)b.seq_ids[t] * b.max_blocks + pos / cache.block_size];
         cache.write(l, block, pos % cache.block_size, k + (size_t)t * Dkv, v + (size_t)t * Dkv);
     });
-    const AttentionBatch ab{T, b.positions, b.seq_ids, b.block_tables, b.max_blocks};
+    const AttentionBatch ab{T, b.positions, b.seq_ids, b.block_tables, b.max_blocks, swa ? p_.sliding_window : 0,
+                            p_.attn_scale};
     attention(cache, l, ab, q, att, p_.n_head, pool, s_.attn);
     // (a quantized weight's cols are a whole number of blocks, checked at set_tensor: qD, qE, qF hold
     // whenever the matmul needs xq; float weights ignore it)
@@ -244,20 +296,19 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     // --- feed-forward block
     float *g = grow(s_.gate, (size_t)T * F), *u = grow(s_.up, (size_t)T * F);
     {
-        const ActBlock *xqn = norm_quant(L.ffn_norm, true);  // shared by gate, up
+        const ActBlock *xqn = norm_quant(L.ffn_norm, true, post_attn);  // shared by gate, up
         const Weight *ws[2] = {&L.gate, &L.up};
         float *ys[2] = {g, u};
         matmul_multi(ws, ys, 2, xn, xqn, T, pool);
     }
     const bool qF = F % QK == 0;
     per_token(pool, T, [&](int t) {
-        K.silu_mul(g + (size_t)t * F, u + (size_t)t * F, F);
+        if (p_.ffn_act == 0) K.silu_mul(g + (size_t)t * F, u + (size_t)t * F, F);
+        else gelu_tanh_mul(g + (size_t)t * F, u + (size_t)t * F, F);
         if (qF) K.quantize_act(g + (size_t)t * F, xq + (size_t)t * (F / QK), F);
     });
     matmul(L.down, g, qF ? xq : nullptr, T, tmp, pool);
-    per_token(pool, T, [&](int t) {
-        for (int i = 0; i < E; i++) x[(size_t)t * E + i] += tmp[(size_t)t * E + i];
-    });
+    per_token(pool, T, [&](int t) { residual_add(t, post_ffw); });
 }
 
 }  // namespace tv

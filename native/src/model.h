@@ -1,4 +1,5 @@
-// The LLaMA-family model: borrowed weights, validated shapes, and the batched forward pass.
+// The decoder model (LLaMA, Qwen2/3, Gemma 3): borrowed weights, validated shapes, and the batched
+// forward pass.
 #pragma once
 
 #include <memory>
@@ -15,6 +16,8 @@ namespace tv {
 
 struct LayerWeights {
     Weight attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, gate, up, down;
+    Weight q_norm, k_norm;                 // params.qk_norm
+    Weight post_attn_norm, post_ffw_norm;  // params.post_norms
 };
 
 class Model {
@@ -34,7 +37,8 @@ class Model {
     void run_layer(int l, KvCache &cache, const tv_batch &b);
 
     tv_model_params p_;
-    std::vector<float> inv_freq_;
+    std::vector<float> inv_freq_, inv_freq_swa_;
+    std::vector<uint8_t> swa_;  // [n_layer]: 1 = sliding-window layer
     Weight token_embd_, output_norm_, output_;
     std::vector<LayerWeights> layers_;
     bool finalized_ = false;
@@ -43,7 +47,7 @@ class Model {
 
     // Scratch, grown to the largest batch seen and then reused: steady-state decode allocates nothing.
     struct Scratch {
-        std::vector<float> x, xn, q, k, v, att, tmp, gate, up, rope_cos, rope_sin, attn;
+        std::vector<float> x, xn, q, k, v, att, tmp, gate, up, rope_cos, rope_sin, rope_cos_swa, rope_sin_swa, attn;
         std::vector<ActBlock> xq;
         std::vector<int32_t> last_pos;
     } s_;

@@ -1,4 +1,4 @@
-// Small per-token operations of the LLaMA block.
+// Small per-token operations of the decoder blocks.
 #pragma once
 
 #include <cstdint>
@@ -17,5 +17,11 @@ void rope_apply(float *x, int n_heads, int head_dim, bool interleaved, const flo
 
 // g[i] = silu(g[i]) * u[i]
 void swiglu(float *g, const float *u, int64_t n);
+
+// g[i] = gelu(g[i]) * u[i], GELU's tanh approximation (Gemma's gelu_pytorch_tanh, ggml_gelu).
+void gelu_tanh_mul(float *g, const float *u, int64_t n);
+
+// x[i] = cap * tanh(x[i] / cap): Gemma's final-logit soft capping.
+void softcap(float *x, int64_t n, float cap);
 
 }  // namespace tv

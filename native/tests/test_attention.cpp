@@ -1,4 +1,5 @@
-// RoPE (both layouts) and paged attention through a shuffled block table vs double references.
+// RoPE (both layouts) and paged attention (sliding window included) through a shuffled block
+// table vs double references.
 #include <algorithm>
 #include <numeric>
 
@@ -46,18 +47,18 @@ TEST(rmsnorm_and_swiglu) {
 namespace {
 
 // Double-precision causal GQA attention for every batch row, read from the unpaged K/V copies,
-// compared with what the kernel wrote to `out`.
+// compared with what the kernel wrote to `out`. window > 0: keys p with pos - p >= window are out.
 void check_against_naive(const std::vector<float> &q, const std::vector<float> &out,
                          const std::vector<std::vector<float>> &K, const std::vector<std::vector<float>> &V,
                          const std::vector<int32_t> &pos, const std::vector<int32_t> &seq, int n_head, int n_kv,
-                         int hd, const char *path, int kv_dtype) {
-    const double scale = 1.0 / std::sqrt((double)hd);
+                         int hd, const char *path, int kv_dtype, int window = 0, float scale_f = 0.0f) {
+    const double scale = scale_f > 0.0f ? (double)scale_f : 1.0 / std::sqrt((double)hd);
     for (size_t t = 0; t < pos.size(); t++)
         for (int h = 0; h < n_head; h++) {
-            const int s = seq[t], kvh = h / (n_head / n_kv);
-            std::vector<double> sc(pos[t] + 1), o(hd, 0.0);
+            const int s = seq[t], kvh = h / (n_head / n_kv), lo = window > 0 ? std::max(0, pos[t] - window + 1) : 0;
+            std::vector<double> sc(pos[t] + 1, -1e300), o(hd, 0.0);
             double mx = -1e300, sum = 0;
-            for (int p = 0; p <= pos[t]; p++) {
+            for (int p = lo; p <= pos[t]; p++) {
                 double d = 0;
                 for (int i = 0; i < hd; i++)
                     d += (double)q[(t * n_head + h) * hd + i] * K[s][((size_t)p * n_kv + kvh) * hd + i];
@@ -65,11 +66,11 @@ void check_against_naive(const std::vector<float> &q, const std::vector<float> &
                 mx = std::max(mx, sc[p]);
             }
             for (auto &v : sc) sum += (v = std::exp(v - mx));
-            for (int p = 0; p <= pos[t]; p++)
+            for (int p = lo; p <= pos[t]; p++)
                 for (int i = 0; i < hd; i++) o[i] += sc[p] * V[s][((size_t)p * n_kv + kvh) * hd + i];
             for (int i = 0; i < hd; i++)
                 CHECK_NEAR(out[(t * n_head + h) * hd + i], o[i] / sum, 2e-6)
-                    << path << " kv=" << kv_dtype << " t=" << t << " pos=" << pos[t] << " h=" << h;
+                    << path << " kv=" << kv_dtype << " window=" << window << " t=" << t << " pos=" << pos[t] << " h=" << h;
         }
 }
 
@@ -130,7 +131,7 @@ namespace {
 // specialized block kernels run) in a shuffled paged cache; the batch is a prefill chunk spread
 // over the context (several query tiles, diagonal and off-diagonal blocks) plus a decode token of
 // a second sequence. Only the batch's rows are checked against the double reference.
-void attention_long_case(int kv_dtype, const char *path) {
+void attention_long_case(int kv_dtype, const char *path, int window = 0, float scale = 0.0f) {
     const int n_head = 6, n_kv = 2, hd = 64, bs = 16, N = 2048, max_blocks = N / bs, n_blocks = 2 * max_blocks;
     tv::KvCache cache(1, n_kv, hd, n_blocks, bs, kv_dtype);
     std::vector<int> perm(n_blocks);
@@ -159,17 +160,17 @@ void attention_long_case(int kv_dtype, const char *path) {
     tv::ThreadPool pool(2);
     std::vector<float> scratch;
     CHECK(tv::select_kernels(path));
-    tv::attention(cache, 0, tv::AttentionBatch{T, pos.data(), seq.data(), tables.data(), max_blocks}, q.data(),
-                  out.data(), n_head, pool, scratch);
+    tv::attention(cache, 0, tv::AttentionBatch{T, pos.data(), seq.data(), tables.data(), max_blocks, window, scale},
+                  q.data(), out.data(), n_head, pool, scratch);
     // each row alone (a decode step) gives the same bits: batch-invariant
-    for (int t : {0, 7, 25, T - 1}) {
+    for (int t : {0, 7, 25, 28, T - 1}) {
         std::vector<float> one((size_t)n_head * hd);
-        tv::attention(cache, 0, tv::AttentionBatch{1, &pos[t], &seq[t], tables.data(), max_blocks},
+        tv::attention(cache, 0, tv::AttentionBatch{1, &pos[t], &seq[t], tables.data(), max_blocks, window, scale},
                       q.data() + (size_t)t * n_head * hd, one.data(), n_head, pool, scratch);
         for (int i = 0; i < n_head * hd; i++)
             CHECK(one[i] == out[(size_t)t * n_head * hd + i]) << path << " row " << t << " alone differs";
     }
-    check_against_naive(q, out, K, V, pos, seq, n_head, n_kv, hd, path, kv_dtype);
+    check_against_naive(q, out, K, V, pos, seq, n_head, n_kv, hd, path, kv_dtype, window, scale);
 }
 
 }  // namespace
@@ -210,4 +211,17 @@ TEST(attention_c_abi_contiguous_and_paged) {
     CHECK(tv_attention(N + 1, N, n_head, n_kv, hd, q.data(), K[0].data(), V[0].data(), TV_F32, out.data(), 1) ==
           TV_ERR_INVALID);
     tv_kv_cache_free(cache);
+}
+
+// Sliding window (Gemma 3's local layers): windows shorter than, equal to, not a multiple of and
+// longer than a block, so rows start mid-block (the separate tail call), on a block edge, or not
+// at all; with a configured score scale. hd 64: the vector paths' specialized kernels.
+TEST(attention_sliding_window) {
+    const char *restore = tv_kernel_path();
+    for (const char *path : tv::available_kernels())
+        for (int window : {1, 7, 16, 37, 512}) {
+            attention_long_case(TV_F32, path, window, window == 37 ? 0.2f : 0.0f);
+            attention_long_case(TV_F16, path, window);
+        }
+    tv::select_kernels(restore);
 }

@@ -1,6 +1,7 @@
 // A small random 2-layer model through the C ABI vs a double-precision forward written here:
 // prefill in one batch, decode token by token with the cache, several sequences in one batch,
-// copy-on-write blocks, and the error paths.
+// copy-on-write blocks, and the error paths; Qwen3's q/k norms and Gemma 3's block (post norms,
+// GELU, scales, soft cap, sliding-window layers with their own RoPE) the same way.
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -17,11 +18,13 @@ struct Config {
     int32_t wdtype_q, wdtype_o, wdtype_ffn, wdtype_down, wdtype_embd;
     bool bias, tied, interleaved;
     int32_t kv_dtype;
+    int arch = 0;  // 0 LLaMA, 1 Qwen3 (q/k norms), 2 Gemma 3 (layer 0 sliding with a window of 3)
 };
 
 struct TestModel {
     tv_model_params p{};
-    std::vector<float> inv_freq;
+    std::vector<float> inv_freq, inv_freq_swa;
+    std::vector<int32_t> swa_layers;
     std::map<std::string, HostTensor> t;
     tv_model *m = nullptr;
     ~TestModel() { tv_model_free(m); }
@@ -51,6 +54,14 @@ std::unique_ptr<TestModel> make_model(const Config &c, int n_layer = 2) {
     for (int i = 0; i < p.head_dim / 2; i++) tm->inv_freq.push_back((float)std::pow(10000.0, -2.0 * i / p.head_dim));
     p.rope_inv_freq = tm->inv_freq.data();
     const int E = p.n_embd, Dq = p.n_head * p.head_dim, Dkv = p.n_head_kv * p.head_dim;
+    if (c.arch >= 1) p.qk_norm = 1;
+    if (c.arch == 2) {
+        p.post_norms = 1, p.ffn_act = 1, p.embd_scale = 8.0f, p.attn_scale = 0.3f, p.final_logit_softcap = 3.0f;
+        p.sliding_window = 3;
+        for (int l = 0; l < n_layer; l++) tm->swa_layers.push_back(l % 2 == 0);
+        for (int i = 0; i < p.head_dim / 2; i++) tm->inv_freq_swa.push_back((float)std::pow(100.0, -2.0 * i / p.head_dim));
+        p.swa_layers = tm->swa_layers.data(), p.rope_inv_freq_swa = tm->inv_freq_swa.data();
+    }
     tm->add("token_embd.weight", c.wdtype_embd, p.n_vocab, E, 0.1f);
     if (!c.tied) tm->add("output.weight", c.wdtype_o, p.n_vocab, E, 0.05f);
     tm->add_norm("output_norm.weight", E);
@@ -65,6 +76,8 @@ std::unique_ptr<TestModel> make_model(const Config &c, int n_layer = 2) {
         tm->add(b + "ffn_gate.weight", c.wdtype_ffn, p.n_ff, E);
         tm->add(b + "ffn_up.weight", c.wdtype_ffn, p.n_ff, E);
         tm->add(b + "ffn_down.weight", c.wdtype_down, E, p.n_ff);
+        if (c.arch >= 1) tm->add_norm(b + "attn_q_norm.weight", p.head_dim), tm->add_norm(b + "attn_k_norm.weight", p.head_dim);
+        if (c.arch == 2) tm->add_norm(b + "post_attention_norm.weight", E), tm->add_norm(b + "post_ffw_norm.weight", E);
         if (c.bias) {
             tm->add(b + "attn_q.bias", TV_F32, 1, Dq);
             tm->add(b + "attn_k.bias", TV_F32, 1, Dkv);
@@ -119,6 +132,9 @@ std::vector<Mat> reference_logits(const TestModel &tm, const std::vector<int> &t
     const Mat embd = tm.get("token_embd.weight");
     std::vector<Mat> x(L);
     for (int t = 0; t < L; t++) x[t].assign(embd.begin() + (size_t)tokens[t] * E, embd.begin() + (size_t)(tokens[t] + 1) * E);
+    if (p.embd_scale != 0)
+        for (auto &r : x)
+            for (auto &e : r) e *= p.embd_scale;
     for (int l = 0; l < p.n_layer; l++) {
         const std::string b = "blk." + std::to_string(l) + ".";
         const Mat wq = tm.get(b + "attn_q.weight"), wk = tm.get(b + "attn_k.weight"), wv = tm.get(b + "attn_v.weight"),
@@ -126,6 +142,10 @@ std::vector<Mat> reference_logits(const TestModel &tm, const std::vector<int> &t
                   fn = tm.get(b + "ffn_norm.weight"), wg = tm.get(b + "ffn_gate.weight"),
                   wu = tm.get(b + "ffn_up.weight"), wd = tm.get(b + "ffn_down.weight");
         const bool bias = tm.t.count(b + "attn_q.bias");
+        const bool swa = p.sliding_window > 0 && tm.swa_layers[l];
+        const std::vector<float> &inv = swa ? tm.inv_freq_swa : tm.inv_freq;
+        const int window = swa ? p.sliding_window : 1 << 30;
+        const double att_scale = p.attn_scale > 0 ? (double)p.attn_scale : 1.0 / std::sqrt((double)hd);
         std::vector<Mat> q(L), k(L), v(L);
         for (int t = 0; t < L; t++) {
             Mat xn = rmsnorm(x[t].data(), an, E, p.rms_eps);
@@ -135,19 +155,30 @@ std::vector<Mat> reference_logits(const TestModel &tm, const std::vector<int> &t
                 for (int i = 0; i < Dq; i++) q[t][i] += bq[i];
                 for (int i = 0; i < Dkv; i++) k[t][i] += bk[i], v[t][i] += bv[i];
             }
-            rope(q[t].data(), H, hd, p.rope_interleaved, t, tm.inv_freq);
-            rope(k[t].data(), Hkv, hd, p.rope_interleaved, t, tm.inv_freq);
+            if (p.qk_norm) {
+                const Mat qn = tm.get(b + "attn_q_norm.weight"), kn = tm.get(b + "attn_k_norm.weight");
+                for (int h = 0; h < H; h++) {
+                    Mat r = rmsnorm(q[t].data() + h * hd, qn, hd, p.rms_eps);
+                    std::copy(r.begin(), r.end(), q[t].begin() + h * hd);
+                }
+                for (int h = 0; h < Hkv; h++) {
+                    Mat r = rmsnorm(k[t].data() + h * hd, kn, hd, p.rms_eps);
+                    std::copy(r.begin(), r.end(), k[t].begin() + h * hd);
+                }
+            }
+            rope(q[t].data(), H, hd, p.rope_interleaved, t, inv);
+            rope(k[t].data(), Hkv, hd, p.rope_interleaved, t, inv);
         }
         for (int t = 0; t < L; t++) {
             Mat att(Dq, 0.0);
             for (int h = 0; h < H; h++) {
                 const int kvh = h / (H / Hkv);
-                std::vector<double> s(t + 1);
+                std::vector<double> s(t + 1, -1e300);
                 double mx = -1e300, sum = 0;
-                for (int j = 0; j <= t; j++) {
+                for (int j = std::max(0, t - window + 1); j <= t; j++) {
                     double d = 0;
                     for (int i = 0; i < hd; i++) d += q[t][h * hd + i] * k[j][kvh * hd + i];
-                    s[j] = d / std::sqrt((double)hd);
+                    s[j] = d * att_scale;
                     mx = std::max(mx, s[j]);
                 }
                 for (auto &e : s) sum += (e = std::exp(e - mx));
@@ -155,11 +186,15 @@ std::vector<Mat> reference_logits(const TestModel &tm, const std::vector<int> &t
                     for (int i = 0; i < hd; i++) att[h * hd + i] += s[j] / sum * v[j][kvh * hd + i];
             }
             Mat o = matvec(wo, att.data(), E, Dq);
+            if (p.post_norms) o = rmsnorm(o.data(), tm.get(b + "post_attention_norm.weight"), E, p.rms_eps);
             for (int i = 0; i < E; i++) x[t][i] += o[i];
             Mat xn = rmsnorm(x[t].data(), fn, E, p.rms_eps);
             Mat g = matvec(wg, xn.data(), F, E), u = matvec(wu, xn.data(), F, E);
-            for (int i = 0; i < F; i++) g[i] = g[i] / (1 + std::exp(-g[i])) * u[i];
+            for (int i = 0; i < F; i++)
+                g[i] = p.ffn_act == 1 ? 0.5 * g[i] * (1 + std::tanh(std::sqrt(2 / M_PI) * (g[i] + 0.044715 * g[i] * g[i] * g[i]))) * u[i]
+                                      : g[i] / (1 + std::exp(-g[i])) * u[i];
             Mat d = matvec(wd, g.data(), E, F);
+            if (p.post_norms) d = rmsnorm(d.data(), tm.get(b + "post_ffw_norm.weight"), E, p.rms_eps);
             for (int i = 0; i < E; i++) x[t][i] += d[i];
         }
     }
@@ -169,6 +204,8 @@ std::vector<Mat> reference_logits(const TestModel &tm, const std::vector<int> &t
     for (int t = 0; t < L; t++) {
         Mat xn = rmsnorm(x[t].data(), on, E, p.rms_eps);
         logits[t] = matvec(out, xn.data(), p.n_vocab, E);
+        if (p.final_logit_softcap > 0)
+            for (auto &e : logits[t]) e = p.final_logit_softcap * std::tanh(e / p.final_logit_softcap);
     }
     return logits;
 }
@@ -317,6 +354,19 @@ TEST(model_forward_quantized_weights) {
     tv::select_kernels(restore);
 }
 
+TEST(model_forward_qwen3_and_gemma3_blocks) {
+    // the same checks (reference, decode == recompute bits, forks) with q/k norms, and Gemma 3's
+    // block: seq 0 reaches position 11 with a window of 3, so layer 0 masks most of its keys
+    run_model_case({TV_F32, TV_F32, TV_F32, TV_F32, TV_F32, false, true, false, TV_F32, 1}, 1e-5, "qwen3 f32");
+    run_model_case({TV_F32, TV_F32, TV_F32, TV_F32, TV_F32, false, true, false, TV_F32, 2}, 1e-5, "gemma3 f32");
+    const char *restore = tv_kernel_path();
+    for (const char *path : tv::available_kernels()) {
+        tv::select_kernels(path);
+        run_model_case({TV_Q8_0, TV_Q4_0, TV_Q8_0, TV_Q8_0, TV_Q8_0, false, true, false, TV_F16, 2}, 1e-3, path);
+    }
+    tv::select_kernels(restore);
+}
+
 TEST(model_thread_count_invariant) {
     // every output element is computed by exactly one thread in a fixed order: any thread count
     // gives bit-identical logits
@@ -366,6 +416,34 @@ TEST(model_errors) {
     p = tm->p, p.n_layer = 0;
     CHECK(invalid(tv_model_create(&p, &m)));
     CHECK(invalid(tv_model_create(nullptr, &m)));
+    p = tm->p, p.sliding_window = 4;  // no swa_layers
+    CHECK(invalid(tv_model_create(&p, &m)));
+    p = tm->p, p.ffn_act = 2;
+    CHECK(invalid(tv_model_create(&p, &m)));
+    p = tm->p, p.final_logit_softcap = -1.0f;
+    CHECK(invalid(tv_model_create(&p, &m)));
+    p = tm->p, p.qk_norm = 2;
+    CHECK(invalid(tv_model_create(&p, &m)));
+    CHECK(m == nullptr);
+    {  // q/k norms only with qk_norm, and then required
+        HostTensor hn = random_tensor(TV_F32, 1, 16);
+        tv_tensor dn = hn.desc();
+        CHECK(tv_model_create(&tm->p, &m) == TV_OK);
+        CHECK(invalid(tv_model_set_tensor(m, "blk.0.attn_q_norm.weight", &dn)));
+        CHECK(std::string(tv_last_error()).find("qk_norm") != std::string::npos) << tv_last_error();
+        tv_model_free(m);
+        p = tm->p, p.qk_norm = 1;
+        CHECK(tv_model_create(&p, &m) == TV_OK);
+        for (auto &[name, h] : tm->t) {
+            tv_tensor d = h.desc();
+            CHECK(tv_model_set_tensor(m, name.c_str(), &d) == TV_OK) << tv_last_error();
+        }
+        CHECK(tv_model_set_tensor(m, "blk.0.attn_q_norm.weight", &dn) == TV_OK) << tv_last_error();
+        CHECK(invalid(tv_model_finalize(m)));
+        CHECK(std::string(tv_last_error()).find("attn_k_norm") != std::string::npos) << tv_last_error();
+        tv_model_free(m);
+        m = nullptr;
+    }
 
     // tensors on a fresh model
     CHECK(tv_model_create(&tm->p, &m) == TV_OK);
