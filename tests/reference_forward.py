@@ -1,4 +1,4 @@
-"""Independent float64 numpy reference ("oracle") for LLaMA-family forward passes.
+"""Independent float64 numpy reference ("oracle") for LLaMA-family, Qwen3 and Gemma 3 forward passes.
 
 Deliberately shares no code with `tinyvllm`: weights are read with the `gguf` package
 (GGUFReader + gguf.quants.dequantize) or with a tiny hand-written safetensors reader, then
@@ -10,6 +10,18 @@ RoPE layouts (the classic trap):
   * HF checkpoints (and GGUF qwen2, which llama.cpp runs with NEOX rope and does not permute)
     rotate the *two halves* (x[i], x[i + d/2]).                          -> rope_style "half"
   Both use the angle pos * inv_freq[i], inv_freq[i] = theta^(-2i/d) (optionally rescaled).
+  * qwen3 / gemma3 GGUF files are not permuted either (llama.cpp runs both with NEOX rope).
+
+Architecture facts used here (llama.cpp src/models/{qwen3,gemma3}.cpp, HF transformers modeling code):
+  * qwen3: RMSNorm over each q and k head (weights [head_dim]) after the projections, before RoPE.
+  * gemma3: x = embed * sqrt(hidden); per layer
+        h = attn(rope(qnorm(q)), rope(knorm(k)), v) -> o_proj -> post_attention_norm;  x = x + h
+        h = down(gelu_tanh(gate(ffn_norm(x))) * up(ffn_norm(x))) -> post_ffw_norm;      x = x + h
+    scores scaled by query_pre_attn_scalar^-1/2 (HF; llama.cpp's GGUF reading: 1/sqrt(head_dim), or
+    1/sqrt(hidden/heads) for the 62-layer 27B); sliding layers mask keys with pos_q - pos_k >= window and use
+    their own RoPE base (rope_local_base_freq / rope.freq_base_swa, never rescaled); global layers use
+    rope_theta with the rope scaling; every 6th layer is global unless the file says otherwise. HF stores
+    norm weights w and multiplies by (1 + w); GGUF stores w + 1 (llama.cpp's converter adds the 1).
 """
 from __future__ import annotations
 
@@ -43,6 +55,14 @@ class Config:
     tied: bool = True
     bos_id: int | None = None
     eos_ids: list = field(default_factory=list)
+    qk_norm: bool = False           # qwen3, gemma3
+    gemma: bool = False             # embedding scale, post norms, GELU-tanh gate
+    norm_offset: float = 0.0        # HF gemma3: RMSNorm multiplies by (norm_offset + w)
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    softcap: float = 0.0            # final logit soft cap
+    window: int = 0                 # sliding window of the layers flagged in swa
+    swa: list = field(default_factory=list)
+    theta_swa: float = 10000.0
 
 
 # ----------------------------------------------------------------------------- Q/K permutation
@@ -199,7 +219,8 @@ _GGUF_LAYER_NAMES = {  # our name -> GGUF tensor suffix
     "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
     "wv": "attn_v.weight", "wo": "attn_output.weight", "bq": "attn_q.bias", "bk": "attn_k.bias",
     "bv": "attn_v.bias", "ffn_norm": "ffn_norm.weight", "w_gate": "ffn_gate.weight",
-    "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+    "w_up": "ffn_up.weight", "w_down": "ffn_down.weight", "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight", "post_attn_norm": "post_attention_norm.weight", "post_ffn_norm": "post_ffw_norm.weight",
 }
 _HF_LAYER_NAMES = {
     "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
@@ -207,7 +228,23 @@ _HF_LAYER_NAMES = {
     "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
     "ffn_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
     "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
+_HF_GEMMA3_LAYER_NAMES = {**_HF_LAYER_NAMES, "post_attn_norm": "post_attention_layernorm.weight",
+                          "ffn_norm": "pre_feedforward_layernorm.weight",
+                          "post_ffn_norm": "post_feedforward_layernorm.weight"}
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _swa_flags(n_layers: int, pattern) -> list:
+    """Gemma 3 layer kinds: a list of bools as given, or a period whose last layer is global."""
+    if isinstance(pattern, (list, tuple)):
+        return [bool(b) for b in pattern]
+    n = int(pattern)
+    return [n == 0 or (i + 1) % n != 0 for i in range(n_layers)]
 
 
 class ReferenceModel:
@@ -221,6 +258,7 @@ class ReferenceModel:
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.theta, cfg.rope_scaling)
         if cfg.rope_scaling and cfg.rope_scaling.get("type") == "freq_factors":   # GGUF rope_freqs
             self.inv_freq = self.inv_freq / cfg.rope_scaling["factors"]
+        self.inv_freq_swa = rope_inv_freq(cfg.head_dim, cfg.theta_swa, None)
 
     # ---- constructors
 
@@ -230,7 +268,7 @@ class ReferenceModel:
         r = gguf.GGUFReader(path)
         meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
         arch = meta["general.architecture"]
-        if arch not in ("llama", "qwen2"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
             raise NotImplementedError(arch)
         g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
         W = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=F64).reshape(
@@ -243,14 +281,25 @@ class ReferenceModel:
         if "rope_freqs.weight" in W:     # llama3-style: per-frequency divisors baked into a tensor
             scaling = {"type": "freq_factors", "factors": W["rope_freqs.weight"]}
         eos = meta.get("tokenizer.ggml.eos_token_id")
+        n_layers = int(g("block_count"))
+        extra = {}
+        if arch == "qwen3":
+            extra = dict(qk_norm=True)
+        elif arch == "gemma3":
+            window = int(g("attention.sliding_window", 0) or 0)
+            swa = _swa_flags(n_layers, g("attention.sliding_window_pattern", 6)) if window else []
+            extra = dict(qk_norm=True, gemma=True, window=window, swa=swa,
+                         theta_swa=float(g("rope.freq_base_swa", 10000.0)),
+                         softcap=float(g("final_logit_softcapping", 0.0) or 0.0),
+                         attn_scale=1.0 / math.sqrt(hidden / n_heads if n_layers == 62 else head_dim))
         cfg = Config(
-            arch=arch, n_layers=int(g("block_count")), hidden=hidden, ffn=int(g("feed_forward_length")),
+            arch=arch, n_layers=n_layers, hidden=hidden, ffn=int(g("feed_forward_length")),
             n_heads=n_heads, n_kv_heads=int(g("attention.head_count_kv", n_heads)), head_dim=head_dim,
             vocab=W["token_embd.weight"].shape[0], eps=float(g("attention.layer_norm_rms_epsilon")),
             theta=float(g("rope.freq_base", 10000.0)),
             rope_style="interleaved" if arch == "llama" else "half", rope_scaling=scaling,
             tied="output.weight" not in W, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_ids=[] if eos is None else [int(eos)])
+            eos_ids=[] if eos is None else [int(eos)], **extra)
         layers = [{k: W.get(f"blk.{i}.{s}") for k, s in _GGUF_LAYER_NAMES.items()} for i in range(cfg.n_layers)]
         embed = W["token_embd.weight"]
         return cls(cfg, embed, W["output_norm.weight"], W.get("output.weight", embed), layers, meta)
@@ -265,18 +314,38 @@ class ReferenceModel:
                  else ["model.safetensors"])
         for fn in files:
             W.update(read_safetensors(os.path.join(path, fn)))
-        arch = "qwen2" if "qwen2" in c.get("model_type", "") else "llama"
+        mt = c.get("model_type", "")
+        arch = ("gemma3" if mt.startswith("gemma3") else "qwen3" if mt == "qwen3" else
+                "qwen2" if "qwen2" in mt else "llama")
         n_heads, hidden = c["num_attention_heads"], c["hidden_size"]
         eos = c.get("eos_token_id")
+        extra, names = {}, _HF_LAYER_NAMES
+        if arch == "qwen3":
+            extra = dict(qk_norm=True)
+        elif arch == "gemma3":
+            names = _HF_GEMMA3_LAYER_NAMES
+            n_layers, hd = c["num_hidden_layers"], c.get("head_dim") or 256
+            window = int(c.get("sliding_window") or 0)
+            kinds = c.get("layer_types")
+            swa = ([k == "sliding_attention" for k in kinds] if kinds else
+                   _swa_flags(n_layers, c.get("sliding_window_pattern", 6)))
+            rp = c.get("rope_parameters") or {}   # transformers >= 4.56: per layer kind
+            if "full_attention" in rp:
+                c = {**c, "rope_theta": rp["full_attention"]["rope_theta"]}
+            extra = dict(qk_norm=True, gemma=True, norm_offset=1.0, window=window, swa=swa if window else [],
+                         theta_swa=float(rp.get("sliding_attention", {}).get(
+                             "rope_theta", c.get("rope_local_base_freq", 10000.0))),
+                         softcap=float(c.get("final_logit_softcapping") or 0.0),
+                         attn_scale=float(c.get("query_pre_attn_scalar") or hd) ** -0.5)
         cfg = Config(
             arch=arch, n_layers=c["num_hidden_layers"], hidden=hidden, ffn=c["intermediate_size"],
             n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
             head_dim=c.get("head_dim") or hidden // n_heads, vocab=W["model.embed_tokens.weight"].shape[0],
             eps=c.get("rms_norm_eps", 1e-6), theta=c.get("rope_theta", 10000.0), rope_style="half",
             rope_scaling=c.get("rope_scaling"), tied="lm_head.weight" not in W,
-            bos_id=c.get("bos_token_id"), eos_ids=[] if eos is None else (eos if isinstance(eos, list) else [eos]))
-        layers = [{k: W.get(f"model.layers.{i}.{s}") for k, s in _HF_LAYER_NAMES.items()}
-                  for i in range(cfg.n_layers)]
+            bos_id=c.get("bos_token_id"), eos_ids=[] if eos is None else (eos if isinstance(eos, list) else [eos]),
+            **extra)
+        layers = [{k: W.get(f"model.layers.{i}.{s}") for k, s in names.items()} for i in range(cfg.n_layers)]
         embed = W["model.embed_tokens.weight"]
         return cls(cfg, embed, W["model.norm.weight"], W.get("lm_head.weight", embed), layers, {"config": c})
 
@@ -307,29 +376,44 @@ class ReferenceModel:
         T, H, KVH, hd = len(tokens), c.n_heads, c.n_kv_heads, c.head_dim
         pos = np.arange(start_pos, start_pos + T)
         x = self.embed[np.asarray(tokens, dtype=np.int64)]                  # [T, D]
+        if c.gemma:
+            x = x * math.sqrt(c.hidden)
+        norm = lambda v, w: rmsnorm(v, c.norm_offset + w, c.eps)
         # causal mask: query t (absolute start_pos+t) sees keys 0..start_pos+t
         S = start_pos + T
         mask = np.where(np.arange(S)[None, :] <= pos[:, None], 0.0, -np.inf)  # [T, S]
+        # sliding layers: also keys with pos_q - pos_k >= window are out
+        mask_swa = np.where(pos[:, None] - np.arange(S)[None, :] < c.window, mask, -np.inf) if c.window else mask
+        scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(hd)
         for i, L in enumerate(self.layers):
+            swa = bool(c.window) and c.swa[i]
+            inv_freq = self.inv_freq_swa if swa else self.inv_freq
             # --- attention
-            h = rmsnorm(x, L["attn_norm"], c.eps)
+            h = norm(x, L["attn_norm"])
             q, k, v = h @ L["wq"].T, h @ L["wk"].T, h @ L["wv"].T
             if L["bq"] is not None:
                 q, k, v = q + L["bq"], k + L["bk"], v + L["bv"]
-            q = apply_rope(q.reshape(T, H, hd), pos, self.inv_freq, c.rope_style)
-            k = apply_rope(k.reshape(T, KVH, hd), pos, self.inv_freq, c.rope_style)
+            q, k = q.reshape(T, H, hd), k.reshape(T, KVH, hd)
+            if c.qk_norm:
+                q, k = norm(q, L["q_norm"]), norm(k, L["k_norm"])
+            q = apply_rope(q, pos, inv_freq, c.rope_style)
+            k = apply_rope(k, pos, inv_freq, c.rope_style)
             K, V = cache.append(i, k, v.reshape(T, KVH, hd))                # [S, KVH, hd]
             att = np.empty((T, H, hd), dtype=F64)
             group = H // KVH
             for hh in range(H):
                 kv = hh // group                                             # GQA: query head -> kv head
-                scores = q[:, hh, :] @ K[:, kv, :].T / math.sqrt(hd) + mask  # [T, S]
+                scores = q[:, hh, :] @ K[:, kv, :].T * scale + (mask_swa if swa else mask)  # [T, S]
                 att[:, hh, :] = softmax(scores) @ V[:, kv, :]
-            x = x + att.reshape(T, H * hd) @ L["wo"].T
-            # --- SwiGLU MLP
-            h = rmsnorm(x, L["ffn_norm"], c.eps)
-            x = x + (silu(h @ L["w_gate"].T) * (h @ L["w_up"].T)) @ L["w_down"].T
-        return rmsnorm(x, self.norm, c.eps) @ self.out.T
+            o = att.reshape(T, H * hd) @ L["wo"].T
+            x = x + (norm(o, L["post_attn_norm"]) if c.gemma else o)
+            # --- gated MLP: SwiGLU, or GELU(tanh) for gemma3
+            h = norm(x, L["ffn_norm"])
+            act = gelu_tanh if c.gemma else silu
+            o = (act(h @ L["w_gate"].T) * (h @ L["w_up"].T)) @ L["w_down"].T
+            x = x + (norm(o, L["post_ffn_norm"]) if c.gemma else o)
+        logits = norm(x, self.norm) @ self.out.T
+        return c.softcap * np.tanh(logits / c.softcap) if c.softcap else logits
 
     def prefill_logits(self, tokens) -> np.ndarray:
         return self.forward(list(tokens), 0, None)

@@ -1,4 +1,4 @@
-"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 families)."""
+"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,17 @@ from tinyvllm.model.errors import ModelFormatError
 
 # "mistral" is llama with (optionally) sliding-window attention, which we do not apply: same math for
 # contexts shorter than the window, so it maps to llama semantics.
-_ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
+                 "gemma3_text": "gemma3"}  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
 SUPPORTED_ARCHS = tuple(sorted(_ARCH_ALIASES))
+# llama.cpp's default for Gemma 3 when the file gives no pattern: every 6th layer is global.
+GEMMA3_SWA_PATTERN = 6
+
+
+def swa_pattern_layers(n_layers: int, pattern: int) -> tuple[bool, ...]:
+    """Sliding-window flags from a period: in each group of `pattern` layers the last one is global
+    (llama.cpp set_swa_pattern; HF Gemma 3's `(i + 1) % pattern != 0`). 0: every layer slides."""
+    return tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers))
 
 
 def _arch(name: Any) -> str:
@@ -48,7 +57,7 @@ def _normalize_rope_scaling(rs: Any) -> dict | None:
 
 @dataclass
 class ModelConfig:
-    arch: str                      # "llama" | "qwen2" (mistral is stored as llama)
+    arch: str                      # "llama" | "qwen2" | "qwen3" | "gemma3" (mistral is stored as llama)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -66,6 +75,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())  # all stop ids when the config lists several
+    # Beyond LLaMA (set by the constructors from the architecture and its config):
+    qk_norm: bool = False          # RMSNorm per q/k head before RoPE (qwen3, gemma3)
+    post_norms: bool = False       # RMSNorm of the attention / FFN outputs before the residual add (gemma3)
+    ffn_act: str = "silu"          # "silu" | "gelu_tanh" (gemma3)
+    embed_scale: float = 1.0       # token embeddings x this (gemma3: sqrt(hidden))
+    attn_scale: float | None = None  # attention logit scale; None: 1/sqrt(head_dim)
+    final_logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    sliding_window: int = 0        # > 0: the layers flagged in swa_layers see the last sliding_window positions
+    swa_layers: tuple[bool, ...] = field(default=())
+    rope_theta_swa: float | None = None  # RoPE base of the sliding layers (no scaling); None: rope_theta
 
     def __post_init__(self):
         self.arch = _arch(self.arch)
@@ -85,6 +104,15 @@ class ModelConfig:
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
             raise ModelFormatError(f"bad rms_norm_eps {self.rms_norm_eps} / rope_theta {self.rope_theta}")
         self.rms_norm_eps, self.rope_theta = float(self.rms_norm_eps), float(self.rope_theta)
+        if self.ffn_act not in ("silu", "gelu_tanh"):
+            raise ModelFormatError(f"unsupported FFN activation {self.ffn_act!r} (supported: silu, gelu_tanh)")
+        self.sliding_window = int(self.sliding_window or 0)
+        if self.sliding_window < 0:
+            raise ModelFormatError(f"sliding_window must be >= 0, got {self.sliding_window}")
+        self.swa_layers = tuple(bool(b) for b in self.swa_layers) if self.sliding_window else ()
+        if self.sliding_window and len(self.swa_layers) != self.num_layers:
+            raise ModelFormatError(f"sliding-window layer pattern has {len(self.swa_layers)} entries, "
+                                   f"expected one per layer ({self.num_layers})")
 
     def rope_inv_freq(self) -> np.ndarray:
         """float32 [head_dim//2]: theta^(-2i/d), with the configured frequency scaling applied.
@@ -111,6 +139,12 @@ class ModelConfig:
             inv = inv / f
         return inv.astype(np.float32)
 
+    def rope_inv_freq_swa(self) -> np.ndarray:
+        """float32 [head_dim//2] of the sliding-window layers: their own base, never rescaled (Gemma 3's
+        local layers keep rope_local_base_freq; scaling applies to the global layers only)."""
+        d, theta = self.head_dim, self.rope_theta_swa or self.rope_theta
+        return (1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))).astype(np.float32)
+
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
@@ -129,7 +163,8 @@ class ModelConfig:
             return cfg[k]
 
         arch = req("model_type")
-        _arch(arch)  # reject unsupported before complaining about other keys
+        if _arch(arch) == "gemma3":  # reject unsupported before complaining about other keys
+            return cls._from_hf_gemma3(cfg, req)
         if cfg.get("mlp_bias"):
             raise ModelFormatError("config.json: mlp_bias=true is not supported")
         hidden, heads = int(req("hidden_size")), int(req("num_attention_heads"))
@@ -147,10 +182,63 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings") or 2048,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=_arch(arch) == "qwen2" or bool(cfg.get("attention_bias", False)),
-            rope_interleaved=False,
+            rope_interleaved=False, qk_norm=_arch(arch) == "qwen3",
             bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
             eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
         )
+
+    @classmethod
+    def _from_hf_gemma3(cls, cfg: dict, req) -> "ModelConfig":
+        """HF Gemma 3 text config (Gemma3ForCausalLM). Norm weights are stored as w with the model using
+        (1 + w): the HF loader adds the 1, as llama.cpp's converter does, so every backend sees GGUF's w + 1."""
+        if "text_config" in cfg:
+            raise ModelFormatError("multimodal Gemma 3 checkpoints (model_type 'gemma3' with a text_config) are not "
+                                   "supported: use a text-only one (model_type 'gemma3_text', Gemma3ForCausalLM) or a GGUF")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            raise ModelFormatError(f"gemma3: unsupported hidden_activation {act!r} (supported: gelu_pytorch_tanh)")
+        if cfg.get("attn_logit_softcapping"):
+            raise ModelFormatError("gemma3: attn_logit_softcapping is not supported")
+        if cfg.get("use_bidirectional_attention"):
+            raise ModelFormatError("gemma3: use_bidirectional_attention (embedding models) is not supported")
+        hidden, heads, layers = int(req("hidden_size")), int(req("num_attention_heads")), int(req("num_hidden_layers"))
+        head_dim = int(cfg.get("head_dim") or 256)
+        # transformers >= 4.56: rope_parameters per layer kind; before: rope_theta + rope_scaling + rope_local_base_freq
+        params = cfg.get("rope_parameters") or {}
+        full, local = params.get("full_attention"), params.get("sliding_attention")
+        if full is None and params.get("rope_theta") is not None:
+            full = params
+        theta = (full or {}).get("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+        rope_scaling = cfg.get("rope_scaling") or (full if full and full.get("rope_type", "default") != "default" else None)
+        if local and local.get("rope_type", "default") != "default":
+            raise ModelFormatError(f"gemma3: rope scaling on the sliding layers ({local}) is not supported")
+        theta_swa = (local or {}).get("rope_theta", cfg.get("rope_local_base_freq", 10000.0))
+        window = int(cfg.get("sliding_window") or 0)
+        if cfg.get("layer_types"):
+            kinds = list(cfg["layer_types"])
+            bad = set(kinds) - {"sliding_attention", "full_attention"}
+            if bad or len(kinds) != layers:
+                raise ModelFormatError(f"gemma3: layer_types must list sliding_attention/full_attention per layer, got {kinds}")
+            swa = tuple(k == "sliding_attention" for k in kinds)
+        else:
+            swa = swa_pattern_layers(layers, int(cfg.get("sliding_window_pattern", GEMMA3_SWA_PATTERN)))
+        if not window or not any(swa):
+            window, swa = 0, ()
+        qpas = float(cfg.get("query_pre_attn_scalar") or head_dim)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        return cls(
+            arch="gemma3", vocab_size=req("vocab_size"), hidden_size=hidden, intermediate_size=req("intermediate_size"),
+            num_layers=layers, num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps") or 1e-6, rope_theta=theta, rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings") or 131072,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            attention_bias=bool(cfg.get("attention_bias", False)), rope_interleaved=False,
+            bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
+            eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
+            qk_norm=True, post_norms=True, ffn_act="gelu_tanh", embed_scale=math.sqrt(hidden),
+            attn_scale=qpas ** -0.5, final_logit_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
+            sliding_window=window, swa_layers=swa, rope_theta_swa=theta_swa)
 
     @classmethod
     def from_gguf_metadata(cls, md: dict) -> "ModelConfig":
@@ -191,6 +279,31 @@ class ModelConfig:
                 raise ModelFormatError("GGUF: per-layer head_count_kv is not supported")
             head_kv = head_kv[0]
         eos = md.get("tokenizer.ggml.eos_token_id")
+        extra = {}
+        if arch == "qwen3":
+            extra = dict(qk_norm=True)
+        elif arch == "gemma3":
+            # llama.cpp's reading (src/models/gemma3.cpp): sliding window from attention.sliding_window, layer
+            # pattern from attention.sliding_window_pattern (a period or one bool per layer; default 6), local
+            # RoPE base rope.freq_base_swa (default 10000), attention scale 1/sqrt(head_dim) except for the
+            # 62-layer 27B (1/sqrt(hidden/heads), its query_pre_attn_scalar: GGUF does not store that key).
+            layers = int(req(p + "block_count"))
+            window = int(md.get(p + "attention.sliding_window", 0) or 0)
+            pat = md.get(p + "attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+            if isinstance(pat, list):
+                if len(pat) != layers:
+                    raise ModelFormatError(f"GGUF: {p}attention.sliding_window_pattern has {len(pat)} entries for "
+                                           f"{layers} layers")
+                swa = tuple(bool(b) for b in pat)
+            else:
+                swa = swa_pattern_layers(layers, int(pat))
+            if not window or not any(swa):
+                window, swa = 0, ()
+            extra = dict(qk_norm=True, post_norms=True, ffn_act="gelu_tanh", embed_scale=math.sqrt(hidden),
+                         attn_scale=(hidden / heads if layers == 62 else head_dim) ** -0.5,
+                         final_logit_softcap=float(md.get(p + "final_logit_softcapping", 0.0) or 0.0),
+                         sliding_window=window, swa_layers=swa,
+                         rope_theta_swa=float(md.get(p + "rope.freq_base_swa", 10000.0)))
         return cls(
             arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=req(p + "feed_forward_length"),
             num_layers=req(p + "block_count"), num_heads=heads, num_kv_heads=head_kv, head_dim=head_dim,
@@ -200,5 +313,5 @@ class ModelConfig:
             tie_word_embeddings=False,  # decided by the loader: no output.weight => tied
             attention_bias=arch == "qwen2",
             rope_interleaved=arch == "llama",
-            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, **extra,
         )

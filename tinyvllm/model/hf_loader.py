@@ -21,10 +21,17 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernor
           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down"}
+_LAYER_QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+# Gemma 3 has four norms per block: HF's post_attention_layernorm is the attention output's norm there
+# (LLaMA's is the FFN input norm).
+_LAYER_GEMMA3 = {**_LAYER, **_LAYER_QK_NORM, "post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+_LAYER_BY_ARCH = {"qwen3": {**_LAYER, **_LAYER_QK_NORM}, "gemma3": _LAYER_GEMMA3}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 
 
-def hf_to_gguf_name(name: str) -> str | None:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str | None:
     """HF tensor name -> GGUF name, or None for tensors we ignore (e.g. rotary_emb.inv_freq)."""
     if name in _GLOBAL:
         return _GLOBAL[name]
@@ -32,10 +39,13 @@ def hf_to_gguf_name(name: str) -> str | None:
     if not m:
         return None
     i, mod, kind = m.groups()
-    if f"{mod}.{kind}" in _LAYER:
-        return f"blk.{i}.{_LAYER[f'{mod}.{kind}']}"
-    if mod in _LAYER:
-        return f"blk.{i}.{_LAYER[mod]}.{kind}"
+    layer = _LAYER_BY_ARCH.get(arch, _LAYER)
+    if f"{mod}.{kind}" in layer:
+        return f"blk.{i}.{layer[f'{mod}.{kind}']}"
+    if mod in layer:
+        return f"blk.{i}.{layer[mod]}.{kind}"
+    if f"{mod}.{kind}" in _LAYER_GEMMA3 or mod.endswith("_norm"):
+        return f"blk.{i}.{mod}.{kind}"  # a norm this arch does not have: kept, so validation names it
     return None
 
 
@@ -55,7 +65,7 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
         raise ModelFormatError(f"{path}: bad safetensors header ({e})") from None
 
 
-def _read_shard(path: Path) -> dict[str, np.ndarray]:
+def _read_shard(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
     """All tensors of one shard as numpy (F32/F16 as stored, BF16 widened to F32)."""
     data_start, header = _safetensors_header(path)
     out = {}
@@ -77,7 +87,7 @@ def _read_shard(path: Path) -> dict[str, np.ndarray]:
                     if raw.size != n:
                         raise ModelFormatError(f"{path}: tensor {name!r} is truncated")
                     out[name] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-                elif hf_to_gguf_name(name) is not None:
+                elif hf_to_gguf_name(name, arch) is not None:
                     raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype} "
                                            "(supported: F32, F16, BF16)")
     except ModelFormatError:
@@ -123,14 +133,16 @@ def load_hf_dir(path) -> ModelWeights:
 
     tensors: dict[str, WeightTensor] = {}
     for shard in _shard_files(d):
-        for hf_name, arr in _read_shard(shard).items():
-            name = hf_to_gguf_name(hf_name)
+        for hf_name, arr in _read_shard(shard, cfg.arch).items():
+            name = hf_to_gguf_name(hf_name, cfg.arch)
             if name is None:
                 continue
             if name in tensors:
                 raise ModelFormatError(f"{d}: tensor {hf_name!r} appears in more than one shard")
             if arr.ndim == 1 or arr.dtype != np.float16:  # 1-D (norms, biases) always F32 for the runner
                 arr = arr.astype(np.float32, copy=False)
+            if cfg.arch == "gemma3" and name.endswith("norm.weight"):
+                arr = arr + np.float32(1.0)  # Gemma3RMSNorm scales by (1 + w): store w + 1 as GGUF does
             tensors[name] = WeightTensor(name, F16 if arr.dtype == np.float16 else F32, arr.shape,
                                          np.ascontiguousarray(arr))
     # HF semantics: with tie_word_embeddings the lm_head *is* the embedding (a stored copy is redundant);

@@ -123,7 +123,7 @@ class ModelWeights:
 
 
 def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """(required, optional) tensor name -> (rows, cols) for a llama/qwen2 decoder."""
+    """(required, optional) tensor name -> (rows, cols) for a llama/qwen2/qwen3/gemma3 decoder."""
     h, ff, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     req = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,)}
     opt = {"rope_freqs.weight": (cfg.head_dim // 2,)}
@@ -135,6 +135,10 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], dict[str, tuple
                     b + "ffn_gate.weight": (ff, h), b + "ffn_up.weight": (ff, h), b + "ffn_down.weight": (h, ff)})
         if cfg.attention_bias:
             req.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
+        if cfg.qk_norm:
+            req.update({b + "attn_q_norm.weight": (cfg.head_dim,), b + "attn_k_norm.weight": (cfg.head_dim,)})
+        if cfg.post_norms:
+            req.update({b + "post_attention_norm.weight": (h,), b + "post_ffw_norm.weight": (h,)})
     return req, opt
 
 

@@ -30,11 +30,20 @@ class NativeModelRunner:
         self.config, self.block_size, self.num_blocks = cfg, block_size, num_blocks
         self.threads = threads or default_threads()
         self._inv_freq = np.ascontiguousarray(cfg.rope_inv_freq(), dtype=np.float32)
-        params = ffi.new("tv_model_params *", dict(
+        fields = dict(
             n_vocab=cfg.vocab_size, n_embd=cfg.hidden_size, n_ff=cfg.intermediate_size,
             n_layer=cfg.num_layers, n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
             head_dim=cfg.head_dim, rms_eps=cfg.rms_norm_eps, rope_interleaved=int(cfg.rope_interleaved),
-            rope_inv_freq=ptr(self._inv_freq), n_threads=self.threads))
+            rope_inv_freq=ptr(self._inv_freq), n_threads=self.threads,
+            qk_norm=int(cfg.qk_norm), post_norms=int(cfg.post_norms), ffn_act=int(cfg.ffn_act == "gelu_tanh"),
+            embd_scale=0.0 if cfg.embed_scale == 1.0 else cfg.embed_scale, attn_scale=cfg.attn_scale or 0.0,
+            final_logit_softcap=cfg.final_logit_softcap)
+        if cfg.sliding_window:  # the native side copies both arrays at create
+            self._swa = np.ascontiguousarray(cfg.swa_layers, dtype=np.int32)
+            self._inv_freq_swa = np.ascontiguousarray(cfg.rope_inv_freq_swa(), dtype=np.float32)
+            fields.update(sliding_window=cfg.sliding_window, swa_layers=ptr(self._swa, "int32_t *"),
+                          rope_inv_freq_swa=ptr(self._inv_freq_swa))
+        params = ffi.new("tv_model_params *", fields)
         out = ffi.new("tv_model **")
         check(lib.tv_model_create(params, out))
         self._model = ffi.gc(out[0], lib.tv_model_free)
