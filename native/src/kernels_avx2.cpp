@@ -1,13 +1,15 @@
 // AVX2 + FMA + F16C kernels. Compiled with per-function target attributes (not -mavx2) so the
 // library still loads and runs the scalar path on CPUs without AVX2.
 //
-// Integer block dot: a weight block is widened to 2 x 16 int16 lanes (values 0..15 and 16..31),
-// multiplied with the int16 activations by _mm256_madd_epi16 (pairs -> 8 x int32, exact: |w| <= 128,
-// |x| <= 32767), converted to float and scaled by d_w * d_x with one FMA per block.
+// Integer slice dot: a weight slice (formats.h, unpacked by x86_unpack.h) is 2 x 16 int16 lanes
+// (values 0..15 and 16..31), multiplied with the int16 activations by _mm256_madd_epi16 (pairs ->
+// 8 x int32, exact: |w| <= 128, |x| <= 32767), converted to float and scaled by d_w * d_x with one
+// FMA per slice (per half when the halves have their own scales).
 #include "attn_block.h"
 #include "kernels.h"
 #include "ops.h"
 #include "tinyvllm.h"
+#include "x86_unpack.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 
@@ -30,86 +32,54 @@ TV_AVX2 inline float hsum(__m256 v) {
 
 TV_AVX2 inline float half(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
 
-// A weight block as int16: lo = values 0..15, hi = values 16..31 (GGML's nibble order).
-struct W16 {
-    __m256i lo, hi;
-};
-
-TV_AVX2 inline W16 nibbles16(const uint8_t *qs) {
-    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)));
-    return {_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(b, 4)};
-}
-
-// sum over the block of w * x, as 8 int32 lanes
-TV_AVX2 inline __m256i dot16(const W16 &w, const ActBlock &x) {
-    const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.qs));
-    const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.qs + 16));
-    return _mm256_add_epi32(_mm256_madd_epi16(w.lo, xlo), _mm256_madd_epi16(w.hi, xhi));
-}
-
-// Per-format block access: the 32 weights as int16, and Q4_1's min.
-struct FmtQ4_0 {
-    static constexpr size_t BYTES = 18;
-    static constexpr bool HAS_MIN = false;
-    TV_AVX2 static W16 weights(const uint8_t *w) {
-        const W16 n = nibbles16(w + 2);
-        const __m256i eight = _mm256_set1_epi16(8);
-        return {_mm256_sub_epi16(n.lo, eight), _mm256_sub_epi16(n.hi, eight)};
-    }
-    TV_AVX2 static float min(const uint8_t *) { return 0.0f; }
-};
-struct FmtQ4_1 {
-    static constexpr size_t BYTES = 20;
-    static constexpr bool HAS_MIN = true;
-    TV_AVX2 static W16 weights(const uint8_t *w) { return nibbles16(w + 4); }
-    TV_AVX2 static float min(const uint8_t *w) { return half(w + 2); }
-};
-struct FmtQ8_0 {
-    static constexpr size_t BYTES = 34;
-    static constexpr bool HAS_MIN = false;
-    TV_AVX2 static W16 weights(const uint8_t *w) {
-        return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2))),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 18)))};
-    }
-    TV_AVX2 static float min(const uint8_t *) { return 0.0f; }
-};
-
-// One weight block against NX activation rows: unpack once, one FMA per row.
-template <class Fmt, int NX>
-TV_AVX2 inline void block_step(const uint8_t *w, const ActBlock *x, int64_t nb, __m256 *acc, float *macc) {
-    const W16 wv = Fmt::weights(w);
-    const float dw = half(w);
+// One slice against NX activation rows: unpacked once, one FMA per row (two when the slice's
+// halves have their own scales).
+template <class F, int NX>
+TV_AVX2 inline void slice_step(const uint8_t *blk, int s, const BlockScales<F::SLICES> &sc, const ActBlock *x,
+                               int64_t nb, __m256 *acc, float *macc) {
+    const W16 wv = unpack<F>(blk, s);
     for (int i = 0; i < NX; i++) {
         const ActBlock &xb = x[i * nb];
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot16(wv, xb)), _mm256_set1_ps(dw * xb.d), acc[i]);
+        const __m256i lo = _mm256_madd_epi16(wv.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb.qs)));
+        const __m256i hi = _mm256_madd_epi16(wv.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb.qs + 16)));
+        if constexpr (F::TWO_SCALES) {
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(sc.d[s][0] * xb.d), acc[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(sc.d[s][1] * xb.d), acc[i]);
+        } else {
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_set1_ps(sc.d[s][0] * xb.d), acc[i]);
+        }
         // explicit fma: contraction must not depend on NX (vectorized or not) for batch invariance
-        if (Fmt::HAS_MIN) macc[i] = std::fma(Fmt::min(w), xb.s, macc[i]);
+        if constexpr (F::HAS_MIN) macc[i] = std::fma(sc.m[s][0], xb.s, macc[i]);
     }
 }
 
-// Two accumulator sets (even / odd blocks) hide the FMA latency; the same for every NX, so a
+// Two accumulator sets (even / odd slices) hide the FMA latency; the same for every NX, so a
 // row's result does not depend on how many rows ran with it.
-template <class Fmt, int NX>
+template <class F, int NX>
 TV_AVX2 void rows_nx(const uint8_t *w, const ActBlock *x, int64_t nb, float *out, int64_t out_stride) {
-    __m256 acc0[NX], acc1[NX];
+    __m256 acc[2][NX];
     float macc[NX];
-    for (int i = 0; i < NX; i++) acc0[i] = acc1[i] = _mm256_setzero_ps(), macc[i] = 0.0f;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2, w += 2 * Fmt::BYTES) {
-        block_step<Fmt, NX>(w, x + b, nb, acc0, macc);
-        block_step<Fmt, NX>(w + Fmt::BYTES, x + b + 1, nb, acc1, macc);
+    for (int i = 0; i < NX; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps(), macc[i] = 0.0f;
+    BlockScales<F::SLICES> sc{};
+    for (int64_t b = 0; b < nb; b += F::SLICES, w += F::BYTES) {
+        if constexpr (F::D_AT >= 0) {  // fixed f16 fields: hardware conversion
+            sc.d[0][0] = sc.d[0][1] = half(w + F::D_AT);
+            if (F::HAS_MIN) sc.m[0][0] = half(w + F::M_AT);
+        } else {
+            F::scales(w, sc);
+        }
+        for (int s = 0; s < F::SLICES; s++) slice_step<F, NX>(w, s, sc, x + b + s, nb, acc[(b + s) & 1], macc);
     }
-    if (b < nb) block_step<Fmt, NX>(w, x + b, nb, acc0, macc);
-    for (int i = 0; i < NX; i++) out[i * out_stride] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + macc[i];
+    for (int i = 0; i < NX; i++) out[i * out_stride] = hsum(_mm256_add_ps(acc[0][i], acc[1][i])) + macc[i];
 }
 
-template <class Fmt>
+template <class F>
 TV_AVX2 void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride) {
     switch (nx) {
-        case 1: rows_nx<Fmt, 1>(w, x, nb, out, out_stride); break;
-        case 2: rows_nx<Fmt, 2>(w, x, nb, out, out_stride); break;
-        case 3: rows_nx<Fmt, 3>(w, x, nb, out, out_stride); break;
-        default: rows_nx<Fmt, 4>(w, x, nb, out, out_stride); break;
+        case 1: rows_nx<F, 1>(w, x, nb, out, out_stride); break;
+        case 2: rows_nx<F, 2>(w, x, nb, out, out_stride); break;
+        case 3: rows_nx<F, 3>(w, x, nb, out, out_stride); break;
+        default: rows_nx<F, 4>(w, x, nb, out, out_stride); break;
     }
 }
 
@@ -217,9 +187,10 @@ TV_AVX2 void silu_mul(float *g, const float *u, int64_t n) {
 
 Kernels make_table() {
     Kernels k = kernels_with_scalar_rows("avx2");
-    k.rows[TV_Q4_0] = rows<FmtQ4_0>;
-    k.rows[TV_Q4_1] = rows<FmtQ4_1>;
-    k.rows[TV_Q8_0] = rows<FmtQ8_0>;
+#define TV_ROWS(F) \
+    if (!F::TWO_MINS) k.rows[F::DTYPE] = rows<F>;  // per-half mins (Q2_K) keep the scalar rows
+    TV_QUANT_FORMATS(TV_ROWS)
+#undef TV_ROWS
     k.dot_f32 = dot_f32;
     k.dot_f16 = dot_f16;
     k.attn_block = attn_block;

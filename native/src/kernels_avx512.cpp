@@ -1,15 +1,16 @@
 // AVX-512 (F/BW/VL) + VNNI kernels, per-function target attributes so the library still loads
 // on CPUs without them (kernels.cpp only picks this table when the CPU reports all features).
 //
-// A weight block is widened to 32 int16 lanes (value order 0..31, the same order as ActBlock.qs),
-// so one _mm512_dpwssd_epi32 forms the block's exact integer dot as 16 int32 partial sums.
-// On Zen 4 a 512-bit op costs two 256-bit slots, so the win over AVX2 comes from doing less
-// per block, not from wider lanes: the quantized matmul (QuantGemm below) forms each block's
-// exact integer dot first and does the float work (convert, scale, accumulate) once per block
+// Weights are read through the format traits (formats.h, unpacked by x86_unpack.h): a 32-value
+// slice becomes 32 int16 lanes in ActBlock.qs order, so VNNI (vpdpwssd) forms its exact integer
+// dot. On Zen 4 a 512-bit op costs two 256-bit slots, so the win over AVX2 comes from doing less
+// per slice, not from wider lanes: the quantized matmul (QuantGemm below) forms each slice's
+// exact integer dot first and does the float work (convert, scale, accumulate) once per slice
 // for 8 outputs at a time (8 weight rows in decode, 8 activation rows in the panel path).
 #include "attn_block.h"
 #include "kernels.h"
 #include "tinyvllm.h"
+#include "x86_unpack.h"
 
 #if defined(__x86_64__)
 
@@ -25,106 +26,36 @@
 namespace tv {
 namespace {
 
-TV_AVX512 inline float half(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
-
-// A weight block as int16: lo = values 0..15, hi = values 16..31 (GGML's nibble order). 256-bit
-// halves on purpose: Zen 4 runs 512-bit ops as two 256-bit halves, and a ymm pair needs no
-// cross-lane shuffle to widen 16 bytes, so the ymm form of VNNI does the same work in fewer slots.
-struct W16 {
-    __m256i lo, hi;
-};
-
-TV_AVX512 inline W16 nibbles16(const uint8_t *qs) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)), f = _mm_set1_epi8(0x0F);
-    return {_mm256_cvtepu8_epi16(_mm_and_si128(q, f)), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), f))};
+// 16 int16 weights against 16 int16 activations as 8 int32 lanes (|sum| < 2^31 by far).
+TV_AVX512 inline __m256i dot_half(__m256i w, const int16_t *x) {
+    return _mm256_dpwssd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
 }
-
-// A block's 16 pairs (value j, value j + 16) as int16 halves of 16 dwords, j = 0..15.
-TV_AVX512 inline __m512i nibble_pairs(const uint8_t *qs) {
-    const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)));
-    return _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(t, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (t | t << 12) & mask
-}
-
-struct FmtQ4_0 {
-    static constexpr size_t BYTES = 18;
-    static constexpr bool HAS_MIN = false;
-    TV_AVX512 static __m512i pairs(const uint8_t *w) { return _mm512_sub_epi16(nibble_pairs(w + 2), _mm512_set1_epi16(8)); }
-    TV_AVX512 static W16 weights(const uint8_t *w) {
-        const W16 n = nibbles16(w + 2);
-        const __m256i eight = _mm256_set1_epi16(8);
-        return {_mm256_sub_epi16(n.lo, eight), _mm256_sub_epi16(n.hi, eight)};
-    }
-};
-struct FmtQ4_1 {
-    static constexpr size_t BYTES = 20;
-    static constexpr bool HAS_MIN = true;
-    TV_AVX512 static W16 weights(const uint8_t *w) { return nibbles16(w + 4); }
-    TV_AVX512 static __m512i pairs(const uint8_t *w) { return nibble_pairs(w + 4); }
-};
-struct FmtQ8_0 {
-    static constexpr size_t BYTES = 34;
-    static constexpr bool HAS_MIN = false;
-    TV_AVX512 static __m512i pairs(const uint8_t *w) {
-        const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2)));
-        const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 18)));
-        return _mm512_mask_blend_epi16(0xAAAAAAAA, lo, _mm512_slli_epi32(hi, 16));
-    }
-    TV_AVX512 static W16 weights(const uint8_t *w) {
-        return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 2))),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 18)))};
-    }
-};
-
-// The block's exact integer dot as 8 int32 lanes: two chained dpwssd (|sum| < 2^31 by far).
+// A whole slice: two chained dpwssd.
 TV_AVX512 inline __m256i dot8(__m256i wlo, __m256i whi, const int16_t *x) {
-    const __m256i s = _mm256_dpwssd_epi32(_mm256_setzero_si256(), wlo, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
-    return _mm256_dpwssd_epi32(s, whi, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x + 16)));
-}
-
-TV_AVX512 inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return _mm256_dpwssd_epi32(dot_half(wlo, x), whi, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x + 16)));
 }
 
 TV_AVX512 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
-// ---- Kernels-table entry points (one weight row against <= MAX_NX ActBlock rows) -------------
-// Straightforward per-block code; the matmul driver uses QuantGemm instead when this path is active.
-template <class Fmt>
-TV_AVX512 void rows(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride) {
-    __m256 acc[MAX_NX];
-    float macc[MAX_NX];
-    for (int i = 0; i < nx; i++) acc[i] = _mm256_setzero_ps(), macc[i] = 0.0f;
-    for (int64_t b = 0; b < nb; b++, w += Fmt::BYTES) {
-        const W16 wv = Fmt::weights(w);
-        const float dw = half(w);
-        for (int i = 0; i < nx; i++) {
-            const ActBlock &xb = x[i * nb + b];
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(wv.lo, wv.hi, xb.qs)), _mm256_set1_ps(dw * xb.d), acc[i]);
-            if (Fmt::HAS_MIN) macc[i] = std::fma(half(w + 2), xb.s, macc[i]);
-        }
-    }
-    for (int i = 0; i < nx; i++) out[i * out_stride] = hsum8(acc[i]) + macc[i];
-}
-
 // ---- QuantGemm: the tiled matmul --------------------------------------------------------------
 // Every output, whatever path computes it, is the same float sequence:
-//     acc = 0; for each block b: acc = fma(float(idot_b), d_w * d_x, acc) [; acc = fma(m_b, s_b, acc)]
-// where idot_b is the block's exact integer dot (so the order of its int32 partial sums does not
+//     acc = 0; per slice: acc = fma(float(idot), d_w * d_x, acc)
+//                         [TWO_SCALES: idot of values 0..15 with d_w[0], then 16..31 with d_w[1]]
+//                         [HAS_MIN: acc = fma(m_w, s_x, acc)]
+// where idot is the slice's exact integer dot (so the order of its int32 partial sums does not
 // matter). Rows of a batch therefore get the same bits whichever path (and tile) ran them.
-//   - m < GEMM_MIN (decode): 8 weight rows at a time, unpacked in registers, their block dots
-//     reduced into one 8-lane vector (lane = weight row), scales fetched with one gather;
+//   - m < GEMM_MIN (decode): 8 weight rows at a time, unpacked in registers, their slice dots
+//     reduced into one 8-lane vector (lane = weight row);
 //   - m >= GEMM_MIN: 8 weight rows unpacked once into an L1 panel of int16 pairs, then run
 //     against tiles of 8 (m <= 8: ymm) or 16 (zmm) activation rows (lane = activation row): per
-//     pair one broadcast weight dword meets the tile in one vpdpwssd, float work once per block.
-// Pairs are (value j, value j + 16), j = 0..15: one dword per pair, int16 halves.
+//     pair one broadcast weight dword meets the tile in one vpdpwssd, float work once per slice.
+// Pairs are neighbours (values 2j, 2j + 1): dwords 0..7 hold values 0..15, 8..15 values 16..31.
+// Per-half mins (Q2_K) are not run here: the driver falls back to the scalar rows for them.
 
 constexpr int GEMM_MIN = 4;  // activation rows from which the panel path runs
 constexpr int NW = 8;        // weight rows per group
 
-// 64 bytes, 64-aligned: one block of int16 (std::vector<__m512i> would drop the vector attributes).
+// 64 bytes, 64-aligned: one slice of int16 (std::vector<__m512i> would drop the vector attributes).
 struct alignas(64) Blk16 {
     int16_t v[QK];
 };
@@ -136,7 +67,6 @@ struct Prep {
     std::vector<int32_t> xt;     // [tile][nb][16 pairs][tw rows], padded rows 0
     std::vector<float> xd, xs;   // [tile][nb][tw]
 };
-
 
 TV_AVX512 const void *prepare(const ActBlock *x, int64_t m, int64_t nb) {
     thread_local Prep p;  // the calling thread's; workers only read it during the matmul
@@ -153,24 +83,21 @@ TV_AVX512 const void *prepare(const ActBlock *x, int64_t m, int64_t nb) {
     const int64_t tw = p.tw = m <= 8 ? 8 : 16, tiles = (m + tw - 1) / tw;
     if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
     if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
-    alignas(64) int32_t tmp[16];
     for (int64_t t = 0; t < tiles; t++)
         for (int64_t b = 0; b < nb; b++) {
             int32_t *xt = p.xt.data() + ((t * nb + b) * 16) * tw;
             float *xd = p.xd.data() + (t * nb + b) * tw, *xs = p.xs.data() + (t * nb + b) * tw;
             for (int i = 0; i < tw; i++) {
                 const int64_t row = t * tw + i;
+                int32_t pairs[16] = {};  // the activations' int16 pairs, in memory order
                 if (row < m) {
                     const ActBlock &a = x[row * nb + b];
-                    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(a.qs)));
-                    const __m512i hi = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(a.qs + 16)));
-                    _mm512_store_si512(tmp, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                    std::memcpy(pairs, a.qs, sizeof pairs);
                     xd[i] = a.d, xs[i] = a.s;
                 } else {
-                    std::memset(tmp, 0, sizeof tmp);
                     xd[i] = xs[i] = 0.0f;
                 }
-                for (int j = 0; j < 16; j++) xt[j * tw + i] = tmp[j];
+                for (int j = 0; j < 16; j++) xt[j * tw + i] = pairs[j];
             }
         }
     return &p;
@@ -182,50 +109,85 @@ TV_AVX512 inline void store_lanes(__m256 v, float *y, int64_t stride, int n) {
     for (int i = 0; i < n; i++) y[i * stride] = t[i];
 }
 
-// fp16 d (and Q4_1's m right after it) of block o of 8 rows in one gather.
-template <class Fmt>
-TV_AVX512 inline void scales8(const uint8_t *w0, __m256i voff, __m256 &dw, __m256 &mn) {
-    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int *>(w0), voff, 1);
-    dw = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(g));
-    mn = Fmt::HAS_MIN ? _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(g, 16))) : dw;
+// The scales of one stored block of each of a group's 8 rows, lanes = rows: with fixed f16
+// fields (F::D_AT, the min right after it) one gather; else the traits' scalar decoding.
+template <class F>
+struct GroupScales {
+    alignas(32) float d[F::SLICES][2][NW], m[F::SLICES][NW];
+};
+template <class F>
+TV_AVX512 inline void group_scales(const uint8_t *w0, const int32_t *off, __m256i voff, GroupScales<F> &g) {
+    if constexpr (F::D_AT >= 0) {
+        static_assert(F::SLICES == 1 && (!F::HAS_MIN || F::M_AT == F::D_AT + 2), "one gather reads d and m");
+        const __m256i v = _mm256_i32gather_epi32(reinterpret_cast<const int *>(w0 + F::D_AT), voff, 1);
+        const __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(v));
+        _mm256_store_ps(g.d[0][0], d);
+        _mm256_store_ps(g.d[0][1], d);
+        if (F::HAS_MIN) _mm256_store_ps(g.m[0], _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16))));
+    } else {
+        BlockScales<F::SLICES> bs{};
+        for (int r = 0; r < NW; r++) {
+            F::scales(w0 + off[r], bs);
+            for (int s = 0; s < F::SLICES; s++) g.d[s][0][r] = bs.d[s][0], g.d[s][1][r] = bs.d[s][1], g.m[s][r] = bs.m[s][0];
+        }
+    }
+}
+
+// Row offsets of a group: rows past r1 repeat the last one (computed, never stored).
+TV_AVX512 inline __m256i group_offsets(int64_t g0, int64_t r1, size_t row_bytes, int32_t *off) {
+    for (int r = 0; r < NW; r++) off[r] = (int32_t)((size_t)(std::min(g0 + r, r1 - 1) - g0) * row_bytes);
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(off));
+}
+
+// 4 x (two rows' 8-lane dots, hadd-ed) -> one vector, lane r = row r's whole dot.
+TV_AVX512 inline __m256i reduce8(const __m256i h[4]) {
+    const __m256i A = _mm256_hadd_epi32(h[0], h[1]), B = _mm256_hadd_epi32(h[2], h[3]);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
 }
 
 // Decode: weight rows [g0, g0 + 8) (clamped to r1 - 1; extra lanes are not stored) x NR rows.
-template <class Fmt, int NR>
+template <class F, int NR>
 TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, const Prep &x, int64_t nb, float *y,
                      int64_t ldy) {
-    const uint8_t *wr[NW];
     alignas(32) int32_t off[NW];
-    for (int r = 0; r < NW; r++) {
-        wr[r] = w + (size_t)std::min(g0 + r, r1 - 1) * row_bytes;
-        off[r] = (int32_t)(wr[r] - wr[0]);
-    }
-    const __m256i voff = _mm256_load_si256(reinterpret_cast<const __m256i *>(off));
-    constexpr int PF_LINES = (NW * Fmt::BYTES + 63) / 64;
+    const __m256i voff = group_offsets(g0, r1, row_bytes, off);
+    const uint8_t *w0 = w + (size_t)g0 * row_bytes;
+    constexpr int PF_LINES = (NW * F::BYTES + 63) / 64;
     const uint8_t *next = w + (size_t)(g0 + NW) * row_bytes;
     __m256 acc[NR];
     for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const size_t o = (size_t)b * Fmt::BYTES;
-        __m256i h[NR][4];
-        for (int p = 0; p < 4; p++) {
-            const W16 a = Fmt::weights(wr[2 * p] + o), c = Fmt::weights(wr[2 * p + 1] + o);
-            for (int i = 0; i < NR; i++) {
-                const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
-                h[i][p] = _mm256_hadd_epi32(dot8(a.lo, a.hi, xq), dot8(c.lo, c.hi, xq));
-            }
-        }
-        __m256 dw, mn;
-        scales8<Fmt>(wr[0] + o, voff, dw, mn);
+    GroupScales<F> gs;
+    for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
+        const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
         // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
         // rows are contiguous) a few lines per block, so it is in cache when its turn comes
-        for (int c = 0; c < PF_LINES; c++) _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
-        for (int i = 0; i < NR; i++) {
-            const __m256i A = _mm256_hadd_epi32(h[i][0], h[i][1]), B = _mm256_hadd_epi32(h[i][2], h[i][3]);
-            const __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
-            const size_t xb = (size_t)(i * nb + b);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[xb])), acc[i]);
-            if (Fmt::HAS_MIN) acc[i] = _mm256_fmadd_ps(mn, _mm256_set1_ps(x.s[xb]), acc[i]);
+        for (int c = 0; c < PF_LINES; c++)
+            _mm_prefetch(reinterpret_cast<const char *>(next + ((b0 / F::SLICES) * PF_LINES + c) * 64), _MM_HINT_T0);
+        group_scales<F>(w0 + o, off, voff, gs);
+        for (int s = 0; s < F::SLICES; s++) {
+            const int64_t b = b0 + s;
+            __m256i h[NR][4], h2[NR][4];
+            for (int p = 0; p < 4; p++) {
+                const W16 a = unpack<F>(w0 + off[2 * p] + o, s), c = unpack<F>(w0 + off[2 * p + 1] + o, s);
+                for (int i = 0; i < NR; i++) {
+                    const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
+                    if constexpr (F::TWO_SCALES) {
+                        h[i][p] = _mm256_hadd_epi32(dot_half(a.lo, xq), dot_half(c.lo, xq));
+                        h2[i][p] = _mm256_hadd_epi32(dot_half(a.hi, xq + 16), dot_half(c.hi, xq + 16));
+                    } else {
+                        h[i][p] = _mm256_hadd_epi32(dot8(a.lo, a.hi, xq), dot8(c.lo, c.hi, xq));
+                    }
+                }
+            }
+            const __m256 d0 = _mm256_load_ps(gs.d[s][0]);
+            for (int i = 0; i < NR; i++) {
+                const size_t xb = (size_t)(i * nb + b);
+                const __m256 dx = _mm256_set1_ps(x.d[xb]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h[i])), _mm256_mul_ps(d0, dx), acc[i]);
+                if constexpr (F::TWO_SCALES)
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h2[i])), _mm256_mul_ps(_mm256_load_ps(gs.d[s][1]), dx), acc[i]);
+                if constexpr (F::HAS_MIN) acc[i] = _mm256_fmadd_ps(_mm256_load_ps(gs.m[s]), _mm256_set1_ps(x.s[xb]), acc[i]);
+            }
         }
     }
     const int nw = (int)std::min<int64_t>(NW, r1 - g0);
@@ -234,8 +196,8 @@ TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1,
 
 // A panel: NW weight rows as int16 pairs [nb][NW][16] plus their scales [nb][NW].
 struct Panel {
-    std::vector<Blk16> w;  // one Blk16 = one block's 16 pair dwords
-    std::vector<float> d, mn;
+    std::vector<Blk16> w;  // one Blk16 = one slice's 16 pair dwords
+    std::vector<float> d, d2, mn;
 };
 
 // 8 (ymm) or 16 (zmm) activation rows as vector lanes, for micro().
@@ -266,8 +228,8 @@ struct Lanes16 {
 };
 
 // Panel (the group's NW weight rows) x one tile of TW activation rows (the vector lanes): per
-// pair, one weight dword broadcast meets TW rows in one vpdpwssd; float work once per block.
-template <class L, bool HAS_MIN>
+// pair, one weight dword broadcast meets TW rows in one vpdpwssd; float work once per slice.
+template <class L, class Fmt>
 TV_AVX512 void micro(const Panel &P, const Prep &x, int64_t t, int64_t nb, int nw, int ni, float *y, int64_t ldy) {
     constexpr int TW = sizeof(typename L::F) / 4;
     typename L::F acc[NW];
@@ -275,17 +237,27 @@ TV_AVX512 void micro(const Panel &P, const Prep &x, int64_t t, int64_t nb, int n
     const int32_t *pw = reinterpret_cast<const int32_t *>(P.w.data()), *xt = x.xt.data() + t * nb * 16 * TW;
     const float *xd = x.xd.data() + t * nb * TW, *xs = x.xs.data() + t * nb * TW;
     for (int64_t b = 0; b < nb; b++, pw += NW * 16, xt += 16 * TW) {
-        typename L::I id[NW];
-        for (int r = 0; r < NW; r++) id[r] = L::zero_i();
-#pragma GCC unroll 16
-        for (int j = 0; j < 16; j++) {
+        typename L::I id[NW], id2[NW];
+        for (int r = 0; r < NW; r++) id[r] = L::zero_i(), id2[r] = L::zero_i();
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
             const typename L::I xv = L::load_i(xt + j * TW);
             for (int r = 0; r < NW; r++) id[r] = L::dot(id[r], pw[r * 16 + j], xv);
         }
+#pragma GCC unroll 8
+        for (int j = 8; j < 16; j++) {  // values 16..31: their own sum when they have their own scale
+            const typename L::I xv = L::load_i(xt + j * TW);
+            for (int r = 0; r < NW; r++) {
+                if constexpr (Fmt::TWO_SCALES) id2[r] = L::dot(id2[r], pw[r * 16 + j], xv);
+                else id[r] = L::dot(id[r], pw[r * 16 + j], xv);
+            }
+        }
         const typename L::F dx = L::load_f(xd + b * TW);
-        const float *pd = P.d.data() + b * NW, *pm = P.mn.data() + b * NW;
+        const float *pd = P.d.data() + b * NW, *pd2 = P.d2.data() + b * NW, *pm = P.mn.data() + b * NW;
         for (int r = 0; r < NW; r++) acc[r] = L::scale(acc[r], id[r], pd[r], dx);
-        if (HAS_MIN) {
+        if constexpr (Fmt::TWO_SCALES)
+            for (int r = 0; r < NW; r++) acc[r] = L::scale(acc[r], id2[r], pd2[r], dx);
+        if constexpr (Fmt::HAS_MIN) {
             const typename L::F sx = L::load_f(xs + b * TW);
             for (int r = 0; r < NW; r++) acc[r] = L::fma1(pm[r], sx, acc[r]);
         }
@@ -297,40 +269,48 @@ TV_AVX512 void micro(const Panel &P, const Prep &x, int64_t t, int64_t nb, int n
     }
 }
 
-template <class Fmt>
+template <class F>
 TV_AVX512 void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const Prep &x, int64_t m,
                          int64_t nb, float *y, int64_t ldy) {
     if (m < GEMM_MIN) {
         for (int64_t g0 = r0; g0 < r1; g0 += NW) switch (m) {
-                case 1: gemv8<Fmt, 1>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
-                case 2: gemv8<Fmt, 2>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
-                default: gemv8<Fmt, 3>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+                case 1: gemv8<F, 1>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+                case 2: gemv8<F, 2>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+                default: gemv8<F, 3>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
             }
         return;
     }
     static thread_local Panel P;
-    if (P.w.size() < (size_t)(nb * NW)) P.w.resize((size_t)(nb * NW)), P.d.resize((size_t)(nb * NW)), P.mn.resize((size_t)(nb * NW));
+    const size_t np = (size_t)(nb * NW);
+    if (P.w.size() < np) P.w.resize(np), P.d.resize(np), P.d2.resize(np), P.mn.resize(np);
+    GroupScales<F> gs;
     for (int64_t g0 = r0; g0 < r1; g0 += NW) {
         const int nw = (int)std::min<int64_t>(NW, r1 - g0);
-        alignas(32) int32_t off[NW];  // rows past r1 repeat the last one (computed, never stored)
-        for (int r = 0; r < NW; r++) off[r] = (int32_t)((size_t)std::min(r, nw - 1) * row_bytes);
-        const __m256i voff = _mm256_load_si256(reinterpret_cast<const __m256i *>(off));
+        alignas(32) int32_t off[NW];
+        const __m256i voff = group_offsets(g0, r1, row_bytes, off);
         const uint8_t *w0 = w + (size_t)g0 * row_bytes, *next = w0 + NW * row_bytes;
-        constexpr int PF_LINES = (NW * Fmt::BYTES + 63) / 64;  // see gemv8
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *wb = w0 + b * Fmt::BYTES;
-            for (int c = 0; c < PF_LINES; c++) _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T1);
-            for (int r = 0; r < NW; r++) _mm512_store_si512(P.w[(size_t)(b * NW + r)].v, Fmt::pairs(wb + off[r]));
-            __m256 dw, mn;
-            scales8<Fmt>(wb, voff, dw, mn);
-            _mm256_storeu_ps(P.d.data() + b * NW, dw);
-            if (Fmt::HAS_MIN) _mm256_storeu_ps(P.mn.data() + b * NW, mn);
+        constexpr int PF_LINES = (NW * F::BYTES + 63) / 64;  // see gemv8
+        for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
+            const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
+            for (int c = 0; c < PF_LINES; c++)
+                _mm_prefetch(reinterpret_cast<const char *>(next + ((b0 / F::SLICES) * PF_LINES + c) * 64), _MM_HINT_T1);
+            group_scales<F>(w0 + o, off, voff, gs);
+            for (int s = 0; s < F::SLICES; s++) {
+                const int64_t b = b0 + s;
+                for (int r = 0; r < NW; r++) {
+                    const W16 u = unpack<F>(w0 + off[r] + o, s);
+                    _mm512_store_si512(P.w[(size_t)(b * NW + r)].v, _mm512_inserti64x4(_mm512_castsi256_si512(u.lo), u.hi, 1));
+                }
+                std::memcpy(P.d.data() + b * NW, gs.d[s][0], sizeof(float) * NW);
+                if (F::TWO_SCALES) std::memcpy(P.d2.data() + b * NW, gs.d[s][1], sizeof(float) * NW);
+                if (F::HAS_MIN) std::memcpy(P.mn.data() + b * NW, gs.m[s], sizeof(float) * NW);
+            }
         }
         const int64_t tw = x.tw;
         for (int64_t t = 0; t * tw < m; t++) {
             const int ni = (int)std::min<int64_t>(tw, m - t * tw);
-            if (tw == 8) micro<Lanes8, Fmt::HAS_MIN>(P, x, t, nb, nw, ni, y + g0, ldy);
-            else micro<Lanes16, Fmt::HAS_MIN>(P, x, t, nb, nw, ni, y + g0, ldy);
+            if (tw == 8) micro<Lanes8, F>(P, x, t, nb, nw, ni, y + g0, ldy);
+            else micro<Lanes16, F>(P, x, t, nb, nw, ni, y + g0, ldy);
         }
     }
 }
@@ -339,9 +319,12 @@ TV_AVX512 bool gemm_run(int dtype, const uint8_t *w, size_t row_bytes, int64_t r
                         int64_t m, int64_t nb, float *y, int64_t ldy) {
     const Prep &x = *static_cast<const Prep *>(prep);
     switch (dtype) {
-        case TV_Q4_0: gemm_rows<FmtQ4_0>(w, row_bytes, r0, r1, x, m, nb, y, ldy); return true;
-        case TV_Q4_1: gemm_rows<FmtQ4_1>(w, row_bytes, r0, r1, x, m, nb, y, ldy); return true;
-        case TV_Q8_0: gemm_rows<FmtQ8_0>(w, row_bytes, r0, r1, x, m, nb, y, ldy); return true;
+#define TV_GEMM(F)                                                           \
+    case F::DTYPE:                                                           \
+        if constexpr (F::TWO_MINS) return false;                             \
+        else return gemm_rows<F>(w, row_bytes, r0, r1, x, m, nb, y, ldy), true;
+        TV_QUANT_FORMATS(TV_GEMM)
+#undef TV_GEMM
         default: return false;
     }
 }
@@ -541,10 +524,7 @@ TV_AVX512 void silu_mul(float *g, const float *u, int64_t n) {
 const QuantGemm gemm = {NW, prepare, gemm_run};
 Kernels make_table() {
     Kernels k = kernels_with_scalar_rows("avx512vnni");
-    k.rows[TV_Q4_0] = rows<FmtQ4_0>;
-    k.rows[TV_Q4_1] = rows<FmtQ4_1>;
-    k.rows[TV_Q8_0] = rows<FmtQ8_0>;
-    k.gemm = &gemm;
+    k.gemm = &gemm;  // every format but per-half mins; those keep the scalar rows
     k.dot_f32 = dot_f32;
     k.dot_f16 = dot_f16;
     k.attn_block = attn_block;
