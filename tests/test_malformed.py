@@ -82,9 +82,11 @@ def test_unknown_type_id(tmp_path, tiny_kit):
 
 
 def test_unsupported_quant_type(tmp_path, tiny_kit):
-    q6k = np.zeros((1, 210), np.uint8)  # one Q6_K super-block: 256 values in 210 bytes
-    p, _ = tiny_kit.write_gguf(tmp_path / "m.gguf", extra={"blk.0.extra.weight": (q6k, gguf.GGMLQuantizationType.Q6_K)})
-    with pytest.raises(ModelFormatError, match=r"'blk\.0\.extra\.weight' has unsupported type Q6_K"):
+    iq2 = np.zeros((1, 66), np.uint8)  # one IQ2_XXS super-block: 256 values in 66 bytes
+    p, _ = tiny_kit.write_gguf(tmp_path / "m.gguf", extra={"blk.0.extra.weight": (iq2, gguf.GGMLQuantizationType.IQ2_XXS)})
+    with pytest.raises(ModelFormatError, match=r"'blk\.0\.extra\.weight' has unsupported type IQ2_XXS "
+                                               r"\(supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, "
+                                               r"Q4_K, Q5_K, Q6_K, IQ4_NL, BF16\)"):
         load_model(p)
 
 

@@ -7,25 +7,38 @@ from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.errors import ModelFormatError
 
 
 class GGMLType(IntEnum):
-    """GGML's dtype ids (the ones we support). BF16 only exists on disk: it is converted to F32 at load."""
+    """GGML's dtype ids (the ones we run; native/src/formats.h defines their blocks). BF16 only exists on
+    disk: it is converted to F32 at load."""
     F32 = 0
     F16 = 1
     Q4_0 = 2
     Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    IQ4_NL = 20
     BF16 = 30
 
 
-F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (int(t) for t in GGMLType)
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (int(GGMLType[n]) for n in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "BF16"))
 # quantized type -> (values per block, bytes per block). Blocks run along a row (the in_features axis).
-QUANT_BLOCKS = {Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34)}
+QUANT_BLOCKS = {int(t): GGML_QUANT_SIZES[GGMLQuantizationType(int(t))] for t in GGMLType
+                if t not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)}
 FLOAT_DTYPES = {F32: np.dtype(np.float32), F16: np.dtype(np.float16)}
+SUPPORTED_DTYPE_NAMES = ", ".join(t.name for t in GGMLType)
 
 
 def row_bytes_for(dtype: int, cols: int) -> int:
@@ -75,22 +88,8 @@ class WeightTensor:
         """float32 array of `shape` (a fresh array)."""
         if not self.quantized:
             return self.data.astype(np.float32)  # astype copies, so callers may mutate the result
-        bs, bb = QUANT_BLOCKS[self.dtype]
-        blocks = self.data.reshape(-1, bb)
-        # fp16 scales sit at unaligned byte offsets inside each block: copy them out before viewing as fp16
-        d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16).astype(np.float32)
-        if self.dtype == Q8_0:
-            out = d * blocks[:, 2:].view(np.int8).astype(np.float32)
-        else:
-            qs = blocks[:, -16:]
-            # nibble order: low nibbles are values 0..15 of the block, high nibbles values 16..31
-            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
-            if self.dtype == Q4_0:
-                out = d * (q - 8.0)
-            else:  # Q4_1: q * d + m
-                m = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16).astype(np.float32)
-                out = d * q + m
-        return out.reshape(self.shape)
+        # the gguf package's own decoder: independent of our native kernels, which are tested against it
+        return dequantize(self.data, GGMLQuantizationType(self.dtype)).astype(np.float32, copy=False).reshape(self.shape)
 
     def __repr__(self):
         return f"WeightTensor({self.name!r}, {GGMLType(self.dtype).name}, {self.shape})"
