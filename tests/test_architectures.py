@@ -232,3 +232,14 @@ def test_gemma3_bad_files(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(ModelFormatError, match="missing tensor 'blk.1.post_ffw_norm.weight'"):
         LLM(str(tmp_path / "g2.gguf"))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_tinygrad_runner_refuses_new_archs(gguf_dir, arch):
+    """device='tinygrad' implements the LLaMA block only: qwen3/gemma3 are refused up front, naming what
+    it runs and where these run (checked before tinygrad is imported, so this runs without it)."""
+    from tinyvllm.model import load_model
+    from tinyvllm.runner.tinygrad_runner import TinygradModelRunner
+    weights = load_model(ta.write_gguf(gguf_dir / f"tg-{arch}.gguf", arch, "F32"))
+    with pytest.raises(NotImplementedError, match=f"runs llama, qwen2 models; '{arch}' runs on device='cpu'"):
+        TinygradModelRunner(weights, num_blocks=4)

@@ -26,6 +26,15 @@ INSTALL_HINT = ("device='tinygrad' needs tinygrad: `pip install tinyvllm[gpu]` (
                 "its CPU device also needs clang on PATH (e.g. `apt-get install -y clang`)")
 KV_DTYPES = {"float16": "float16", "fp16": "float16", "float32": "float32", "fp32": "float32"}
 MAX_TOKEN_WRITES = 16  # steps up to this many tokens store K/V row by row; bigger ones rewrite the pool
+# The graph below is the LLaMA block (+ Qwen2 biases). qwen3's q/k norms and gemma3's block (post norms,
+# GELU, scales, sliding-window masks with their own RoPE) run on the native core (device="cpu") only.
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+
+def check_supported(cfg) -> None:
+    if cfg.arch not in SUPPORTED_ARCHS:
+        raise NotImplementedError(f"device='tinygrad' runs {', '.join(SUPPORTED_ARCHS)} models; {cfg.arch!r} "
+                                  "runs on device='cpu' (the native core)")
 
 
 def import_tinygrad():
@@ -46,6 +55,7 @@ class TinygradModelRunner:
     def __init__(self, weights, num_blocks: int, block_size: int = 16, kv_dtype: str = "float16",
                  threads: int | None = None, device: str | None = None,
                  min_tokens: int = 1, min_rows: int = 1, min_blocks: int = 8):
+        check_supported(weights.config)  # before tinygrad or any device is touched
         import_tinygrad()
         from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
         self.Tensor, self.TinyJit, self.UOp, self.dtypes = Tensor, TinyJit, UOp, dtypes
