@@ -134,13 +134,14 @@ def _file_type(qtype: str) -> int:
 
 
 def write_gguf(path, arch: str, qtype: str = "Q8_0", *, seed: int = 0, tie: bool = True, spec: Spec | None = None,
-               embd_qtype: str | None = None) -> str:
-    """A tiny GGUF of `arch` with 2-D weights in `qtype` (the embedding in embd_qtype, default qtype)."""
+               embd_qtype: str | None = None, vocab: int | None = None) -> str:
+    """A tiny GGUF of `arch` with 2-D weights in `qtype` (the embedding in embd_qtype, default qtype).
+    vocab: pad the vocabulary with unused tokens to this size (e.g. Gemma 3's 262,144)."""
     import gguf
     spec = spec or SPECS[arch]
     path = str(path)
     tokens, merges = tm.bpe_vocab_and_merges()
-    vocab = tm._ceil32(len(tokens))
+    vocab = max(vocab or 0, tm._ceil32(len(tokens)))
     types = ([gguf.TokenType.CONTROL] * len(tm.BPE_SPECIALS)
              + [gguf.TokenType.NORMAL] * (len(tokens) - len(tm.BPE_SPECIALS))
              + [gguf.TokenType.UNUSED] * (vocab - len(tokens)))

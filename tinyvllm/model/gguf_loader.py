@@ -52,6 +52,37 @@ class _CheckedReader(GGUFReader):
                              f"{int(offset)} goes past the end of the file ({len(self.data)} bytes)")
         return super()._get(offset, dtype, count, override_order)
 
+    # GGUFReader makes one numpy object per array element: ~700 bytes per token of a vocabulary (strings,
+    # scores, types), which for Gemma 3's 262,144 tokens peaked at ~190 MB during load (the memory budget
+    # pays for peaks). Numeric arrays are read here as one slice, string arrays as one packed blob.
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        offs, n, itype = orig_offs + 12, int(alen[0]), int(raw_itype[0])
+        head = [raw_itype, alen]
+        if itype == GGUFValueType.STRING:
+            buf = memoryview(self.data)
+            lengths, starts = [], []
+            for _ in range(n):
+                if offs + 8 > len(buf):
+                    raise _Truncated(f"file is truncated or corrupt: a string array runs past the end of the file")
+                k = int.from_bytes(buf[offs:offs + 8], "little")
+                starts.append(offs + 8)
+                lengths.append(k)
+                offs += 8 + k
+            if offs > len(buf):
+                raise _Truncated("file is truncated or corrupt: a string array runs past the end of the file")
+            blob = b"".join(buf[i:i + k] for i, k in zip(starts, lengths))
+            return offs - orig_offs, head + [_PackedStrings(blob, lengths)], [2], [GGUFValueType.ARRAY,
+                                                                                  GGUFValueType.STRING]
+        nptype = self.gguf_scalar_to_np.get(GGUFValueType(itype)) if itype in GGUFValueType._value2member_map_ else None
+        if nptype is None or n == 0:  # nested arrays, empty arrays: GGUFReader's own way
+            return super()._get_field_parts(orig_offs, raw_type)
+        arr = self._get(offs, nptype, n)
+        return 12 + int(arr.nbytes), head + [arr], [2], [GGUFValueType.ARRAY, GGUFValueType(itype)]
+
     def _build_tensors(self, start_offs, fields):
         size = len(self.data)
         for f in fields:
@@ -81,6 +112,8 @@ def _field_value(f):
     if t0 == GGUFValueType.STRING:
         return bytes(f.parts[-1]).decode("utf-8", "surrogateescape")
     if t0 == GGUFValueType.ARRAY:
+        if isinstance(f.parts[-1], _PackedStrings):  # read packed by _CheckedReader
+            return f.parts[-1]
         if len(f.types) == 1:  # empty array: GGUFReader records no element type
             return []
         if len(f.types) > 2:  # nested arrays: rare, GGUFReader flattens them anyway
