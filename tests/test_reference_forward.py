@@ -231,3 +231,20 @@ def test_tiny_gguf_tokenizer_and_quant_types(tmp_path):
         rel = rms(q.prefill_logits(ids) - ref) / rms(ref)
         print(f"{qtype}: relative logit RMS error {rel:.4f}")
         assert rel < tol, qtype
+
+
+# ----------------------------------------------------------------------------- qwen3 / gemma3 readings
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_reference_hf_and_gguf_readings_agree(tmp_path, arch):
+    """The same weights as an HF dir and as a GGUF (tests/tiny_arch_models.py) give the same float64 logits:
+    the two readings (HF names and (1 + w) norms vs GGUF names and stored w + 1; gemma3's window, pattern and
+    local RoPE base from config.json vs GGUF keys) describe one model. query_pre_attn_scalar = head_dim so
+    HF's scale equals llama.cpp's GGUF rule."""
+    import tiny_arch_models as ta
+    g = ReferenceModel.from_gguf(ta.write_gguf(tmp_path / "m.gguf", arch, "F32"))
+    h = ReferenceModel.from_hf_dir(ta.write_hf_dir(tmp_path / "hf", arch, query_pre_attn_scalar=32.0))
+    ids = list(range(5, 45))
+    np.testing.assert_allclose(g.prefill_logits(ids), h.prefill_logits(ids), rtol=0, atol=1e-9)
+    if arch == "gemma3":
+        assert g.cfg.window == h.cfg.window == 8 and g.cfg.swa == h.cfg.swa == [True, True, False]
