@@ -5,11 +5,15 @@
 # prints "kernel path: <default> (available: <list>)" first and loops its kernel tests over every
 # available path, so each run also compares those paths against scalar.
 # Usage: bash cross/run-tests.sh     (exit status non-zero on any failure)
+# Build dirs: build-aarch64/ and build-nehalem/, or $TV_CROSS_A64_DIR / $TV_CROSS_X86_DIR (for
+# several checkouts or agents sharing one tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
 JOBS=$(nproc 2>/dev/null || echo 2)
 SYSROOT=/usr/aarch64-linux-gnu
+A64_DIR=${TV_CROSS_A64_DIR:-build-aarch64}
+X86_DIR=${TV_CROSS_X86_DIR:-build-nehalem}
 
 if [ "$(uname -m)" != x86_64 ]; then
     echo "cross/run-tests.sh runs on an x86-64 host; on an ARM board build and run the tests natively (cross/README.md)" >&2
@@ -67,12 +71,12 @@ run_check() {
 }
 
 # -- aarch64 cross build (the shared library too, so its link is checked)
-echo "== cross-building for aarch64 into build-aarch64/"
-cmake -S . -B build-aarch64 -G Ninja -DCMAKE_TOOLCHAIN_FILE="$PWD/cross/aarch64-linux-gnu.cmake" \
+echo "== cross-building for aarch64 into $A64_DIR/"
+cmake -S . -B "$A64_DIR" -G Ninja -DCMAKE_TOOLCHAIN_FILE="$PWD/cross/aarch64-linux-gnu.cmake" \
     -DCMAKE_BUILD_TYPE=Release -DTINYVLLM_BUILD_TESTS=ON >/dev/null
-build build-aarch64 tinyvllm_native tinyvllm_tests
+build "$A64_DIR" tinyvllm_native tinyvllm_tests
 
-A64=build-aarch64/native/tinyvllm_tests
+A64=$A64_DIR/native/tinyvllm_tests
 run_check "aarch64 cortex-a72 (ARMv8.0, no dotprod)" neon neon_dotprod qemu-aarch64 -L $SYSROOT -cpu cortex-a72 $A64
 # forcing dotprod on a CPU without it must fall back (to the best available), never SIGILL
 run_check "aarch64 cortex-a72, TINYVLLM_KERNEL=neon_dotprod (falls back)" neon neon_dotprod \
@@ -82,10 +86,10 @@ run_check "aarch64 cortex-a76, TINYVLLM_KERNEL=neon" neon "" \
     env TINYVLLM_KERNEL=neon qemu-aarch64 -L $SYSROOT -cpu cortex-a76 $A64
 
 # -- x86-64 without AVX: the AVX2/AVX-512 tables must be neither chosen nor exercised
-echo "== building for x86-64 into build-nehalem/"
-cmake -S . -B build-nehalem -G Ninja -DCMAKE_BUILD_TYPE=Release -DTINYVLLM_BUILD_TESTS=ON >/dev/null
-build build-nehalem tinyvllm_tests
-run_check "x86-64 Nehalem (SSE4.2, no AVX)" scalar "avx2 avx512vnni" qemu-x86_64 -cpu Nehalem build-nehalem/native/tinyvllm_tests
+echo "== building for x86-64 into $X86_DIR/"
+cmake -S . -B "$X86_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTINYVLLM_BUILD_TESTS=ON >/dev/null
+build "$X86_DIR" tinyvllm_tests
+run_check "x86-64 Nehalem (SSE4.2, no AVX)" scalar "avx2 avx512vnni" qemu-x86_64 -cpu Nehalem "$X86_DIR"/native/tinyvllm_tests
 
 echo "== cross tests: $failures failure(s), $((SECONDS - T0)) s total"
 [ "$failures" = 0 ]
