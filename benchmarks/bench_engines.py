@@ -1,4 +1,4 @@
-"""tinyvllm vs llama.cpp (llama-cpp-python) on the reference model, in one run.
+"""tinyvllm vs llama.cpp (llama-cpp-python) on the reference model and its Q4_K_M requantization, in one run.
 
 Each engine runs in its own child process (fair peak RSS, no interference between engines); the
 parent alternates the order of the children across repetitions, aggregates, adds the machine's
@@ -7,6 +7,11 @@ measured read bandwidth (the decode roofline) and writes docs/benchmarks/engines
     bash benchmarks/setup_env.sh                                  # once: .venv-bench/
     .venv-bench/bin/python benchmarks/bench_engines.py            # full run (quiet machine!)
     .venv-bench/bin/python benchmarks/bench_engines.py --quick    # smoke test
+    .venv-bench/bin/python benchmarks/bench_engines.py --models smollm2-135m,/path/to/own.gguf
+
+Models: names or .gguf paths; "q4_k_m" is the reference model requantized to Q4_K_M by llama.cpp's
+own quantizer (llama_model_quantize, cached next to the reference model): a mix of Q5_0, Q8_0,
+Q4_K, Q6_K and F32, since SmolLM2's 576-wide rows are not a multiple of 256.
 
 By default tinyvllm is imported from this checkout (newest build*/libtinyvllm.so; TINYVLLM_LIB
 overrides); --installed uses the copy pip installed into the environment instead.
@@ -24,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 
-MODEL = "smollm2-135m"
+MODELS = "smollm2-135m,q4_k_m"
 PREFILL_LENS = (128, 512)
 DECODE_PROMPT = 16
 
@@ -163,7 +168,7 @@ def run_child(engine, args, model_path, vocab) -> dict:
 def stats(samples, work) -> dict:
     """tok/s for each sample of `work` tokens: median and best."""
     rates = [work / s for s in samples]
-    return {"median_tok_s": statistics.median(rates), "best_tok_s": max(rates), "samples_s": samples}
+    return {"median_tok_s": statistics.median(rates), "best_tok_s": max(rates), "samples_s": samples, "work": work}
 
 
 def main():
@@ -174,6 +179,8 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 rep, 1 inner run, short bandwidth test")
     ap.add_argument("--engines", default="tinyvllm,llama.cpp")
+    ap.add_argument("--models", default=MODELS, help="names or .gguf paths; q4_k_m: the reference model requantized "
+                                                     "by llama.cpp's quantizer (default: %(default)s)")
     ap.add_argument("--installed", action="store_true", help="use the installed tinyvllm, not this checkout")
     ap.add_argument("--out-dir", type=Path, default=machine.DOCS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -188,35 +195,62 @@ def main():
     if args.quick:
         args.reps, args.inner = 1, 1
 
-    from gguf import GGUFReader
-    from tinyvllm.model import resolve_model
-    model_path = resolve_model(MODEL)
-    vocab = len(GGUFReader(str(model_path)).fields["tokenizer.ggml.tokens"].data)
     info = machine.machine_info()
     load = machine.OtherLoad()
     engines = args.engines.split(",")
-    print(f"model {model_path}\nthreads {args.threads}, reps {args.reps} x inner {args.inner}, load {info['loadavg_at_start']}")
+    models = [resolve(m) for m in args.models.split(",")]
+    print(f"models {models}\nthreads {args.threads}, reps {args.reps} x inner {args.inner}, load {info['loadavg_at_start']}")
     bw = machine.read_bandwidth(args.threads, reps=3 if args.quick else 7)
     print(f"read bandwidth ({args.threads} threads): {bw['bytes_per_s'] / 1e9:.1f} GB/s")
-
-    runs = {e: [] for e in engines}
+    runs = {(m, e): [] for m in models for e in engines}
     for rep in range(args.reps):
-        for e in (engines if rep % 2 == 0 else engines[::-1]):
-            r = run_child(e, args, model_path, vocab)
-            runs[e].append(r)
-            print(f"  rep {rep} {e:9s} prefill128 {128 / min(r['prefill_s']['128']):7.1f}  "
-                  f"prefill512 {512 / min(r['prefill_s']['512']):7.1f}  "
-                  f"decode {args.decode_tokens / min(r['decode_s']):6.1f} tok/s  peak RSS {r['rss_peak'] / 2**20:.0f} MiB")
-
+        for m in models:
+            for e in (engines if rep % 2 == 0 else engines[::-1]):
+                r = run_child(e, args, m, vocab_size(m))
+                runs[m, e].append(r)
+                print(f"  rep {rep} {m.name[:40]:40s} {e:9s} prefill128 {128 / min(r['prefill_s']['128']):7.1f}  "
+                      f"prefill512 {512 / min(r['prefill_s']['512']):7.1f}  "
+                      f"decode {args.decode_tokens / min(r['decode_s']):6.1f} tok/s  peak RSS {r['rss_peak'] / 2**20:.0f} MiB")
     bw_end = machine.read_bandwidth(args.threads, reps=3 if args.quick else 7)
     bw["bytes_per_s_start_end"] = [bw["bytes_per_s"], bw_end["bytes_per_s"]]
     bw["bytes_per_s"] = max(bw["bytes_per_s_start_end"])  # the ceiling: best of the two
+    per_model = [summarize(m, engines, {e: runs[m, e] for e in engines}, bw) for m in models]
+    data = {"models": per_model, "threads": args.threads, "reps": args.reps, "inner": args.inner, "quick": args.quick,
+            "decode_prompt_tokens": DECODE_PROMPT, "decode_tokens": args.decode_tokens, "machine": info,
+            "read_bandwidth": bw, "loadavg_at_end": os.getloadavg(), "other_cpu_share": load.share()}
+    machine.write_outputs("engines", data, markdown(data, engines), args.out_dir)
+
+
+def resolve(name: str) -> Path:
+    from tinyvllm.model import resolve_model
+    if name != "q4_k_m":
+        return Path(resolve_model(name))
+    import ctypes
+    import llama_cpp
+    src = Path(resolve_model("smollm2-135m"))
+    dst = src.with_name(f"SmolLM2-135M-Instruct.Q4_K_M.llama-cpp-{llama_cpp.__version__}.gguf")
+    if not dst.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, True
+        tmp = dst.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)):
+            sys.exit("llama_model_quantize failed")
+        tmp.rename(dst)
+    return dst
+
+
+def vocab_size(path: Path) -> int:
+    from gguf import GGUFReader
+    return len(GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].data)
+
+
+def summarize(model_path: Path, engines, runs, bw) -> dict:
     wb = machine.decode_weight_bytes(model_path)
     roof = bw["bytes_per_s"] / wb["bytes_per_token"]
     res = {}
     for e, rs in runs.items():
         res[e] = {f"prefill{n}": stats([s for r in rs for s in r["prefill_s"][str(n)]], n) for n in PREFILL_LENS}
-        res[e]["decode"] = stats([s for r in rs for s in r["decode_s"]], args.decode_tokens)
+        res[e]["decode"] = stats([s for r in rs for s in r["decode_s"]], len(rs[0]["decode_tokens"]) - 1)
         res[e]["decode"]["roofline_fraction"] = res[e]["decode"]["median_tok_s"] / roof
         res[e].update(load_s=statistics.median(r["load_s"] for r in rs),
                       rss_peak_bytes=max(r["rss_peak"] for r in rs), rss_base_bytes=min(r["rss_base"] for r in rs),
@@ -227,13 +261,8 @@ def main():
     if len(engines) == 2:
         a, b = (res[e]["decode_tokens"] for e in engines)
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-    data = {"model": str(model_path), "threads": args.threads, "reps": args.reps, "inner": args.inner,
-            "quick": args.quick, "decode_prompt_tokens": DECODE_PROMPT, "decode_tokens": args.decode_tokens,
-            "machine": info, "read_bandwidth": bw, "decode_weight_bytes": wb,
-            "roofline_decode_tok_s": roof, "greedy_tokens_agree_prefix": agree, "engines": res,
-            "loadavg_at_end": os.getloadavg(), "other_cpu_share": load.share()}
-    machine.write_outputs("engines", data, markdown(data, engines), args.out_dir)
+    return {"model": str(model_path), "decode_weight_bytes": wb, "roofline_decode_tok_s": roof,
+            "greedy_tokens_agree_prefix": agree, "engines": res}
 
 
 def _pct(x):
@@ -241,7 +270,32 @@ def _pct(x):
 
 
 def markdown(d, engines) -> str:
-    e = d["engines"]
+    m, bw = d["machine"], d["read_bandwidth"]
+    cpu = m["cpu"]
+    first = d["models"][0]["engines"]
+    tv = first.get("tinyvllm", {}).get("info", {})
+    lc = first.get("llama.cpp", {}).get("info", {})
+    lines = [
+        "# tinyvllm vs llama.cpp", "",
+        ("**Smoke test (--quick): 1 repetition, not a measurement.**\n\n" if d["quick"] else "") +
+        machine.busy_warning(d["other_cpu_share"]) +
+        f"{m['date']} · {cpu.get('model')} · {cpu.get('usable_cpus')} CPUs usable · "
+        f"{d['threads']} threads per engine · {d['reps']} child processes per engine and model x {d['inner']} timed "
+        f"runs, engines alternating · other processes' CPU share during the run {_pct(d['other_cpu_share'])} · "
+        f"git {m['git_commit']}", "",
+        f"tinyvllm {tv.get('version', '?')} (kernels `{tv.get('kernel_path', '?')}`), llama-cpp-python "
+        f"{lc.get('version', '?')}. Ratio = tinyvllm / llama.cpp (higher is better for tinyvllm, except for memory "
+        f"and load time). Measured read bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['threads']} threads, "
+        f"{bw['method']}; best of the runs before and after the engines: "
+        f"{' / '.join(f'{x / 1e9:.1f}' for x in bw['bytes_per_s_start_end'])} GB/s).",
+    ]
+    for md in d["models"]:
+        lines += ["", model_table(md, d, engines)]
+    return "\n".join(lines)
+
+
+def model_table(md, d, engines) -> str:
+    e = md["engines"]
     ratio = len(engines) == 2
 
     def row(label, get, fmt="{:.1f}"):
@@ -255,7 +309,8 @@ def markdown(d, engines) -> str:
     for key, label in [("prefill128", "prefill 128 tokens"), ("prefill512", "prefill 512 tokens"),
                        ("decode", f"decode {d['decode_tokens']} tokens (batch 1)")]:
         rows.append(row(f"{label}, tok/s median", lambda r: r[key]["median_tok_s"]))
-        rows.append(row(f"{label}, tok/s best", lambda r: r[key]["best_tok_s"]))
+        rows.append([f"{label}, tok/s min / max"] + [f"{min_rate(e[x][key]):.1f} / {e[x][key]['best_tok_s']:.1f}"
+                                                      for x in engines] + ([""] if ratio else []))
     rows.append(row("decode, fraction of roofline", lambda r: r["decode"]["roofline_fraction"], "{:.0%}"))
     if "decode_step_overhead_s" in e.get("tinyvllm", {}):
         ov = e["tinyvllm"]["decode_step_overhead_s"]
@@ -266,35 +321,22 @@ def markdown(d, engines) -> str:
     rows.append(row("peak RSS above the interpreter before loading, MiB",
                     lambda r: (r["rss_peak_bytes"] - r["rss_base_bytes"]) / 2**20, "{:.0f}"))
     rows.append(row("load, s", lambda r: r["load_s"], "{:.2f}"))
-    m, bw, wb = d["machine"], d["read_bandwidth"], d["decode_weight_bytes"]
-    cpu = m["cpu"]
+    wb = md["decode_weight_bytes"]
+    mix = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(wb["bytes_by_type"].items(), key=lambda kv: -kv[1]))
     head = ["metric"] + engines + (["ratio"] if ratio else [])
-    tv = e.get("tinyvllm", {}).get("info", {})
-    lc = e.get("llama.cpp", {}).get("info", {})
-    lines = [
-        "# tinyvllm vs llama.cpp", "",
-        ("**Smoke test (--quick): 1 repetition, not a measurement.**\n\n" if d["quick"] else "") +
-        machine.busy_warning(d["other_cpu_share"]) +
-        f"{d['machine']['date']} · {cpu.get('model')} · {cpu.get('usable_cpus')} CPUs usable · "
-        f"{d['threads']} threads per engine · {d['reps']} child processes per engine x {d['inner']} timed runs · "
-        f"other processes' CPU share during the run {_pct(d['other_cpu_share'])} · "
-        f"git {m['git_commit']}", "",
-        f"Model `{Path(d['model']).name}`; tinyvllm {tv.get('version', '?')} (kernels `{tv.get('kernel_path', '?')}`), "
-        f"llama-cpp-python {lc.get('version', '?')}. Ratio = tinyvllm / llama.cpp (higher is better for tinyvllm, "
-        "except for memory and load time).", "",
-        machine.md_table(head, rows), "",
-        f"**Roofline**: a decoded token reads {wb['bytes_per_token'] / 1e6:.1f} MB of weights "
-        f"(all GGUF tensors{', token_embd whole as the tied output matrix' if wb['tied_output'] else ''}); "
-        f"measured read bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['threads']} threads, {bw['method']}; "
-        f"best of the runs before and after the engines: "
-        f"{' / '.join(f'{x / 1e9:.1f}' for x in bw['bytes_per_s_start_end'])} GB/s) "
-        f"=> at most **{d['roofline_decode_tok_s']:.0f} tok/s** at batch 1.",
-    ]
-    if d["greedy_tokens_agree_prefix"] is not None:
-        lines += ["", f"Greedy decode: the two engines' first {d['greedy_tokens_agree_prefix']} of "
+    lines = [f"## `{Path(md['model']).name}`", "", f"Weights by type: {mix}.", "",
+             machine.md_table(head, rows), "",
+             f"**Roofline**: a decoded token reads {wb['bytes_per_token'] / 1e6:.1f} MB of weights "
+             f"(all GGUF tensors{', token_embd whole as the tied output matrix' if wb['tied_output'] else ''}) "
+             f"=> at most **{md['roofline_decode_tok_s']:.0f} tok/s** at batch 1."]
+    if md["greedy_tokens_agree_prefix"] is not None:
+        lines += ["", f"Greedy decode: the two engines' first {md['greedy_tokens_agree_prefix']} of "
                       f"{d['decode_tokens'] + 1} tokens agree (different quantized arithmetic may diverge later)."]
     return "\n".join(lines)
 
+
+def min_rate(st) -> float:
+    return st["work"] / max(st["samples_s"])
 
 
 if __name__ == "__main__":
