@@ -80,7 +80,7 @@ int guard(F &&f) noexcept {
 // Checks a caller-described tensor and turns it into a Weight.
 Weight check_tensor(const char *f, const tv_tensor *t) {
     if (!t) fail("%s: tensor is null", f);
-    if (!dtype_known(t->dtype)) fail("%s: unsupported dtype %d", f, t->dtype);
+    if (!dtype_known(t->dtype)) fail("%s: unsupported dtype %d (supported: %s)", f, t->dtype, dtype_names_supported());
     if (t->rows <= 0 || t->cols <= 0) fail("%s: rows and cols must be > 0 (got %lld x %lld)", f, (long long)t->rows, (long long)t->cols);
     const size_t rb = row_bytes(t->dtype, t->cols);
     if (rb == 0) fail("%s: %lld columns is not a whole number of %s blocks", f, (long long)t->cols, dtype_name(t->dtype));

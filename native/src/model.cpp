@@ -114,7 +114,7 @@ void Model::set_tensor(const char *name, const tv_tensor &t) {
     }
     if (!slot) fail("%s: unknown tensor name '%s' (q/k norms need qk_norm, post norms need post_norms)", f, name);
     if (slot->set()) fail("%s: tensor '%s' was already set", f, name);
-    if (!dtype_known(t.dtype)) fail("%s: '%s': unsupported dtype %d", f, name, t.dtype);
+    if (!dtype_known(t.dtype)) fail("%s: '%s': unsupported dtype %d (supported: %s)", f, name, t.dtype, dtype_names_supported());
     if (f32_only && t.dtype != TV_F32)
         fail("%s: '%s': norms and biases must be F32, got %s", f, name, dtype_name(t.dtype));
     if (t.rows != rows || t.cols != cols)

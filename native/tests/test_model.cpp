@@ -459,6 +459,8 @@ TEST(model_errors) {
     CHECK(invalid(tv_model_set_tensor(m, "blk.0.attn_q.weight", &bad)));
     bad = d, bad.dtype = 5;  // a GGML id that no longer exists
     CHECK(invalid(tv_model_set_tensor(m, "blk.0.attn_q.weight", &bad)));
+    CHECK(std::string(tv_last_error()).find("unsupported dtype 5 (supported: F32, F16, Q4_0") != std::string::npos)
+        << tv_last_error();
     CHECK(invalid(tv_model_set_tensor(m, "blk.0.attn_q.weight", nullptr)));
     HostTensor qn = random_tensor(TV_F16, 1, 64);
     tv_tensor dn = qn.desc();
