@@ -1,25 +1,23 @@
 """Start `tinyvllm serve` as a real process on a free loopback port and wait until /health answers."""
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from child_process import child_env, tinyvllm_cmd
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(model, *args: str, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+def start_server(model, *args: str, timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "tinyvllm", "serve", str(model), "--port", str(port),
-                             "--log-level", "warning", *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(tinyvllm_cmd("serve", str(model), "--port", str(port), "--log-level", "warning", *args),
+                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
@@ -31,7 +29,7 @@ def start_server(model, *args: str, timeout_s: float = 60.0) -> tuple[subprocess
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError("tinyvllm serve did not answer /health in time")
+            raise AssertionError(f"tinyvllm serve did not answer /health in {timeout_s} s")
         time.sleep(0.1)
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +20,7 @@ from tinyvllm.bench.workload import (FIRST_ORDINARY_ID, arrival_offsets, load_da
                                      random_workload)
 from tinyvllm.cli import main
 
+from child_process import child_env, python_cmd
 from serve_process import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,4 +321,4 @@ def test_dataset_prompts_sent_as_text(reference_gguf_path, tmp_path):
 
 def test_bench_cli_imports_stay_light():
     code = "import sys, tinyvllm.cli, tinyvllm.bench.cli; sys.exit(bool({'httpx', 'matplotlib'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    assert subprocess.run(python_cmd(code), cwd=ROOT, env=child_env()).returncode == 0

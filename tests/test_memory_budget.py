@@ -3,10 +3,10 @@ the peak resident set (heap, touched weight pages, KV, workspace; loading includ
 memory_budget while a workload keeps the KV pool full."""
 import json
 import subprocess
-import sys
 
 import pytest
 
+from child_process import child_env, python_cmd
 from tinyvllm.engine.memory import parse_bytes
 
 _CHILD = r"""
@@ -39,8 +39,8 @@ print(json.dumps(dict(base=base, hwm=status("VmHWM"), rss=status("VmRSS"), block
 
 @pytest.mark.parametrize("budget", ["190MB", "224MB"])
 def test_resident_memory_stays_under_budget(reference_gguf_path, budget):
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(reference_gguf_path), budget],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(python_cmd(_CHILD, reference_gguf_path, budget), capture_output=True, text=True,
+                       timeout=600, env=child_env())
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     # The workload must really fill the pool, or the check proves nothing about KV: a preemption happens

@@ -19,6 +19,7 @@ from tinyvllm import LLMEngine, SamplingParams
 from tinyvllm.server.api import build_app
 from tinyvllm.server.async_engine import AsyncEngine
 
+from child_process import child_env, python_cmd
 from serve_process import start_server, stop_server
 
 MODEL = "smollm2-135m"
@@ -401,7 +402,7 @@ def test_serve_without_server_extra_says_what_to_install(monkeypatch, capsys):
     import argparse
     from tinyvllm.server import cli
     code = "import sys, tinyvllm.server.cli; sys.exit(bool({'fastapi', 'uvicorn'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0  # the CLI imports stay light
+    assert subprocess.run(python_cmd(code), cwd=ROOT, env=child_env()).returncode == 0  # the CLI imports stay light
     p = argparse.ArgumentParser()
     cli.configure(p)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
