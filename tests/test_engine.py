@@ -1,10 +1,14 @@
-"""Engine behaviour on the reference model: batching, streaming, stops, n, logprobs, abort, errors."""
+"""Engine behaviour on the reference model: batching, streaming, stops, n, logprobs, abort, errors,
+min_tokens and penalties; the `tinyvllm generate | chat` command line."""
+import io
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from tinyvllm import LLM, SamplingParams
+from child_process import child_env, tinyvllm_cmd
+from tinyvllm import LLM, SamplingParams, cli
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -125,31 +129,141 @@ def test_memory_budget(reference_gguf_path):
     assert llm.engine.runner.kv_cache_bytes > 30e6
 
 
-def test_cli_chat_and_generate(reference_gguf_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "tinyvllm", *a, "--model", str(reference_gguf_path)],
-                                    capture_output=True, text=True, timeout=300)
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_cli_chat_and_generate(reference_gguf_path, llm):
+    """The real command in a subprocess: chat --message, generate with the prompt on stdin, a bad argument."""
+    run = lambda *a, stdin=None: subprocess.run(tinyvllm_cmd(*a, "--model", reference_gguf_path, "--threads", "2"),
+                                                input=stdin, capture_output=True, text=True, timeout=300,
+                                                env=child_env())
     r = run("chat", "--message", "What is the capital of France?")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "The capital of France is Paris."
-    r = run("generate", "The capital of France is", "-n", "8")
-    assert r.returncode == 0 and len(r.stdout.strip()) > 0, r.stderr
+    want = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    r = run("generate", "-n", "8", stdin="The capital of France is")  # no prompt argument: read from stdin
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
     r = run("generate", "x", "--temperature", "-1")
     assert r.returncode == 2 and "temperature" in r.stderr
 
 
-def test_cli_interactive_chat_in_a_terminal(reference_gguf_path):
-    """stdin is a terminal: a prompt, streamed answers, history kept across turns, /exit quits."""
+class _Spy:
+    """The module's LLM behind cli._llm, recording which entry points the command used."""
+
+    def __init__(self, llm):
+        self.llm, self.calls = llm, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.llm, name)
+        if name in ("generate", "stream", "chat", "stream_chat"):
+            def call(*a, **k):
+                self.calls.append((name, a))
+                return attr(*a, **k)
+            return call
+        return attr
+
+
+def test_cli_generate_no_stream_and_stdin(llm, monkeypatch, capsys):
+    spy = _Spy(llm)
+    monkeypatch.setattr(cli, "_llm", lambda a: spy)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    want = [llm.generate(p, params)[0].outputs[0].text for p in ("Once upon a time", "The sea is")]
+    assert cli.main(["generate", "Once upon a time", "-n", "8"]) == 0
+    assert capsys.readouterr().out == want[0] + "\n" and [c[0] for c in spy.calls] == ["stream"]
+    spy.calls.clear()
+    assert cli.main(["generate", "Once upon a time", "-n", "8", "--no-stream"]) == 0
+    assert capsys.readouterr().out == want[0] + "\n" and [c[0] for c in spy.calls] == ["generate"]
+    spy.calls.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The sea is"))
+    assert cli.main(["generate", "-n", "8", "--no-stream"]) == 0
+    assert capsys.readouterr().out == want[1] + "\n" and spy.calls[0][1][0] == ["The sea is"]
+
+
+def test_cli_chat_system_prompt(llm, monkeypatch, capsys):
+    spy = _Spy(llm)
+    monkeypatch.setattr(cli, "_llm", lambda a: spy)
+    system, user = ({"role": "system", "content": "You are Bob, a pirate who loves the sea."},
+                    {"role": "user", "content": "Who are you?"})
+    params = SamplingParams(temperature=0, max_tokens=24)
+    with_system = llm.chat([system, user], params)[0].outputs[0].text
+    assert with_system != llm.chat([user], params)[0].outputs[0].text  # else this test could not tell them apart
+    assert cli.main(["chat", "--message", user["content"], "--system", system["content"], "-n", "24"]) == 0
+    assert capsys.readouterr().out == with_system + "\n"
+    assert spy.calls[0][1][0][:2] == [system, user]
+
+
+def test_cli_interactive_chat_in_a_terminal(reference_gguf_path, llm):
+    """stdin is a terminal: a prompt, streamed answers, history kept across turns, /reset forgets, /exit quits.
+    The second answer must be the one to the whole conversation, which differs from the answer to the
+    follow-up alone; after /reset the same follow-up gets the answer it gets alone."""
     pexpect = __import__("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "tinyvllm", "chat", "--model", str(reference_gguf_path)],
-                          encoding="utf-8", timeout=300)
+    params = SamplingParams(temperature=0, max_tokens=48)
+    first = llm.chat(FRANCE, params)[0].outputs[0].text
+    follow = [{"role": "user", "content": "And of Germany?"}]
+    in_context = llm.chat([*FRANCE, {"role": "assistant", "content": first}, *follow], params)[0].outputs[0].text
+    alone = llm.chat(follow, params)[0].outputs[0].text
+    assert first == "The capital of France is Paris." and in_context != alone
+    argv = tinyvllm_cmd("chat", "--model", reference_gguf_path, "--threads", "2", "-n", "48")
+    child = pexpect.spawn(argv[0], argv[1:], env=child_env(), encoding="utf-8", timeout=300)
+    tty = lambda text: text.replace("\n", "\r\n")
     child.expect_exact("> ")
-    child.sendline("What is the capital of France?")
-    child.expect_exact("The capital of France is Paris.")
+    child.sendline(FRANCE[0]["content"])
+    child.expect_exact(tty(first + "\n> "))
+    child.sendline(follow[0]["content"])
+    child.expect_exact(tty(in_context + "\n> "))
+    child.sendline("/reset")
     child.expect_exact("> ")
+    child.sendline(follow[0]["content"])
+    child.expect_exact(tty(alone + "\n> "))
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_min_tokens_holds_eos_back(llm):
+    """The chat answer ends with eos after a few tokens; min_tokens=20 masks eos (and only eos) until 20."""
+    eos = set(llm.tokenizer.eos_token_ids)
+    free = llm.chat(FRANCE, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    assert free.finish_reason == "stop" and free.token_ids[-1] in eos and len(free.token_ids) < 20
+    held = llm.chat(FRANCE, SamplingParams(temperature=0, max_tokens=40, min_tokens=20))[0].outputs[0]
+    k = len(free.token_ids) - 1
+    assert held.token_ids[:k] == free.token_ids[:k]  # same tokens up to where eos won
+    assert len(held.token_ids) >= 20 and not eos & set(held.token_ids[:20])
+
+
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.3), dict(frequency_penalty=0.5),
+                                       dict(presence_penalty=1.5),
+                                       dict(repetition_penalty=1.1, frequency_penalty=0.4, presence_penalty=0.3)],
+                         ids=["repetition", "frequency", "presence", "all"])
+def test_penalties_through_the_engine(penalty_llm, penalties):
+    """Greedy with penalties: every chosen token is the argmax of the raw logits (one prefill over
+    prompt + answer) after the penalties applied by hand, and the answer differs from the unpenalized one."""
+    llm, prompt = penalty_llm, "one one one one one one one one one one one one"
+    plain = llm.generate(prompt, SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0].token_ids
+    out = llm.generate(prompt, SamplingParams(max_tokens=24, **GREEDY, **penalties))[0]
+    ids, got = out.prompt_token_ids, out.outputs[0].token_ids
+    assert got != plain
+    rep, freq, pres = (penalties.get(k, d) for k, d in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0),
+                                                         ("presence_penalty", 0.0)))
+    runner, seq = llm.engine.runner, ids + got
+    n = len(seq)
+    table = np.arange(-(-n // runner.block_size), dtype=np.int32)[None]
+    raw = runner.forward(seq, np.arange(n), np.zeros(n), table, np.arange(len(ids) - 1, n - 1)).astype(np.float64)
+    for i, (row, tok) in enumerate(zip(raw, got)):
+        for t in set(ids) | set(got[:i]):  # repetition: prompt and output
+            row[t] = row[t] / rep if row[t] > 0 else row[t] * rep
+        counts = np.bincount(np.asarray(got[:i], dtype=np.int64), minlength=row.size)  # the others: output only
+        row -= freq * counts + pres * (counts > 0)
+        best = int(np.argmax(row))
+        assert tok == best or row[best] - row[tok] < 0.02, (i, tok, best, row[best] - row[tok])
+
+
+@pytest.fixture(scope="module")
+def penalty_llm(reference_gguf_path):
+    """No prefix cache: the test's own forward may then overwrite the runner's KV blocks between requests."""
+    return LLM(str(reference_gguf_path), threads=2, enable_prefix_caching=False)
 
 
 def test_request_metrics(llm):
