@@ -308,3 +308,33 @@ def test_gguf_metadata_config():
     assert c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ModelFormatError, match="mistral.feed_forward_length"):
         ModelConfig.from_gguf_metadata({k: v for k, v in md.items() if k != "mistral.feed_forward_length"})
+
+
+# ---- Mistral's sliding window (HF config.json) --------------------------------------------------------------
+def test_mistral_sliding_window_is_applied_on_every_layer(tmp_path):
+    """A mistral config's sliding_window masks every layer (native forward vs the float64 reference with the
+    same window); with rope_scaling, and on device='tinygrad', it is refused rather than ignored."""
+    import tiny_models as tm
+    from reference_forward import ReferenceModel
+    from tinyvllm import LLM, SamplingParams
+    from tinyvllm.runner.tinygrad_runner import check_supported
+    path = tm.make_tiny_hf_dir(tmp_path / "m", tokenizer="json", dtype="float32", tie=False)
+    cfg_file = tmp_path / "m" / "config.json"
+    cfg = {**json.loads(cfg_file.read_text()), "model_type": "mistral", "sliding_window": 4}
+    cfg_file.write_text(json.dumps(cfg))
+    llm = LLM(path, threads=2)
+    c = llm.engine.config
+    assert c.sliding_window == 4 and c.swa_layers == (True,) * c.num_layers
+    out = llm.generate("the cat sat on the mat and the dog ran", SamplingParams(temperature=0, max_tokens=16,
+                                                                                 ignore_eos=True))[0]
+    ids, got = out.prompt_token_ids, out.outputs[0].token_ids
+    ref = ReferenceModel.from_hf_dir(path)  # reads a window for gemma3 only: give it Mistral's by hand
+    unwindowed = ref.greedy(ids, 16, eos_ids=[])[0]
+    ref.cfg.window, ref.cfg.swa, ref.inv_freq_swa = 4, [True] * c.num_layers, ref.inv_freq
+    assert len(ids) > 4 and got == ref.greedy(ids, 16, eos_ids=[])[0]
+    assert got != unwindowed  # the window changes this answer, so the check above sees whether it is applied
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        check_supported(c)
+    cfg_file.write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    with pytest.raises(ModelFormatError, match="sliding_window"):
+        load_model(path)

@@ -9,8 +9,7 @@ import numpy as np
 
 from tinyvllm.model.errors import ModelFormatError
 
-# "mistral" is llama with (optionally) sliding-window attention, which we do not apply: same math for
-# contexts shorter than the window, so it maps to llama semantics.
+# "mistral" is llama with (optionally) sliding-window attention on every layer (from_hf_dict sets it).
 _ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
                  "gemma3_text": "gemma3"}  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
 SUPPORTED_ARCHS = tuple(sorted(_ARCH_ALIASES))
@@ -173,7 +172,11 @@ class ModelConfig:
         theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        window = int(cfg.get("sliding_window") or 0) if str(arch).lower() == "mistral" else 0
+        if window and rope_scaling:  # the sliding layers' RoPE table is never rescaled (rope_inv_freq_swa)
+            raise ModelFormatError("config.json: mistral sliding_window together with rope_scaling is not supported")
         return cls(
+            sliding_window=window, swa_layers=(True,) * int(req("num_hidden_layers")) if window else (),
             arch=arch, vocab_size=req("vocab_size"), hidden_size=hidden, intermediate_size=req("intermediate_size"),
             num_layers=req("num_hidden_layers"), num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,

@@ -35,6 +35,9 @@ def check_supported(cfg) -> None:
     if cfg.arch not in SUPPORTED_ARCHS:
         raise NotImplementedError(f"device='tinygrad' runs {', '.join(SUPPORTED_ARCHS)} models; {cfg.arch!r} "
                                   "runs on device='cpu' (the native core)")
+    if cfg.sliding_window:
+        raise NotImplementedError(f"device='tinygrad' has no sliding-window attention (this model's window is "
+                                  f"{cfg.sliding_window}); it runs on device='cpu' (the native core)")
 
 
 def import_tinygrad():
