@@ -68,19 +68,30 @@ def _byte_level(pre: str):
     return None, gpt2, False
 
 
-def _add_gguf_added_tokens(tok: _HFTokenizer, tokens, types, user_normalized: bool):
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN) and tokens[i]])
-    # GGUF stores user-defined tokens as text ("pre-normalized" for byte-level BPE); for sentencepiece
-    # vocabs they carry "▁" and must match the normalized text, as sentencepiece matches them.
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=user_normalized)
-                    for i, t in enumerate(types) if t == _USER_DEFINED and tokens[i]])
+def _add_gguf_added_tokens(tok: _HFTokenizer, md: dict, tokens, types):
+    # llama.cpp matches control, unknown and user-defined token text in the raw input, before any
+    # normalization (so Gemma's user-defined "  " matches two spaces, never "▁▁"), and splits them out
+    # before the model sees the rest. Phi-3 GGUFs get right-stripping special tokens by model name in
+    # llama.cpp, as Phi-3's tokenizer.json has them.
+    phi3 = any(n in str(_scalar(md.get("general.name", ""))).lower() for n in ("phi-3", "phi3"))
+    no_rstrip = ("<unk>", "<s>", "<|endoftext|>")
+
+    def added(i, special):
+        return AddedToken(tokens[i], special=special, normalized=False, rstrip=phi3 and tokens[i] not in no_rstrip)
+    tok.add_special_tokens([added(i, True) for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN) and tokens[i]])
+    tok.add_tokens([added(i, False) for i, t in enumerate(types) if t == _USER_DEFINED and tokens[i]])
 
 
-def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
+def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokenizer, bool]:
+    """The tokenizer, and whether it has placeholder ids (>= len(tokens)) to drop from its output."""
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
+    # A vocab can lack some byte symbols (SmolLM2 has none for 0x04, 0x13, 0xF2, ...). llama.cpp drops such
+    # a byte after merging, so its neighbours never merge across it; HF's BPE drops it before merging and
+    # would merge them. A placeholder id keeps the byte in place while merging; encode() drops it.
+    missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    vocab.update({c: len(tokens) + k for k, c in enumerate(sorted(missing))})
     merges = []
     for m in _strings(md.get("tokenizer.ggml.merges", [])):
         k = m.find(" ", 1)  # like llama.cpp: the first part is never empty
@@ -91,8 +102,8 @@ def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
         tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
-    _add_gguf_added_tokens(tok, tokens, types, user_normalized=False)
-    return tok
+    _add_gguf_added_tokens(tok, md, tokens, types)
+    return tok, bool(missing)
 
 
 def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
@@ -121,20 +132,22 @@ def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    _add_gguf_added_tokens(tok, tokens, types, user_normalized=True)
+    _add_gguf_added_tokens(tok, md, tokens, types)
     return tok
 
 
 class _HFBackend:
     """A `tokenizers.Tokenizer` (from tokenizer.json or rebuilt from a GGUF vocab)."""
 
-    def __init__(self, tok: _HFTokenizer):
+    def __init__(self, tok: _HFTokenizer, placeholders_from: int | None = None):
         self.tok = tok
         self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._cut = placeholders_from  # ids from here on are placeholders, never output
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ids if self._cut is None else [i for i in ids if i < self._cut]
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -231,8 +244,9 @@ class Tokenizer:
         kind = str(_scalar(md.get("tokenizer.ggml.model", "")))
         tokens = _strings(md["tokenizer.ggml.tokens"])
         types = [int(t) for t in md.get("tokenizer.ggml.token_type", [])] or [_NORMAL] * len(tokens)
+        placeholders = False
         if kind == "gpt2":
-            tok = _gguf_gpt2(md, tokens, types)
+            tok, placeholders = _gguf_gpt2(md, tokens, types)
         elif kind == "llama":
             tok = _gguf_spm(md, tokens, types)
         else:
@@ -245,7 +259,8 @@ class Tokenizer:
                      if k.startswith("tokenizer.chat_template.")}
         if md.get("tokenizer.chat_template"):
             templates["default"] = _scalar(md["tokenizer.chat_template"])
-        return cls(_HFBackend(tok), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+        backend = _HFBackend(tok, len(tokens) if placeholders else None)
+        return cls(backend, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                    extra_eos_ids=[i for i in (ids["eot"], ids["eom"]) if i is not None],
                    prefix_ids=[ids["bos"]] if add_bos else [], suffix_ids=[ids["eos"]] if add_eos else [],
                    chat_templates=templates, vocab_size=len(tokens))
