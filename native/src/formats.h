@@ -110,81 +110,98 @@ struct FmtIQ4_NL : FmtBase {
 };
 
 // ---- 256-value "K" super-blocks ----------------------------------------------------------------
+// Their scales are small integers times f16 super-scales at fixed offsets. scale_ints() gives the
+// integers as bytes: NSC scales (one per slice, or one per 16-value half with TWO_SCALES: index
+// 2s + h), then the mins the same way (index NSC + ...):
+//     d[s][h] = d * out[sc_index(s, h)],   m[s][h] = -dmin * out[NSC + mn_index(s, h)]
+// scales() is the same for all of them; SIMD paths convert the integers of several rows at once.
 struct FmtK : FmtBase {
     static constexpr int VALUES = 256, SLICES = 8, D_AT = -1;
+    static constexpr int SD_AT = 0, SDMIN_AT = -1;  // f16 d and dmin of the super-block (-1: none)
 };
-// Q4_K / Q5_K: 8 slices of 32, each with a 6-bit scale and a 6-bit min packed in 12 bytes at 4;
-// w = d * sc * q - dmin * mn.
-inline void k4_scales(const uint8_t *b, BlockScales<8> &s) {
-    const float d = half_at(b, 0), dmin = half_at(b, 2);
-    const uint8_t *p = b + 4;
-    for (int j = 0; j < 8; j++) {
-        const int sc = j < 4 ? p[j] & 63 : (p[j + 4] & 15) | ((p[j - 4] >> 6) << 4);
-        const int mn = j < 4 ? p[j + 4] & 63 : (p[j + 4] >> 4) | ((p[j] >> 6) << 4);
-        s.d[j][0] = s.d[j][1] = d * (float)sc;
-        s.m[j][0] = s.m[j][1] = -dmin * (float)mn;
-    }
+template <class F>
+constexpr int nsc() { return F::TWO_SCALES ? 2 * F::SLICES : F::SLICES; }
+template <class F>
+constexpr int sc_index(int s, int h) { return F::TWO_SCALES ? 2 * s + h : s; }
+template <class F>
+constexpr int mn_index(int s, int h) { return nsc<F>() + (F::TWO_MINS ? 2 * s + h : s); }
+template <class F>
+inline void k_scales(const uint8_t *b, BlockScales<8> &s) {
+    int8_t v[32] = {};
+    F::scale_ints(b, v);
+    const float d = half_at(b, F::SD_AT), dmin = F::SDMIN_AT >= 0 ? half_at(b, F::SDMIN_AT) : 0.0f;
+    for (int j = 0; j < 8; j++)
+        for (int h = 0; h < 2; h++) {
+            s.d[j][h] = d * (float)v[sc_index<F>(j, h)];
+            if (F::HAS_MIN) s.m[j][h] = -dmin * (float)v[mn_index<F>(j, h)];
+        }
+}
+// Q4_K / Q5_K: 8 6-bit scales and 8 6-bit mins packed in 12 bytes at 4, one per 32-value slice:
+// values j < 4 in the low 6 bits of bytes j (scale) and j + 4 (min); j >= 4 split between the low
+// or high nibble of byte j + 4 and the top 2 bits of byte j - 4 (scale) or j (min).
+inline void k4_scale_ints(const uint8_t *b, int8_t *out) {
+    uint32_t lo, hi, ex;  // bytes 0..3, 4..7, 8..11 of the packed scales: four values per word at once
+    __builtin_memcpy(&lo, b + 4, 4);
+    __builtin_memcpy(&hi, b + 8, 4);
+    __builtin_memcpy(&ex, b + 12, 4);
+    const uint32_t v[4] = {lo & 0x3F3F3F3Fu, (ex & 0x0F0F0F0Fu) | (((lo >> 6) & 0x03030303u) << 4),  // scales
+                           hi & 0x3F3F3F3Fu, ((ex >> 4) & 0x0F0F0F0Fu) | (((hi >> 6) & 0x03030303u) << 4)};  // mins
+    __builtin_memcpy(out, v, 16);
 }
 struct FmtQ4_K : FmtK {  // d, dmin, scales[12], qs[128]: slice s = nibble s%2 of bytes 32*(s/2)..
-    static constexpr int DTYPE = TV_Q4_K, BYTES = 144;
+    static constexpr int DTYPE = TV_Q4_K, BYTES = 144, SDMIN_AT = 2;
     static constexpr Low LOW = LOW_NIB32;
     static constexpr bool HAS_MIN = true;
     static constexpr SliceSrc src(int s) { return {16 + 32 * (s / 2), 4 * (s % 2), 0, 0}; }
-    static void scales(const uint8_t *b, BlockScales<8> &s) { k4_scales(b, s); }
+    static void scale_ints(const uint8_t *b, int8_t *out) { k4_scale_ints(b, out); }
+    static void scales(const uint8_t *b, BlockScales<8> &s) { k_scales<FmtQ4_K>(b, s); }
 };
 struct FmtQ5_K : FmtK {  // d, dmin, scales[12], qh[32], qs[128]: Q4_K plus bit s of qh[j]
-    static constexpr int DTYPE = TV_Q5_K, BYTES = 176, HIGH_MASK = 1;
+    static constexpr int DTYPE = TV_Q5_K, BYTES = 176, HIGH_MASK = 1, SDMIN_AT = 2;
     static constexpr Low LOW = LOW_NIB32;
     static constexpr High HIGH = HIGH_BYTES;
     static constexpr bool HAS_MIN = true;
     static constexpr SliceSrc src(int s) { return {48 + 32 * (s / 2), 4 * (s % 2), 16, s}; }
-    static void scales(const uint8_t *b, BlockScales<8> &s) { k4_scales(b, s); }
+    static void scale_ints(const uint8_t *b, int8_t *out) { k4_scale_ints(b, out); }
+    static void scales(const uint8_t *b, BlockScales<8> &s) { k_scales<FmtQ5_K>(b, s); }
 };
 // Q6_K: ql[128], qh[64], int8 scales[16], f16 d; 16-value sub-blocks: w = d * sc * (q - 32).
 // Slice s = 4h + k: low nibble k/2 of ql[64h + 32(k%2) + j], high 2 bits at 2k of qh[32h + j].
 struct FmtQ6_K : FmtK {
-    static constexpr int DTYPE = TV_Q6_K, BYTES = 210, HIGH_MASK = 3, OFFSET = 32;
+    static constexpr int DTYPE = TV_Q6_K, BYTES = 210, HIGH_MASK = 3, OFFSET = 32, SD_AT = 208;
     static constexpr Low LOW = LOW_NIB32;
     static constexpr High HIGH = HIGH_BYTES;
     static constexpr bool TWO_SCALES = true;
     static constexpr SliceSrc src(int s) { return {64 * (s / 4) + 32 * (s % 2), 4 * ((s % 4) / 2), 128 + 32 * (s / 4), 2 * (s % 4)}; }
-    static void scales(const uint8_t *b, BlockScales<8> &s) {
-        const float d = half_at(b, 208);
-        const int8_t *sc = reinterpret_cast<const int8_t *>(b + 192);
-        for (int j = 0; j < 8; j++) s.d[j][0] = d * (float)sc[2 * j], s.d[j][1] = d * (float)sc[2 * j + 1];
-    }
+    static void scale_ints(const uint8_t *b, int8_t *out) { __builtin_memcpy(out, b + 192, 16); }
+    static void scales(const uint8_t *b, BlockScales<8> &s) { k_scales<FmtQ6_K>(b, s); }
 };
 // Q3_K: hmask[32], qs[64], 12 bytes of 6-bit scales, f16 d; w = d * (sc - 32) * (q - 4), where q
 // is 2 bits at 2(s%4) of qs[32(s/4) + j] plus bit s of hmask[j] as bit 2.
 struct FmtQ3_K : FmtK {
-    static constexpr int DTYPE = TV_Q3_K, BYTES = 110, LOW_BITS = 2, HIGH_MASK = 1, OFFSET = 4;
+    static constexpr int DTYPE = TV_Q3_K, BYTES = 110, LOW_BITS = 2, HIGH_MASK = 1, OFFSET = 4, SD_AT = 108;
     static constexpr Low LOW = LOW_BIT2;
     static constexpr High HIGH = HIGH_BYTES;
     static constexpr bool TWO_SCALES = true;
     static constexpr SliceSrc src(int s) { return {32 + 32 * (s / 4), 2 * (s % 4), 0, s}; }
-    static void scales(const uint8_t *b, BlockScales<8> &s) {
-        const float d = half_at(b, 108);
+    static void scale_ints(const uint8_t *b, int8_t *sc) {
         const uint8_t *p = b + 96;  // 16 scales: low 4 bits in p[0..7] (two per byte), high 2 in p[8..11]
-        for (int i = 0; i < 16; i++) {
-            const int lo = (p[i % 8] >> (4 * (i / 8))) & 15, hi = (p[8 + i % 4] >> (2 * (i / 4))) & 3;
-            s.d[i / 2][i % 2] = d * (float)((lo | (hi << 4)) - 32);
-        }
+        for (int i = 0; i < 16; i++)
+            sc[i] = (int8_t)((((p[i % 8] >> (4 * (i / 8))) & 15) | (((p[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32);
     }
+    static void scales(const uint8_t *b, BlockScales<8> &s) { k_scales<FmtQ3_K>(b, s); }
 };
 // Q2_K: scales[16] (4-bit scale, 4-bit min per 16 values), qs[64], f16 d, f16 dmin;
 // w = d * sc * q - dmin * mn, q = 2 bits at 2(s%4) of qs[32(s/4) + j].
 struct FmtQ2_K : FmtK {
-    static constexpr int DTYPE = TV_Q2_K, BYTES = 84, LOW_BITS = 2;
+    static constexpr int DTYPE = TV_Q2_K, BYTES = 84, LOW_BITS = 2, SD_AT = 80, SDMIN_AT = 82;
     static constexpr Low LOW = LOW_BIT2;
     static constexpr bool HAS_MIN = true, TWO_SCALES = true, TWO_MINS = true;
     static constexpr SliceSrc src(int s) { return {16 + 32 * (s / 4), 2 * (s % 4), 0, 0}; }
-    static void scales(const uint8_t *b, BlockScales<8> &s) {
-        const float d = half_at(b, 80), dmin = half_at(b, 82);
-        for (int i = 0; i < 16; i++) {
-            s.d[i / 2][i % 2] = d * (float)(b[i] & 15);
-            s.m[i / 2][i % 2] = -dmin * (float)(b[i] >> 4);
-        }
+    static void scale_ints(const uint8_t *b, int8_t *out) {
+        for (int i = 0; i < 16; i++) out[i] = (int8_t)(b[i] & 15), out[16 + i] = (int8_t)(b[i] >> 4);
     }
+    static void scales(const uint8_t *b, BlockScales<8> &s) { k_scales<FmtQ2_K>(b, s); }
 };
 
 // Every quantized format, for dispatchers: X(Fmt).

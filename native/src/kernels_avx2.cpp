@@ -62,12 +62,7 @@ TV_AVX2 void rows_nx(const uint8_t *w, const ActBlock *x, int64_t nb, float *out
     for (int i = 0; i < NX; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps(), macc[i] = 0.0f;
     BlockScales<F::SLICES> sc{};
     for (int64_t b = 0; b < nb; b += F::SLICES, w += F::BYTES) {
-        if constexpr (F::D_AT >= 0) {  // fixed f16 fields: hardware conversion
-            sc.d[0][0] = sc.d[0][1] = half(w + F::D_AT);
-            if (F::HAS_MIN) sc.m[0][0] = half(w + F::M_AT);
-        } else {
-            F::scales(w, sc);
-        }
+        block_scales<F>(w, sc);
         for (int s = 0; s < F::SLICES; s++) slice_step<F, NX>(w, s, sc, x + b + s, nb, acc[(b + s) & 1], macc);
     }
     for (int i = 0; i < NX; i++) out[i * out_stride] = hsum(_mm256_add_ps(acc[0][i], acc[1][i])) + macc[i];

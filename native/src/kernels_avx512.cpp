@@ -109,26 +109,53 @@ TV_AVX512 inline void store_lanes(__m256 v, float *y, int64_t stride, int n) {
     for (int i = 0; i < n; i++) y[i * stride] = t[i];
 }
 
-// The scales of one stored block of each of a group's 8 rows, lanes = rows: with fixed f16
-// fields (F::D_AT, the min right after it) one gather; else the traits' scalar decoding.
+// The scales of one stored block of each of a group's 8 rows, lanes = rows: fixed f16 fields
+// (F::D_AT, the min right after it) in one gather; K formats' integer scales transposed from the
+// rows' bytes, times their gathered super-scales. Same products as F::scales: the same bits.
 template <class F>
 struct GroupScales {
     alignas(32) float d[F::SLICES][2][NW], m[F::SLICES][NW];
 };
+// f16 at byte `at` of each row's block (rows at w0 + voff); `second`: also the f16 right after it.
+// A 4-byte gather that would end past the block reads the 2 bytes before instead.
+template <int AT, int BYTES>
+TV_AVX512 inline __m256 gather_half(const uint8_t *w0, __m256i voff, __m256 *second = nullptr) {
+    if constexpr (AT + 4 <= BYTES) {
+        const __m256i v = _mm256_i32gather_epi32(reinterpret_cast<const int *>(w0 + AT), voff, 1);
+        if (second) *second = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16)));
+        return _mm256_cvtph_ps(_mm256_cvtepi32_epi16(v));
+    } else {
+        const __m256i v = _mm256_i32gather_epi32(reinterpret_cast<const int *>(w0 + AT - 2), voff, 1);
+        return _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16)));
+    }
+}
 template <class F>
 TV_AVX512 inline void group_scales(const uint8_t *w0, const int32_t *off, __m256i voff, GroupScales<F> &g) {
     if constexpr (F::D_AT >= 0) {
         static_assert(F::SLICES == 1 && (!F::HAS_MIN || F::M_AT == F::D_AT + 2), "one gather reads d and m");
-        const __m256i v = _mm256_i32gather_epi32(reinterpret_cast<const int *>(w0 + F::D_AT), voff, 1);
-        const __m256 d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(v));
+        __m256 m;
+        const __m256 d = gather_half<F::D_AT, F::BYTES>(w0, voff, &m);
         _mm256_store_ps(g.d[0][0], d);
         _mm256_store_ps(g.d[0][1], d);
-        if (F::HAS_MIN) _mm256_store_ps(g.m[0], _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16))));
+        if (F::HAS_MIN) _mm256_store_ps(g.m[0], m);
     } else {
-        BlockScales<F::SLICES> bs{};
+        static_assert(nsc<F>() + (F::HAS_MIN ? F::SLICES : 0) <= 16 && !F::TWO_MINS, "one 16-byte row of integers");
+        alignas(16) int8_t v[NW][32];
+        __m128i rows[NW], cols[NW];
         for (int r = 0; r < NW; r++) {
-            F::scales(w0 + off[r], bs);
-            for (int s = 0; s < F::SLICES; s++) g.d[s][0][r] = bs.d[s][0], g.d[s][1][r] = bs.d[s][1], g.m[s][r] = bs.m[s][0];
+            F::scale_ints(w0 + off[r], v[r]);
+            rows[r] = _mm_load_si128(reinterpret_cast<const __m128i *>(v[r]));
+        }
+        transpose8x16(rows, cols);  // integer c of every row: cols[c / 2], low (c even) or high 8 bytes
+        auto col = [&](int c) TV_AVX512 { return int8_lanes(c % 2 ? _mm_srli_si128(cols[c / 2], 8) : cols[c / 2]); };
+        const __m256 d = gather_half<F::SD_AT, F::BYTES>(w0, voff);
+        for (int s = 0; s < F::SLICES; s++) {
+            _mm256_store_ps(g.d[s][0], _mm256_mul_ps(d, col(sc_index<F>(s, 0))));
+            _mm256_store_ps(g.d[s][1], _mm256_mul_ps(d, col(sc_index<F>(s, 1))));
+        }
+        if constexpr (F::HAS_MIN) {
+            const __m256 nd = _mm256_sub_ps(_mm256_setzero_ps(), gather_half<F::SDMIN_AT, F::BYTES>(w0, voff));
+            for (int s = 0; s < F::SLICES; s++) _mm256_store_ps(g.m[s], _mm256_mul_ps(nd, col(mn_index<F>(s, 0))));
         }
     }
 }
@@ -152,20 +179,21 @@ TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1,
     alignas(32) int32_t off[NW];
     const __m256i voff = group_offsets(g0, r1, row_bytes, off);
     const uint8_t *w0 = w + (size_t)g0 * row_bytes;
-    constexpr int PF_LINES = (NW * F::BYTES + 63) / 64;
+    constexpr int PF_LINES = (NW * F::BYTES / F::SLICES + 63) / 64;  // per slice
     const uint8_t *next = w + (size_t)(g0 + NW) * row_bytes;
     __m256 acc[NR];
     for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
     GroupScales<F> gs;
     for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
         const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
-        // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
-        // rows are contiguous) a few lines per block, so it is in cache when its turn comes
-        for (int c = 0; c < PF_LINES; c++)
-            _mm_prefetch(reinterpret_cast<const char *>(next + ((b0 / F::SLICES) * PF_LINES + c) * 64), _MM_HINT_T0);
         group_scales<F>(w0 + o, off, voff, gs);
         for (int s = 0; s < F::SLICES; s++) {
             const int64_t b = b0 + s;
+            // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
+            // rows are contiguous) a few lines per slice, so it is in cache when its turn comes (a
+            // burst of a whole K block's lines fills the miss buffers and stalls)
+            for (int c = 0; c < PF_LINES; c++)
+                _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
             __m256i h[NR][4], h2[NR][4];
             for (int p = 0; p < 4; p++) {
                 const W16 a = unpack<F>(w0 + off[2 * p] + o, s), c = unpack<F>(w0 + off[2 * p + 1] + o, s);
@@ -289,14 +317,14 @@ TV_AVX512 void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t
         alignas(32) int32_t off[NW];
         const __m256i voff = group_offsets(g0, r1, row_bytes, off);
         const uint8_t *w0 = w + (size_t)g0 * row_bytes, *next = w0 + NW * row_bytes;
-        constexpr int PF_LINES = (NW * F::BYTES + 63) / 64;  // see gemv8
+        constexpr int PF_LINES = (NW * F::BYTES / F::SLICES + 63) / 64;  // per slice: see gemv8
         for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
             const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
-            for (int c = 0; c < PF_LINES; c++)
-                _mm_prefetch(reinterpret_cast<const char *>(next + ((b0 / F::SLICES) * PF_LINES + c) * 64), _MM_HINT_T1);
             group_scales<F>(w0 + o, off, voff, gs);
             for (int s = 0; s < F::SLICES; s++) {
                 const int64_t b = b0 + s;
+                for (int c = 0; c < PF_LINES; c++)
+                    _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T1);
                 for (int r = 0; r < NW; r++) {
                     const W16 u = unpack<F>(w0 + off[r] + o, s);
                     _mm512_store_si512(P.w[(size_t)(b * NW + r)].v, _mm512_inserti64x4(_mm512_castsi256_si512(u.lo), u.hi, 1));

@@ -63,6 +63,53 @@ TV_X86_UNPACK inline W16 unpack(const uint8_t *blk, int s) {
     return {_mm256_cvtepi8_epi16(a), _mm256_cvtepi8_epi16(b)};  // every q fits int8
 }
 
+// 8 int8 as 8 float lanes.
+TV_X86_UNPACK inline __m256 int8_lanes(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+// One row's block scales (formats.h), with hardware f16 conversion; K formats convert their
+// integer scales with vector ops. Same products as F::scales, so the same bits.
+template <class F>
+TV_X86_UNPACK inline void block_scales(const uint8_t *b, BlockScales<F::SLICES> &s) {
+    if constexpr (F::D_AT >= 0) {
+        s.d[0][0] = s.d[0][1] = _cvtsh_ss(load_u16(b + F::D_AT));
+        if constexpr (F::HAS_MIN) s.m[0][0] = s.m[0][1] = _cvtsh_ss(load_u16(b + F::M_AT));
+    } else {
+        alignas(32) int8_t v[32] = {};
+        alignas(32) float f[32];
+        F::scale_ints(b, v);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(b + F::SD_AT)));
+        const __m256 nd = _mm256_set1_ps(F::HAS_MIN ? -_cvtsh_ss(load_u16(b + F::SDMIN_AT)) : 0.0f);
+        constexpr int n = nsc<F>() + (F::HAS_MIN ? (F::TWO_MINS ? 16 : 8) : 0);
+        for (int i = 0; i < n; i += 8)
+            _mm256_store_ps(f + i, _mm256_mul_ps(i < nsc<F>() ? d : nd,
+                                                 int8_lanes(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(v + i)))));
+        for (int j = 0; j < 8; j++)
+            for (int h = 0; h < 2; h++) {
+                s.d[j][h] = f[sc_index<F>(j, h)];
+                if constexpr (F::HAS_MIN) s.m[j][h] = f[mn_index<F>(j, h)];
+            }
+    }
+}
+
+// 8 rows x 16 bytes -> the 16 columns: column c (one byte per row) is the low (c even) or high
+// (c odd) 8 bytes of out[c / 2].
+TV_X86_UNPACK inline void transpose8x16(const __m128i r[8], __m128i out[8]) {
+    __m128i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);      // columns 0..7 of rows 2i, 2i+1
+        t[2 * i + 1] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);  // columns 8..15
+    }
+    for (int h = 0; h < 2; h++)      // rows 0..3, 4..7
+        for (int c = 0; c < 2; c++) {  // columns 0..7, 8..15
+            u[4 * h + 2 * c] = _mm_unpacklo_epi16(t[4 * h + c], t[4 * h + 2 + c]);      // 4 columns x 4 rows
+            u[4 * h + 2 * c + 1] = _mm_unpackhi_epi16(t[4 * h + c], t[4 * h + 2 + c]);
+        }
+    for (int q = 0; q < 4; q++) {  // u[q] and u[4 + q]: the same 4 columns of rows 0..3 and 4..7
+        out[2 * q] = _mm_unpacklo_epi32(u[q], u[4 + q]);
+        out[2 * q + 1] = _mm_unpackhi_epi32(u[q], u[4 + q]);
+    }
+}
+
 }  // namespace tv
 
 #endif
