@@ -399,8 +399,9 @@ def main() -> int:
 
     git = ["git", "-C", str(ROOT)]
     commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(git + ["status", "--porcelain", "--", "tinyvllm"], capture_output=True, text=True).stdout:
-        commit += " with uncommitted changes in tinyvllm/"
+    if subprocess.run(git + ["status", "--porcelain", "--", "tinyvllm/tokenizer.py"], capture_output=True,
+                      text=True).stdout:
+        commit += " with uncommitted changes in tinyvllm/tokenizer.py"
     res = {"date": time.strftime("%Y-%m-%d"), "llama_cpp_version": version, "tinyvllm_commit": commit,
            "n_common": len(common), "notes": NOTES, "vocabs": rows,
            "total": sum(r["n"] for r in rows), "total_exact": sum(r["exact"] for r in rows),
