@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyvllm.bench.client import parse_prometheus, run_url
+from tinyvllm.bench.client import MetricMissing, parse_prometheus, run_url
 from tinyvllm.bench.progress import Progress
 from tinyvllm.bench.stats import RequestResult, latency_ms, percentile, summarize
 from tinyvllm.bench.workload import (FIRST_ORDINARY_ID, arrival_offsets, load_dataset, parse_range,
@@ -151,10 +151,14 @@ def test_memory_budget_sweep(reference_gguf_path, tmp_path):
 # ---- --url against a scripted OpenAI-compatible SSE server ---------------------------------------------
 class FakeServer:
     """Streams `pieces` with `delay` seconds before each, then (if usage) a usage-only chunk and [DONE].
-    Records request bodies and the most requests it had in flight at once; status 500 for prompt [666]."""
+    Records request bodies, the most requests it had in flight at once, and per request the monotonic
+    times it arrived and sent each piece (`sent`: [arrival, piece 1, ...]); status 500 for prompt [666].
+    With `hold=(k, n)` a request's first piece waits until k requests are in flight or all n have arrived,
+    so a concurrency limit of k is reached whatever the machine's speed. `metrics`: GET /metrics text."""
 
-    def __init__(self, pieces, delay, usage_tokens=None):
-        self.bodies, self.in_flight, self.max_in_flight, lock = [], 0, 0, threading.Lock()
+    def __init__(self, pieces, delay, usage_tokens=None, hold=None, metrics=None):
+        self.bodies, self.sent, self.in_flight, self.max_in_flight = [], [], 0, 0
+        lock = threading.Condition()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -170,14 +174,21 @@ class FakeServer:
             def do_GET(self):
                 if self.path == "/v1/models":
                     return self._send(200, b'{"object": "list", "data": [{"id": "fake-model"}]}')
+                if self.path == "/metrics" and metrics is not None:
+                    return self._send(200, metrics.encode(), "text/plain")
                 self._send(404, b"{}")
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                times = [time.monotonic()]
                 with lock:
                     fake.bodies.append(body)
+                    fake.sent.append(times)
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    lock.notify_all()
+                    if hold is not None:
+                        lock.wait_for(lambda: fake.in_flight >= hold[0] or len(fake.bodies) >= hold[1], 60)
 
                 def leave():  # before the last write: once the client has it, it may send the next request
                     with lock:
@@ -189,6 +200,7 @@ class FakeServer:
                 for p in pieces:
                     time.sleep(delay)
                     chunk = {"choices": [{"index": 0, "text": p, "finish_reason": None}], "usage": None}
+                    times.append(time.monotonic())
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
                 if usage_tokens is not None:
@@ -212,8 +224,11 @@ def _run(fake, workload, conc):
 
 
 def test_url_client_timings_and_usage():
+    """Timings are checked by causality, not against the machine's speed: a piece cannot be received
+    before the server sent it, measured from when the request reached the server (the client started
+    its clock earlier), on the same monotonic clock (the fake server runs in this process)."""
     delay = 0.05
-    fake = FakeServer(["Hello", " big", " world"], delay, usage_tokens=7)
+    fake = FakeServer(["Hello", " big", " world"], delay, usage_tokens=7, hold=(2, 5))
     try:
         wl = random_workload(5, (4, 12), (7, 7), 1000, seed=1)
         results, duration, info = _run(fake, wl, 2)
@@ -223,12 +238,37 @@ def test_url_client_timings_and_usage():
     for body, r in zip(sorted(fake.bodies, key=lambda b: b["prompt"]), sorted(wl, key=lambda r: r.prompt_token_ids)):
         assert body["prompt"] == r.prompt_token_ids and body["max_tokens"] == 7 and body["model"] == "fake-model"
         assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["ignore_eos"]
-    for r in results:
+    sent = {tuple(b["prompt"]): t for b, t in zip(fake.bodies, fake.sent)}
+    for req, r in zip(wl, results):
         assert r.error is None and r.output_tokens == 7  # from usage, not the 3 chunks or 4 words
-        assert r.ttft >= delay and len(r.itl) == 2 and all(g >= 0.8 * delay for g in r.itl)
+        assert len(r.itl) == 2 and all(g >= 0 for g in r.itl)
+        arrival, *pieces = sent[tuple(req.prompt_token_ids)]
+        received = np.cumsum([r.ttft, *r.itl])  # since the client sent the request
+        assert all(got >= put - arrival for got, put in zip(received, pieces)), (received, pieces, arrival)
         assert r.e2e >= r.ttft + sum(r.itl) and r.tpot == pytest.approx((r.e2e - r.ttft) / 6)
-    assert duration >= 3 * 3 * delay  # 5 requests of 3 delays each, 2 at a time: at least 3 rounds
+    assert duration >= 3 * 3 * delay  # 5 requests of 3 sleeps each, 2 at a time: at least 3 rounds of sleeps
     assert info["server"] == "other" and info["preemptions"] is None
+
+
+def test_url_client_fails_loudly_on_a_missing_metric():
+    """A server whose /metrics says it is tinyvllm but lacks a metric the report reads is an error, not 0."""
+    text = ("tinyvllm:num_requests_running 0.0\ntinyvllm:kv_cache_usage_perc 0.0\n"
+            "tinyvllm:num_preemptions_total 0.0\n")
+    wl = random_workload(2, (3, 3), (2, 2), 1000, seed=0)
+    fake = FakeServer(["a", "b"], 0.0, usage_tokens=2, metrics=text)
+    try:
+        results, _, info = _run(fake, wl, None)  # the full set: fine
+    finally:
+        fake.close()
+    assert info["server"] == "tinyvllm" and info["preemptions"] == 0 and info["max_running"] == 0
+    for missing in ("tinyvllm:num_preemptions_total", "tinyvllm:kv_cache_usage_perc"):
+        fake = FakeServer(["a", "b"], 0.0, usage_tokens=2,
+                          metrics="".join(line + "\n" for line in text.splitlines() if not line.startswith(missing)))
+        try:
+            with pytest.raises(MetricMissing, match=missing.removesuffix("_total")):
+                _run(fake, wl, None)
+        finally:
+            fake.close()
 
 
 def test_url_client_counts_text_without_usage_and_records_errors():

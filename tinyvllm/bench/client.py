@@ -27,6 +27,18 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
+class MetricMissing(RuntimeError):
+    """Our server's /metrics lacks a metric the benchmark reads: a broken server, not a zero."""
+
+
+def _metric(m: dict, *names: str) -> float:
+    """The first of `names` present in m (prometheus_client may add a _total suffix to counters)."""
+    for name in names:
+        if name in m:
+            return m[name]
+    raise MetricMissing(f"the server's /metrics has no {' / '.join(names)}")
+
+
 async def _tinyvllm_metrics(client: httpx.AsyncClient, base: str) -> dict | None:
     """Our server's engine gauges, or None when the server is not ours (or has no /metrics)."""
     try:
@@ -90,6 +102,11 @@ async def run_url(url: str, workload: list[BenchRequest], offsets: list[float], 
         model = model or await _model_name(client, base, headers)
         before = await _tinyvllm_metrics(client, base)
         peaks = {"kv": 0.0, "running": 0.0}
+
+        def sample(m: dict) -> None:
+            peaks["kv"] = max(peaks["kv"], _metric(m, "tinyvllm:kv_cache_usage_perc"))
+            peaks["running"] = max(peaks["running"], _metric(m, "tinyvllm:num_requests_running"))
+
         gate = asyncio.Semaphore(max_concurrency or len(workload))
         start = time.monotonic()
 
@@ -105,9 +122,9 @@ async def run_url(url: str, workload: list[BenchRequest], offsets: list[float], 
 
         async def watch() -> None:  # our server only: sample the engine gauges while the run goes
             while True:
-                m = await _tinyvllm_metrics(client, base) or {}
-                peaks["kv"] = max(peaks["kv"], m.get("tinyvllm:kv_cache_usage_perc", 0.0))
-                peaks["running"] = max(peaks["running"], m.get("tinyvllm:num_requests_running", 0.0))
+                m = await _tinyvllm_metrics(client, base)
+                if m is not None:  # None: a scrape failed (the server is busy); the next one counts
+                    sample(m)
                 await asyncio.sleep(0.5)
 
         watcher = asyncio.create_task(watch()) if before is not None else None
@@ -116,9 +133,15 @@ async def run_url(url: str, workload: list[BenchRequest], offsets: list[float], 
         progress.close()
         info = {"preemptions": None, "max_running": None, "kv_usage_peak": None, "server": "other"}
         if watcher is not None:
+            if watcher.done():  # it only ends by raising: a metric went missing mid-run
+                watcher.result()
             watcher.cancel()
-            after = await _tinyvllm_metrics(client, base) or {}
-            count = lambda m: m.get("tinyvllm:num_preemptions_total", m.get("tinyvllm:num_preemptions", 0))
+            after = await _tinyvllm_metrics(client, base)
+            if after is None:
+                raise MetricMissing(f"{base}/metrics stopped answering with tinyvllm metrics")
+            for m in (before, after):  # every run reads every metric at least twice, however short it is
+                sample(m)
+            count = lambda m: _metric(m, "tinyvllm:num_preemptions_total", "tinyvllm:num_preemptions")
             info = {"preemptions": int(count(after) - count(before)), "max_running": int(peaks["running"]),
                     "kv_usage_peak": peaks["kv"], "server": "tinyvllm"}
     return results, duration, info
