@@ -26,11 +26,14 @@ class AsyncEngine:
         self._in_transit = 0              # taken from the inbox, not yet in the stats snapshot
         self._wake = threading.Event()
         self._stopping = False
+        self._paused = False
+        self._changed = threading.Condition()  # notified each time the engine thread publishes stats
         self._streams: dict[str, tuple] = {}  # request_id -> (loop, queue, tag); engine thread only
         self._ids = itertools.count()
         self.stats = engine.stats()  # snapshot refreshed by the engine thread: safe to read anywhere
         self.step_observers: list = []    # called on the engine thread after each step with the engine
         self.error: BaseException | None = None  # set when the engine thread died
+        self.aborted: list[tuple[str, int]] = []  # (request id, tokens it had generated) per unfinished abort
         self._thread = threading.Thread(target=self._run, name="tinyvllm-engine", daemon=True)
 
     # ---- called from request handlers (any thread) ------------------------------------------
@@ -77,8 +80,27 @@ class AsyncEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         with self._lock:
+            gone = set(request_ids)  # still in the inbox: never reaches the engine
+            self._adds = [a for a in self._adds if a[0] not in gone]
             self._aborts += request_ids
         self._wake.set()
+
+    def pause(self) -> None:
+        """Stop stepping (aborts and shutdown still go through); new requests wait in the inbox, where
+        num_waiting counts them. Lets a caller line up a batch or a full queue exactly."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        self._wake.set()
+
+    def wait_until(self, predicate, timeout: float = 600.0) -> bool:
+        """Block until predicate(self) holds, re-checked whenever the engine thread publishes new stats
+        (after taking requests over, after each step); False if timeout seconds pass first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort whatever still runs, then stop the engine thread."""
@@ -96,13 +118,20 @@ class AsyncEngine:
         except RuntimeError:  # that event loop is closed: nobody is listening any more
             pass
 
+    def _publish(self) -> None:
+        with self._changed:  # requests taken from the inbox are in these stats: none in transit any more
+            self.stats, self._in_transit = self.engine.stats(), 0
+            self._changed.notify_all()
+
     def _run(self) -> None:
         eng = self.engine
         try:
             while True:
                 with self._lock:
-                    adds, aborts, stopping = self._adds, self._aborts, self._stopping
-                    self._adds, self._aborts, self._in_transit = [], [], len(adds)
+                    paused = self._paused and not self._stopping
+                    adds, aborts, stopping = [] if paused else self._adds, self._aborts, self._stopping
+                    self._adds = self._adds if paused else []
+                    self._aborts, self._in_transit = [], len(adds)
                 for rid, prompt, params, arrival, loop, queue, tag in adds:
                     self._streams[rid] = (loop, queue, tag)
                     try:
@@ -114,17 +143,19 @@ class AsyncEngine:
                     if rid in self._streams and stopping:
                         self._deliver(rid, RuntimeError("the server is shutting down"))
                     self._streams.pop(rid, None)
-                    eng.abort(rid)
-                self.stats, self._in_transit = eng.stats(), 0
+                    req = eng.requests.get(rid)
+                    if req is not None and eng.abort(rid):
+                        self.aborted.append((rid, sum(len(s.output_token_ids) for s in req.seqs)))
+                self._publish()
                 if stopping:
                     return
-                if not eng.has_unfinished_requests():
+                if paused or not eng.has_unfinished_requests():
                     self._wake.wait()
                     self._wake.clear()
                     continue
                 steps = eng.num_steps
                 outs = eng.step()
-                self.stats = eng.stats()
+                self._publish()
                 if eng.num_steps > steps:
                     for observe in self.step_observers:
                         observe(eng)
