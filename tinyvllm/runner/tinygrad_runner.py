@@ -20,7 +20,9 @@ import math
 
 import numpy as np
 
-from ..model.weights import F16, F32, Q4_0, Q8_0, QUANT_BLOCKS
+from ..model.weights import F16, F32, Q4_0, Q4_1, Q8_0, QUANT_BLOCKS
+
+GRAPH_QUANT = (Q4_0, Q4_1, Q8_0)  # GGUF blocks the graph unpacks itself
 
 INSTALL_HINT = ("device='tinygrad' needs tinygrad: `pip install tinyvllm[gpu]` (Python >= 3.11); "
                 "its CPU device also needs clang on PATH (e.g. `apt-get install -y clang`)")
@@ -101,18 +103,23 @@ class TinygradModelRunner:
 
     # ---- weights ----------------------------------------------------------------------------
     def _upload(self, t):
-        """(dtype, device tensor): raw GGUF blocks as uint8, float weights in the compute dtype."""
-        if t.dtype in QUANT_BLOCKS:
+        """(dtype, device tensor): Q4_0/Q4_1/Q8_0 as their raw GGUF blocks (unpacked inside the graph),
+        float weights in the compute dtype. Every other GGUF format (K-quants, Q5_0/Q5_1, IQ4_NL) is
+        dequantized once here by the gguf package and kept in the compute dtype: correct everywhere,
+        but 2-4x the device memory of the stored blocks."""
+        if t.dtype in GRAPH_QUANT:
             data = self.Tensor(np.ascontiguousarray(t.data), device=self.device).realize()
-        elif t.dtype in (F32, F16):
-            data = self.Tensor(t.data.astype(np.float32), device=self.device).cast(self.cdtype).realize()
+        elif t.dtype in (F32, F16) or t.dtype in QUANT_BLOCKS:
+            floats = t.data.astype(np.float32) if t.dtype in (F32, F16) else t.dequantize()
+            data = self.Tensor(floats, device=self.device).cast(self.cdtype).realize()
+            return F32, t.shape[-1], data
         else:
             raise ValueError(f"tensor {t.name}: dtype {t.dtype} is not supported by the tinygrad runner")
         return t.dtype, t.shape[-1], data
 
     def _dequant(self, dtype: int, cols: int, raw):
         """[..., row_bytes] raw GGUF rows -> [..., cols] in the compute dtype, as tinygrad ops."""
-        if dtype not in QUANT_BLOCKS:
+        if dtype not in GRAPH_QUANT:
             return raw
         bs, bb = QUANT_BLOCKS[dtype]
         blocks = raw.reshape(*raw.shape[:-1], cols // bs, bb)
