@@ -392,6 +392,65 @@ def test_queue_full_is_429(aeng, engine, ref):
         small.stop()
 
 
+# ---- 5b. /metrics after a known workload ------------------------------------------------------------
+METRICS = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv_blocks_used": "gauge",
+           "kv_blocks_free": "gauge", "kv_cache_usage_perc": "gauge", "num_preemptions": "counter",
+           "prefix_cache_queries": "counter", "prefix_cache_hits": "counter", "engine_steps": "counter",
+           "time_to_first_token_seconds": "histogram", "time_per_output_token_seconds": "histogram",
+           "e2e_request_latency_seconds": "histogram", "batch_size": "histogram", "prompt_tokens": "counter",
+           "generation_tokens": "counter", "request_success": "counter"}
+
+
+def test_metrics_after_a_known_workload(reference_gguf_path):
+    """A fresh engine with a 12-block pool: a 40-token prompt twice (the second finds its 2 full blocks in
+    the prefix cache), then 6 requests of 40 tokens at once (18 blocks wanted: preemptions). Every
+    documented metric exists, with the type and the value this workload implies."""
+    eng = LLMEngine(str(reference_gguf_path), threads=2, max_model_len=512, max_num_seqs=8,
+                    kv_cache_bytes=12 * 16 * 23040)
+    assert eng.blocks.num_blocks == 12
+    app = build_app(eng, MODEL)
+    live, aeng = LiveServer(app), app.state.async_engine
+    try:
+        scrape = lambda: httpx.get(live.url + "/metrics").text
+        text = scrape()
+        types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
+        types = {k.removesuffix("_total"): v for k, v in types.items() if not k.endswith("_created")}
+        assert types == {f"tinyvllm:{k}": v for k, v in METRICS.items()}
+        prompt = list(range(1000, 1040))  # 40 tokens: (40 - 1) // 16 = 2 full blocks to share
+        for _ in range(2):
+            r = httpx.post(live.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, **GREEDY}, timeout=120)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        m = scrape()
+        assert metric(m, "tinyvllm:prefix_cache_queries_total") == 80
+        assert metric(m, "tinyvllm:prefix_cache_hits_total") == 32
+        assert metric(m, "tinyvllm:num_preemptions_total") == 0
+        many = [[2000 + 50 * i + j for j in range(8)] for i in range(6)]
+        aeng.pause()
+        try:
+            with ThreadPoolExecutor(6) as pool:
+                futures = [pool.submit(httpx.post, live.url + "/v1/completions", timeout=300,
+                                       json={"prompt": p, "max_tokens": 40, **GREEDY}) for p in many]
+                queued(aeng, 6)
+                aeng.resume()
+                assert all(f.result().json()["usage"]["completion_tokens"] == 40 for f in futures)
+        finally:
+            aeng.resume()
+        assert aeng.wait_until(idle, timeout=300)
+        m = scrape()
+        want = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 12,
+                "kv_cache_usage_perc": 0, "num_preemptions_total": eng.scheduler.num_preemptions,
+                "engine_steps_total": eng.num_steps, "batch_size_count": eng.num_steps,
+                "time_to_first_token_seconds_count": 8, "time_per_output_token_seconds_count": 8,
+                "e2e_request_latency_seconds_count": 8, 'request_success_total{finished_reason="length"}': 8,
+                "prompt_tokens_total": 2 * 40 + 6 * 8, "generation_tokens_total": 2 * 4 + 6 * 40}
+        assert {k: metric(m, f"tinyvllm:{k}") for k in want} == want
+        assert eng.scheduler.num_preemptions > 0  # 6 x 3 blocks wanted from 12
+        assert metric(m, "tinyvllm:prefix_cache_hits_total") >= 32
+        assert metric(m, "tinyvllm:batch_size_sum") == eng.num_generated_tokens  # every step samples each sequence
+    finally:
+        live.stop()
+
+
 # ---- 6. `tinyvllm serve` as a process: API key, SIGTERM -----------------------------------------------
 def test_serve_subprocess_api_key_and_sigterm(reference_gguf_path):
     proc, url = start_server(reference_gguf_path, "--threads", "1", "--max-num-seqs", "4",
@@ -429,3 +488,48 @@ def test_serve_without_server_extra_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
     a = p.parse_args(["no-such-model"])
     assert a.func(a) == 1 and "pip install tinyvllm[server]" in capsys.readouterr().err
+
+
+def test_serve_memory_budget_max_model_len_max_waiting(reference_gguf_path, engine):
+    """The serve flags reach the engine and the app: --memory-budget sizes the KV pool (more than the
+    16-block default for 4 sequences of 64 tokens, within what the budget leaves after the weights),
+    --max-model-len bounds prompts, --max-waiting 0 refuses everything with 429."""
+    proc, url = start_server(reference_gguf_path, "--threads", "1", "--memory-budget", "190MB", "--max-model-len",
+                             "64", "--max-num-seqs", "4", "--max-waiting", "0")
+    try:
+        assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 64
+        r = httpx.post(url + "/v1/completions", json={"prompt": [5] * 60, "max_tokens": 10})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        r = httpx.post(url + "/v1/completions", json={"prompt": [5] * 10, "max_tokens": 4})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded", r.text
+        m = httpx.get(url + "/metrics").text
+        blocks = metric(m, "tinyvllm:kv_blocks_free") + metric(m, "tinyvllm:kv_blocks_used")
+        weights = sum(t.data.nbytes for t in engine.weights.tensors.values())
+        block_bytes = engine.runner.kv_cache_bytes // engine.blocks.num_blocks
+        assert 16 < blocks and blocks * block_bytes <= 190 * 2**20 - weights, (blocks, block_bytes, weights)
+    finally:
+        stop_server(proc)
+
+
+def test_serve_sigint_aborts_what_outlives_shutdown_grace(reference_gguf_path):
+    """SIGINT with --shutdown-grace 1 while a 3000-token stream runs: the stream is cut (never reaches
+    its length), the server exits 0."""
+    proc, url = start_server(reference_gguf_path, "--threads", "1", "--shutdown-grace", "1")
+    try:
+        body = {"prompt": "Count: 1, 2,", "max_tokens": 3000, "stream": True, **GREEDY}
+        chunks, finishes = 0, []
+        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            try:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks += 1
+                        finishes += [ch.get("finish_reason") for ch in json.loads(line[6:]).get("choices", [])]
+                        if chunks == 1:
+                            proc.send_signal(signal.SIGINT)
+            except httpx.HTTPError:  # the connection cut mid-stream
+                pass
+        assert 0 < chunks < 3000 and "length" not in finishes, (chunks, finishes[-3:])
+        assert proc.wait(timeout=120) == 0
+    finally:
+        stop_server(proc)
