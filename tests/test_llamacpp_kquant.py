@@ -1,4 +1,5 @@
-"""A real mixed-format file, made by llama.cpp's own quantizer, run against llama.cpp itself.
+"""Real mixed-format files run against llama.cpp itself: SmolLM2 requantized by llama.cpp's own quantizer,
+and Google's Gemma 3 270M Q4_K_M as published.
 
 The reference SmolLM2-135M Q4_1 file is requantized to "Q4_K_M" with llama.cpp's
 llama_model_quantize. SmolLM2's rows of 576 values are not a multiple of 256, so llama.cpp falls
@@ -21,6 +22,7 @@ import llama_cpp
 from reference_forward import ReferenceModel
 from test_generate import NEAR_TIE, teacher_forced_check
 from tinyvllm import LLM, SamplingParams
+from tinyvllm.model import resolve_model
 
 
 def quantize(src: Path, dst: Path, ftype: int) -> Path:
@@ -61,22 +63,18 @@ CHATS = ["What is the capital of France?", "Write a short poem about the sea.",
 RAW = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
-def test_greedy_agrees_with_llamacpp_on_q4km(q4km_path):
-    """Our greedy tokens on 4 prompts, checked step by step against llama.cpp given the same prefix.
+def check_against_llamacpp(path, llm, prompts, n=32):
+    """Our greedy tokens for each prompt, checked step by step against the float64 reference and llama.cpp.
 
-    llama.cpp quantizes activations to 8 bits; on SmolLM2 (outlier channels) that moves its logits by
-    tenths, so at near-ties it may prefer another token than an exact forward does. Every step where
-    llama.cpp's argmax differs from our token must be such a step: the float64 reference (exact on the
-    same weights) must put the two tokens closer together than llama.cpp's own logit error there."""
-    llm = LLM(str(q4km_path), threads=2)
-    prompts = [llm._chat_prompt([{"role": "user", "content": c}])["prompt_token_ids"] for c in CHATS]
-    prompts.append(llm.tokenizer.encode(RAW))
-    n = 32
+    llama.cpp quantizes activations to 8 bits; on these models that moves its logits by tenths, so at
+    near-ties it may prefer another token than an exact forward does. Every step where llama.cpp's
+    argmax (given our prefix) differs from our token must be such a step: the float64 reference (exact
+    on the same weights) must put the two tokens closer together than llama.cpp's own logit error there."""
     ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                          SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))]
-    lc = llama_cpp.Llama(model_path=str(q4km_path), n_ctx=512, n_threads=2, n_threads_batch=2, logits_all=True,
+    lc = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, logits_all=True,
                          verbose=False)
-    ref = ReferenceModel.from_gguf(str(q4km_path))
+    ref = ReferenceModel.from_gguf(str(path))
     steps, agree, explained = 0, 0, []
     for p, out in zip(prompts, ours):
         teacher_forced_check(ref, p, out, "tinyvllm")  # ours: the exact forward's argmax at every step
@@ -96,6 +94,28 @@ def test_greedy_agrees_with_llamacpp_on_q4km(q4km_path):
                               "llama.cpp logit error": round(lc_err, 4)})
         # the two engines read this file the same way: their logits agree closely everywhere
         cos = (theirs * exact).sum(1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(exact, axis=1)
-        assert cos.min() > 0.98, cos.min()  # measured 0.989; a misread layer or format gives far less
+        assert cos.min() > 0.98, cos.min()  # measured 0.989 (SmolLM2); a misread layer or format gives far less
     print(f"llama.cpp's argmax equals our token at {agree} of {steps} steps; the others: {explained}")
     assert agree >= 0.9 * steps, explained
+    return ours
+
+
+def test_greedy_agrees_with_llamacpp_on_q4km(q4km_path):
+    """SmolLM2's Q4_K_M requantization: 3 chat prompts and a code prompt."""
+    llm = LLM(str(q4km_path), threads=2)
+    prompts = [llm._chat_prompt([{"role": "user", "content": c}])["prompt_token_ids"] for c in CHATS]
+    prompts.append(llm.tokenizer.encode(RAW))
+    check_against_llamacpp(q4km_path, llm, prompts)
+
+
+@pytest.mark.network
+def test_gemma3_270m_q4km_agrees_with_llamacpp():
+    """Google's Gemma 3 270M as people download it (the gemma3-270m alias): a Q4_K_M mix of Q5_0, Q4_K,
+    Q6_K, Q8_0 and F32, sliding-window layers, a 262,144-token vocabulary, tokenized like llama.cpp."""
+    path = resolve_model("gemma3-270m", progress=False)
+    llm = LLM(str(path), threads=2)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are"]
+    lc = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    prompts = [llm.tokenizer.encode(t) for t in texts]
+    assert prompts == [lc.tokenize(t.encode(), add_bos=True) for t in texts]
+    check_against_llamacpp(path, llm, prompts, n=24)
