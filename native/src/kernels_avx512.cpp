@@ -35,6 +35,31 @@ TV_AVX512 inline __m256i dot8(__m256i wlo, __m256i whi, const int16_t *x) {
     return _mm256_dpwssd_epi32(dot_half(wlo, x), whi, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x + 16)));
 }
 
+// A format read as if it had no high bits (the rest of its traits unchanged).
+template <class F>
+struct NoHigh : F {
+    static constexpr High HIGH = HIGH_NONE;
+};
+
+// unpack<F> with AVX-512BW's mask registers for a 32-bit high-bit mask (Q5_0, Q5_1): the bits
+// select the int16 lanes that get 1 << LOW_BITS added (q = low + high * 16 - OFFSET is linear), two
+// ops instead of the AVX2 path's byte expansion.
+template <class F>
+TV_AVX512 inline W16 unpack512(const uint8_t *blk, int s) {
+    if constexpr (F::HIGH == HIGH_MASK32) {
+        static_assert(!F::HAS_TABLE, "a code book needs the whole index before the lookup");
+        W16 u = unpack<NoHigh<F>>(blk, s);
+        uint32_t bits;
+        std::memcpy(&bits, blk + F::src(s).hi, 4);
+        const __m256i top = _mm256_set1_epi16(1 << F::LOW_BITS);
+        u.lo = _mm256_mask_add_epi16(u.lo, (__mmask16)bits, u.lo, top);
+        u.hi = _mm256_mask_add_epi16(u.hi, (__mmask16)(bits >> 16), u.hi, top);
+        return u;
+    } else {
+        return unpack<F>(blk, s);
+    }
+}
+
 TV_AVX512 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
 // ---- QuantGemm: the tiled matmul --------------------------------------------------------------
@@ -186,7 +211,7 @@ TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1,
     GroupScales<F> gs;
     for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
         const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
-        group_scales<F>(w0 + o, off, voff, gs);
+        if constexpr (F::D_AT < 0) group_scales<F>(w0 + o, off, voff, gs);
         for (int s = 0; s < F::SLICES; s++) {
             const int64_t b = b0 + s;
             // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
@@ -196,7 +221,7 @@ TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1,
                 _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
             __m256i h[NR][4], h2[NR][4];
             for (int p = 0; p < 4; p++) {
-                const W16 a = unpack<F>(w0 + off[2 * p] + o, s), c = unpack<F>(w0 + off[2 * p + 1] + o, s);
+                const W16 a = unpack512<F>(w0 + off[2 * p] + o, s), c = unpack512<F>(w0 + off[2 * p + 1] + o, s);
                 for (int i = 0; i < NR; i++) {
                     const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
                     if constexpr (F::TWO_SCALES) {
@@ -207,14 +232,19 @@ TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1,
                     }
                 }
             }
-            const __m256 d0 = _mm256_load_ps(gs.d[s][0]);
+            __m256 d0, d1, mn;  // the 8 rows' scales of this slice (one gather for fixed f16 fields)
+            if constexpr (F::D_AT >= 0) {
+                d0 = d1 = gather_half<F::D_AT, F::BYTES>(w0 + o, voff, &mn);
+            } else {
+                d0 = _mm256_load_ps(gs.d[s][0]), d1 = _mm256_load_ps(gs.d[s][1]), mn = _mm256_load_ps(gs.m[s]);
+            }
             for (int i = 0; i < NR; i++) {
                 const size_t xb = (size_t)(i * nb + b);
                 const __m256 dx = _mm256_set1_ps(x.d[xb]);
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h[i])), _mm256_mul_ps(d0, dx), acc[i]);
                 if constexpr (F::TWO_SCALES)
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h2[i])), _mm256_mul_ps(_mm256_load_ps(gs.d[s][1]), dx), acc[i]);
-                if constexpr (F::HAS_MIN) acc[i] = _mm256_fmadd_ps(_mm256_load_ps(gs.m[s]), _mm256_set1_ps(x.s[xb]), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h2[i])), _mm256_mul_ps(d1, dx), acc[i]);
+                if constexpr (F::HAS_MIN) acc[i] = _mm256_fmadd_ps(mn, _mm256_set1_ps(x.s[xb]), acc[i]);
             }
         }
     }
@@ -326,7 +356,7 @@ TV_AVX512 void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t
                 for (int c = 0; c < PF_LINES; c++)
                     _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T1);
                 for (int r = 0; r < NW; r++) {
-                    const W16 u = unpack<F>(w0 + off[r] + o, s);
+                    const W16 u = unpack512<F>(w0 + off[r] + o, s);
                     _mm512_store_si512(P.w[(size_t)(b * NW + r)].v, _mm512_inserti64x4(_mm512_castsi256_si512(u.lo), u.hi, 1));
                 }
                 std::memcpy(P.d.data() + b * NW, gs.d[s][0], sizeof(float) * NW);
