@@ -7,6 +7,17 @@ import numpy as np
 import pytest
 
 
+def pytest_report_header(config):
+    """Which native kernel path runs the suite (TINYVLLM_KERNEL forces one; an unusable name must not
+    silently fall back to another path)."""
+    from tinyvllm import _native
+    path = _native.ffi.string(_native.lib.tv_kernel_path()).decode()
+    forced = os.environ.get("TINYVLLM_KERNEL")
+    if forced and forced not in (path, "auto"):
+        raise pytest.UsageError(f"TINYVLLM_KERNEL={forced} asked for, but the kernel path is {path}")
+    return f"tinyvllm native library {_native.LIB_PATH}, kernel path {path}"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "network: needs network access (PyPI); CI has it")
     config.addinivalue_line("markers", "requires_feature(name, covers, modules=(), programs=(), min_python=None): "

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <atomic>
 #include <thread>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "helpers.h"
 #include "kernels.h"
@@ -31,6 +33,22 @@ int64_t fit_k(int32_t dtype, int64_t k) {
 }
 
 }  // namespace
+
+TEST(expected_kernel_paths_available) {
+    // CI names the paths its machine must exercise: a host that silently lacks one (say AVX-512 VNNI)
+    // would otherwise run every test on fewer paths and pass green.
+    const char *env = std::getenv("TINYVLLM_EXPECT_KERNELS");
+    const std::string expected = env ? env : "scalar";
+    std::vector<const char *> have = tv::available_kernels();
+    for (size_t i = 0; i < expected.size();) {
+        const size_t j = std::min(expected.find(',', i), expected.size());
+        const std::string name = expected.substr(i, j - i);
+        bool found = name.empty();
+        for (const char *h : have) found |= name == h;
+        CHECK(found) << "expected kernel path '" << name << "' is not available on this host";
+        i = j + 1;
+    }
+}
 
 TEST(kernel_selection) {
     const char *before = tv_kernel_path();
