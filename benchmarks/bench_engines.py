@@ -52,6 +52,14 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
+    """This process's resident high-water mark. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss over fork + exec, so a child would report its parent's peak when that one is higher."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if sys.platform == "darwin" else kb * 1024
 
@@ -68,6 +76,7 @@ class TinyVLLM:
         self.llm = LLM(str(path), threads=threads, max_num_batched_tokens=1024, max_num_seqs=1,
                        max_model_len=2048, enable_prefix_caching=False)
         self.engine = self.llm.engine
+        self.n_vocab = self.engine.config.vocab_size
         self.info = {"lib": str(_native.LIB_PATH), "kernel_path": _native.ffi.string(_native.lib.tv_kernel_path()).decode(),
                      "version": _native.ffi.string(_native.lib.tv_version()).decode(),
                      "package": str(Path(sys.modules["tinyvllm"].__file__).parent)}
@@ -138,7 +147,7 @@ def child(args) -> dict:
     eng = (TinyVLLM if args.engine == "tinyvllm" else LlamaCpp)(args.model_path, args.threads)
     res = {"engine": eng.name, "load_s": time.perf_counter() - t, "rss_base": rss0, "rss_loaded": rss_now(),
            "info": eng.info, "prefill_s": {}, "decode_s": []}
-    ids = token_ids(args.vocab, max(PREFILL_LENS))
+    ids = token_ids(eng.n_vocab, max(PREFILL_LENS))  # the same ids in both engines: they share the vocabulary
     for n in PREFILL_LENS:
         eng.prefill(ids[:n])  # warm-up: thread pool, pages, workspace
         res["prefill_s"][n] = [eng.prefill(ids[:n]) for _ in range(args.inner)]
@@ -154,10 +163,10 @@ def child(args) -> dict:
 
 
 # ---- the parent ----------------------------------------------------------------------------------
-def run_child(engine, args, model_path, vocab) -> dict:
+def run_child(engine, args, model_path) -> dict:
     cmd = [sys.executable, __file__, "--child", "--engine", engine, "--threads", str(args.threads),
            "--inner", str(args.inner), "--decode-tokens", str(args.decode_tokens),
-           "--model-path", str(model_path), "--vocab", str(vocab)] + (["--installed"] if args.installed else [])
+           "--model-path", str(model_path)] + (["--installed"] if args.installed else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     if r.returncode or not lines:
@@ -186,7 +195,6 @@ def main():
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
-    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     machine.use_source_tree(args.installed)
     if args.child:
@@ -206,7 +214,7 @@ def main():
     for rep in range(args.reps):
         for m in models:
             for e in (engines if rep % 2 == 0 else engines[::-1]):
-                r = run_child(e, args, m, vocab_size(m))
+                r = run_child(e, args, m)
                 runs[m, e].append(r)
                 print(f"  rep {rep} {m.name[:40]:40s} {e:9s} prefill128 {128 / min(r['prefill_s']['128']):7.1f}  "
                       f"prefill512 {512 / min(r['prefill_s']['512']):7.1f}  "
@@ -237,11 +245,6 @@ def resolve(name: str) -> Path:
             sys.exit("llama_model_quantize failed")
         tmp.rename(dst)
     return dst
-
-
-def vocab_size(path: Path) -> int:
-    from gguf import GGUFReader
-    return len(GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].data)
 
 
 def summarize(model_path: Path, engines, runs, bw) -> dict:

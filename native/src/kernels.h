@@ -71,9 +71,12 @@ struct QuantGemm {
                 int64_t nb, float *y, int64_t ldy);
 };
 
-// A table named `name` with the scalar rows[] for every format and nothing else set: a path starts
-// from it and overrides what it has kernels of its own for (safe during static initialization).
-Kernels kernels_with_scalar_rows(const char *name);
+// A table named `name` with the scalar rows[] for every format and the given per-path kernels: a path
+// starts from it and overrides the rows (or sets a gemm) it has of its own (safe during static
+// initialization).
+Kernels make_kernels(const char *name, decltype(Kernels::dot_f32) dot_f32, decltype(Kernels::dot_f16) dot_f16,
+                     decltype(Kernels::attn_block) attn_block, decltype(Kernels::quantize_act) quantize_act,
+                     decltype(Kernels::silu_mul) silu_mul);
 
 // The active table (first call picks: env var, else the best the CPU supports).
 const Kernels &kernels();

@@ -181,16 +181,11 @@ TV_AVX2 void silu_mul(float *g, const float *u, int64_t n) {
 }
 
 Kernels make_table() {
-    Kernels k = kernels_with_scalar_rows("avx2");
+    Kernels k = make_kernels("avx2", dot_f32, dot_f16, attn_block, quantize_act, silu_mul);
 #define TV_ROWS(F) \
     if (!F::TWO_MINS) k.rows[F::DTYPE] = rows<F>;  // per-half mins (Q2_K) keep the scalar rows
     TV_QUANT_FORMATS(TV_ROWS)
 #undef TV_ROWS
-    k.dot_f32 = dot_f32;
-    k.dot_f16 = dot_f16;
-    k.attn_block = attn_block;
-    k.quantize_act = quantize_act;
-    k.silu_mul = silu_mul;
     return k;
 }
 const Kernels table = make_table();

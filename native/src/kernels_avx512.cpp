@@ -581,13 +581,8 @@ TV_AVX512 void silu_mul(float *g, const float *u, int64_t n) {
 
 const QuantGemm gemm = {NW, prepare, gemm_run};
 Kernels make_table() {
-    Kernels k = kernels_with_scalar_rows("avx512vnni");
+    Kernels k = make_kernels("avx512vnni", dot_f32, dot_f16, attn_block, quantize_act, silu_mul);
     k.gemm = &gemm;  // every format but per-half mins; those keep the scalar rows
-    k.dot_f32 = dot_f32;
-    k.dot_f16 = dot_f16;
-    k.attn_block = attn_block;
-    k.quantize_act = quantize_act;
-    k.silu_mul = silu_mul;
     return k;
 }
 const Kernels table = make_table();

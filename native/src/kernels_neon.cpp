@@ -383,15 +383,10 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 }
 TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row)
 Kernels make_neon_table() {
-    Kernels k = kernels_with_scalar_rows("neon");
+    Kernels k = make_kernels("neon", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu);
 #define TV_SET_ROWS(F) k.rows[F::DTYPE] = rows_NeonDot<F>;
     TV_QUANT_FORMATS(TV_SET_ROWS)
 #undef TV_SET_ROWS
-    k.dot_f32 = dot_f32;
-    k.dot_f16 = dot_f16;
-    k.attn_block = attn_block;
-    k.quantize_act = quantize_row_act;
-    k.silu_mul = swiglu;
     return k;
 }
 const Kernels neon_table = make_neon_table();

@@ -81,26 +81,24 @@ struct RowsTable {
     }
 };
 
-Kernels make_table() {
-    Kernels k = kernels_with_scalar_rows("scalar");
-    k.dot_f32 = dot_f32;
-    k.dot_f16 = dot_f16;
-    k.attn_block = attn_block;
-    k.quantize_act = quantize_row_act;
-    k.silu_mul = swiglu;
-    return k;
-}
 
 }  // namespace
 
-Kernels kernels_with_scalar_rows(const char *name) {
+Kernels make_kernels(const char *name, decltype(Kernels::dot_f32) dot_f32_, decltype(Kernels::dot_f16) dot_f16_,
+                     decltype(Kernels::attn_block) attn_block_, decltype(Kernels::quantize_act) quantize_act,
+                     decltype(Kernels::silu_mul) silu_mul) {
     static const RowsTable t;  // function-local: other paths build their tables during static initialization
     Kernels k{};
     k.name = name;
     std::memcpy(k.rows, t.fn, sizeof k.rows);
+    k.dot_f32 = dot_f32_;
+    k.dot_f16 = dot_f16_;
+    k.attn_block = attn_block_;
+    k.quantize_act = quantize_act;
+    k.silu_mul = silu_mul;
     return k;
 }
 
-const Kernels kernels_scalar = make_table();
+const Kernels kernels_scalar = make_kernels("scalar", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu);
 
 }  // namespace tv
