@@ -35,25 +35,34 @@ TV_AVX512 inline __m256i dot8(__m256i wlo, __m256i whi, const int16_t *x) {
     return _mm256_dpwssd_epi32(dot_half(wlo, x), whi, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x + 16)));
 }
 
-// A format read as if it had no high bits (the rest of its traits unchanged).
+// A format read as if it had no high bits and no offset (the rest of its traits unchanged).
 template <class F>
-struct NoHigh : F {
+struct LowBitsOnly : F {
     static constexpr High HIGH = HIGH_NONE;
+    static constexpr int OFFSET = 0;
 };
 
-// unpack<F> with AVX-512BW's mask registers for a 32-bit high-bit mask (Q5_0, Q5_1): the bits
-// select the int16 lanes that get 1 << LOW_BITS added (q = low + high * 16 - OFFSET is linear), two
-// ops instead of the AVX2 path's byte expansion.
+// unpack<F> with AVX-512BW's mask registers for a 32-bit high-bit mask (Q5_0, Q5_1): q = low +
+// top * h - OFFSET is linear, so the bits select int16 lanes: Q5_1 (no offset) adds top where h = 1,
+// Q5_0 (OFFSET == top) subtracts it where h = 0. One masked op per half instead of the AVX2 path's
+// byte expansion and offset.
 template <class F>
 TV_AVX512 inline W16 unpack512(const uint8_t *blk, int s) {
     if constexpr (F::HIGH == HIGH_MASK32) {
-        static_assert(!F::HAS_TABLE, "a code book needs the whole index before the lookup");
-        W16 u = unpack<NoHigh<F>>(blk, s);
+        constexpr int top = 1 << F::LOW_BITS;
+        static_assert(!F::HAS_TABLE && (F::OFFSET == 0 || F::OFFSET == top), "a shape this function knows");
+        W16 u = unpack<LowBitsOnly<F>>(blk, s);
         uint32_t bits;
         std::memcpy(&bits, blk + F::src(s).hi, 4);
-        const __m256i top = _mm256_set1_epi16(1 << F::LOW_BITS);
-        u.lo = _mm256_mask_add_epi16(u.lo, (__mmask16)bits, u.lo, top);
-        u.hi = _mm256_mask_add_epi16(u.hi, (__mmask16)(bits >> 16), u.hi, top);
+        if (F::OFFSET) bits = ~bits;
+        const __m256i t = _mm256_set1_epi16(top);
+        if constexpr (F::OFFSET == 0) {
+            u.lo = _mm256_mask_add_epi16(u.lo, (__mmask16)bits, u.lo, t);
+            u.hi = _mm256_mask_add_epi16(u.hi, (__mmask16)(bits >> 16), u.hi, t);
+        } else {
+            u.lo = _mm256_mask_sub_epi16(u.lo, (__mmask16)bits, u.lo, t);
+            u.hi = _mm256_mask_sub_epi16(u.hi, (__mmask16)(bits >> 16), u.hi, t);
+        }
         return u;
     } else {
         return unpack<F>(blk, s);
