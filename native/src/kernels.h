@@ -39,6 +39,8 @@ struct Kernels {
     // to float accuracy (a path may use its own exp).
     void (*quantize_act)(const float *x, ActBlock *out, int64_t cols);
     void (*silu_mul)(float *g, const float *u, int64_t n);
+    // g = gelu(g) * u, GELU's tanh approximation (Gemma), to float accuracy.
+    void (*gelu_mul)(float *g, const float *u, int64_t n);
 };
 
 // e^x = 2^n * (1 + r + r^2 * P(r)), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for
@@ -76,7 +78,7 @@ struct QuantGemm {
 // initialization).
 Kernels make_kernels(const char *name, decltype(Kernels::dot_f32) dot_f32, decltype(Kernels::dot_f16) dot_f16,
                      decltype(Kernels::attn_block) attn_block, decltype(Kernels::quantize_act) quantize_act,
-                     decltype(Kernels::silu_mul) silu_mul);
+                     decltype(Kernels::silu_mul) silu_mul, decltype(Kernels::gelu_mul) gelu_mul);
 
 // The active table (first call picks: env var, else the best the CPU supports).
 const Kernels &kernels();

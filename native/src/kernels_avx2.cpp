@@ -180,8 +180,22 @@ TV_AVX2 void silu_mul(float *g, const float *u, int64_t n) {
     swiglu(g + i, u + i, n - i);
 }
 
+// gelu(x) * u = x * u / (1 + exp(-2y)), y = sqrt(2/pi) (x + 0.044715 x^3): 0.5 (1 + tanh(y)) is
+// the logistic function of 2y, so one exp256 serves (a few ulp from libm's tanh form).
+TV_AVX2 void gelu_mul(float *g, const float *u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), c = _mm256_set1_ps(-2.0f * 0.7978845608028654f),
+                 c3 = _mm256_set1_ps(0.044715f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x)));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    gelu_tanh_mul(g + i, u + i, n - i);
+}
+
 Kernels make_table() {
-    Kernels k = make_kernels("avx2", dot_f32, dot_f16, attn_block, quantize_act, silu_mul);
+    Kernels k = make_kernels("avx2", dot_f32, dot_f16, attn_block, quantize_act, silu_mul, gelu_mul);
 #define TV_ROWS(F) \
     if (!F::TWO_MINS) k.rows[F::DTYPE] = rows<F>;  // per-half mins (Q2_K) keep the scalar rows
     TV_QUANT_FORMATS(TV_ROWS)

@@ -588,9 +588,22 @@ TV_AVX512 void silu_mul(float *g, const float *u, int64_t n) {
     }
 }
 
+// gelu(x) * u = x * u / (1 + exp(-2y)), y = sqrt(2/pi) (x + 0.044715 x^3): 0.5 (1 + tanh(y)) is
+// the logistic function of 2y, so one exp512 serves (a few ulp from libm's tanh form).
+TV_AVX512 void gelu_mul(float *g, const float *u, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), c = _mm512_set1_ps(-2.0f * 0.7978845608028654f),
+                 c3 = _mm512_set1_ps(0.044715f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = tail_mask(n - i);
+        const __m512 x = _mm512_maskz_loadu_ps(k, g + i);
+        const __m512 e = exp512(_mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(c3, x), _mm512_mul_ps(x, x), x)));
+        _mm512_mask_storeu_ps(g + i, k, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(k, u + i)));
+    }
+}
+
 const QuantGemm gemm = {NW, prepare, gemm_run};
 Kernels make_table() {
-    Kernels k = make_kernels("avx512vnni", dot_f32, dot_f16, attn_block, quantize_act, silu_mul);
+    Kernels k = make_kernels("avx512vnni", dot_f32, dot_f16, attn_block, quantize_act, silu_mul, gelu_mul);
     k.gemm = &gemm;  // every format but per-half mins; those keep the scalar rows
     return k;
 }

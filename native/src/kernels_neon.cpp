@@ -383,7 +383,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 }
 TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row)
 Kernels make_neon_table() {
-    Kernels k = make_kernels("neon", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu);
+    Kernels k = make_kernels("neon", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
 #define TV_SET_ROWS(F) k.rows[F::DTYPE] = rows_NeonDot<F>;
     TV_QUANT_FORMATS(TV_SET_ROWS)
 #undef TV_SET_ROWS

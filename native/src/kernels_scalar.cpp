@@ -86,7 +86,7 @@ struct RowsTable {
 
 Kernels make_kernels(const char *name, decltype(Kernels::dot_f32) dot_f32_, decltype(Kernels::dot_f16) dot_f16_,
                      decltype(Kernels::attn_block) attn_block_, decltype(Kernels::quantize_act) quantize_act,
-                     decltype(Kernels::silu_mul) silu_mul) {
+                     decltype(Kernels::silu_mul) silu_mul, decltype(Kernels::gelu_mul) gelu_mul) {
     static const RowsTable t;  // function-local: other paths build their tables during static initialization
     Kernels k{};
     k.name = name;
@@ -96,9 +96,10 @@ Kernels make_kernels(const char *name, decltype(Kernels::dot_f32) dot_f32_, decl
     k.attn_block = attn_block_;
     k.quantize_act = quantize_act;
     k.silu_mul = silu_mul;
+    k.gelu_mul = gelu_mul;
     return k;
 }
 
-const Kernels kernels_scalar = make_kernels("scalar", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu);
+const Kernels kernels_scalar = make_kernels("scalar", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
 
 }  // namespace tv

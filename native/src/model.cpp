@@ -304,7 +304,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     const bool qF = F % QK == 0;
     per_token(pool, T, [&](int t) {
         if (p_.ffn_act == 0) K.silu_mul(g + (size_t)t * F, u + (size_t)t * F, F);
-        else gelu_tanh_mul(g + (size_t)t * F, u + (size_t)t * F, F);
+        else K.gelu_mul(g + (size_t)t * F, u + (size_t)t * F, F);
         if (qF) K.quantize_act(g + (size_t)t * F, xq + (size_t)t * (F / QK), F);
     });
     matmul(L.down, g, qF ? xq : nullptr, T, tmp, pool);

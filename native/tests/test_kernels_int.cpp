@@ -150,6 +150,8 @@ TEST(quantize_act_and_silu_mul_every_path_vs_scalar) {
     tv::quantize_row_act(x.data(), ref.data(), cols);
     std::vector<float> g = random_vec(1003, -90, 90), u = random_vec(1003), gref = g;
     tv::swiglu(gref.data(), u.data(), (int64_t)g.size());
+    std::vector<float> gelu_ref = g;
+    tv::gelu_tanh_mul(gelu_ref.data(), u.data(), (int64_t)g.size());
     const char *restore = tv_kernel_path();
     for (const char *path : tv::available_kernels()) {
         CHECK(tv::select_kernels(path));
@@ -165,6 +167,10 @@ TEST(quantize_act_and_silu_mul_every_path_vs_scalar) {
         tv::kernels().silu_mul(gp.data(), u.data(), (int64_t)gp.size());
         for (size_t i = 0; i < g.size(); i++)
             CHECK_NEAR(gp[i], gref[i], 1e-6 * (1 + std::fabs(gref[i]))) << path << " silu_mul at " << g[i];
+        std::vector<float> gg = g;
+        tv::kernels().gelu_mul(gg.data(), u.data(), (int64_t)gg.size());
+        for (size_t i = 0; i < g.size(); i++)
+            CHECK_NEAR(gg[i], gelu_ref[i], 2e-6 * (1 + std::fabs(gelu_ref[i]))) << path << " gelu_mul at " << g[i];
     }
     tv::select_kernels(restore);
 }
