@@ -122,7 +122,6 @@ TV_AVX2 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd
         std::memcpy(dst, src, sizeof(float) * hd);
     }
 }
-TV_DEFINE_ATTN_BLOCK(TV_AVX2, attn_block, conv_row)
 
 // quantize_row_act 8 lanes at a time, bit for bit (the reasoning is at kernels_avx512.cpp's copy).
 TV_AVX2 void quantize_act(const float *x, ActBlock *out, int64_t cols) {
@@ -168,6 +167,15 @@ TV_AVX2 inline __m256 exp256(__m256 x) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
+
+// exp256 over a row of scores (attention), libm for the last n % 8: the same for a query however it
+// is batched, since n is its own number of visible keys in the block.
+TV_AVX2 void exp_in_place(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp256(_mm256_loadu_ps(x + i)));
+    exp_in_place_libm(x + i, n - i);
+}
+TV_DEFINE_ATTN_BLOCK(TV_AVX2, attn_block, conv_row, exp_in_place)
 
 TV_AVX2 void silu_mul(float *g, const float *u, int64_t n) {
     const __m256 one = _mm256_set1_ps(1.0f);

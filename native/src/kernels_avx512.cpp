@@ -448,6 +448,14 @@ TV_AVX512 inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+// exp512 over a row of scores (the generic attention path: head sizes other than 64).
+TV_AVX512 void exp_in_place(float *x, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = tail_mask(n - i);
+        _mm512_mask_storeu_ps(x + i, k, exp512(_mm512_maskz_loadu_ps(k, x + i)));
+    }
+}
+
 TV_AVX512 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {
     for (int i = 0; i < hd; i += 16) {
         const __mmask16 k = tail_mask(hd - i);
@@ -459,7 +467,7 @@ TV_AVX512 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {
 TV_AVX512 void attn_block(const float *q, int R, int hd, const int *n_valid, const uint8_t *k, const uint8_t *v,
                           size_t ld, bool f16, int bs, float scale, float *m, float *l, float *acc, float *work) {
     if (hd != 64 || bs > 16 || ld > (1u << 24))
-        return attn_block_rows(conv_row, q, R, hd, n_valid, k, v, ld, f16, bs, scale, m, l, acc, work);
+        return attn_block_rows(conv_row, exp_in_place, q, R, hd, n_valid, k, v, ld, f16, bs, scale, m, l, acc, work);
     int nmax = 0;
     for (int r = 0; r < R; r++) nmax = std::max(nmax, n_valid[r]);
     if (nmax <= 0) return;

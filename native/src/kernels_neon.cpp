@@ -381,7 +381,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
         std::memcpy(dst, src, sizeof(float) * hd);
     }
 }
-TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row)
+TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row, exp_in_place_libm)
 Kernels make_neon_table() {
     Kernels k = make_kernels("neon", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
 #define TV_SET_ROWS(F) k.rows[F::DTYPE] = rows_NeonDot<F>;

@@ -70,7 +70,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
     else
         std::memcpy(dst, src, sizeof(float) * hd);
 }
-TV_DEFINE_ATTN_BLOCK(, attn_block, conv_row)
+TV_DEFINE_ATTN_BLOCK(, attn_block, conv_row, exp_in_place_libm)
 
 struct RowsTable {
     RowsFn fn[DTYPE_SLOTS] = {};
