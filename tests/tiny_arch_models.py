@@ -166,15 +166,7 @@ def write_gguf(path, arch: str, qtype: str = "Q8_0", *, seed: int = 0, tie: bool
         w.add_sliding_window(spec.window)
         w.add_sliding_window_pattern(spec.pattern)
         w.add_rope_freq_base_swa(spec.theta_swa)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(tm.CHATML_TEMPLATE)
+    tm.add_bpe_tokenizer(w, tokens, types, merges)
 
     for hf, a in arch_weights(spec, vocab, seed=seed, tie=tie).items():
         name = gguf_name(hf, arch)

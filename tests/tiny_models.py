@@ -245,6 +245,19 @@ def make_tiny_hf_dir(path, *, tokenizer: str = "json", dtype: str = "float32", a
 
 # ----------------------------------------------------------------------------- GGUF file
 
+def add_bpe_tokenizer(w, tokens, types, merges) -> None:
+    """The tiny byte-level BPE vocabulary as GGUF tokenizer metadata (SmolLM2's conventions: ChatML)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+
 def make_tiny_gguf(path, *, qtype: str = "Q8_0", seed: int = 0, tie: bool = True) -> str:
     """Write a tiny llama GGUF (gpt2/smollm-style BPE tokenizer metadata, ChatML template). Same
     weights as make_tiny_hf_dir(tokenizer="json", seed=seed, tie=tie), Q/K permuted for interleaved
@@ -271,15 +284,7 @@ def make_tiny_gguf(path, *, qtype: str = "Q8_0", seed: int = 0, tie: bool = True
     w.add_layer_norm_rms_eps(EPS)
     w.add_vocab_size(vocab)
     w.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[qtype])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    add_bpe_tokenizer(w, tokens, types, merges)
 
     W = tiny_weights(vocab, seed=seed, arch="llama", tie=tie)
 
