@@ -117,7 +117,7 @@ def markdown(d) -> str:
         ("**Smoke test (--quick), not a measurement.**\n\n" if d["quick"] else "") + machine.busy_warning(d["other_cpu_share"]) +
         f"{m['date']} · {m['cpu'].get('model')} · git {m['git_commit']} · {d['rows']} x {d['cols']} weights, random "
         f"valid blocks · median (min-max) of {d['reps']} repetitions · other processes' CPU share "
-        ("?" if d["other_cpu_share"] is None else f"{d['other_cpu_share']:.0%}"), "",
+        + ("?" if d["other_cpu_share"] is None else f"{d['other_cpu_share']:.0%}"), "",
         "Decode (m = 1) GB/s of weight bytes, streamed from DRAM (what a decode step sees) and hot in cache (the "
         "kernel's own cost: ns per weight); m = 64 GOP/s (2 ops per multiply-add, 2 threads, hot).", "",
         machine.md_table(["format", "path", "bits / weight", "decode stream 1 thread, GB/s",

@@ -214,19 +214,26 @@ template <class F>
 inline void unpack_slice(const uint8_t *blk, int s, int8_t q[32]) {
     const SliceSrc src = F::src(s);
     const uint8_t *lo = blk + src.lo, *hi = blk + src.hi;
-    uint32_t mask = 0;
-    if (F::HIGH == HIGH_MASK32) mask = (uint32_t)hi[0] | (uint32_t)hi[1] << 8 | (uint32_t)hi[2] << 16 | (uint32_t)hi[3] << 24;
-    for (int j = 0; j < 32; j++) {
-        int v;
-        if (F::LOW == LOW_NIB16) v = j < 16 ? lo[j] & 15 : lo[j - 16] >> 4;
-        else if (F::LOW == LOW_NIB32) v = (lo[j] >> src.lo_shift) & 15;
-        else if (F::LOW == LOW_BIT2) v = (lo[j] >> src.lo_shift) & 3;
-        else v = (int8_t)lo[j];
-        if (F::HIGH == HIGH_MASK32) v |= (int)((mask >> j) & 1) << F::LOW_BITS;
-        if (F::HIGH == HIGH_BYTES) v |= ((hi[j] >> src.hi_shift) & F::HIGH_MASK) << F::LOW_BITS;
-        if constexpr (F::HAS_TABLE) q[j] = F::TABLE[v];
-        else q[j] = (int8_t)(v - F::OFFSET);
+    uint8_t v[32];  // one simple loop per step: each vectorizes
+    if constexpr (F::LOW == LOW_NIB16) {
+        for (int j = 0; j < 16; j++) v[j] = lo[j] & 15;
+        for (int j = 0; j < 16; j++) v[j + 16] = lo[j] >> 4;
+    } else if constexpr (F::LOW == LOW_NIB32 || F::LOW == LOW_BIT2) {
+        const int mask = F::LOW == LOW_NIB32 ? 15 : 3;
+        for (int j = 0; j < 32; j++) v[j] = (uint8_t)((lo[j] >> src.lo_shift) & mask);
+    } else {
+        for (int j = 0; j < 32; j++) v[j] = lo[j];
     }
+    if constexpr (F::HIGH == HIGH_MASK32) {
+        const uint32_t m = (uint32_t)hi[0] | (uint32_t)hi[1] << 8 | (uint32_t)hi[2] << 16 | (uint32_t)hi[3] << 24;
+        for (int j = 0; j < 32; j++) v[j] |= (uint8_t)(((m >> j) & 1) << F::LOW_BITS);
+    } else if constexpr (F::HIGH == HIGH_BYTES) {
+        for (int j = 0; j < 32; j++) v[j] |= (uint8_t)(((hi[j] >> src.hi_shift) & F::HIGH_MASK) << F::LOW_BITS);
+    }
+    if constexpr (F::HAS_TABLE)
+        for (int j = 0; j < 32; j++) q[j] = F::TABLE[v[j]];
+    else
+        for (int j = 0; j < 32; j++) q[j] = (int8_t)(v[j] - F::OFFSET);
 }
 
 }  // namespace tv

@@ -20,12 +20,25 @@ float dot_row(const uint8_t *w, const ActBlock *x, int64_t nb) {
         F::scales(w, sc);
         for (int s = 0; s < F::SLICES; s++) {
             const ActBlock &xb = x[b + s];
-            unpack_slice<F>(w, s, q);
-            int lo = 0, hi = 0;  // two simple loops vectorize well
-            for (int j = 0; j < 16; j++) lo += q[j] * xb.qs[j];
-            for (int j = 16; j < QK; j++) hi += q[j] * xb.qs[j];
+            // the slice's integer dot (per 16-value half when the halves have their own scales);
+            // simple loops into one accumulator vectorize well
+            int lo = 0, hi = 0;
+            int &h1 = F::TWO_SCALES ? hi : lo;
+            const SliceSrc src = F::src(s);
+            if constexpr (F::HIGH == HIGH_NONE && !F::HAS_TABLE && F::LOW == LOW_NIB16) {
+                const uint8_t *qs = w + src.lo;  // straight from the bytes: no unpacked copy
+                for (int j = 0; j < 16; j++) lo += ((qs[j] & 15) - F::OFFSET) * xb.qs[j];
+                for (int j = 0; j < 16; j++) h1 += ((qs[j] >> 4) - F::OFFSET) * xb.qs[j + 16];
+            } else if constexpr (F::HIGH == HIGH_NONE && !F::HAS_TABLE && F::LOW == LOW_I8 && !F::TWO_SCALES) {
+                const int8_t *qs = reinterpret_cast<const int8_t *>(w + src.lo);
+                for (int j = 0; j < QK; j++) lo += qs[j] * xb.qs[j];
+            } else {
+                unpack_slice<F>(w, s, q);
+                for (int j = 0; j < 16; j++) lo += q[j] * xb.qs[j];
+                for (int j = 16; j < QK; j++) h1 += q[j] * xb.qs[j];
+            }
             if (F::TWO_SCALES) acc += sc.d[s][0] * xb.d * (float)lo + sc.d[s][1] * xb.d * (float)hi;
-            else acc += sc.d[s][0] * xb.d * (float)(lo + hi);
+            else acc += sc.d[s][0] * xb.d * (float)lo;
             if (F::TWO_MINS) {  // sum_j m_h * x_j per half: m_h * d_x * sum(q_x)
                 int slo = 0, shi = 0;
                 for (int j = 0; j < 16; j++) slo += xb.qs[j], shi += xb.qs[j + 16];
