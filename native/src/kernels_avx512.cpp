@@ -261,6 +261,40 @@ TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1,
     for (int i = 0; i < NR; i++) store_lanes(acc[i], y + i * ldy + g0, 1, nw);
 }
 
+// Decode, one weight row at a time (one memory stream): each slice's exact integer dot reduced to a
+// scalar, then the same fma sequence as every other path (so the same bits). Q8_0's slices are so
+// cheap to unpack that gemv8's 8 interleaved streams cost more than they save (14 vs 17-21 GB/s
+// streamed, 2 threads); for every other format gemv8 is faster (measured: row decode 10-45% slower).
+TV_AVX512 inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+template <class F, int NR>
+TV_AVX512 void gemv_row(const uint8_t *w, const Prep &x, int64_t nb, float *y, int64_t ldy) {
+    float acc[NR] = {};
+    BlockScales<F::SLICES> sc{};
+    for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES, w += F::BYTES) {
+        block_scales<F>(w, sc);
+        for (int s = 0; s < F::SLICES; s++) {
+            const W16 u = unpack512<F>(w, s);
+            for (int i = 0; i < NR; i++) {
+                const size_t xb = (size_t)(i * nb + b0 + s);
+                const int16_t *xq = x.qs[xb].v;
+                if constexpr (F::TWO_SCALES) {
+                    acc[i] = std::fma((float)hsum_i32(dot_half(u.lo, xq)), sc.d[s][0] * x.d[xb], acc[i]);
+                    acc[i] = std::fma((float)hsum_i32(dot_half(u.hi, xq + 16)), sc.d[s][1] * x.d[xb], acc[i]);
+                } else {
+                    acc[i] = std::fma((float)hsum_i32(dot8(u.lo, u.hi, xq)), sc.d[s][0] * x.d[xb], acc[i]);
+                }
+                if constexpr (F::HAS_MIN) acc[i] = std::fma(sc.m[s][0], x.s[xb], acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < NR; i++) y[i * ldy] = acc[i];
+}
+
 // A panel: NW weight rows as int16 pairs [nb][NW][16] plus their scales [nb][NW].
 struct Panel {
     std::vector<Blk16> w;  // one Blk16 = one slice's 16 pair dwords
@@ -339,6 +373,16 @@ TV_AVX512 void micro(const Panel &P, const Prep &x, int64_t t, int64_t nb, int n
 template <class F>
 TV_AVX512 void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const Prep &x, int64_t m,
                          int64_t nb, float *y, int64_t ldy) {
+    if constexpr (F::LOW == LOW_I8) {  // see gemv_row; every other format streams faster in gemv8
+        if (m < GEMM_MIN) {
+            for (int64_t r = r0; r < r1; r++) switch (m) {
+                    case 1: gemv_row<F, 1>(w + (size_t)r * row_bytes, x, nb, y + r, ldy); break;
+                    case 2: gemv_row<F, 2>(w + (size_t)r * row_bytes, x, nb, y + r, ldy); break;
+                    default: gemv_row<F, 3>(w + (size_t)r * row_bytes, x, nb, y + r, ldy); break;
+                }
+            return;
+        }
+    }
     if (m < GEMM_MIN) {
         for (int64_t g0 = r0; g0 < r1; g0 += NW) switch (m) {
                 case 1: gemv8<F, 1>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
