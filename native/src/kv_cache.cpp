@@ -4,11 +4,40 @@
 #include <cstring>
 #include <new>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 #include "fp16.h"
 #include "tinyvllm.h"
 
 namespace tv {
+
+namespace {
+
+// fp32 -> fp16 for n values, round to nearest even: F16C where the CPU has it (the same bits as
+// fp32_to_fp16, which a 512-token prefill spent 2% in), else the portable conversion.
+void to_fp16_portable(const float *x, uint16_t *out, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = fp32_to_fp16(x[i]);
+}
+#if defined(__x86_64__)
+__attribute__((target("avx,f16c"))) void to_fp16_f16c(const float *x, uint16_t *out, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    to_fp16_portable(x + i, out + i, n - i);
+}
+#endif
+void to_fp16(const float *x, uint16_t *out, size_t n) {
+#if defined(__x86_64__)
+    static const bool f16c = (__builtin_cpu_init(), __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx"));
+    if (f16c) return to_fp16_f16c(x, out, n);
+#endif
+    to_fp16_portable(x, out, n);
+}
+
+}  // namespace
 
 KvCache::KvCache(int n_layer_, int n_head_kv_, int head_dim_, int n_blocks_, int block_size_, int dtype_)
     : n_layer(n_layer_), n_head_kv(n_head_kv_), head_dim(head_dim_), n_blocks(n_blocks_),
@@ -41,9 +70,13 @@ void KvCache::write(int layer, int block, int slot, const float *k, const float 
         std::memcpy(v_ + off, v, n * 4);
     } else {
         uint16_t *kd = reinterpret_cast<uint16_t *>(k_ + kb), *vd = reinterpret_cast<uint16_t *>(v_ + off);
-        for (size_t i = 0; i < n; i++) {
-            kd[i * block_size + slot] = fp32_to_fp16(k[i]);
-            vd[i] = fp32_to_fp16(v[i]);
+        to_fp16(v, vd, n);
+        constexpr size_t CHUNK = 256;
+        uint16_t tmp[CHUNK];  // K goes to a strided column: convert contiguously, then scatter
+        for (size_t i0 = 0; i0 < n; i0 += CHUNK) {
+            const size_t c = n - i0 < CHUNK ? n - i0 : CHUNK;
+            to_fp16(k + i0, tmp, c);
+            for (size_t i = 0; i < c; i++) kd[(i0 + i) * block_size + slot] = tmp[i];
         }
     }
 }
