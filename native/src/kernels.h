@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "quant.h"
+#include "threadpool.h"
 
 namespace tv {
 
@@ -61,14 +62,15 @@ const Kernels *kernels_neon_table();
 const Kernels *kernels_neon_dotprod_table();
 
 // A whole-matmul kernel for quantized weights, for paths that tile past MAX_NX rows (unpack a
-// weight row once, reuse it for every activation row). prepare() runs once per matmul on the
-// calling thread (its result lives until that thread's next prepare); run() computes
+// weight row once, reuse it for every activation row). prepare() runs once per matmul from the
+// calling thread, which owns its result until its next prepare (pool threads may help fill it);
+// run() computes
 // y[i * ldy + r] for rows r in [r0, r1) and all m activation rows, from any pool thread, and
 // returns false (touching nothing) for a dtype it does not handle (the driver then uses rows[]).
 // Its kernels run ROWS weight rows at a time: the driver's chunks are multiples of it.
 struct QuantGemm {
     int rows_per_group;
-    const void *(*prepare)(const ActBlock *x, int64_t m, int64_t nb);
+    const void *(*prepare)(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool);
     bool (*run)(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const void *prep, int64_t m,
                 int64_t nb, float *y, int64_t ldy);
 };

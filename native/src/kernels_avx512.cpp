@@ -102,8 +102,29 @@ struct Prep {
     std::vector<float> xd, xs;   // [tile][nb][tw]
 };
 
-TV_AVX512 const void *prepare(const ActBlock *x, int64_t m, int64_t nb) {
-    thread_local Prep p;  // the calling thread's; workers only read it during the matmul
+// One tile of the panel path's activation layout (rows [t * tw, t * tw + tw), zero-padded).
+TV_AVX512 void prepare_tile(Prep &p, const ActBlock *x, int64_t m, int64_t nb, int64_t t) {
+    const int64_t tw = p.tw;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t *xt = p.xt.data() + ((t * nb + b) * 16) * tw;
+        float *xd = p.xd.data() + (t * nb + b) * tw, *xs = p.xs.data() + (t * nb + b) * tw;
+        for (int i = 0; i < tw; i++) {
+            const int64_t row = t * tw + i;
+            int32_t pairs[16] = {};  // the activations' int16 pairs, in memory order
+            if (row < m) {
+                const ActBlock &a = x[row * nb + b];
+                std::memcpy(pairs, a.qs, sizeof pairs);
+                xd[i] = a.d, xs[i] = a.s;
+            } else {
+                xd[i] = xs[i] = 0.0f;
+            }
+            for (int j = 0; j < 16; j++) xt[j * tw + i] = pairs[j];
+        }
+    }
+}
+
+TV_AVX512 const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool) {
+    thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
     const size_t n = (size_t)(m * nb);
     if (m < GEMM_MIN) {
         if (p.qs.size() < n) p.qs.resize(n), p.d.resize(n), p.s.resize(n);
@@ -117,23 +138,11 @@ TV_AVX512 const void *prepare(const ActBlock *x, int64_t m, int64_t nb) {
     const int64_t tw = p.tw = m <= 8 ? 8 : 16, tiles = (m + tw - 1) / tw;
     if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
     if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
-    for (int64_t t = 0; t < tiles; t++)
-        for (int64_t b = 0; b < nb; b++) {
-            int32_t *xt = p.xt.data() + ((t * nb + b) * 16) * tw;
-            float *xd = p.xd.data() + (t * nb + b) * tw, *xs = p.xs.data() + (t * nb + b) * tw;
-            for (int i = 0; i < tw; i++) {
-                const int64_t row = t * tw + i;
-                int32_t pairs[16] = {};  // the activations' int16 pairs, in memory order
-                if (row < m) {
-                    const ActBlock &a = x[row * nb + b];
-                    std::memcpy(pairs, a.qs, sizeof pairs);
-                    xd[i] = a.d, xs[i] = a.s;
-                } else {
-                    xd[i] = xs[i] = 0.0f;
-                }
-                for (int j = 0; j < 16; j++) xt[j * tw + i] = pairs[j];
-            }
-        }
+    // tiles are disjoint: a prefill's prep (2% of it) runs on every thread instead of one
+    // (through a pointer: inside the lambda `p` would name each worker's own thread_local)
+    Prep *mine = &p;
+    if (tiles > 1) pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
+    else prepare_tile(p, x, m, nb, 0);
     return &p;
 }
 

@@ -71,7 +71,7 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
     }
     count = std::min(count, MAXW);
     const QuantGemm *G = quant ? K.gemm : nullptr;
-    const void *prep = G ? G->prepare(xq, m, k / QK) : nullptr;
+    const void *prep = G ? G->prepare(xq, m, k / QK, pool) : nullptr;
     pool.run(first[count], [&](int64_t t, int) {
         int j = 0;
         while (t >= first[j + 1]) j++;
