@@ -124,12 +124,12 @@ def child_tinyvllm(args, reqs) -> dict:
             n = len(e.scheduler.running)
             running_per_step.append(n)
             peak["running"] = max(peak["running"], n)
-            peak["blocks_used"] = max(peak["blocks_used"], e.blocks.num_blocks - e.blocks.num_free_blocks)
+            peak["blocks_used"] = max(peak["blocks_used"], e.scheduler.blocks.num_blocks - e.scheduler.blocks.num_free_blocks)
             peak["tokens_in_running"] = max(peak["tokens_in_running"], sum(len(s) for s in e.scheduler.running))
         tv_warmup(engine, args.vocab)
         res = tv_serve(engine, reqs, None, time.monotonic(), track)
-        res.update(peak=peak, mean_running=statistics.mean(running_per_step), num_blocks=engine.blocks.num_blocks,
-                   block_size=engine.blocks.block_size, kv_cache_bytes=budget, max_model_len=engine.max_model_len)
+        res.update(peak=peak, mean_running=statistics.mean(running_per_step), num_blocks=engine.scheduler.blocks.num_blocks,
+                   block_size=engine.scheduler.blocks.block_size, kv_cache_bytes=budget, max_model_len=engine.max_model_len)
     elif mode == "decode16":
         from tinyvllm import SamplingParams
         engine, info = tv_engine(args, max_num_seqs=args.streams, max_num_batched_tokens=512)

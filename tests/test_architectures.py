@@ -149,13 +149,13 @@ def test_gemma3_serving_paths_equal_alone(gemma3, gemma3_alone, chunk, prefix, k
     assert run(llm) == gemma3_alone
     eng = llm.engine
     if kv_blocks:
-        assert eng.blocks.num_blocks == kv_blocks and eng.scheduler.num_preemptions > 0
-    stats = eng.blocks.prefix_cache_stats
+        assert eng.scheduler.blocks.num_blocks == kv_blocks and eng.scheduler.num_preemptions > 0
+    stats = eng.scheduler.blocks.prefix_cache_stats
     if prefix and chunk < 2048:
         assert stats["hit_tokens"] > 0
     if not prefix:
         assert stats["hit_tokens"] == 0
-    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks and eng.blocks.num_seqs == 0
+    assert eng.scheduler.blocks.num_free_blocks == eng.scheduler.blocks.num_blocks and eng.scheduler.blocks.num_seqs == 0
 
 
 def test_gemma3_prefix_hit_equals_recompute(gemma3):
@@ -165,9 +165,9 @@ def test_gemma3_prefix_hit_equals_recompute(gemma3):
     llm = LLM(path, threads=2)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     first = llm.generate({"prompt_token_ids": PROMPTS[3]}, params)[0]
-    before = llm.engine.blocks.prefix_cache_stats["hit_tokens"]
+    before = llm.engine.scheduler.blocks.prefix_cache_stats["hit_tokens"]
     second = llm.generate({"prompt_token_ids": PROMPTS[3]}, params)[0]
-    assert llm.engine.blocks.prefix_cache_stats["hit_tokens"] - before == (len(PROMPTS[3]) - 1) // 16 * 16 > 0
+    assert llm.engine.scheduler.blocks.prefix_cache_stats["hit_tokens"] - before == (len(PROMPTS[3]) - 1) // 16 * 16 > 0
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 

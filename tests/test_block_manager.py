@@ -1,4 +1,4 @@
-"""The native block manager (tinyvllm.core.BlockManager) against a pure-Python model of its rules.
+"""The native block manager (tinyvllm.engine.block_manager) against a pure-Python model of its rules.
 
 The model below is written from the rules, not from the C++: prefix-cache keys are whole token
 prefixes (tuples), the evictable list is an OrderedDict, nothing is hashed. A randomized run of
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tinyvllm._native import NativeError
-from tinyvllm.core import BlockManager
+from tinyvllm.engine.block_manager import ALLOCATE, APPEND, FORK, FREE, OP_DTYPE, BlockManager
 
 
 # ---- the reference model -------------------------------------------------------------------------
@@ -149,27 +149,28 @@ class Model:
 def test_wrapper_basics():
     bm = BlockManager(8, 4)
     assert (bm.num_blocks, bm.block_size, bm.num_free_blocks, bm.num_seqs) == (8, 4, 8, 0)
-    assert bm.allocate(1, [1, 2, 3, 4, 5, 6]) == 0
+    p1 = [1, 2, 3, 4, 5, 6]
+    assert bm.allocate(1, p1) == 0
     assert list(bm.block_table(1)) == [0, 1] and bm.block_table(1).dtype == np.int32
     assert 1 in bm and 2 not in bm
-    bm.mark_computed(1, 6)
+    assert bm.append(1, p1, 6) == []  # marks all six computed, no new slots
     assert bm.allocate(2, np.array([1, 2, 3, 4, 9], dtype=np.int64)) == 4
     assert list(bm.block_table(2)) == [0, 2]
     assert list(bm.ref_counts()[:3]) == [2, 1, 1] and list(bm.cached_mask()[:2]) == [True, False]
     bm.fork(1, 3)
-    assert bm.append_slots(3, [7]) == [(1, 3)]
-    assert bm.append_slots(1, []) == []
+    assert bm.append(3, p1 + [7], 6) == [(1, 3)]
     assert bm.seq_info(3) == (7, 2, 6) and bm.num_tokens(1) == 6 and bm.num_computed_tokens(2) == 4
     st = bm.prefix_cache_stats
     assert st["hit_tokens"] == 4 and st["query_tokens"] == 11 and st["cached_blocks"] == 1
     assert st["hit_rate"] == pytest.approx(4 / 11)
+    free = bm.num_free_blocks
     assert bm.allocate(4, list(range(100))) is None and 4 not in bm
-    assert not bm.can_allocate(list(range(100))) and bm.can_allocate([5])
-    assert bm.can_append_slots(1, 4) and not bm.can_append_slots(1, 100)
-    assert bm.append_slots(1, list(range(100))) is None
+    assert bm.append(1, list(range(100)), 6) is None and bm.seq_info(1) == (6, 2, 6)
+    assert bm.num_free_blocks == free
     for call in (lambda: bm.free(99), lambda: bm.allocate(1, [1]), lambda: bm.allocate(5, []),
-                lambda: bm.append_slots(42, [1]), lambda: bm.mark_computed(1, 2), lambda: bm.fork(1, 2),
-                lambda: bm.block_table(77), lambda: bm.set_hash_bits(70), lambda: bm.can_append_slots(1, -1)):
+                 lambda: bm.append(42, [1], 0), lambda: bm.append(1, p1, 2), lambda: bm.append(1, p1[:5], 6),
+                 lambda: bm.append(1, p1, 7), lambda: bm.fork(1, 2), lambda: bm.block_table(77),
+                 lambda: bm.set_hash_bits(70)):
         with pytest.raises(NativeError):
             call()
     for sid in (1, 2, 3):
@@ -182,11 +183,35 @@ def test_wrapper_basics():
         BlockManager(0, 4)
 
 
+def test_apply_runs_a_step_in_one_call():
+    """One op list: tables land in their rows, copy-on-write pairs are gathered in op order, and
+    the list stops at the first op that finds no room, with everything before it applied."""
+    bm = BlockManager(6, 2)
+    a, b = np.array([1, 2, 3], np.int32), np.array([1, 2, 3, 4, 5], np.int32)
+    ops = np.zeros(4, OP_DTYPE)
+    ops[0] = (ALLOCATE, 3, 0, 0, 10, 0, a.ctypes.data)
+    ops[1] = (FORK, 0, 0, -1, 11, 10, 0)
+    ops[2] = (APPEND, 4, 3, 1, 11, 0, b.ctypes.data)   # child writes into the shared block: one copy
+    ops[3] = (ALLOCATE, 5, 0, 2, 12, 0, b.ctypes.data)
+    tables = np.full((3, 4), -1, np.int32)
+    done, cow = bm.apply(ops, tables)
+    assert done == 4 and cow == [(1, 2)]
+    assert tables.tolist() == [[0, 1, 0, 0], [0, 2, 0, 0], [0, 3, 4, 0]]
+    assert ops[3]["num_computed"] == 2  # prefix [1, 2] was computed by sequence 10's mark
+    big = np.arange(20, dtype=np.int32)
+    ops2 = np.zeros(3, OP_DTYPE)
+    ops2[0] = (FREE, 0, 3, -1, 10, 0, a.ctypes.data)
+    ops2[1] = (ALLOCATE, 20, 0, -1, 13, 0, big.ctypes.data)  # needs 10 blocks: stops here
+    ops2[2] = (FREE, 0, 4, -1, 11, 0, b.ctypes.data)
+    assert bm.apply(ops2)[0] == 1
+    assert 10 not in bm and 13 not in bm and 11 in bm
+    bm.check()
+
+
 def test_prefix_caching_disabled():
     bm = BlockManager(4, 2, enable_prefix_caching=False)
     bm.allocate(1, [1, 2, 3])
-    bm.mark_computed(1, 3)
-    bm.free(1)
+    bm.free(1, [1, 2, 3], 3)
     assert bm.allocate(2, [1, 2, 3]) == 0
     assert bm.prefix_cache_stats["cached_blocks"] == 0 and not bm.cached_mask().any()
 
@@ -224,7 +249,6 @@ class Run:
         x = r.random()
         if not m.seqs or x < 0.25:
             p = self.prompt()
-            assert bm.can_allocate(p) == m.can_allocate(p)
             sid, self.next_id = self.next_id, self.next_id + 1
             got, want = bm.allocate(sid, p), m.allocate(sid, p)
             assert got == want, (got, want)
@@ -232,9 +256,7 @@ class Run:
                 self.counts["no_space"] += 1
                 assert sid not in bm
                 if m.seqs:  # preempt someone, as the scheduler would
-                    victim = self.pick()
-                    bm.free(victim)
-                    m.free_seq(victim)
+                    self.free(self.pick())
             else:
                 self.counts["alloc"] += 1
                 self.counts["hit"] += got > 0
@@ -246,23 +268,22 @@ class Run:
             s = m.seqs[sid]
             c = r.randint(s.computed, len(s.tokens)) if r.random() < 0.5 else len(s.tokens)
             self.compute(sid, s, c)
-            bm.mark_computed(sid, c)
+            assert bm.append(sid, s.tokens, c) == []  # marks only: no new slots
             m.mark_computed(sid, c)
             self.counts["compute"] += 1
         elif x < 0.70:
             sid = self.pick()
             s = m.seqs[sid]
             if len(s.tokens) > 10 * self.bs:
-                bm.free(sid)
-                m.free_seq(sid)
+                self.free(sid)
                 return
             add = [r.randrange(4) for _ in range(1 if r.random() < 0.6 else r.randint(1, 2 * self.bs))]
-            assert bm.can_append_slots(sid, len(add)) == m.can_append(sid, len(add))
-            before = list(s.table)
-            got, want = bm.append_slots(sid, add), m.append(sid, add)
+            before, free = list(s.table), bm.num_free_blocks
+            got, want = bm.append(sid, s.tokens + add, s.computed), m.append(sid, add)
             assert got == want, (got, want)
             if got is None:
                 self.counts["no_space"] += 1
+                assert bm.num_free_blocks == free, "a refused append took blocks"
             else:
                 self.counts["append"] += 1
                 for src, dst in got:
@@ -280,25 +301,31 @@ class Run:
             self.table(child)
             self.counts["fork"] += 1
         elif x < 0.90:
-            sid = self.pick()
-            bm.free(sid)
-            m.free_seq(sid)
+            self.free(self.pick())
             self.counts["free"] += 1
         elif x < 0.95:  # lookups change nothing
-            p = self.prompt()
-            assert bm.can_allocate(p) == m.can_allocate(p)
             self.table(self.pick())
         else:  # invalid use: an error, and nothing changes
             sid = self.pick()
             s = m.seqs[sid]
             bad = r.choice([lambda: bm.free(self.next_id + 3), lambda: bm.allocate(sid, [1]),
-                            lambda: bm.mark_computed(sid, s.computed - 1), lambda: bm.fork(sid, sid),
-                            lambda: bm.mark_computed(sid, len(s.tokens) + 1), lambda: bm.append_slots(-5, [1]),
-                            lambda: bm.allocate(self.next_id + 9, [])])
+                            lambda: bm.append(sid, s.tokens, s.computed - 1), lambda: bm.fork(sid, sid),
+                            lambda: bm.append(sid, s.tokens, len(s.tokens) + 1), lambda: bm.append(-5, [1], 0),
+                            lambda: bm.append(sid, s.tokens[:-1], s.computed - 1), lambda: bm.allocate(self.next_id + 9, [])])
             with pytest.raises(NativeError):
                 bad()
             self.counts["invalid"] += 1
         assert bm.num_free_blocks == m.available()
+
+    def free(self, sid):
+        """FREE marks a final computed count first (a finished sequence's last blocks get cached)."""
+        s = self.m.seqs[sid]
+        c = self.r.randint(s.computed, len(s.tokens)) if self.r.random() < 0.3 else s.computed
+        if c > s.computed:
+            self.compute(sid, s, c)
+        self.bm.free(sid, s.tokens, c)
+        self.m.mark_computed(sid, c)
+        self.m.free_seq(sid)
 
     def compute(self, sid, s, c):
         """Shadow forward of tokens [computed, c): writes only into unshared blocks, reads only KV
@@ -336,8 +363,7 @@ class Run:
                 self.full_check()
         self.full_check()
         for sid in list(self.m.seqs):
-            self.bm.free(sid)
-            self.m.free_seq(sid)
+            self.free(sid)
         self.full_check()
         assert self.bm.num_free_blocks == self.nb and self.bm.num_seqs == 0, "leaked blocks"
         assert not self.bm.ref_counts().any()

@@ -84,15 +84,15 @@ def test_n_seed_and_logprobs(llm):
 
 def test_abort_frees_blocks(llm):
     eng = llm.engine
-    total = eng.blocks.num_blocks
+    total = eng.scheduler.blocks.num_blocks
     ids = [eng.add_request(None, f"Request number {i} says", SamplingParams(max_tokens=200, **GREEDY)) for i in range(5)]
     for _ in range(6):
         eng.step()
-    assert eng.blocks.num_free_blocks < total
+    assert eng.scheduler.blocks.num_free_blocks < total
     for rid in ids:
         assert eng.abort(rid)
     assert not eng.abort(ids[0])
-    assert eng.blocks.num_free_blocks == total and not eng.has_unfinished_requests()
+    assert eng.scheduler.blocks.num_free_blocks == total and not eng.has_unfinished_requests()
 
 
 def test_preemption_keeps_greedy_output(reference_gguf_path):
@@ -104,7 +104,7 @@ def test_preemption_keeps_greedy_output(reference_gguf_path):
     outs = tight.generate(prompts, params)
     assert tight.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
-    assert tight.engine.blocks.num_free_blocks == tight.engine.blocks.num_blocks
+    assert tight.engine.scheduler.blocks.num_free_blocks == tight.engine.scheduler.blocks.num_blocks
 
 
 def test_bad_requests_raise_clearly(llm):
@@ -116,7 +116,7 @@ def test_bad_requests_raise_clearly(llm):
         llm.generate({"prompt_token_ids": [5] * (llm.engine.max_model_len + 1)})
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
-    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    assert llm.engine.scheduler.blocks.num_free_blocks == llm.engine.scheduler.blocks.num_blocks
 
 
 def test_memory_budget(reference_gguf_path):

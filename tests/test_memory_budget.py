@@ -30,8 +30,8 @@ for i in range(24):
 while e.has_unfinished_requests():
     e.step()
     steps += 1
-    peak_used = max(peak_used, e.blocks.num_blocks - e.blocks.num_free_blocks)
-print(json.dumps(dict(base=base, hwm=status("VmHWM"), rss=status("VmRSS"), blocks=e.blocks.num_blocks,
+    peak_used = max(peak_used, e.scheduler.blocks.num_blocks - e.scheduler.blocks.num_free_blocks)
+print(json.dumps(dict(base=base, hwm=status("VmHWM"), rss=status("VmRSS"), blocks=e.scheduler.blocks.num_blocks,
                       peak_used=peak_used, preemptions=e.stats()["preemptions"], steps=steps,
                       overhead=e.load_overhead_bytes, kv=e.runner.kv_cache_bytes)))
 """

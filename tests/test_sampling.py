@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from tinyvllm.sampler import (Sampler, SampleResult, SequenceSamplingState, apply_min_tokens, apply_penalties,
-                              filter_probs)
+from dataclasses import dataclass, field
+
+from tinyvllm.sampler import Sampler, SampleResult, apply_min_tokens, apply_penalties, filter_probs, make_generator
 from tinyvllm.sampling_params import SamplingParams, SamplingType
 
 
@@ -13,8 +14,20 @@ def softmax(x):
     return e / e.sum()
 
 
+@dataclass
+class State:  # what the sampler reads of a sequence (tinyvllm.sampler.SamplingState)
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    index: int = 0
+    generator: object = None
+
+    def __post_init__(self):
+        self.generator = make_generator(self.params, self.index)
+
+
 def st(prompt=(), out=(), **kw):
-    return SequenceSamplingState(SamplingParams(**kw), list(prompt), list(out))
+    return State(SamplingParams(**kw), list(prompt), list(out))
 
 
 # ---------------------------------------------------------------- SamplingParams
@@ -252,10 +265,10 @@ def test_same_seed_same_tokens_whatever_the_batch():
     assert run([{**me, "seed": 43}], 0) != alone  # different seed, different tokens
     # n>1: completion i uses seed + i, so siblings differ but each is reproducible
     p = SamplingParams(seed=42, temperature=1.0, n=2)
-    a = [SequenceSamplingState(p, [], index=i).generator.random() for i in range(2)]
-    b = [SequenceSamplingState(p, [], index=i).generator.random() for i in range(2)]
+    a = [make_generator(p, i).random() for i in range(2)]
+    b = [make_generator(p, i).random() for i in range(2)]
     assert a == b and a[0] != a[1]
-    assert SequenceSamplingState(SamplingParams(), []).generator is None
+    assert make_generator(SamplingParams()) is None
     # unseeded requests share the sampler's rng: reproducible per Sampler(seed)
     lg = rng.normal(size=(4, V)).astype(np.float32)
     def unseeded_run():

@@ -128,7 +128,7 @@ def wait_idle(engine, aeng):
     as free in BlockManager.num_free_blocks), re-checked each time the engine thread publishes its stats
     (the timeout only catches a hang)."""
     assert aeng.wait_until(idle, timeout=300), aeng.stats
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
     assert not engine.has_unfinished_requests()
 
 
@@ -407,7 +407,7 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
     documented metric exists, with the type and the value this workload implies."""
     eng = LLMEngine(str(reference_gguf_path), threads=2, max_model_len=512, max_num_seqs=8,
                     kv_cache_bytes=12 * 16 * 23040)
-    assert eng.blocks.num_blocks == 12
+    assert eng.scheduler.blocks.num_blocks == 12
     app = build_app(eng, MODEL)
     live, aeng = LiveServer(app), app.state.async_engine
     try:
@@ -505,7 +505,7 @@ def test_serve_memory_budget_max_model_len_max_waiting(reference_gguf_path, engi
         m = httpx.get(url + "/metrics").text
         blocks = metric(m, "tinyvllm:kv_blocks_free") + metric(m, "tinyvllm:kv_blocks_used")
         weights = sum(t.data.nbytes for t in engine.weights.tensors.values())
-        block_bytes = engine.runner.kv_cache_bytes // engine.blocks.num_blocks
+        block_bytes = engine.runner.kv_cache_bytes // engine.scheduler.blocks.num_blocks
         assert 16 < blocks and blocks * block_bytes <= 190 * 2**20 - weights, (blocks, block_bytes, weights)
     finally:
         stop_server(proc)

@@ -37,21 +37,21 @@ def test_batch_equals_alone(reference_gguf_path, alone, chunk, prefix, kv_blocks
     eng = llm.engine
     if kv_blocks:
         assert eng.scheduler.num_preemptions > 0
-    stats = eng.blocks.prefix_cache_stats
+    stats = eng.scheduler.blocks.prefix_cache_stats
     if not prefix:
         assert stats["hit_tokens"] == 0
     elif chunk == 32:  # admitted step by step: later requests find the shared system prompt computed
         assert stats["hit_tokens"] > 0
-    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks and eng.blocks.num_seqs == 0
+    assert eng.scheduler.blocks.num_free_blocks == eng.scheduler.blocks.num_blocks and eng.scheduler.blocks.num_seqs == 0
 
 
 def test_prefix_cache_reuses_blocks(reference_gguf_path):
     llm = LLM(str(reference_gguf_path), threads=2)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     first = llm.generate(PROMPTS[0], params)[0]
-    before = llm.engine.blocks.prefix_cache_stats["hit_tokens"]
+    before = llm.engine.scheduler.blocks.prefix_cache_stats["hit_tokens"]
     second = llm.generate(PROMPTS[0], params)[0]
-    hit = llm.engine.blocks.prefix_cache_stats["hit_tokens"] - before
+    hit = llm.engine.scheduler.blocks.prefix_cache_stats["hit_tokens"] - before
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
     assert hit == (len(first.prompt_token_ids) - 1) // 16 * 16 > 0
 
@@ -64,7 +64,7 @@ def test_n_forks_share_blocks_and_match_independent_runs(reference_gguf_path):
     eng = llm.engine
     eng.add_request("r", prompt, SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=20))
     eng.step()
-    assert eng.blocks.ref_counts().max() == 3  # one prompt block, three sequences
+    assert eng.scheduler.blocks.ref_counts().max() == 3  # one prompt block, three sequences
     outs = []
     while eng.has_unfinished_requests():
         outs += [o for o in eng.step() if o.finished]
@@ -72,4 +72,4 @@ def test_n_forks_share_blocks_and_match_independent_runs(reference_gguf_path):
     single = [llm.generate(prompt, SamplingParams(temperature=0.8, seed=11 + i, max_tokens=20))[0].outputs[0].token_ids
               for i in range(3)]
     assert together == single and len({tuple(t) for t in together}) == 3
-    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
+    assert eng.scheduler.blocks.num_free_blocks == eng.scheduler.blocks.num_blocks

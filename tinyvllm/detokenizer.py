@@ -17,22 +17,17 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids=None, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = list(prompt_token_ids or [])
-        self.num_prompt_tokens = len(self.ids)
-        # ids[prefix_offset:read_offset] were already emitted and serve as context; ids[read_offset:]
-        # are pending. With a prompt, the context lets the first token keep its leading space.
-        self.prefix_offset = max(len(self.ids) - _PROMPT_CONTEXT, 0)
-        self.read_offset = len(self.ids)
+        # A window, not the sequence's tokens: ids[prefix_offset:read_offset] were already emitted and
+        # serve as context, ids[read_offset:] are pending. With a prompt, the context lets the first
+        # token keep its leading space.
+        self.ids: list[int] = [int(t) for t in (prompt_token_ids if prompt_token_ids is not None else [])[-_PROMPT_CONTEXT:]]
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
         self._text: list[str] = []
 
     @property
     def text(self) -> str:
         """All text emitted so far (without the held-back tail)."""
         return "".join(self._text)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.ids[self.num_prompt_tokens:]
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -45,7 +40,8 @@ class IncrementalDetokenizer:
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""  # nothing visible yet (special token skipped) or half a character
         delta = new_text[len(prefix_text):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        del self.ids[:self.read_offset]  # what is left of the window is the new context
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
         self._text.append(delta)
         return delta
 
@@ -58,7 +54,8 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         delta = new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        del self.ids[:self.read_offset]
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
         if delta:
             self._text.append(delta)
         return delta

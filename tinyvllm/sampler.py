@@ -6,8 +6,9 @@ repetition/frequency/presence penalties, and greedy argmax or temperature -> top
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -16,20 +17,19 @@ from tinyvllm.sampling_params import SamplingParams
 _TOP_P_HEADS = (8192, 1024)  # top-p sorts only this many best tokens when they already hold top_p of the mass
 
 
-@dataclass
-class SequenceSamplingState:
-    """Sampling state of one sequence. `index` is its position among the request's n completions:
-    with a seed, completion i draws from default_rng(seed + i), so a seeded request reproduces the
-    same tokens whatever else is in the batch (seed=s, i=1 and seed=s+1, i=0 therefore coincide)."""
+class SamplingState(Protocol):
+    """What the sampler reads of a sequence (the engine passes its Sequence objects)."""
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int] = field(default_factory=list)  # appended by the engine
-    index: int = 0
-    generator: np.random.Generator | None = None  # None: the sampler's shared rng
+    generator: np.random.Generator | None  # None: the sampler's shared rng
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
 
-    def __post_init__(self):
-        if self.generator is None and self.params.seed is not None:
-            self.generator = np.random.default_rng((self.params.seed + self.index) % 2**64)
+
+def make_generator(params: SamplingParams, index: int = 0) -> np.random.Generator | None:
+    """The private generator of completion `index` of a seeded request: default_rng(seed + index), so
+    a seeded request reproduces the same tokens whatever else is in the batch (seed=s, index=1 and
+    seed=s+1, index=0 therefore coincide). None without a seed."""
+    return None if params.seed is None else np.random.default_rng((params.seed + index) % 2**64)
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SampleResult:
     top_logprobs: dict[int, float] | None  # chosen token first, then the k best, when params.logprobs
 
 
-def apply_min_tokens(logits: np.ndarray, states: list[SequenceSamplingState], eos_token_ids: Iterable[int]) -> np.ndarray:
+def apply_min_tokens(logits: np.ndarray, states: list[SamplingState], eos_token_ids: Iterable[int]) -> np.ndarray:
     """Forbid eos and stop_token_ids until min_tokens are out (in place). ignore_eos does not lift
     this: like vLLM, it only changes when the engine stops."""
     eos, V = list(eos_token_ids), logits.shape[1]
@@ -49,17 +49,18 @@ def apply_min_tokens(logits: np.ndarray, states: list[SequenceSamplingState], eo
     return logits
 
 
-def apply_penalties(logits: np.ndarray, states: list[SequenceSamplingState]) -> np.ndarray:
+def apply_penalties(logits: np.ndarray, states: list[SamplingState]) -> np.ndarray:
     """vLLM penalties (in place): repetition over prompt+output (positive logits divided, others
     multiplied), then frequency (x count) and presence (x seen) over the output only. Works on the
     unique seen ids, never on V-sized temporaries."""
     for i, s in enumerate(states):
         p, row = s.params, logits[i]
         if p.repetition_penalty != 1.0:
-            seen = np.unique(np.asarray(s.prompt_token_ids + s.output_token_ids, dtype=np.int64))
+            seen = np.unique(np.concatenate([np.asarray(s.prompt_token_ids, dtype=np.int64),
+                                             np.asarray(s.output_token_ids, dtype=np.int64)]))
             v = row[seen]
             row[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and s.output_token_ids:
+        if (p.frequency_penalty or p.presence_penalty) and len(s.output_token_ids):
             ids, counts = np.unique(np.asarray(s.output_token_ids, dtype=np.int64), return_counts=True)
             row[ids] -= p.frequency_penalty * counts + p.presence_penalty
     return logits
@@ -109,7 +110,7 @@ class Sampler:
             self._scratch = np.empty(shape, dtype=np.float32)  # exact: the memory budget counts it
         return self._scratch[:shape[0]]
 
-    def sample(self, logits: np.ndarray, states: list[SequenceSamplingState],
+    def sample(self, logits: np.ndarray, states: list[SamplingState],
                eos_token_ids: Iterable[int] = ()) -> list[SampleResult]:
         logits = np.asarray(logits, dtype=np.float32)
         assert logits.ndim == 2 and logits.shape[0] == len(states), (logits.shape, len(states))

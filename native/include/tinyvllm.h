@@ -170,13 +170,12 @@ int tv_attention(int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv, i
 /* ---- Paged-KV block manager (src/block_manager.cpp) ------------------------------------------
  * A pool of num_blocks blocks of block_size token slots with reference counts, and per-sequence
  * block tables (logical block -> physical block id), sequences named by caller-chosen int64 ids.
- * Prefix caching: a full block whose KV is computed (tv_block_manager_mark_computed) is cached
+ * Prefix caching: a full block whose KV is computed (marked by an APPEND or FREE op) is cached
  * under its whole token prefix (a chained 64-bit hash, verified against the stored tokens and
  * the parent block's key, so hash collisions never share wrong KV). A block whose reference
  * count drops to 0 is free, or evictable while it holds a cached key: it can still be hit, and
  * is evicted (least recently freed first) only when no free block is left. num_free_blocks
- * counts both. Running out of blocks is not an error: allocate / append_slots return
- * TV_NO_FREE_BLOCKS and change nothing (preempt something and retry). */
+ * counts both. Running out of blocks is not an error (see tv_block_manager_apply). */
 typedef struct tv_block_manager tv_block_manager;
 
 enum tv_block_manager_status {
@@ -184,7 +183,7 @@ enum tv_block_manager_status {
 };
 
 typedef struct tv_prefix_cache_stats {
-    int64_t queries;           /* successful allocate calls (with prefix caching on) */
+    int64_t queries;           /* successful ALLOCATE ops (with prefix caching on) */
     int64_t query_tokens;      /* their prompt tokens */
     int64_t hit_tokens;        /* of which served from the cache */
     int64_t query_blocks;      /* full blocks they looked up: (n_tokens - 1) / block_size each */
@@ -204,30 +203,50 @@ int tv_block_manager_num_free_blocks(const tv_block_manager *bm);
 int tv_block_manager_num_seqs(const tv_block_manager *bm);
 /* 1 when seq_id is allocated, 0 when not. */
 int tv_block_manager_has_seq(const tv_block_manager *bm, int64_t seq_id);
-/* 1 when allocate(tokens, n_tokens) would fit now, 0 when not. */
-int tv_block_manager_can_allocate(const tv_block_manager *bm, const int32_t *tokens, int32_t n_tokens);
-/* New sequence seq_id with slots for its n_tokens >= 1 prompt tokens. Leading full blocks found in
- * the prefix cache are shared instead of allocated, at most (n_tokens - 1) / block_size of them
- * (the last token is always computed); *num_cached_tokens gets their token count, and the
- * sequence starts with that many computed tokens. TV_OK or TV_NO_FREE_BLOCKS. */
-int tv_block_manager_allocate(tv_block_manager *bm, int64_t seq_id, const int32_t *tokens, int32_t n_tokens,
-                              int32_t *num_cached_tokens);
-/* 1 when append_slots(seq_id, n) would fit now (copy-on-write included), 0 when not. */
-int tv_block_manager_can_append_slots(const tv_block_manager *bm, int64_t seq_id, int32_t n);
-/* Slots for n >= 0 more tokens of seq_id (their ids in tokens[n]). If they go into a partial last
- * block shared with another sequence (after fork), that block is copied first: the pair
- * (src, dst) goes to cow_pairs[0], cow_pairs[1] and *n_cow = 1 (else 0); copy the KV of block src
- * to dst (tv_kv_cache_copy_block) before running the new tokens. cow_cap counts pairs; at most
- * one pair per call. TV_OK or TV_NO_FREE_BLOCKS. */
-int tv_block_manager_append_slots(tv_block_manager *bm, int64_t seq_id, const int32_t *tokens, int32_t n,
-                                  int32_t *cow_pairs, int32_t cow_cap, int32_t *n_cow);
-/* The first num_computed_tokens tokens of seq_id have their KV written (never decreases, at most
- * the token count). Full blocks among them become prefix-cache entries. */
-int tv_block_manager_mark_computed(tv_block_manager *bm, int64_t seq_id, int32_t num_computed_tokens);
-/* New sequence child_id sharing every block of parent_id (tokens and computed count copied). */
-int tv_block_manager_fork(tv_block_manager *bm, int64_t parent_id, int64_t child_id);
-/* Drops seq_id's references (last block first); seq_id is then unknown. */
-int tv_block_manager_free_seq(tv_block_manager *bm, int64_t seq_id);
+
+/* Every change to sequences goes through tv_block_manager_apply, a list of ops run in order (the
+ * engine sends one list per step). The manager keeps no token ids: the caller owns them and lends
+ * `tokens` (the whole sequence, at least num_tokens of them) where an op reads them. */
+enum tv_block_op_kind {
+    /* New sequence seq_id with slots for its num_tokens >= 1 prompt tokens. Leading full blocks
+     * found in the prefix cache are shared instead of allocated, at most (num_tokens - 1) /
+     * block_size of them (the last token is always computed); their token count is written back to
+     * num_computed, and the sequence starts with that many computed tokens. */
+    TV_BLOCK_ALLOCATE = 0,
+    /* Mark, then grow: the first num_computed tokens of seq_id have their KV written (never
+     * decreases, at most its slot count; full blocks among them become prefix-cache entries, keyed
+     * by their tokens), then it gets slots for num_tokens tokens in all (never fewer than now). If
+     * new slots go into a partial last block shared with another sequence (after a fork), that
+     * block is copied first: a (src, dst) pair is added to cow_pairs; copy the KV of block src to
+     * dst (tv_kv_cache_copy_block) before running the new tokens. */
+    TV_BLOCK_APPEND = 1,
+    /* New sequence seq_id sharing every block of parent_id (slot and computed counts copied). */
+    TV_BLOCK_FORK = 2,
+    /* Mark num_computed as APPEND does, then drop seq_id's references (last block first, so its
+     * tail is evicted first); seq_id is then unknown. */
+    TV_BLOCK_FREE = 3
+};
+
+typedef struct tv_block_op {
+    int32_t kind;             /* tv_block_op_kind */
+    int32_t num_tokens;       /* ALLOCATE, APPEND */
+    int32_t num_computed;     /* APPEND, FREE; written by ALLOCATE */
+    int32_t table_row;        /* ALLOCATE, APPEND: row of `tables` that gets the block table; -1: none */
+    int64_t seq_id;
+    int64_t parent_id;        /* FORK */
+    const int32_t *tokens;    /* ALLOCATE: the prompt; APPEND, FREE: may be null when the mark
+                               * completes no block (or prefix caching is off) */
+} tv_block_op;
+
+/* Runs ops[0..n_ops) in order. Block tables go to tables[table_row * max_blocks ...], each row
+ * padded with 0 up to max_blocks. Copy-on-write pairs go to cow_pairs[2 * i], [2 * i + 1] for
+ * i < *n_cow (cow_cap counts pairs; one APPEND adds at most one). *n_done gets how many ops ran:
+ * TV_OK when all of them did, TV_NO_FREE_BLOCKS when op *n_done needs more blocks than are free or
+ * evictable now (it got none; an APPEND's mark has taken effect, and sending it again is harmless):
+ * free some sequence and send the rest again. An invalid op returns TV_ERR_INVALID after the ones
+ * before it ran (*n_done says how many). */
+int tv_block_manager_apply(tv_block_manager *bm, tv_block_op *ops, int32_t n_ops, int32_t *tables, int32_t max_blocks,
+                           int32_t *cow_pairs, int32_t cow_cap, int32_t *n_cow, int32_t *n_done);
 /* Any of the out pointers may be null. */
 int tv_block_manager_seq_info(const tv_block_manager *bm, int64_t seq_id, int32_t *num_tokens,
                               int32_t *num_blocks, int32_t *num_computed_tokens);

@@ -1,6 +1,7 @@
 // The paged-KV block manager (see block_manager.h) and its C ABI (tv_block_manager_*).
 #include "block_manager.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -173,37 +174,18 @@ void BlockManager::release_block(int32_t b) {
 
 // ---- operations --------------------------------------------------------------------------------
 
-namespace {
-void check_tokens(const char *f, const int32_t *tokens, int32_t n, int32_t min_n) {
-    if (n < min_n) fail("%s: n_tokens must be >= %d (got %d)", f, min_n, n);
-    if (n > 0 && !tokens) fail("%s: tokens is null", f);
-}
-}  // namespace
-
-bool BlockManager::can_allocate(const int32_t *tokens, int32_t n) const {
-    check_tokens("tv_block_manager_can_allocate", tokens, n, 1);
+bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached) {
+    if (n < 1) fail("ALLOCATE: num_tokens must be >= 1 (got %d)", n);
+    if (!tokens) fail("ALLOCATE: tokens is null");
+    if (seqs_.count(id)) fail("ALLOCATE: sequence id %lld is already allocated", (long long)id);
     std::vector<int32_t> hits;
     lookup(tokens, n, hits);
     int32_t revived = 0;  // evictable hits stop being available once shared
-    for (int32_t node : hits) revived += blocks_[nodes_[node].block].ref == 0;
-    return div_up(n, block_size_) - (int32_t)hits.size() <= num_free_blocks() - revived;
-}
-
-bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached) {
-    const char *f = "tv_block_manager_allocate";
-    check_tokens(f, tokens, n, 1);
-    if (!num_cached) fail("%s: num_cached_tokens is null", f);
-    *num_cached = 0;
-    if (seqs_.count(id)) fail("%s: sequence id %lld is already allocated", f, (long long)id);
-    std::vector<int32_t> hits;
-    lookup(tokens, n, hits);
-    int32_t revived = 0;
     for (int32_t node : hits) revived += blocks_[nodes_[node].block].ref == 0;
     const int32_t need = div_up(n, block_size_) - (int32_t)hits.size();
     if (need > num_free_blocks() - revived) return false;
 
     Seq s;  // built aside (allocations may throw), then committed without further throws
-    s.tokens.assign(tokens, tokens + n);
     s.table.reserve((size_t)div_up(n, block_size_));
     s.nodes = hits;
     auto slot = seqs_.emplace(id, Seq{}).first;
@@ -216,6 +198,7 @@ bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_
         s.table.push_back(b);
     }
     for (int32_t i = 0; i < need; i++) s.table.push_back(take_block());
+    s.num_tokens = n;
     s.computed = (int32_t)hits.size() * block_size_;
     slot->second = std::move(s);
     *num_cached = (int32_t)hits.size() * block_size_;
@@ -229,63 +212,41 @@ bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_
     return true;
 }
 
-namespace {
-void check_append(const char *f, const BlockManager::Seq &s, int32_t n) {
-    if (n < 0) fail("%s: n must be >= 0 (got %d)", f, n);
-    if ((int64_t)s.tokens.size() + n > std::numeric_limits<int32_t>::max())
-        fail("%s: %zu + %d tokens overflow int32", f, s.tokens.size(), n);
-}
-}  // namespace
-
-bool BlockManager::can_append_slots(int64_t id, int32_t n) const {
-    const Seq &s = seq(id);
-    check_append("tv_block_manager_can_append_slots", s, n);
-    const int64_t cur = (int64_t)s.tokens.size();
-    const bool cow = n > 0 && cur % block_size_ != 0 && blocks_[s.table.back()].ref > 1;
-    return div_up(cur + n, block_size_) - (int32_t)s.table.size() + (cow ? 1 : 0) <= num_free_blocks();
+bool BlockManager::needs_copy(const Seq &s, int32_t num_tokens) const {
+    return num_tokens > s.num_tokens && s.num_tokens % block_size_ != 0 && blocks_[s.table.back()].ref > 1;
 }
 
-bool BlockManager::append_slots(int64_t id, const int32_t *tokens, int32_t n, int32_t *cow, int32_t cow_cap,
-                                int32_t *n_cow) {
-    const char *f = "tv_block_manager_append_slots";
+int BlockManager::append_slots(int64_t id, int32_t num_tokens, int32_t *cow) {
     Seq &s = seq_mut(id);
-    check_append(f, s, n);
-    check_tokens(f, tokens, n, 0);
-    if (!n_cow) fail("%s: n_cow is null", f);
-    if (cow_cap < 0 || (cow_cap > 0 && !cow)) fail("%s: cow_pairs is null or cow_cap (%d) < 0", f, cow_cap);
-    *n_cow = 0;
-    const int64_t cur = (int64_t)s.tokens.size();
-    const bool need_cow = n > 0 && cur % block_size_ != 0 && blocks_[s.table.back()].ref > 1;
-    if (need_cow && cow_cap < 1)
-        fail("%s: sequence %lld writes into a shared block and needs a copy, but cow_cap is %d pairs", f, (long long)id,
-             cow_cap);
-    const int32_t new_blocks = div_up(cur + n, block_size_) - (int32_t)s.table.size();
-    if (new_blocks + (need_cow ? 1 : 0) > num_free_blocks()) return false;
-    s.tokens.reserve(s.tokens.size() + (size_t)n);  // the only allocations; nothing changed yet
-    s.table.reserve(s.table.size() + (size_t)new_blocks);
+    if (num_tokens < s.num_tokens)
+        fail("APPEND: sequence %lld: num_tokens %d is below its %d slots (slots are never given back)", (long long)id,
+             num_tokens, s.num_tokens);
+    const bool need_cow = needs_copy(s, num_tokens);
+    const int32_t new_blocks = div_up(num_tokens, block_size_) - (int32_t)s.table.size();
+    if (new_blocks + (need_cow ? 1 : 0) > num_free_blocks()) return -1;
+    s.table.reserve(s.table.size() + (size_t)new_blocks);  // the only allocation; nothing changed yet
     if (need_cow) {
         const int32_t src = s.table.back(), dst = take_block();
         blocks_[src].ref--;  // still >= 1: it was shared
         s.table.back() = dst;
         cow[0] = src;
         cow[1] = dst;
-        *n_cow = 1;
     }
     for (int32_t i = 0; i < new_blocks; i++) s.table.push_back(take_block());
-    s.tokens.insert(s.tokens.end(), tokens, tokens + n);
-    return true;
+    s.num_tokens = num_tokens;
+    return need_cow ? 1 : 0;
 }
 
-void BlockManager::mark_computed(int64_t id, int32_t c) {
+void BlockManager::mark_computed(int64_t id, int32_t c, const int32_t *tokens) {
     Seq &s = seq_mut(id);
-    if (c < s.computed || c > (int32_t)s.tokens.size())
-        fail("tv_block_manager_mark_computed: sequence %lld: num_computed_tokens %d outside [%d, %zu] (it never "
-             "decreases and cannot pass the token count)",
-             (long long)id, c, s.computed, s.tokens.size());
-    if (caching_) {
+    if (c < s.computed || c > s.num_tokens)
+        fail("sequence %lld: num_computed %d outside [%d, %d] (it never decreases and cannot pass the slot count)",
+             (long long)id, c, s.computed, s.num_tokens);
+    if (caching_ && (int64_t)(s.nodes.size() + 1) * block_size_ <= c) {
+        if (!tokens) fail("sequence %lld: marking %d computed completes a block, and tokens is null", (long long)id, c);
         s.nodes.reserve((size_t)(c / block_size_));
         for (int32_t j = (int32_t)s.nodes.size(); (int64_t)(j + 1) * block_size_ <= c; j++) {
-            const int32_t node = find_or_add_node(j ? s.nodes[j - 1] : -1, &s.tokens[(size_t)j * block_size_]);
+            const int32_t node = find_or_add_node(j ? s.nodes[j - 1] : -1, tokens + (size_t)j * block_size_);
             nodes_[node].refs++;
             s.nodes.push_back(node);
             const int32_t b = s.table[j];
@@ -302,7 +263,7 @@ void BlockManager::mark_computed(int64_t id, int32_t c) {
 
 void BlockManager::fork(int64_t parent, int64_t child) {
     const Seq &p = seq(parent);
-    if (seqs_.count(child)) fail("tv_block_manager_fork: child id %lld is already allocated", (long long)child);
+    if (seqs_.count(child)) fail("FORK: child id %lld is already allocated", (long long)child);
     Seq copy = p;
     seqs_.emplace(child, std::move(copy));
     const Seq &c = seqs_.at(child);
@@ -312,11 +273,58 @@ void BlockManager::fork(int64_t parent, int64_t child) {
 
 void BlockManager::free_seq(int64_t id) {
     auto it = seqs_.find(id);
-    if (it == seqs_.end()) fail("tv_block_manager_free_seq: unknown sequence id %lld (never allocated, or already freed)", (long long)id);
+    if (it == seqs_.end()) fail("FREE: unknown sequence id %lld (never allocated, or already freed)", (long long)id);
     Seq &s = it->second;
     for (size_t i = s.table.size(); i-- > 0;) release_block(s.table[i]);  // tail first: evicted first
     for (int32_t n : s.nodes) unref_node(n);
     seqs_.erase(it);
+}
+
+bool BlockManager::apply(tv_block_op *ops, int32_t n, int32_t *tables, int32_t max_blocks, int32_t *cow,
+                         int32_t cow_cap, int32_t *n_cow, int32_t *n_done) {
+    if (!n_done || !n_cow) fail("tv_block_manager_apply: n_done or n_cow is null");
+    *n_done = *n_cow = 0;
+    if (n < 0 || (n > 0 && !ops)) fail("tv_block_manager_apply: ops is null or n_ops (%d) < 0", n);
+    if (cow_cap < 0 || (cow_cap > 0 && !cow)) fail("tv_block_manager_apply: cow_pairs is null or cow_cap (%d) < 0", cow_cap);
+    if (max_blocks < 0) fail("tv_block_manager_apply: max_blocks (%d) < 0", max_blocks);
+    for (int32_t i = 0; i < n; *n_done = ++i) {
+        tv_block_op &op = ops[i];
+        const bool writes_table = op.kind == TV_BLOCK_ALLOCATE || op.kind == TV_BLOCK_APPEND;
+        if (writes_table && op.table_row >= 0 && !tables) fail("op %d: table_row %d and tables is null", i, op.table_row);
+        switch (op.kind) {
+        case TV_BLOCK_ALLOCATE:
+            if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed)) return false;
+            break;
+        case TV_BLOCK_APPEND: {
+            mark_computed(op.seq_id, op.num_computed, op.tokens);
+            if (*n_cow >= cow_cap && needs_copy(seq(op.seq_id), op.num_tokens))
+                fail("op %d: sequence %lld needs a copy-on-write pair and cow_pairs is full (%d pairs)", i,
+                     (long long)op.seq_id, cow_cap);
+            const int copies = append_slots(op.seq_id, op.num_tokens, cow + 2 * (size_t)*n_cow);
+            if (copies < 0) return false;
+            *n_cow += copies;
+            break;
+        }
+        case TV_BLOCK_FORK:
+            fork(op.parent_id, op.seq_id);
+            break;
+        case TV_BLOCK_FREE:
+            mark_computed(op.seq_id, op.num_computed, op.tokens);
+            free_seq(op.seq_id);
+            break;
+        default:
+            fail("op %d: unknown kind %d", i, op.kind);
+        }
+        if (writes_table && op.table_row >= 0) {
+            const Seq &s = seq(op.seq_id);
+            const int32_t len = (int32_t)s.table.size();
+            if (len > max_blocks) fail("op %d: sequence %lld has %d blocks, max_blocks is %d", i, (long long)op.seq_id, len, max_blocks);
+            int32_t *row = tables + (size_t)op.table_row * (size_t)max_blocks;
+            std::memcpy(row, s.table.data(), sizeof(int32_t) * (size_t)len);
+            std::fill(row + len, row + max_blocks, 0);
+        }
+    }
+    return true;
 }
 
 // ---- inspection --------------------------------------------------------------------------------
@@ -348,8 +356,8 @@ void BlockManager::check_invariants() const {
     std::vector<int32_t> refs((size_t)nb, 0);
     std::vector<int32_t> node_refs(nodes_.size(), 0);
     for (const auto &[id, s] : seqs_) {
-        if ((int64_t)s.table.size() != div_up((int64_t)s.tokens.size(), block_size_)) broken("table size");
-        if (s.computed < 0 || s.computed > (int32_t)s.tokens.size()) broken("computed count");
+        if ((int64_t)s.table.size() != div_up((int64_t)s.num_tokens, block_size_)) broken("table size");
+        if (s.computed < 0 || s.computed > s.num_tokens) broken("computed count");
         if ((int32_t)s.nodes.size() != (caching_ ? s.computed / block_size_ : 0)) broken("node list size");
         for (size_t j = 0; j < s.table.size(); j++) {
             const int32_t b = s.table[j];
@@ -362,8 +370,6 @@ void BlockManager::check_invariants() const {
             const int32_t n = s.nodes[j];
             if (n < 0 || (size_t)n >= nodes_.size()) broken("node id out of range");
             if (nodes_[n].parent != (j ? s.nodes[j - 1] : -1)) broken("sequence node chain");
-            if (std::memcmp(&node_tokens_[(size_t)n * block_size_], &s.tokens[j * block_size_], sizeof(int32_t) * block_size_))
-                broken("sequence node tokens");
             node_refs[(size_t)n]++;
         }
     }
@@ -484,48 +490,11 @@ int tv_block_manager_has_seq(const tv_block_manager *bm, int64_t seq_id) {
     });
 }
 
-int tv_block_manager_can_allocate(const tv_block_manager *bm, const int32_t *tokens, int32_t n_tokens) {
-    return call([&] { return (int)mgr(bm, "tv_block_manager_can_allocate").can_allocate(tokens, n_tokens); });
-}
-
-int tv_block_manager_allocate(tv_block_manager *bm, int64_t seq_id, const int32_t *tokens, int32_t n_tokens,
-                              int32_t *num_cached_tokens) {
+int tv_block_manager_apply(tv_block_manager *bm, tv_block_op *ops, int32_t n_ops, int32_t *tables, int32_t max_blocks,
+                           int32_t *cow_pairs, int32_t cow_cap, int32_t *n_cow, int32_t *n_done) {
     return call([&] {
-        return mgr(bm, "tv_block_manager_allocate").allocate(seq_id, tokens, n_tokens, num_cached_tokens)
+        return mgr(bm, "tv_block_manager_apply").apply(ops, n_ops, tables, max_blocks, cow_pairs, cow_cap, n_cow, n_done)
                    ? (int)TV_OK : (int)TV_NO_FREE_BLOCKS;
-    });
-}
-
-int tv_block_manager_can_append_slots(const tv_block_manager *bm, int64_t seq_id, int32_t n) {
-    return call([&] { return (int)mgr(bm, "tv_block_manager_can_append_slots").can_append_slots(seq_id, n); });
-}
-
-int tv_block_manager_append_slots(tv_block_manager *bm, int64_t seq_id, const int32_t *tokens, int32_t n,
-                                  int32_t *cow_pairs, int32_t cow_cap, int32_t *n_cow) {
-    return call([&] {
-        return mgr(bm, "tv_block_manager_append_slots").append_slots(seq_id, tokens, n, cow_pairs, cow_cap, n_cow)
-                   ? (int)TV_OK : (int)TV_NO_FREE_BLOCKS;
-    });
-}
-
-int tv_block_manager_mark_computed(tv_block_manager *bm, int64_t seq_id, int32_t num_computed_tokens) {
-    return call([&] {
-        mgr(bm, "tv_block_manager_mark_computed").mark_computed(seq_id, num_computed_tokens);
-        return TV_OK;
-    });
-}
-
-int tv_block_manager_fork(tv_block_manager *bm, int64_t parent_id, int64_t child_id) {
-    return call([&] {
-        mgr(bm, "tv_block_manager_fork").fork(parent_id, child_id);
-        return TV_OK;
-    });
-}
-
-int tv_block_manager_free_seq(tv_block_manager *bm, int64_t seq_id) {
-    return call([&] {
-        mgr(bm, "tv_block_manager_free_seq").free_seq(seq_id);
-        return TV_OK;
     });
 }
 
@@ -533,7 +502,7 @@ int tv_block_manager_seq_info(const tv_block_manager *bm, int64_t seq_id, int32_
                               int32_t *num_computed_tokens) {
     return call([&] {
         const tv::BlockManager::Seq &s = mgr(bm, "tv_block_manager_seq_info").seq(seq_id);
-        if (num_tokens) *num_tokens = (int32_t)s.tokens.size();
+        if (num_tokens) *num_tokens = s.num_tokens;
         if (num_blocks) *num_blocks = (int32_t)s.table.size();
         if (num_computed_tokens) *num_computed_tokens = s.computed;
         return TV_OK;

@@ -20,6 +20,8 @@
 #include <unordered_map>
 #include <vector>
 
+struct tv_block_op;
+
 namespace tv {
 
 // For C ABI functions defined outside api.cpp: api.cpp's exception firewall and last-error
@@ -33,10 +35,12 @@ struct PrefixCacheStats {
 
 class BlockManager {
 public:
+    // The manager keeps no token ids of its own: the caller owns them and lends them to the calls
+    // that need them (a prompt lookup, a mark that completes blocks, which become cache keys).
     struct Seq {
-        std::vector<int32_t> tokens;  // every token with a slot; tokens.size() = the token count
-        std::vector<int32_t> table;   // logical -> physical; ceil(tokens / block_size) entries
+        std::vector<int32_t> table;   // logical -> physical; ceil(num_tokens / block_size) entries
         std::vector<int32_t> nodes;   // prefix-cache node of each full computed block (caching on)
+        int32_t num_tokens = 0;       // tokens with a slot
         int32_t computed = 0;         // leading tokens whose KV is written
     };
 
@@ -49,23 +53,24 @@ public:
     int32_t num_free_blocks() const { return (int32_t)free_.size() + lru_size_; }
     int32_t num_seqs() const { return (int32_t)seqs_.size(); }
 
-    // Whether allocate(tokens, n) would fit now. Throws InvalidArgument on bad arguments.
-    bool can_allocate(const int32_t *tokens, int32_t n) const;
     // Creates sequence `id` holding slots for the n prompt tokens. Leading full blocks found in the
     // prefix cache are shared (never the whole prompt: the last token is always left to compute);
     // *num_cached gets their token count and the sequence starts with that many computed tokens.
     // Returns false, changing nothing, when the pool cannot hold it.
     bool allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached);
-    bool can_append_slots(int64_t id, int32_t n) const;
-    // Slots for n more tokens. When they go into a partial last block that is shared, that block is
-    // first copied: (src, dst) goes to cow[0..1] and *n_cow = 1 (cow_cap counts pairs; 0 pairs
-    // otherwise). Returns false, changing nothing, when the pool cannot hold them.
-    bool append_slots(int64_t id, const int32_t *tokens, int32_t n, int32_t *cow, int32_t cow_cap, int32_t *n_cow);
-    // The first c tokens have their KV written (c never decreases). Newly complete blocks are cached.
-    void mark_computed(int64_t id, int32_t c);
+    // Slots up to num_tokens tokens in all (never fewer than now). When new slots go into a partial
+    // last block that is shared, that block is first copied: (src, dst) goes to cow[0..1] and
+    // returns 1 copy. Returns -1, changing nothing, when the pool cannot hold them.
+    int append_slots(int64_t id, int32_t num_tokens, int32_t *cow);
+    // The first c tokens have their KV written (c never decreases). Blocks this completes are cached
+    // under their tokens, read from tokens[] (the whole sequence; needed only when a block completes).
+    void mark_computed(int64_t id, int32_t c, const int32_t *tokens);
     void fork(int64_t parent, int64_t child);
     void free_seq(int64_t id);
     const Seq &seq(int64_t id) const;
+    // Runs ops in order (tinyvllm.h: tv_block_manager_apply); false when op *n_done found no free block.
+    bool apply(tv_block_op *ops, int32_t n, int32_t *tables, int32_t max_blocks, int32_t *cow, int32_t cow_cap,
+               int32_t *n_cow, int32_t *n_done);
 
     // Per block: reference count, and whether it holds a prefix-cache key (either may be null).
     void block_info(int32_t *refs, int32_t *cached, int32_t cap) const;
@@ -90,6 +95,7 @@ private:
     };
 
     Seq &seq_mut(int64_t id);
+    bool needs_copy(const Seq &s, int32_t num_tokens) const;  // growing to num_tokens writes into a shared block
     uint64_t hash_of(uint64_t parent_hash, const int32_t *t) const;
     int32_t find_node(int32_t parent, const int32_t *t, uint64_t h) const;
     int32_t find_or_add_node(int32_t parent, const int32_t *t);

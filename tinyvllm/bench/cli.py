@@ -88,7 +88,7 @@ def _offline_runs(a, offsets_for, progress_for) -> list[dict]:
             results, duration, info = run_offline(engine, workload, offsets_for(workload), conc, a.ignore_eos,
                                                   progress_for(name, workload))
             runs.append({"name": name, "memory_budget": budget, "max_concurrency": conc, **summarize(results, duration),
-                         **info, "peak_rss_mb": peak_rss_bytes() / 1e6, "kv_blocks": engine.blocks.num_blocks,
+                         **info, "peak_rss_mb": peak_rss_bytes() / 1e6, "kv_blocks": engine.scheduler.blocks.num_blocks,
                          "max_model_len": engine.max_model_len})
     return runs
 

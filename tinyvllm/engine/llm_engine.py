@@ -9,10 +9,10 @@ from ..model import load_model, resolve_model
 from ..model.quantize import quantize_weights
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..runner import NativeModelRunner, runner_for
-from ..sampler import Sampler, SequenceSamplingState
+from ..sampler import Sampler
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from ..core import BlockManager
+from .block_manager import BlockManager
 from .memory import rss_bytes, heap_weight_bytes, plan_kv_blocks, workspace_bytes
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
@@ -54,10 +54,10 @@ class LLMEngine:
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_model_len = min(wanted_len, num_blocks * block_size)
         self.runner = runner_cls(self.weights, num_blocks, block_size, kv_cache_dtype, threads, **runner_kwargs)
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
+                                   max_num_batched_tokens, self.max_model_len, self.eos_token_ids)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
         # cumulative counters for serving metrics; last_batch_size = sequences in the latest step
@@ -88,17 +88,11 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_model_len is "
                              f"{self.max_model_len}, which leaves no room to generate")
         now = time.monotonic() if arrival_time is None else arrival_time
-        seqs = []
-        for i in range(params.n):
-            state = SequenceSamplingState(params, list(ids), index=i)
-            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
-            seqs.append(Sequence(next(self._seq_ids), request_id, i, ids, params, state, detok, now))
+        seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params,
+                         IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens), now)
+                for i in range(params.n)]
         self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
-        # n > 1: only the first sequence prefills the prompt; the others fork from it (sharing its
-        # blocks, copy-on-write) when its prefill completes, and sample from the same logits.
-        self.scheduler.add(seqs[0])
-        for seq in seqs[1:]:
-            seq.awaiting_fork = True
+        self.scheduler.add(seqs)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -108,8 +102,8 @@ class LLMEngine:
             return False
         for seq in req.seqs:
             if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self.scheduler.finish(seq, "abort")
+        self.scheduler.flush()  # the blocks are free when abort returns
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -118,81 +112,29 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        if not batch:
+        if batch is None:
             return []
-        tokens, positions, seq_ids, rows, sampled = [], [], [], [], []
-        for k, (seq, n) in enumerate(batch):
-            start = seq.num_computed_tokens
-            tokens += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            seq_ids += [k] * n
-            if start + n == len(seq):  # the chunk reaches the end: this sequence gets a new token
-                rows.append(len(tokens) - 1)
-                sampled.append(seq)
-        tables = np.zeros((len(batch), max(len(s.block_table) for s, _ in batch)), dtype=np.int32)
-        for k, (seq, _) in enumerate(batch):
-            tables[k, :len(seq.block_table)] = seq.block_table
-        for src, dst in self.scheduler.block_copies:  # copy-on-write: split shared blocks first
+        for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
-        self.scheduler.block_copies.clear()
-        logits = self.runner.forward(tokens, positions, seq_ids, tables, rows)
-        self.num_steps, self.last_batch_size = self.num_steps + 1, len(batch)
-        self.num_scheduled_tokens += len(tokens)
-        now = time.monotonic()
-        for seq, n in batch:
-            seq.num_computed_tokens += n
-            self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)  # full blocks become cacheable
-            metrics = self.requests[seq.request_id].metrics
-            metrics.first_scheduled_time = metrics.first_scheduled_time or now
-        which = list(range(len(sampled)))  # logits row of each sampled sequence
-        for i, seq in enumerate(list(sampled)):
-            for child in self.requests[seq.request_id].seqs:
-                if child.awaiting_fork:  # n > 1: forks share the prompt's blocks and its logits
-                    child.awaiting_fork = False
-                    self.scheduler.fork(seq, child)
-                    sampled.append(child)
-                    which.append(i)
-        if len(which) > len(logits):
-            logits = logits[which]
-        results = self.sampler.sample(logits, [s.sampling_state for s in sampled], self.eos_token_ids) if sampled else []
-        self.num_generated_tokens += len(results)
-        for seq, result in zip(sampled, results):
-            self._append_token(seq, result, now)
+        logits = self.runner.forward(*batch.model_inputs())
+        if len(batch.sample_rows) > len(logits):  # n > 1 forks sample from their parent's row
+            logits = logits[batch.sample_rows]
+        results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids) if batch.sampled else []
+        sampled = self.scheduler.postprocess(batch, results)
+        self._record(batch, sampled)
         return [self._output(self.requests.pop(rid) if self._done(rid) else self.requests[rid])
                 for rid in dict.fromkeys(s.request_id for s in sampled)]
 
-    def _append_token(self, seq: Sequence, result, now: float) -> None:
-        token = int(result.token_id)
-        seq.token_ids.append(token)
-        seq.sampling_state.output_token_ids.append(token)
-        seq.cumulative_logprob += float(result.logprob)
-        if seq.logprobs is not None:
-            seq.logprobs.append(result.top_logprobs or {token: float(result.logprob)})
-        self.requests[seq.request_id].metrics.on_token(now)
-        seq.text += seq.detokenizer.add(token)
-        reason = self._stop_reason(seq, token)
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason
-            self.scheduler.finish(seq)
-
-    def _stop_reason(self, seq: Sequence, token: int):
-        p, n_out = seq.params, len(seq.token_ids) - seq.num_prompt_tokens
-        if n_out >= p.min_tokens:
-            if token in self.eos_token_ids and not p.ignore_eos:
-                return "stop", None
-            if token in p.stop_token_ids:
-                return "stop", token
-            if p.stop:
-                # Only the tail can hold a new match: the new token added at most len(delta) chars.
-                window = max(0, len(seq.text) - max(map(len, p.stop)) - 64)
-                hits = [(i, s) for s in p.stop if (i := seq.text.find(s, window)) >= 0]
-                if hits:
-                    i, s = min(hits)
-                    seq.text = seq.text[:i + len(s) if p.include_stop_str_in_output else i]
-                    return "stop", s
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
-            return "length", None
-        return None
+    def _record(self, batch, sampled) -> None:
+        now = time.monotonic()
+        self.num_steps, self.last_batch_size = self.num_steps + 1, len(batch.seqs)
+        self.num_scheduled_tokens += sum(batch.num_tokens)
+        self.num_generated_tokens += len(sampled)
+        for seq in batch.seqs:
+            metrics = self.requests[seq.request_id].metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or now
+        for seq in sampled:
+            self.requests[seq.request_id].metrics.on_token(now)
 
     def _done(self, request_id: str) -> bool:
         return all(s.is_finished for s in self.requests[request_id].seqs)
@@ -201,21 +143,17 @@ class LLMEngine:
         finished = all(s.is_finished for s in req.seqs)
         if finished:
             req.metrics.finished_time = time.monotonic()
-        outs = []
-        for s in req.seqs:
-            text = s.text
-            if not s.is_finished and s.params.stop:  # hold back what may turn out to start a stop string
-                text = text[:max(0, len(text) - max(map(len, s.params.stop)) + 1)]
-            outs.append(CompletionOutput(s.index, text, list(s.output_token_ids), s.cumulative_logprob,
-                                         list(s.logprobs) if s.logprobs is not None else None,
-                                         s.finish_reason, s.stop_reason))
+        outs = [CompletionOutput(s.index, s.visible_text(), s.output_token_ids.tolist(), s.cumulative_logprob,
+                                 list(s.logprobs) if s.logprobs is not None else None, s.finish_reason, s.stop_reason)
+                for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics)
 
     # ---- stats ----------------------------------------------------------------------------
     def stats(self) -> dict:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "blocks_total": self.blocks.num_blocks, "blocks_free": self.blocks.num_free_blocks,
-                "preemptions": self.scheduler.num_preemptions, "prefix_cache": self.blocks.prefix_cache_stats,
+        sched, blocks = self.scheduler, self.scheduler.blocks
+        return {"running": len(sched.running), "waiting": len(sched.waiting),
+                "blocks_total": blocks.num_blocks, "blocks_free": blocks.num_free_blocks,
+                "preemptions": sched.num_preemptions, "prefix_cache": blocks.prefix_cache_stats,
                 "steps": self.num_steps, "last_batch_size": self.last_batch_size,
                 "scheduled_tokens": self.num_scheduled_tokens, "generated_tokens": self.num_generated_tokens}
 

@@ -1,88 +1,196 @@
-"""Decides which tokens run in the next step: continuous batching with chunked prefill, prefix
-caching and preemption by recompute, FCFS. KV blocks come from the native BlockManager."""
+"""The scheduler owns KV bookkeeping: it decides which tokens run next (continuous batching with
+chunked prefill, prefix caching, FCFS, preemption by recompute), keeps the native block manager's
+state in step with the sequences, and applies what a step produced. In the steady state every step
+costs one native block-manager call: the ops a step needs (the last step's frees and forks, this
+step's marks and slots, the head of the queue) go in one list."""
 from collections import deque
+from dataclasses import dataclass, field
 
-from ..core import BlockManager
+import numpy as np
+
+from .block_manager import ALLOCATE, APPEND, FORK, FREE, OP_DTYPE, BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]            # sequences that run tokens this step; row k of block_tables
+    num_tokens: list[int]           # how many of each one's uncomputed tokens run
+    block_tables: np.ndarray        # int32 [len(seqs), max_blocks]
+    block_copies: list[tuple[int, int]]  # copy-on-write (src, dst) blocks to copy before the forward
+    sampled: list[Sequence] = field(default_factory=list)  # sequences that get a token (n > 1 forks included)
+    sample_rows: list[int] = field(default_factory=list)   # each one's row among the logits rows
+    forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, child) joining after this step
+
+    def model_inputs(self):
+        """(tokens, positions, seq index of each token, block tables, logits rows) for a model runner."""
+        tokens, positions, seq_index, rows, total = [], [], [], [], 0
+        for k, (seq, n) in enumerate(zip(self.seqs, self.num_tokens)):
+            start = seq.num_computed_tokens
+            tokens.append(seq.token_ids[start:start + n])
+            positions.append(np.arange(start, start + n, dtype=np.int32))
+            seq_index.append(np.full(n, k, dtype=np.int32))
+            total += n
+            if start + n == len(seq):
+                rows.append(total - 1)
+        return (np.concatenate(tokens), np.concatenate(positions), np.concatenate(seq_index), self.block_tables,
+                np.asarray(rows, dtype=np.int32))
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 eos_token_ids=()):
         self.blocks = blocks
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order: the last one is preempted first
         self.num_preemptions = 0
-        self.block_copies: list[tuple[int, int]] = []  # copy-on-write pairs the runner applies before the step
+        self._pending: list[tuple[tuple, Sequence]] = []  # FREE / FORK ops sent with the next list
+        self._forks: dict[int, list[Sequence]] = {}       # n > 1: siblings waiting for a prompt's prefill
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seqs: list[Sequence]) -> None:
+        """A request's sequences: the first prefills the prompt; the others fork from it (sharing its
+        blocks, copy-on-write) when its prefill completes, and sample from the same logits."""
+        self.waiting.append(seqs[0])
+        if len(seqs) > 1:
+            self._forks[seqs[0].seq_id] = list(seqs[1:])
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """Return (sequence, number of its next uncomputed tokens to run) pairs whose KV slots exist.
-        Running sequences go first (decodes and prefill chunks), then waiting ones are admitted while
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- schedule ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        """Running sequences go first (decodes and prefill chunks), then waiting ones are admitted while
         the token budget, sequence slots and blocks last."""
-        budget, batch = self.max_num_batched_tokens, []
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
-                continue  # preempted while making room for an earlier sequence
-            new = seq.token_ids[seq.num_slots:]  # tokens sampled since the last step need slots
-            while new and not self.blocks.can_append_slots(seq.seq_id, len(new)):
-                self.preempt(self.running[-1])
-                if seq.status is not SequenceStatus.RUNNING:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            if new:
-                self.block_copies += self.blocks.append_slots(seq.seq_id, new)
-                seq.num_slots = len(seq)
-                seq.block_table = self.blocks.block_table(seq.seq_id)
-            n = min(seq.num_uncomputed_tokens, budget)
-            batch.append((seq, n))
-            budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        budget, plan = self.max_num_batched_tokens, []  # plan: [sequence, chunk size, table row]
+        for seq in self.running:
+            if budget == 0:
+                break
+            plan.append([seq, min(seq.num_uncomputed_tokens, budget), len(plan)])
+            budget -= plan[-1][1]
+        head = self.waiting[0] if self.waiting and budget and len(self.running) < self.max_num_seqs else None
+        width = -(-max([len(s) for s, _, _ in plan] + [len(head) if head else 1]) // self.blocks.block_size)
+        tables = np.empty((len(plan) + 1, width), dtype=np.int32)
+        todo = [(self._append_op(e), e) for e in plan]
+        if head:  # the head of the queue rides on the same call; if it does not fit, nothing is admitted (FCFS)
+            todo.append(((ALLOCATE, len(head), 0, len(plan), head.seq_id, 0, head.tokens_address), None))
+        copies, admitted = [], False
+        while True:
+            ops = np.array([op for op, _ in self._pending] + [op for op, _ in todo], dtype=OP_DTYPE)
+            done, cow = self.blocks.apply(ops, tables)
+            copies += cow
+            done -= len(self._pending)
+            self._pending.clear()
+            if done == len(todo) or todo[done][1] is None:  # all ran, or only the head did not fit
+                admitted = head is not None and done == len(todo)
+                break
+            # An APPEND found no free block: free the latest admitted sequence and send the rest again.
+            victim, head = self.running[-1], None  # no admissions in a step that preempts
+            self._preempt(victim)
+            plan = [e for e in plan if e[0] is not victim]
+            todo = [(op, e) for op, e in todo[done:] if e is not None and e[0] is not victim]
+        if admitted:
+            head.num_computed_tokens = int(ops[-1]["num_computed"])
+            self._admit(self.waiting.popleft())
+            plan.append([head, min(head.num_uncomputed_tokens, budget), len(tables) - 1])
+            budget -= plan[-1][1]
+        if not plan:
+            return None
+        tables = tables[[row for _, _, row in plan]] if [r for _, _, r in plan] != list(range(len(tables))) else tables
+        if admitted:
+            tables = self._admit_more(plan, tables, budget)
+        return self._batch(plan, tables, copies)
+
+    def _append_op(self, entry) -> tuple:
+        # marks what the last step computed, then slots for every token (the sampled one included)
+        seq, _, row = entry
+        return (APPEND, len(seq), seq.num_computed_tokens, row, seq.seq_id, 0, seq.tokens_address)
+
+    def _admit_more(self, plan: list, tables: np.ndarray, budget: int) -> np.ndarray:
+        """Admit further waiting sequences, one call each (their cached prefixes decide the budget left)."""
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.blocks.allocate(seq.seq_id, seq.token_ids)
-            if cached is None:
-                break  # FCFS: later requests wait behind the head of the queue
-            self.waiting.popleft()
-            seq.num_computed_tokens, seq.num_slots = cached, len(seq)
-            seq.block_table = self.blocks.block_table(seq.seq_id)
-            self.admit(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            batch.append((seq, n))
-            budget -= n
+            op = np.array([(ALLOCATE, len(seq), 0, 0, seq.seq_id, 0, seq.tokens_address)], dtype=OP_DTYPE)
+            row = np.empty((1, -(-len(seq) // self.blocks.block_size)), dtype=np.int32)
+            if self.blocks.apply(op, row)[0] == 0:
+                break
+            seq.num_computed_tokens = int(op[0]["num_computed"])
+            self._admit(self.waiting.popleft())
+            plan.append([seq, min(seq.num_uncomputed_tokens, budget), len(plan)])
+            budget -= plan[-1][1]
+            width = max(tables.shape[1], row.shape[1])
+            tables = np.concatenate([np.pad(tables, ((0, 0), (0, width - tables.shape[1]))),
+                                     np.pad(row, ((0, 0), (0, width - row.shape[1])))])
+        return tables
+
+    def _batch(self, plan: list, tables: np.ndarray, copies: list) -> ScheduledBatch:
+        batch = ScheduledBatch([s for s, _, _ in plan], [n for _, n, _ in plan], tables, copies)
+        row = 0
+        for seq, n, _ in plan:
+            if seq.num_computed_tokens + n == len(seq):  # the chunk reaches the end: a new token
+                batch.sampled.append(seq)
+                batch.sample_rows.append(row)
+                for child in self._forks.pop(seq.seq_id, []):  # n > 1: siblings share this prompt's logits
+                    batch.forks.append((seq, child))
+                    batch.sampled.append(child)
+                    batch.sample_rows.append(row)
+                row += 1
         return batch
 
-    def admit(self, seq: Sequence) -> None:
+    # ---- postprocess ---------------------------------------------------------------------------
+    def postprocess(self, batch: ScheduledBatch, results) -> list[Sequence]:
+        """Apply a step: computed counts advance, forks join, sampled tokens are appended and stopped
+        sequences finish. Returns the sequences that got a token."""
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+        for parent, child in batch.forks:
+            self._pending.append(((FORK, 0, 0, -1, child.seq_id, parent.seq_id, 0), child))
+            child.num_computed_tokens = parent.num_computed_tokens
+            self._admit(child)
+        for seq, result in zip(batch.sampled, results):
+            if seq.append_token(result, self.eos_token_ids, self.max_model_len):
+                self.finish(seq)
+        if not self.has_work():
+            self.flush()  # nothing will run soon: hand the blocks back now
+        return batch.sampled
+
+    # ---- sequence state ------------------------------------------------------------------------
+    def _admit(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """`child` shares all of `parent`'s blocks (n > 1 sampling: one prompt prefill for all)."""
-        self.blocks.fork(parent.seq_id, child.seq_id)
-        child.num_computed_tokens, child.num_slots = parent.num_computed_tokens, parent.num_slots
-        child.block_table = parent.block_table
-        self.admit(child)
+    def _free_op(self, seq: Sequence) -> None:
+        # marks what it computed (full blocks become cache entries), then frees its blocks
+        self._pending.append(((FREE, 0, seq.num_computed_tokens, -1, seq.seq_id, 0, seq.tokens_address), seq))
 
-    def _release(self, seq: Sequence) -> None:
-        if seq.seq_id in self.blocks:
-            self.blocks.free(seq.seq_id)
-        seq.block_table, seq.num_computed_tokens, seq.num_slots = [], 0, 0
-
-    def preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks and queue it first in line; it is recomputed on readmission
         (cheaply where its full blocks are still in the prefix cache)."""
         self.running.remove(seq)
-        self._release(seq)
-        seq.status = SequenceStatus.WAITING
+        self._free_op(seq)
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
-        if seq in self.running:
+    def finish(self, seq: Sequence, reason: str | None = None) -> None:
+        """Stop a sequence (reason: set it, e.g. "abort"); its blocks are freed with the next list."""
+        if reason:
+            seq.finish_reason = reason
+        if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self._free_op(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._release(seq)
+        for children in self._forks.values():
+            if seq in children:
+                children.remove(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def flush(self) -> None:
+        """Send the pending frees and forks now (an abort, or nothing left to run)."""
+        if self._pending:
+            ops = np.array([op for op, _ in self._pending], dtype=OP_DTYPE)
+            self._pending.clear()
+            self.blocks.apply(ops)

@@ -1,5 +1,9 @@
-"""One sequence being generated: its tokens, how many of them have KV in the cache, its blocks."""
+"""One completion being generated: the one owner of its token ids, its text and why it stopped."""
 from enum import Enum, auto
+
+import numpy as np
+
+from ..sampler import make_generator
 
 
 class SequenceStatus(Enum):
@@ -9,30 +13,46 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int], params,
-                 sampling_state, detokenizer, arrival_time: float):
+    """Token ids live in a growable int32 buffer: the native block manager borrows it (prefix-cache
+    keys), the sampler reads views of it (penalties), nothing else keeps a copy."""
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids, params, detokenizer,
+                 arrival_time: float):
         self.seq_id, self.request_id, self.index = seq_id, request_id, index
-        self.token_ids = list(prompt_token_ids)
-        self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_computed_tokens = 0          # tokens whose K/V are in the cache
-        self.num_slots = 0                    # tokens with a KV slot in the block manager
-        self.block_table = []                 # physical block ids (an int32 array from the manager)
+        self.num_prompt_tokens = self.num_tokens = len(prompt_token_ids)
+        self._set_buffer(np.empty(self.num_tokens + min(params.max_tokens or 64, 256), dtype=np.int32))
+        self._buf[:self.num_tokens] = prompt_token_ids
+        self.num_computed_tokens = 0          # leading tokens whose K/V are in the cache (the scheduler's count)
         self.status = SequenceStatus.WAITING
-        self.awaiting_fork = False            # n > 1: joins when the request's first sequence has prefilled
-        self.params, self.sampling_state, self.detokenizer = params, sampling_state, detokenizer
-        self.arrival_time = arrival_time
+        self.params, self.detokenizer, self.arrival_time = params, detokenizer, arrival_time
+        self.generator = make_generator(params, index)  # None: the sampler's shared rng
         self.text = ""
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
+    def _set_buffer(self, buf: np.ndarray) -> None:
+        self._buf, self.tokens_address = buf, buf.ctypes.data  # the address goes to the block manager
+
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return self.num_tokens
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+    def token_ids(self) -> np.ndarray:
+        return self._buf[:self.num_tokens]
+
+    @property
+    def prompt_token_ids(self) -> np.ndarray:
+        return self._buf[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> np.ndarray:
+        return self._buf[self.num_prompt_tokens:self.num_tokens]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -40,4 +60,48 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
+
+    def append_token(self, result, eos_token_ids, max_model_len: int) -> bool:
+        """Add one sampled token (a SampleResult); True when the sequence should stop here
+        (finish_reason and stop_reason then say why)."""
+        token = int(result.token_id)
+        if self.num_tokens == len(self._buf):
+            grown = np.empty(2 * len(self._buf), dtype=np.int32)
+            grown[:self.num_tokens] = self._buf[:self.num_tokens]
+            self._set_buffer(grown)
+        self._buf[self.num_tokens] = token
+        self.num_tokens += 1
+        self.cumulative_logprob += float(result.logprob)
+        if self.logprobs is not None:
+            self.logprobs.append(result.top_logprobs or {token: float(result.logprob)})
+        self.text += self.detokenizer.add(token)
+        reason = self._stop_reason(token, eos_token_ids, max_model_len)
+        if reason is not None:
+            self.finish_reason, self.stop_reason = reason
+        return reason is not None
+
+    def _stop_reason(self, token: int, eos_token_ids, max_model_len: int):
+        p, n_out = self.params, self.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in eos_token_ids and not p.ignore_eos:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+            if p.stop:
+                # Only the tail can hold a new match: the new token added at most len(delta) chars.
+                window = max(0, len(self.text) - max(map(len, p.stop)) - 64)
+                hits = [(i, s) for s in p.stop if (i := self.text.find(s, window)) >= 0]
+                if hits:
+                    i, s = min(hits)
+                    self.text = self.text[:i + len(s) if p.include_stop_str_in_output else i]
+                    return "stop", s
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or self.num_tokens >= max_model_len:
+            return "length", None
+        return None
+
+    def visible_text(self) -> str:
+        """The text so far, less what may still turn out to start a stop string."""
+        if self.is_finished or not self.params.stop:
+            return self.text
+        return self.text[:max(0, len(self.text) - max(map(len, self.params.stop)) + 1)]

@@ -1,4 +1,0 @@
-"""Engine-side data structures backed by the native core."""
-from .block_manager import BlockManager
-
-__all__ = ["BlockManager"]
