@@ -174,12 +174,12 @@ void BlockManager::release_block(int32_t b) {
 
 // ---- operations --------------------------------------------------------------------------------
 
-bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached) {
+bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached, bool use_cache) {
     if (n < 1) fail("ALLOCATE: num_tokens must be >= 1 (got %d)", n);
     if (!tokens) fail("ALLOCATE: tokens is null");
     if (seqs_.count(id)) fail("ALLOCATE: sequence id %lld is already allocated", (long long)id);
     std::vector<int32_t> hits;
-    lookup(tokens, n, hits);
+    if (use_cache) lookup(tokens, n, hits);
     int32_t revived = 0;  // evictable hits stop being available once shared
     for (int32_t node : hits) revived += blocks_[nodes_[node].block].ref == 0;
     const int32_t need = div_up(n, block_size_) - (int32_t)hits.size();
@@ -202,7 +202,7 @@ bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_
     s.computed = (int32_t)hits.size() * block_size_;
     slot->second = std::move(s);
     *num_cached = (int32_t)hits.size() * block_size_;
-    if (caching_) {
+    if (caching_ && use_cache) {
         stats_.queries++;
         stats_.query_tokens += n;
         stats_.hit_tokens += *num_cached;
@@ -289,11 +289,15 @@ bool BlockManager::apply(tv_block_op *ops, int32_t n, int32_t *tables, int32_t m
     if (max_blocks < 0) fail("tv_block_manager_apply: max_blocks (%d) < 0", max_blocks);
     for (int32_t i = 0; i < n; *n_done = ++i) {
         tv_block_op &op = ops[i];
-        const bool writes_table = op.kind == TV_BLOCK_ALLOCATE || op.kind == TV_BLOCK_APPEND;
+        const bool writes_table = op.kind == TV_BLOCK_ALLOCATE || op.kind == TV_BLOCK_ALLOCATE_UNCACHED ||
+                                  op.kind == TV_BLOCK_APPEND;
         if (writes_table && op.table_row >= 0 && !tables) fail("op %d: table_row %d and tables is null", i, op.table_row);
         switch (op.kind) {
         case TV_BLOCK_ALLOCATE:
             if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed)) return false;
+            break;
+        case TV_BLOCK_ALLOCATE_UNCACHED:
+            if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed, false)) return false;
             break;
         case TV_BLOCK_APPEND: {
             mark_computed(op.seq_id, op.num_computed, op.tokens);

@@ -57,7 +57,7 @@ public:
     // prefix cache are shared (never the whole prompt: the last token is always left to compute);
     // *num_cached gets their token count and the sequence starts with that many computed tokens.
     // Returns false, changing nothing, when the pool cannot hold it.
-    bool allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached);
+    bool allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached, bool use_cache = true);
     // Slots up to num_tokens tokens in all (never fewer than now). When new slots go into a partial
     // last block that is shared, that block is first copied: (src, dst) goes to cow[0..1] and
     // returns 1 copy. Returns -1, changing nothing, when the pool cannot hold them.

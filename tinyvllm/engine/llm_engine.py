@@ -7,9 +7,9 @@ import numpy as np
 
 from ..model import load_model, resolve_model
 from ..model.quantize import quantize_weights
-from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..runner import NativeModelRunner, runner_for
-from ..sampler import Sampler
+from ..sampler import Sampler, score_tokens
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
@@ -56,7 +56,8 @@ class LLMEngine:
         self.runner = runner_cls(self.weights, num_blocks, block_size, kv_cache_dtype, threads, **runner_kwargs)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
-                                   max_num_batched_tokens, self.max_model_len, self.eos_token_ids)
+                                   max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
+                                   max_prompt_logits_rows=max_num_seqs)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
         self.requests: dict[str, _Request] = {}
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
@@ -117,13 +118,27 @@ class LLMEngine:
         for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
         logits = self.runner.forward(*batch.model_inputs())
-        if len(batch.sample_rows) > len(logits):  # n > 1 forks sample from their parent's row
+        for seq, row, n in batch.prompt_rows:
+            self._score_prompt(seq, logits[row:row + n], seq.num_computed_tokens)
+        if batch.sample_rows != list(range(len(logits))):  # n > 1 forks share a row; prompt rows are not sampled
             logits = logits[batch.sample_rows]
         results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids) if batch.sampled else []
         sampled = self.scheduler.postprocess(batch, results)
         self._record(batch, sampled)
         return [self._output(self.requests.pop(rid) if self._done(rid) else self.requests[rid])
                 for rid in dict.fromkeys(s.request_id for s in sampled)]
+
+    def _score_prompt(self, seq: Sequence, logits: np.ndarray, start: int) -> None:
+        """Prompt logprobs of one chunk: logits row j (position start + j) scores prompt token start + j + 1.
+        Only the k + 1 entries per position are kept. Positions scored before a preemption are skipped."""
+        first = len(seq.prompt_logprobs) - 1 - start  # the first row not scored yet
+        last = min(len(logits), seq.num_prompt_tokens - 1 - start)
+        if last <= first:
+            return
+        targets = seq.prompt_token_ids[start + first + 1:start + last + 1]
+        for ids, lps, ranks in score_tokens(logits[first:last], targets, seq.params.prompt_logprobs):
+            seq.prompt_logprobs.append({t: Logprob(lp, r, self.tokenizer.decode([t], skip_special_tokens=False))
+                                        for t, lp, r in zip(ids, lps, ranks)})
 
     def _record(self, batch, sampled) -> None:
         now = time.monotonic()
@@ -146,7 +161,8 @@ class LLMEngine:
         outs = [CompletionOutput(s.index, s.visible_text(), s.output_token_ids.tolist(), s.cumulative_logprob,
                                  list(s.logprobs) if s.logprobs is not None else None, s.finish_reason, s.stop_reason)
                 for s in req.seqs]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics,
+                             req.seqs[0].prompt_logprobs)
 
     # ---- stats ----------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -24,8 +24,10 @@ def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
     q_kv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     rope = cfg.head_dim if getattr(cfg, "sliding_window", 0) else 0  # the sliding layers' own RoPE cos + sin
     per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim + rope)
-    # logits rows scale with the vocabulary (262,144 for Gemma 3: 1 MiB per sequence per copy)
-    return max_num_batched_tokens * per_token + 3 * max_num_seqs * cfg.vocab_size * 4 + RUNTIME_RESERVE_BYTES
+    # logits rows scale with the vocabulary (262,144 for Gemma 3: 1 MiB per sequence per copy): a step's
+    # logits (one row per sampled sequence, plus up to max_num_seqs prompt positions scored for prompt
+    # logprobs), the sampled rows gathered out of them, and the sampler's scratch
+    return max_num_batched_tokens * per_token + 4 * max_num_seqs * cfg.vocab_size * 4 + RUNTIME_RESERVE_BYTES
 
 
 # Measured on the reference model: Python objects of running requests and sampler copies grow the heap by
