@@ -122,3 +122,125 @@ def test_prompt_logprobs_zero_and_validation(reference_gguf_path, reference_mode
     for bad in (-1, 21, 1.5):
         with pytest.raises(ValueError, match="prompt_logprobs"):
             SamplingParams(prompt_logprobs=bad)
+
+
+# ---- the server: /v1/completions with echo, logprobs and max_tokens 0 (lm-evaluation-harness) -----------------
+def offline(engine, prompt, params):
+    """One request on the engine alone, stepped to the end on this thread."""
+    rid = engine.add_request(None, prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out
+
+
+@pytest.fixture(scope="module")
+def served(reference_gguf_path):
+    """(engine, offline answers, base url): answers are computed before the server's engine thread owns it."""
+    import threading
+    import time
+    import uvicorn
+    from tinyvllm import LLMEngine
+    from tinyvllm.server.api import build_app
+    from tinyvllm.server.async_engine import AsyncEngine
+    engine = LLMEngine(str(reference_gguf_path), threads=2, max_model_len=256, max_num_seqs=4,
+                       max_num_batched_tokens=16)
+    ctx, cont = "Question: What is the capital of France?\nAnswer:", " Paris is the capital."
+    ref = {"score": offline(engine, ctx + cont, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3)),
+           "gen": offline(engine, ctx, SamplingParams(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=2)),
+           "ctx": ctx, "cont": cont}
+    aeng = AsyncEngine(engine).start()
+    server = uvicorn.Server(uvicorn.Config(build_app(aeng, "m"), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    yield engine, ref, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(30)
+    aeng.shutdown()
+
+
+def post(url, body):
+    import httpx
+    return httpx.post(url + "/v1/completions", json={"model": "m", **body}, timeout=120)
+
+
+def assert_echo_matches(engine, lp, prompt_ids, plp, top):
+    strs = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in prompt_ids]
+    n = len(prompt_ids)
+    assert lp["tokens"][:n] == strs and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"][:n] == [sum(map(len, strs[:i])) for i in range(n)]
+    for pos in range(1, n):  # token for token: the same scores as the offline API
+        want = plp[pos][prompt_ids[pos]].logprob
+        assert lp["token_logprobs"][pos] == pytest.approx(want, abs=1e-5)
+        best = {engine.tokenizer.decode([t], skip_special_tokens=False): v.logprob for t, v in plp[pos].items()
+                if v.rank <= top or t == prompt_ids[pos]}
+        assert lp["top_logprobs"][pos] == pytest.approx(best, abs=1e-5)
+
+
+def test_server_echo_scores_the_prompt_like_the_offline_api(served):
+    """An lm-evaluation-harness `local-completions` loglikelihood request: echo, logprobs, max_tokens 0,
+    the prompt as text and as token ids; the answer agrees with the offline API token for token."""
+    engine, ref, url = served
+    out = ref["score"]
+    ids = out.prompt_token_ids
+    for prompt in (ref["ctx"] + ref["cont"], ids):
+        r = post(url, {"prompt": [prompt], "echo": True, "logprobs": 3, "max_tokens": 0, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        choice = body["choices"][0]
+        assert choice["text"] == ref["ctx"] + ref["cont"] and choice["finish_reason"] == "length"
+        assert len(choice["logprobs"]["tokens"]) == len(ids)
+        assert_echo_matches(engine, choice["logprobs"], ids, out.prompt_logprobs, 3)
+        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    # what the harness computes: the continuation's summed logprob and whether it is the greedy choice
+    n_ctx = len(engine.tokenizer.encode(ref["ctx"]))
+    lps = choice["logprobs"]["token_logprobs"][n_ctx:]
+    assert sum(lps) == pytest.approx(sum(out.prompt_logprobs[i][ids[i]].logprob for i in range(n_ctx, len(ids))))
+    # the openai client reads the same answer
+    import openai
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    c = client.completions.create(model="m", prompt=ref["ctx"] + ref["cont"], echo=True, logprobs=3, max_tokens=0,
+                                  temperature=0)
+    assert c.choices[0].logprobs.token_logprobs == choice["logprobs"]["token_logprobs"]
+
+
+def test_server_echo_with_generation_and_vllm_prompt_logprobs(served):
+    engine, ref, url = served
+    out = ref["gen"]
+    ids, gen = out.prompt_token_ids, out.outputs[0]
+    r = post(url, {"prompt": ref["ctx"], "echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0,
+                   "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == ref["ctx"] + gen.text
+    lp = choice["logprobs"]
+    assert_echo_matches(engine, lp, ids, out.prompt_logprobs, 2)
+    assert lp["token_logprobs"][len(ids):] == pytest.approx([d[t] for t, d in zip(gen.token_ids, gen.logprobs)],
+                                                            abs=1e-5)
+    strs = lp["tokens"]
+    assert lp["text_offset"] == [sum(map(len, strs[:i])) for i in range(len(strs))]
+    # vLLM's prompt_logprobs field: [None, {token id: {logprob, rank, decoded_token}}, ...]
+    plp = choice["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    for pos in range(1, len(ids)):
+        want = out.prompt_logprobs[pos]
+        assert sorted(map(int, plp[pos])) == sorted(want)
+        for t, v in plp[pos].items():
+            assert (v["rank"], v["decoded_token"]) == (want[int(t)].rank, want[int(t)].decoded_token)
+            assert v["logprob"] == pytest.approx(want[int(t)].logprob, abs=1e-5)
+    # without echo, prompt_logprobs alone: the text is only the completion
+    r = post(url, {"prompt": ref["ctx"], "max_tokens": 4, "temperature": 0, "prompt_logprobs": 2})
+    assert r.json()["choices"][0]["text"] == gen.text and len(r.json()["choices"][0]["prompt_logprobs"]) == len(ids)
+
+
+@pytest.mark.parametrize("body,word", [
+    ({"echo": True, "stream": True, "max_tokens": 2}, "echo"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"prompt_logprobs": 21, "max_tokens": 1}, "prompt_logprobs")])
+def test_server_echo_bad_requests(served, body, word):
+    _, _, url = served
+    r = post(url, {"prompt": "Hi", **body})
+    assert r.status_code == 400 and word in r.json()["error"]["message"]

@@ -147,11 +147,28 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
         return {"tokens": strs, "token_logprobs": [d[t] for t, d in zip(toks, lps)],
                 "top_logprobs": [{token_str(a): lp for a, lp in d.items()} for d in lps], "text_offset": offsets}
 
-    async def deltas(outputs, n: int, usage: dict):
-        """Per choice update: (choice index, new text, new token ids, new logprobs, finish, stop_reason)."""
+    def prompt_logprobs_json(plp) -> list:
+        """vLLM's shape: None for position 0, then {token id: {logprob, rank, decoded_token}}."""
+        return [None if d is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                                 "decoded_token": lp.decoded_token} for t, lp in d.items()}
+                for d in plp]
+
+    def echo_logprobs_json(prompt_ids: list[int], plp, top: int) -> dict:
+        """The prompt's part of OpenAI's legacy logprobs when echo is on: nothing scores the first token."""
+        strs = [token_str(t) for t in prompt_ids]
+        return {"tokens": strs, "token_logprobs": [None] + [d[t].logprob for t, d in zip(prompt_ids[1:], plp[1:])],
+                "top_logprobs": [None] + [{token_str(a): lp.logprob for a, lp in d.items() if a == t or lp.rank <= top}
+                                          for t, d in zip(prompt_ids[1:], plp[1:])],
+                "text_offset": [sum(map(len, strs[:i])) for i in range(len(strs))]}
+
+    async def deltas(outputs, n: int, usage: dict, prompt_outputs: dict | None = None):
+        """Per choice update: (choice index, new text, new token ids, new logprobs, finish, stop_reason).
+        prompt_outputs, when given, gets each prompt's finished RequestOutput (echo, prompt logprobs)."""
         sent = {}  # choice index -> [chars sent, tokens sent, finished]
         async with aclosing(outputs):
             async for k, out in outputs:
+                if out.finished and prompt_outputs is not None:
+                    prompt_outputs[k] = out
                 for c in out.outputs:
                     chars, ntok, done = sent.setdefault(k * n + c.index, [0, 0, False])
                     if done:
@@ -181,7 +198,8 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
             return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage),
                                      media_type="text/event-stream")
         choices = {}  # choice index -> [text, token ids, logprobs, finish, stop_reason]
-        async with aclosing(deltas(outputs, params.n, usage)) as updates:
+        finished = {}  # prompt index -> its final RequestOutput
+        async with aclosing(deltas(outputs, params.n, usage, finished)) as updates:
             async for i, text, toks, lps, finish, stop in updates:
                 ch = choices.setdefault(i, ["", [], [], None, None])
                 ch[0] += text
@@ -190,11 +208,28 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
                 ch[3], ch[4] = finish, stop
                 if await request.is_disconnected():  # nobody will read the answer: stop generating
                     return Response(status_code=499)
+        echo = not chat and body.echo
+        if echo and body.scores_prompt_only:  # the one token generated to get there is dropped
+            choices = {i: ["", [], [], finish, stop] for i, (_, _, _, finish, stop) in choices.items()}
+            usage["completion_tokens"], usage["total_tokens"] = 0, usage["prompt_tokens"]
         out = []
         for i, (text, toks, lps, finish, stop) in sorted(choices.items()):
+            request_out = finished[i // params.n]
             lp = logprobs_json(chat, toks, lps, top, 0) if params.logprobs is not None else None
+            if echo:
+                prompt_text = request_out.prompt if request_out.prompt is not None else \
+                    tok.decode(request_out.prompt_token_ids, skip_special_tokens=False)
+                if lp is not None:
+                    head_lp = echo_logprobs_json(request_out.prompt_token_ids, request_out.prompt_logprobs, top)
+                    shift = sum(map(len, head_lp["tokens"]))
+                    lp = {key: head_lp[key] + ([o + shift for o in lp[key]] if key == "text_offset" else lp[key])
+                          for key in lp}
+                text = prompt_text + text
             body_part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            out.append({"index": i, **body_part, "logprobs": lp, "finish_reason": finish, "stop_reason": stop})
+            choice = {"index": i, **body_part, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}
+            if not chat and body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(request_out.prompt_logprobs)
+            out.append(choice)
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
 
     async def sse(body, outputs, num_prompts, params, chat, head, top, usage):

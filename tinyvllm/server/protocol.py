@@ -36,7 +36,8 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams validates every value; its ValueError becomes a 400."""
         return SamplingParams(
             n=self.n, best_of=self.best_of, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -44,7 +45,7 @@ class _Sampling(_Body):
             include_stop_str_in_output=self.include_stop_str_in_output, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
-            max_tokens=max_tokens, logprobs=logprobs)
+            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -55,11 +56,28 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: Literal[False] = False  # not supported: refuse rather than silently ignore
+    echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's extra parameter: choices carry vLLM-shaped prompt logprobs
     suffix: None = None
 
+    @property
+    def scores_prompt_only(self) -> bool:
+        """echo with max_tokens 0 (how lm-evaluation-harness scores a text): the prompt, nothing generated.
+        One token is generated and dropped, as vLLM does."""
+        return self.echo and self.max_tokens == 0
+
     def to_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream.")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1, got 0 (0 needs echo).")
+        # echo with logprobs scores the prompt too (OpenAI's legacy shape); vLLM's prompt_logprobs can ask more
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, self.prompt_logprobs) if prompt_logprobs is not None \
+                else self.prompt_logprobs
+        return self.sampling_params(1 if self.scores_prompt_only else self.max_tokens, self.logprobs,
+                                    prompt_logprobs)
 
 
 class ContentPart(_Body):
