@@ -1,4 +1,4 @@
-"""The `tinyvllm` command: generate and chat (interactive when stdin is a terminal)."""
+"""The `tinyvllm` command: generate, chat (interactive when stdin is a terminal) and perplexity."""
 import argparse
 import sys
 
@@ -80,6 +80,26 @@ def _chat(a) -> int:
                 history.pop()
 
 
+def _perplexity(a) -> int:
+    from .bench.progress import Progress
+    from .engine import LLMEngine
+    from .perplexity import perplexity, windows
+    with open(a.file, encoding="utf-8") as f:
+        text = f.read()
+    rows = a.batch_size or min(a.ctx, 128)
+    engine = LLMEngine(a.model, threads=a.threads, memory_budget=a.memory_budget, device=a.device,
+                       max_model_len=a.ctx + 1, max_num_seqs=rows, max_num_batched_tokens=max(rows, a.ctx))
+    n_windows = len(windows(engine.tokenizer.encode(text), a.ctx, a.stride))
+    bar = Progress(n_windows, "perplexity", enabled=not a.quiet, unit="windows")
+    result = perplexity(engine, text, a.ctx, a.stride, bar)
+    bar.close()
+    print(f"perplexity of {a.file}: ctx {a.ctx}, " + (f"stride {a.stride}" if a.stride else
+                                                        "non-overlapping windows, second halves scored"))
+    print(f"PPL = {result.ppl:.4f} +/- {result.stderr:.5f}")
+    print(f"tokens scored: {result.tokens_scored} in {result.num_windows} windows")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tinyvllm", description="A tiny vLLM for edge devices")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -91,6 +111,19 @@ def main(argv=None) -> int:
     c.add_argument("--message", default=None, help="ask one question and exit")
     c.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     _add_common(c)
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, computed as llama.cpp's llama-perplexity")
+    pp.add_argument("--model", "-m", default=DEFAULT_MODEL, help="alias, GGUF file, HF directory or HF repo id")
+    pp.add_argument("--file", "-f", required=True, help="plain text file to score")
+    pp.add_argument("--ctx", "-c", type=int, default=512, help="window length in tokens (default 512)")
+    pp.add_argument("--stride", type=int, default=0,
+                    help="0 (default): non-overlapping windows, second half scored; S: a window every S tokens, "
+                         "its last S tokens scored (llama-perplexity --ppl-stride)")
+    pp.add_argument("--batch-size", "-b", type=int, default=None,
+                    help="prompt positions scored per step (default min(ctx, 128)); the memory plan pays for them")
+    pp.add_argument("--threads", "-t", type=int, default=None)
+    pp.add_argument("--memory-budget", default=None)
+    pp.add_argument("--device", default="cpu")
+    pp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     # serve and bench live in their own packages; configure() only adds arguments (no heavy imports)
     from .server.cli import configure as configure_serve
     from .bench.cli import configure as configure_bench
@@ -98,7 +131,8 @@ def main(argv=None) -> int:
     configure_bench(sub.add_parser("bench", help="throughput/latency benchmark, offline or against a server URL"))
     a = ap.parse_args(argv)
     try:
-        return a.func(a) if hasattr(a, "func") else {"generate": _generate, "chat": _chat}[a.command](a)
+        return a.func(a) if hasattr(a, "func") else {"generate": _generate, "chat": _chat,
+                                                        "perplexity": _perplexity}[a.command](a)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tinyvllm: error: {e}", file=sys.stderr)
         return 2
