@@ -109,6 +109,32 @@ def test_prompt_logprobs_skip_the_prefix_cache(reference_gguf_path, reference_mo
     assert again.prompt_logprobs == out.prompt_logprobs
 
 
+def test_prompt_logprobs_with_preemption_and_n(reference_gguf_path, prompts):
+    """A KV pool too small for every request preempts some (recomputed on readmission); prompt logprobs are
+    the same as in a roomy engine, and an n=2 request reports them once, for its prompt."""
+    from tinyvllm.runner import NativeModelRunner
+    params = SamplingParams(temperature=0, max_tokens=24, prompt_logprobs=2, ignore_eos=True)
+    reqs = [{"prompt_token_ids": p} for p in prompts]
+    roomy_llm = LLM(str(reference_gguf_path), threads=2, max_num_seqs=4, max_num_batched_tokens=64)
+    roomy = roomy_llm.generate(reqs, params)
+    block = NativeModelRunner.kv_bytes_per_block(roomy_llm.engine.config, 16)
+    need = [-(-(len(p) + 24) // 16) for p in prompts]  # blocks each request ends with
+    tight = LLM(str(reference_gguf_path), threads=2, max_num_seqs=4, max_num_batched_tokens=64,
+                kv_cache_bytes=max(max(need) + 1, sum(need) - 3) * block)
+    outs = tight.generate(reqs, params)
+    assert tight.engine.stats()["preemptions"] > 0
+    for a, b in zip(roomy, outs):
+        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert sorted(x) == sorted(y) and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    two = tight.generate(reqs[2], SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=4, prompt_logprobs=1))[0]
+    assert len(two.outputs) == 2 and len(two.prompt_logprobs) == len(prompts[2])
+    for pos in range(1, len(prompts[2])):
+        t = prompts[2][pos]
+        assert abs(two.prompt_logprobs[pos][t].logprob - roomy[2].prompt_logprobs[pos][t].logprob) < 1e-4
+
+
 def test_prompt_logprobs_zero_and_validation(reference_gguf_path, reference_model, prompts):
     llm = LLM(str(reference_gguf_path), threads=2, kv_cache_bytes="8MB")
     out = llm.generate({"prompt_token_ids": prompts[2]},
