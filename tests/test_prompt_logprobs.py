@@ -265,7 +265,8 @@ def test_server_echo_with_generation_and_vllm_prompt_logprobs(served):
 @pytest.mark.parametrize("body,word", [
     ({"echo": True, "stream": True, "max_tokens": 2}, "echo"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"prompt_logprobs": 21, "max_tokens": 1}, "prompt_logprobs")])
+    ({"prompt_logprobs": 21, "max_tokens": 1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1, "max_tokens": 1, "stream": True}, "prompt_logprobs")])
 def test_server_echo_bad_requests(served, body, word):
     _, _, url = served
     r = post(url, {"prompt": "Hi", **body})

@@ -67,8 +67,10 @@ class CompletionRequest(_Sampling):
         return self.echo and self.max_tokens == 0
 
     def to_params(self) -> SamplingParams:
-        if self.echo and self.stream:
+        if self.echo and self.stream:  # answered whole: refused rather than silently ignored
             raise ValueError("echo is not supported with stream.")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not supported with stream.")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be at least 1, got 0 (0 needs echo).")
         # echo with logprobs scores the prompt too (OpenAI's legacy shape); vLLM's prompt_logprobs can ask more
