@@ -118,8 +118,20 @@ def child_tinyvllm(path: str, a) -> dict:
 
 
 def child_llamacpp(path: str, a) -> dict:
-    from llama_cpp import Llama
+    import llama_cpp
+    import llama_cpp.llama
     from tinyvllm.perplexity import summarize, windows
+    # The llama-cpp-python build here repacks weights into AMX/"extra" CPU buffers on an AMX machine and
+    # then faults at the first decode (general protection fault in libggml-cpu); the plain CPU buffers
+    # give the same arithmetic per format. llama.cpp's --no-extra-bufts does the same.
+    default_params = llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+    llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
+    Llama = llama_cpp.Llama
     llm = Llama(path, n_ctx=a.ctx, n_batch=a.ctx, n_ubatch=a.ctx, logits_all=True, n_threads=a.threads,
                 verbose=False)
     ids = llm.tokenize(TEXT.read_text().encode(), add_bos=True, special=False)
@@ -135,7 +147,7 @@ def child_llamacpp(path: str, a) -> dict:
         nll += [lse[p - 1] - x[p - 1, w[p]] for p in range(first, len(w))]
     r = summarize(np.array(nll), len(wins))
     return {"ppl": r.ppl, "stderr": r.stderr, "tokens_scored": r.tokens_scored, "windows": r.num_windows,
-            "text_tokens": len(ids), "peak_rss_perplexity": peak_rss()}
+            "text_tokens": len(ids), "peak_rss_perplexity": peak_rss(), "use_extra_bufts": False}
 
 
 def run_child(engine: str, path: Path, a) -> dict:
@@ -176,7 +188,9 @@ def markdown(d: dict) -> str:
         "tinyvllm: `tinyvllm.perplexity` (the `tinyvllm perplexity` command) through prompt logprobs. llama.cpp: "
         f"llama-cpp-python {d['llama_cpp_version']} with `logits_all`, the same windows over llama.cpp's own "
         "tokenization, scored with the same formula from its logits (the `llama-perplexity` binary itself is not "
-        "built here; its rule is the one in `tools/perplexity/perplexity.cpp`).",
+        "built here; its rule is the one in `tools/perplexity/perplexity.cpp`). llama.cpp runs with its extra "
+        "CPU buffer types off (`use_extra_bufts = false`, as `--no-extra-bufts`): the installed build faults in "
+        "its AMX repacking on this machine.",
         "",
         "Files: the reference ships only as Q4_1, so the baseline is that file dequantized to F32 with the `gguf` "
         "package; every other format is made from the F32 file by llama.cpp's quantizer (`llama_model_quantize`), "
