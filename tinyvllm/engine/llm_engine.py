@@ -84,6 +84,8 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if params.n > self.scheduler.max_num_seqs:  # its sequences run together: it could never be admitted
+            raise ValueError(f"n={params.n} is more than this engine's max_num_seqs ({self.scheduler.max_num_seqs})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_model_len is "
                              f"{self.max_model_len}, which leaves no room to generate")

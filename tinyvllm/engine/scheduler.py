@@ -70,7 +70,7 @@ class Scheduler:
                 break
             plan.append([seq, min(seq.num_uncomputed_tokens, budget), len(plan)])
             budget -= plan[-1][1]
-        head = self.waiting[0] if self.waiting and budget and len(self.running) < self.max_num_seqs else None
+        head = self.waiting[0] if self.waiting and budget and self._has_room(self.waiting[0]) else None
         width = -(-max([len(s) for s, _, _ in plan] + [len(head) if head else 1]) // self.blocks.block_size)
         tables = np.empty((len(plan) + 1, width), dtype=np.int32)
         todo = [(self._append_op(e), e) for e in plan]
@@ -108,9 +108,15 @@ class Scheduler:
         seq, _, row = entry
         return (APPEND, len(seq), seq.num_computed_tokens, row, seq.seq_id, 0, seq.tokens_address)
 
+    def _has_room(self, seq: Sequence) -> bool:
+        """Admitting seq keeps at most max_num_seqs running once every fork has joined: the running
+        sequences, the siblings still to fork from them, and seq's own group."""
+        group = lambda s: 1 + len(self._forks.get(s.seq_id, ()))
+        return sum(map(group, self.running)) + group(seq) <= self.max_num_seqs
+
     def _admit_more(self, plan: list, tables: np.ndarray, budget: int) -> np.ndarray:
         """Admit further waiting sequences, one call each (their cached prefixes decide the budget left)."""
-        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget and self._has_room(self.waiting[0]):
             seq = self.waiting[0]
             op = np.array([(ALLOCATE, len(seq), 0, 0, seq.seq_id, 0, seq.tokens_address)], dtype=OP_DTYPE)
             row = np.empty((1, -(-len(seq) // self.blocks.block_size)), dtype=np.int32)
@@ -183,9 +189,11 @@ class Scheduler:
             self._free_op(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        for children in self._forks.values():
+        for parent_id, children in list(self._forks.items()):
             if seq in children:
                 children.remove(seq)
+            if not children or parent_id == seq.seq_id:
+                del self._forks[parent_id]
         seq.status = SequenceStatus.FINISHED
 
     def flush(self) -> None:
