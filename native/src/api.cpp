@@ -1,19 +1,11 @@
-// The C ABI: argument checks, exception firewall, thread-local last error. Every exported
-// function is defined here and nothing else is visible from the shared library.
-#include <cstdarg>
-#include <cstdio>
+// The C ABI of models, KV caches and the standalone kernels: argument checks, then the internal
+// call, each body inside guard() (c_api.h). The block manager's exports are in block_manager.cpp.
 #include <map>
 #include <memory>
 #include <mutex>
-#include <new>
-#include <string>
-
-#pragma GCC visibility push(default)
-#include "tinyvllm.h"
-#pragma GCC visibility pop
 
 #include "attention.h"
-#include "block_manager.h"
+#include "c_api.h"
 #include "common.h"
 #include "kernels.h"
 #include "kv_cache.h"
@@ -34,48 +26,7 @@ struct tv_kv_cache {
 
 namespace tv {
 
-void fail(const char *fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    throw InvalidArgument(buf);
-}
-
 namespace {
-
-thread_local std::string t_error;
-
-void set_error(const char *msg) noexcept {
-    try {
-        t_error = msg;
-    } catch (...) {
-        t_error.clear();  // could not even store the message; the return code still says it all
-    }
-}
-
-// Runs f, mapping exceptions to return codes. Success clears the thread's last error.
-template <class F>
-int guard(F &&f) noexcept {
-    try {
-        f();
-        t_error.clear();
-        return TV_OK;
-    } catch (const InvalidArgument &e) {
-        set_error(e.what());
-        return TV_ERR_INVALID;
-    } catch (const std::bad_alloc &) {
-        set_error("out of memory");
-        return TV_ERR_NOMEM;
-    } catch (const std::exception &e) {
-        set_error((std::string("internal error: ") + e.what()).c_str());
-        return TV_ERR_INTERNAL;
-    } catch (...) {
-        set_error("internal error: unknown exception");
-        return TV_ERR_INTERNAL;
-    }
-}
 
 // Checks a caller-described tensor and turns it into a Weight.
 Weight check_tensor(const char *f, const tv_tensor *t) {
@@ -143,8 +94,6 @@ void run_attention(const char *f, const KvCache &c, int layer, const AttentionBa
 using namespace tv;
 
 extern "C" {
-
-const char *tv_last_error(void) { return t_error.c_str(); }
 
 const char *tv_version(void) { return "0.1.0"; }
 
@@ -299,5 +248,3 @@ int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *ou
 
 }  // extern "C"
 
-// For C ABI functions defined in other files (block_manager.cpp): the same firewall and last error.
-int tv::guarded(void (*fn)(void *), void *ctx) noexcept { return guard([&] { fn(ctx); }); }
