@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "attention.h"
+#include "batch.h"
 #include "c_api.h"
 #include "common.h"
 #include "kernels.h"
@@ -57,27 +58,11 @@ void check_cache_args(const char *f, int n_blocks, int block_size, int kv_dtype)
     if (kv_dtype != TV_F16 && kv_dtype != TV_F32) fail("%s: kv_dtype must be TV_F16 (1) or TV_F32 (0), got %d", f, kv_dtype);
 }
 
-// The token layout of a paged attention call, checked like tv_model_forward's batch.
+// The token layout of a standalone paged attention call (tokens and logits are not read).
 AttentionBatch check_paged(const char *f, const KvCache &c, int layer, const tv_batch *b) {
-    if (!b) fail("%s: batch is null", f);
     if (layer < 0 || layer >= c.n_layer) fail("%s: layer %d out of range [0, %d)", f, layer, c.n_layer);
-    if (b->n_tokens <= 0) fail("%s: n_tokens must be > 0 (got %d)", f, b->n_tokens);
-    if (!b->positions || !b->seq_ids || !b->block_tables || b->n_seqs <= 0 || b->max_blocks <= 0)
-        fail("%s: positions, seq_ids and block_tables must not be null, n_seqs and max_blocks > 0", f);
-    std::vector<int32_t> last((size_t)b->n_seqs, -1);
-    for (int t = 0; t < b->n_tokens; t++) {
-        const int32_t pos = b->positions[t], seq = b->seq_ids[t];
-        if (seq < 0 || seq >= b->n_seqs) fail("%s: seq_id %d at index %d out of range [0, %d)", f, seq, t, b->n_seqs);
-        if (pos <= last[(size_t)seq]) fail("%s: positions of sequence %d must be >= 0 and increase (index %d)", f, seq, t);
-        if (pos / c.block_size >= b->max_blocks)
-            fail("%s: position %d at index %d needs block %d but max_blocks is %d", f, pos, t, pos / c.block_size, b->max_blocks);
-        for (int i = 0; i <= pos / c.block_size; i++) {
-            const int32_t blk = b->block_tables[(size_t)seq * b->max_blocks + i];
-            if (blk < 0 || blk >= c.n_blocks) fail("%s: block_tables[%d][%d] = %d out of range [0, %d)", f, seq, i, blk, c.n_blocks);
-        }
-        last[(size_t)seq] = pos;
-    }
-    return AttentionBatch{b->n_tokens, b->positions, b->seq_ids, b->block_tables, b->max_blocks};
+    static thread_local std::vector<int32_t> last_pos;
+    return check_batch(f, c, b, 0, nullptr, last_pos);
 }
 
 void run_attention(const char *f, const KvCache &c, int layer, const AttentionBatch &ab, int n_head, const float *q,

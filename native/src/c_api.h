@@ -1,16 +1,12 @@
 // The C ABI's one error convention. Every exported function that can fail (api.cpp: models,
 // caches, kernels; block_manager.cpp: the block manager) runs its body in guard(): an exception
 // becomes a negative tv_status plus a thread-local message for tv_last_error(), success clears
-// that message, and no C++ exception ever crosses into the caller. Include this header (not
-// tinyvllm.h directly) in a file that defines exports: it makes them the library's only visible
-// symbols.
+// that message, and no C++ exception ever crosses into the caller.
 #pragma once
 
 #include <type_traits>
 
-#pragma GCC visibility push(default)
 #include "tinyvllm.h"
-#pragma GCC visibility pop
 
 namespace tv {
 

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "attention.h"
+#include "batch.h"
 #include "common.h"
 #include "kernels.h"
 #include "ops.h"
@@ -153,45 +154,13 @@ void Model::finalize() {
     finalized_ = true;
 }
 
-void Model::validate_batch(const KvCache &c, const tv_batch &b, const float *logits) {
-    const char *f = "tv_model_forward";
-    if (!finalized_) fail("%s: model is not finalized (call tv_model_finalize)", f);
-    if (c.n_layer != p_.n_layer || c.n_head_kv != p_.n_head_kv || c.head_dim != p_.head_dim)
-        fail("%s: KV cache was made for a different model shape", f);
-    if (b.n_tokens <= 0) fail("%s: n_tokens must be > 0 (got %d)", f, b.n_tokens);
-    if (!b.tokens || !b.positions || !b.seq_ids) fail("%s: tokens, positions and seq_ids must not be null", f);
-    if (b.n_seqs <= 0 || b.max_blocks <= 0 || !b.block_tables)
-        fail("%s: n_seqs and max_blocks must be > 0 and block_tables not null", f);
-    if (b.n_logits < 0) fail("%s: n_logits must be >= 0", f);
-    if (b.n_logits > 0 && (!b.logits_rows || !logits)) fail("%s: logits_rows and logits must not be null", f);
-    int32_t *last = grow(s_.last_pos, (size_t)b.n_seqs);
-    std::fill(last, last + b.n_seqs, -1);
-    for (int t = 0; t < b.n_tokens; t++) {
-        const int32_t tok = b.tokens[t], pos = b.positions[t], seq = b.seq_ids[t];
-        if (tok < 0 || tok >= p_.n_vocab) fail("%s: token %d at index %d out of range [0, %d)", f, tok, t, p_.n_vocab);
-        if (pos < 0) fail("%s: negative position %d at index %d", f, pos, t);
-        if (seq < 0 || seq >= b.n_seqs) fail("%s: seq_id %d at index %d out of range [0, %d)", f, seq, t, b.n_seqs);
-        if (pos / c.block_size >= b.max_blocks)
-            fail("%s: position %d at index %d needs block %d but max_blocks is %d", f, pos, t, pos / c.block_size,
-                 b.max_blocks);
-        if (pos <= last[seq]) fail("%s: positions of sequence %d must increase within a batch (index %d)", f, seq, t);
-        last[seq] = pos;
-    }
-    // every block a token reads (positions 0..pos) must be a real block
-    for (int seq = 0; seq < b.n_seqs; seq++) {
-        const int32_t *table = b.block_tables + (size_t)seq * b.max_blocks;
-        for (int i = 0; last[seq] >= 0 && i <= last[seq] / c.block_size; i++)
-            if (table[i] < 0 || table[i] >= c.n_blocks)
-                fail("%s: block_tables[%d][%d] = %d out of range [0, %d)", f, seq, i, table[i], c.n_blocks);
-    }
-    for (int i = 0; i < b.n_logits; i++)
-        if (b.logits_rows[i] < 0 || b.logits_rows[i] >= b.n_tokens)
-            fail("%s: logits_rows[%d] = %d out of range [0, %d)", f, i, b.logits_rows[i], b.n_tokens);
-}
-
 void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
     std::lock_guard<std::mutex> lock(forward_mu_);
-    validate_batch(cache, b, logits);
+    const char *f = "tv_model_forward";
+    if (!finalized_) fail("%s: model is not finalized (call tv_model_finalize)", f);
+    if (cache.n_layer != p_.n_layer || cache.n_head_kv != p_.n_head_kv || cache.head_dim != p_.head_dim)
+        fail("%s: KV cache was made for a different model shape", f);
+    check_batch(f, cache, &b, p_.n_vocab, logits, s_.last_pos);
     const int T = b.n_tokens, E = p_.n_embd, half = p_.head_dim / 2;
 
     float *x = grow(s_.x, (size_t)T * E);

@@ -27,13 +27,12 @@ class Model {
     void set_tensor(const char *name, const tv_tensor &t);
     void finalize();
     bool finalized() const { return finalized_; }
-    // Validates the batch against the model and cache, then runs it.
+    // Validates the batch against the model and cache (check_batch), then runs it.
     void forward(KvCache &cache, const tv_batch &b, float *logits);
 
     const tv_model_params &params() const { return p_; }
 
    private:
-    void validate_batch(const KvCache &cache, const tv_batch &b, const float *logits);
     void run_layer(int l, KvCache &cache, const tv_batch &b);
 
     tv_model_params p_;
