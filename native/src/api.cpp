@@ -29,19 +29,6 @@ namespace tv {
 
 namespace {
 
-// Checks a caller-described tensor and turns it into a Weight.
-Weight check_tensor(const char *f, const tv_tensor *t) {
-    if (!t) fail("%s: tensor is null", f);
-    if (!dtype_known(t->dtype)) fail("%s: unsupported dtype %d (supported: %s)", f, t->dtype, dtype_names_supported());
-    if (t->rows <= 0 || t->cols <= 0) fail("%s: rows and cols must be > 0 (got %lld x %lld)", f, (long long)t->rows, (long long)t->cols);
-    const size_t rb = row_bytes(t->dtype, t->cols);
-    if (rb == 0) fail("%s: %lld columns is not a whole number of %s blocks", f, (long long)t->cols, dtype_name(t->dtype));
-    const size_t expect = checked_mul(rb, (size_t)t->rows, f);
-    if (t->nbytes != expect) fail("%s: nbytes %zu, expected %zu", f, t->nbytes, expect);
-    if (!t->data) fail("%s: tensor data is null", f);
-    return Weight{t->dtype, t->rows, t->cols, static_cast<const uint8_t *>(t->data), rb};
-}
-
 // Pools for the standalone kernels, one per thread count, kept for the process lifetime.
 ThreadPool &shared_pool(int n_threads) {
     static std::mutex mu;
@@ -210,7 +197,7 @@ int tv_model_forward(tv_model *model, tv_kv_cache *cache, const tv_batch *batch,
 int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n_threads) {
     return guard([&] {
         const char *f = "tv_matmul";
-        const Weight W = check_tensor(f, w);
+        const Weight W = check_weight(f, w);
         if (m < 0) fail("%s: m must be >= 0 (got %lld)", f, (long long)m);
         if (m == 0) return;
         if (!x || !y) fail("%s: x and y must not be null", f);
@@ -223,7 +210,7 @@ int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n
 int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *out) {
     return guard([&] {
         const char *f = "tv_dequantize_rows";
-        const Weight W = check_tensor(f, w);
+        const Weight W = check_weight(f, w);
         if (row0 < 0 || rows < 0 || row0 > W.rows || rows > W.rows - row0)
             fail("%s: rows [%lld, %lld) out of range [0, %lld)", f, (long long)row0, (long long)(row0 + rows), (long long)W.rows);
         if (rows > 0 && !out) fail("%s: out is null", f);

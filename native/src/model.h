@@ -14,6 +14,11 @@
 
 namespace tv {
 
+// The tensors outside the layers.
+struct GlobalWeights {
+    Weight token_embd, output_norm, output;  // output unset: tied to token_embd
+};
+
 struct LayerWeights {
     Weight attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, gate, up, down;
     Weight q_norm, k_norm;                 // params.qk_norm
@@ -38,7 +43,7 @@ class Model {
     tv_model_params p_;
     std::vector<float> inv_freq_, inv_freq_swa_;
     std::vector<uint8_t> swa_;  // [n_layer]: 1 = sliding-window layer
-    Weight token_embd_, output_norm_, output_;
+    GlobalWeights g_;
     std::vector<LayerWeights> layers_;
     bool finalized_ = false;
     std::unique_ptr<ThreadPool> pool_;
