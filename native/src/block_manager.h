@@ -44,7 +44,6 @@ public:
 
     int32_t num_blocks() const { return (int32_t)blocks_.size(); }
     int32_t block_size() const { return block_size_; }
-    bool prefix_caching() const { return caching_; }
     // Blocks a new allocation can take: free ones plus evictable cached ones.
     int32_t num_free_blocks() const { return (int32_t)free_.size() + lru_size_; }
     int32_t num_seqs() const { return (int32_t)seqs_.size(); }
