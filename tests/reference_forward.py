@@ -91,6 +91,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
         return inv
     if kind == "linear":                     # positions / factor  ==  inv_freq / factor
         return inv / factor
+    if kind == "freq_factors":               # GGUF rope_freqs.weight: llama.cpp's form of the llama3 rescaling
+        return inv / np.asarray(scaling["factors"], dtype=F64)
     if kind == "llama3":
         lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
         old_ctx = float(scaling["original_max_position_embeddings"])
@@ -256,8 +258,6 @@ class ReferenceModel:
         self.cfg, self.embed, self.norm, self.out, self.layers = cfg, embed, norm, out, layers
         self.metadata = metadata or {}
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.theta, cfg.rope_scaling)
-        if cfg.rope_scaling and cfg.rope_scaling.get("type") == "freq_factors":   # GGUF rope_freqs
-            self.inv_freq = self.inv_freq / cfg.rope_scaling["factors"]
         self.inv_freq_swa = rope_inv_freq(cfg.head_dim, cfg.theta_swa, None)
 
     # ---- constructors

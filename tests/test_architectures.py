@@ -62,6 +62,24 @@ def test_gguf_matches_reference(gguf_dir, arch, qtype):
     assert len(teacher_forced(ref, PROMPT_IDS[:12], out, f"{arch} {qtype}")) <= 1
 
 
+def test_llama3_rope_freqs_gguf_matches_reference(gguf_dir):
+    """Llama 3.x as llama.cpp converts it: the llama3 rope rescaling stored as per-frequency divisors in
+    rope_freqs.weight. The divisors must reach the forward (logits differ from the unscaled file) and
+    match the reference, which applies them once."""
+    spec = ta.SPECS["llama"]
+    factors = np.linspace(1.0, 8.0, spec.head_dim // 2)  # high frequencies kept, low ones slowed 8x
+    scaled = ta.write_gguf(gguf_dir / "llama3-rope.gguf", "llama", "Q8_0", rope_freqs=factors)
+    plain = ta.write_gguf(gguf_dir / "llama-plain.gguf", "llama", "Q8_0")
+    llm = LLM(scaled, threads=2)
+    got, want = prefill_logits(llm, PROMPT_IDS), ReferenceModel.from_gguf(scaled).prefill_logits(PROMPT_IDS)
+    assert cosines(got, want).min() > 0.999
+    unscaled = ReferenceModel.from_gguf(plain).prefill_logits(PROMPT_IDS)
+    assert cosines(want, unscaled).min() < 0.99  # the factors change the answer: the check above can fail
+    out = llm.generate({"prompt_token_ids": PROMPT_IDS[:12]},
+                       SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].token_ids
+    assert len(teacher_forced(ReferenceModel.from_gguf(scaled), PROMPT_IDS[:12], out, "llama3 rope_freqs")) <= 1
+
+
 def test_gguf_config_reading(gguf_dir):
     """What the loader reads from the tiny files: the features each architecture switches on."""
     from tinyvllm.model import load_model

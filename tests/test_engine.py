@@ -95,6 +95,26 @@ def test_abort_frees_blocks(llm):
     assert eng.scheduler.blocks.num_free_blocks == total and not eng.has_unfinished_requests()
 
 
+def test_max_num_seqs_bounds_batches_with_forks(reference_gguf_path, llm):
+    """n > 1 requests count all their sequences against max_num_seqs, forks not yet joined included."""
+    narrow = LLM(str(reference_gguf_path), threads=2, max_num_batched_tokens=64, max_num_seqs=4)
+    eng = narrow.engine
+    requests = [("Once upon a time", 2), ("The weather today", 2), ("In the beginning", 1), ("1, 2, 3,", 3)]
+    for i, (prompt, n) in enumerate(requests):
+        eng.add_request(str(i), prompt, SamplingParams(n=n, temperature=0.8, seed=i, max_tokens=10))
+    widest, outs = 0, {}
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+        widest = max(widest, len(eng.scheduler.running))
+    assert widest == 4  # the two n=2 requests run together; nothing more joins them
+    wide = llm.generate([p for p, _ in requests],
+                        [SamplingParams(n=n, temperature=0.8, seed=i, max_tokens=10) for i, (_, n) in enumerate(requests)])
+    assert [[c.token_ids for c in outs[str(i)].outputs] for i in range(4)] == [[c.token_ids for c in o.outputs] for o in wide]
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        narrow.generate("Hi", SamplingParams(n=5))
+    assert eng.scheduler.blocks.num_free_blocks == eng.scheduler.blocks.num_blocks
+
+
 def test_preemption_keeps_greedy_output(reference_gguf_path):
     """A KV pool too small for all requests at once forces preemption by recompute; tokens unchanged."""
     params = SamplingParams(max_tokens=40, **GREEDY)

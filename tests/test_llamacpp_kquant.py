@@ -19,6 +19,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q, GGUFReader
 
 import llama_cpp
+from llama_cpp_plain import Llama
 from reference_forward import ReferenceModel
 from test_generate import NEAR_TIE, teacher_forced_check
 from tinyvllm import LLM, SamplingParams
@@ -72,7 +73,7 @@ def check_against_llamacpp(path, llm, prompts, n=32):
     on the same weights) must put the two tokens closer together than llama.cpp's own logit error there."""
     ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                          SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))]
-    lc = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, logits_all=True,
+    lc = Llama(str(path), n_ctx=512, n_threads=2, n_threads_batch=2, logits_all=True,
                          verbose=False)
     ref = ReferenceModel.from_gguf(str(path))
     steps, agree, explained = 0, 0, []
@@ -94,7 +95,9 @@ def check_against_llamacpp(path, llm, prompts, n=32):
                               "llama.cpp logit error": round(lc_err, 4)})
         # the two engines read this file the same way: their logits agree closely everywhere
         cos = (theirs * exact).sum(1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(exact, axis=1)
-        assert cos.min() > 0.98, cos.min()  # measured 0.989 (SmolLM2); a misread layer or format gives far less
+        # measured on SmolLM2 Q4_K_M, llama.cpp's plain CPU path: median 0.997-0.9997, min 0.965 (one position of
+        # the code prompt, where llama.cpp's int8 activations err most); a misread layer or format gives far less
+        assert np.median(cos) > 0.995 and cos.min() > 0.94, (np.median(cos), cos.min())
     print(f"llama.cpp's argmax equals our token at {agree} of {steps} steps; the others: {explained}")
     assert agree >= 0.9 * steps, explained
     return ours

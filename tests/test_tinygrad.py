@@ -112,9 +112,9 @@ def test_copy_block_and_preemption_on_tiny_gguf(tmp_path):
     from tinyvllm.runner import TinygradModelRunner
     block_bytes = TinygradModelRunner.kv_bytes_per_block(load_model(path).config, 16, "float16")
     tight = LLM(path, device="tinygrad", threads=2, max_num_seqs=4, max_num_batched_tokens=64,
-                kv_cache_bytes=6 * block_bytes)
+                kv_cache_bytes=7 * block_bytes)
     runner = tight.engine.runner
-    assert runner.num_blocks == 6
+    assert runner.num_blocks == 6 and runner.kv_cache_bytes == 7 * block_bytes  # its padding block is paid for
     runner.min_tokens, runner.min_rows = 64, 4  # one graph for every step below (fewer captures)
     prompts = [f"the cat sat on the mat {i} times" for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)

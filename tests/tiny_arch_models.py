@@ -134,9 +134,10 @@ def _file_type(qtype: str) -> int:
 
 
 def write_gguf(path, arch: str, qtype: str = "Q8_0", *, seed: int = 0, tie: bool = True, spec: Spec | None = None,
-               embd_qtype: str | None = None, vocab: int | None = None) -> str:
+               embd_qtype: str | None = None, vocab: int | None = None, rope_freqs: np.ndarray | None = None) -> str:
     """A tiny GGUF of `arch` with 2-D weights in `qtype` (the embedding in embd_qtype, default qtype).
-    vocab: pad the vocabulary with unused tokens to this size (e.g. Gemma 3's 262,144)."""
+    vocab: pad the vocabulary with unused tokens to this size (e.g. Gemma 3's 262,144).
+    rope_freqs: a [head_dim/2] rope_freqs.weight tensor, as llama.cpp's converter writes Llama 3.x scaling."""
     import gguf
     spec = spec or SPECS[arch]
     path = str(path)
@@ -167,6 +168,8 @@ def write_gguf(path, arch: str, qtype: str = "Q8_0", *, seed: int = 0, tie: bool
         w.add_sliding_window_pattern(spec.pattern)
         w.add_rope_freq_base_swa(spec.theta_swa)
     tm.add_bpe_tokenizer(w, tokens, types, merges)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
 
     for hf, a in arch_weights(spec, vocab, seed=seed, tie=tie).items():
         name = gguf_name(hf, arch)

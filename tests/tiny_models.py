@@ -18,6 +18,8 @@ import struct
 
 import numpy as np
 
+from reference_forward import permute_qk  # noqa: F401  (used here and by tiny_arch_models)
+
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 160, 2, 4, 2, 16
 EPS, THETA, MAX_POS = 1e-5, 10000.0, 512
 EMBED_STD, FINAL_GAIN, OUT_GAIN = 0.25, 5.0, 3.0   # tuned: diverse greedy paths, few near-ties
@@ -131,11 +133,6 @@ def tiny_weights(vocab: int, *, seed: int = 0, arch: str = "llama", tie: bool = 
     if not tie:
         W["lm_head.weight"] = lm_head
     return W
-
-
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py permutation (HF half-split rows -> GGUF interleaved rows)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # ----------------------------------------------------------------------------- safetensors writer

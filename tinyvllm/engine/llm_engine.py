@@ -8,12 +8,12 @@ import numpy as np
 from ..model import load_model, resolve_model
 from ..model.quantize import quantize_weights
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from ..runner import NativeModelRunner, runner_for
+from ..runner import runner_for
 from ..sampler import Sampler, score_tokens
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
-from .memory import rss_bytes, heap_weight_bytes, plan_kv_blocks, workspace_bytes
+from .memory import RUNTIME_RESERVE_BYTES, heap_weight_bytes, plan_kv_blocks, rss_bytes
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -44,12 +44,14 @@ class LLMEngine:
         # What loading left resident besides weights (parsed metadata, tokenizer) is paid from the budget too.
         weight_bytes = sum(t.data.nbytes for t in self.weights.tensors.values())
         self.load_overhead_bytes = max(0, rss_bytes() - rss_before - heap_weight_bytes(self.weights.tensors.values()))
-        block_bytes = NativeModelRunner.kv_bytes_per_block(cfg, block_size, kv_cache_dtype)
+        # the runner says what it will allocate; the budget pays for exactly that
+        block_bytes = runner_cls.kv_bytes_per_block(cfg, block_size, kv_cache_dtype)
+        workspace = runner_cls.workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs)
         wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         num_blocks = plan_kv_blocks(
             weight_bytes=weight_bytes, block_bytes=block_bytes, memory_budget=memory_budget,
-            workspace=workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs) + self.load_overhead_bytes,
-            kv_cache_bytes=kv_cache_bytes,
+            workspace=workspace + RUNTIME_RESERVE_BYTES + self.load_overhead_bytes,
+            kv_cache_bytes=kv_cache_bytes, extra_blocks=runner_cls.extra_kv_blocks,
             default_kv_bytes=min(256 * 2**20, block_bytes * max_num_seqs * -(-wanted_len // block_size)))
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_model_len = min(wanted_len, num_blocks * block_size)
@@ -85,6 +87,8 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if params.n > self.scheduler.max_num_seqs:  # its sequences run together: it could never be admitted
+            raise ValueError(f"n={params.n} is more than this engine's max_num_seqs ({self.scheduler.max_num_seqs})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_model_len is "
                              f"{self.max_model_len}, which leaves no room to generate")

@@ -19,17 +19,6 @@ def parse_bytes(value) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
-    """Activation scratch of one step (native buffers grow to this) plus logits and sampler copies."""
-    q_kv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    rope = cfg.head_dim if getattr(cfg, "sliding_window", 0) else 0  # the sliding layers' own RoPE cos + sin
-    per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim + rope)
-    # logits rows scale with the vocabulary (262,144 for Gemma 3: 1 MiB per sequence per copy): a step's
-    # logits (one row per sampled sequence, plus up to max_num_seqs prompt positions scored for prompt
-    # logprobs), the sampled rows gathered out of them, and the sampler's scratch
-    return max_num_batched_tokens * per_token + 4 * max_num_seqs * cfg.vocab_size * 4 + RUNTIME_RESERVE_BYTES
-
-
 # Measured on the reference model: Python objects of running requests and sampler copies grow the heap by
 # ~4 MiB over a long run, and code pages of the native core and tokenizer fault in on first use (~2 MiB).
 RUNTIME_RESERVE_BYTES = 8 * 2**20
@@ -59,9 +48,10 @@ def heap_weight_bytes(tensors) -> int:
 
 
 def plan_kv_blocks(*, weight_bytes: int, block_bytes: int, workspace: int, memory_budget=None,
-                   kv_cache_bytes=None, default_kv_bytes: int) -> int:
-    """Number of KV blocks: from kv_cache_bytes if given, else what the budget leaves after weights
-    and workspace, else a default. Refuses budgets that cannot hold the weights."""
+                   kv_cache_bytes=None, default_kv_bytes: int, extra_blocks: int = 0) -> int:
+    """Number of usable KV blocks: from kv_cache_bytes if given, else what the budget leaves after weights
+    and workspace, else a default; the extra_blocks a runner allocates beyond them are paid from the same
+    bytes. Refuses budgets that cannot hold the weights."""
     if kv_cache_bytes is not None:
         kv = parse_bytes(kv_cache_bytes)
     elif memory_budget is not None:
@@ -74,7 +64,7 @@ def plan_kv_blocks(*, weight_bytes: int, block_bytes: int, workspace: int, memor
         kv = budget - fixed
     else:
         kv = default_kv_bytes
-    blocks = kv // block_bytes
+    blocks = kv // block_bytes - extra_blocks
     if blocks < 1:
         raise ValueError(f"KV cache of {kv} bytes holds no block of {block_bytes} bytes")
     return int(blocks)

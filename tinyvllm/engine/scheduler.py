@@ -123,8 +123,7 @@ class Scheduler:
         return n
 
     def _can_admit(self, seq: Sequence, budget: int) -> bool:
-        return (budget > 0 and len(self.running) < self.max_num_seqs
-                and (self._rows_left > 0 or not seq.needs_prompt_logprobs))
+        return budget > 0 and self._has_room(seq) and (self._rows_left > 0 or not seq.needs_prompt_logprobs)
 
     @staticmethod
     def _allocate_kind(seq: Sequence) -> int:
@@ -135,6 +134,12 @@ class Scheduler:
         # marks what the last step computed, then slots for every token (the sampled one included)
         seq, _, row = entry
         return (APPEND, len(seq), seq.num_computed_tokens, row, seq.seq_id, 0, seq.tokens_address)
+
+    def _has_room(self, seq: Sequence) -> bool:
+        """Admitting seq keeps at most max_num_seqs running once every fork has joined: the running
+        sequences, the siblings still to fork from them, and seq's own group."""
+        group = lambda s: 1 + len(self._forks.get(s.seq_id, ()))
+        return sum(map(group, self.running)) + group(seq) <= self.max_num_seqs
 
     def _admit_more(self, plan: list, tables: np.ndarray, budget: int) -> np.ndarray:
         """Admit further waiting sequences, one call each (their cached prefixes decide the budget left)."""
@@ -216,9 +221,11 @@ class Scheduler:
             self._free_op(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        for children in self._forks.values():
+        for parent_id, children in list(self._forks.items()):
             if seq in children:
                 children.remove(seq)
+            if not children or parent_id == seq.seq_id:
+                del self._forks[parent_id]
         seq.status = SequenceStatus.FINISHED
 
     def flush(self) -> None:

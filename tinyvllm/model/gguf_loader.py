@@ -196,9 +196,10 @@ def _load(path: Path) -> ModelWeights:
     # models converted from checkpoints with q/k/v biases keep them as blk.N.attn_q.bias.
     cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in tensors,
                               attention_bias=cfg.attention_bias or "blk.0.attn_q.bias" in tensors)
-    validate_weights(cfg, tensors, where="GGUF")
+    forward_tensors = validate_weights(cfg, tensors, where="GGUF")
     if "rope_freqs.weight" in tensors:  # llama.cpp's form of Llama-3 rope scaling: per-frequency divisors
         cfg.rope_scaling = {"rope_type": "freq_factors",
                             "factors": tensors["rope_freqs.weight"].dequantize().tolist()}
+    tensors = forward_tensors
     return ModelWeights(config=cfg, tensors=tensors, metadata=md, source=str(md.get("general.name") or path.stem),
                         kind="gguf", path=path)

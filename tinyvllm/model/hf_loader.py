@@ -150,5 +150,5 @@ def load_hf_dir(path) -> ModelWeights:
     if cfg.tie_word_embeddings or "output.weight" not in tensors:
         tensors.pop("output.weight", None)
         cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
-    validate_weights(cfg, tensors, where=str(d))
+    tensors = validate_weights(cfg, tensors, where=str(d))
     return ModelWeights(config=cfg, tensors=tensors, metadata={}, source=d.name, kind="hf", path=d)

@@ -144,9 +144,11 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], dict[str, tuple
 _BLOCK_RE = re.compile(r"blk\.\d+\.")
 
 
-def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: str = "model") -> None:
+def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: str = "model") -> dict[str, WeightTensor]:
     """Every expected tensor exists with its expected shape; no per-layer tensor we would silently ignore
-    (an o_proj bias, an mlp bias, a q/k norm, a layer past num_layers: all change the math)."""
+    (an o_proj bias, an mlp bias, a q/k norm, a layer past num_layers: all change the math).
+    Returns the tensors the forward pass reads: the others (rope_freqs, which the config holds, and
+    unknown global tensors) never reach a runner."""
     req, opt = expected_shapes(cfg)
     for name, shape in req.items():
         if name not in tensors:
@@ -160,3 +162,4 @@ def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: 
             continue  # unknown global tensors are harmless
         if t.shape != shape:
             raise ModelFormatError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+    return {name: t for name, t in tensors.items() if name in req or name == "output.weight"}

@@ -5,8 +5,9 @@ import time
 import numpy as np
 
 from .._native import NativeError, check, ffi, lib, ptr
+from .kv_cache import canonical_kv_dtype, kv_bytes_per_block
 
-KV_DTYPES = {"float16": 1, "fp16": 1, "float32": 0, "fp32": 0}
+_KV_DTYPE_CODES = {"float16": 1, "float32": 0}  # the native tv_kv_cache_create codes
 
 
 def default_threads() -> int:
@@ -22,7 +23,14 @@ def default_threads() -> int:
 
 
 class NativeModelRunner:
-    """Owns a native tv_model (borrowing the numpy weight arrays) and its paged KV cache."""
+    """Owns a native tv_model (borrowing the numpy weight arrays) and its paged KV cache.
+
+    What every runner tells the engine before it is built, so that the memory budget pays for what
+    the runner really allocates: kv_bytes_per_block, extra_kv_blocks (blocks it allocates beyond the
+    usable ones) and workspace_bytes (the scratch one step needs at the engine's batch limits)."""
+
+    kv_bytes_per_block = staticmethod(kv_bytes_per_block)
+    extra_kv_blocks = 0
 
     def __init__(self, weights, num_blocks: int, block_size: int = 16, kv_dtype: str = "float16",
                  threads: int | None = None):
@@ -56,17 +64,24 @@ class NativeModelRunner:
                                                 data=ffi.cast("void *", data.ctypes.data), nbytes=data.nbytes))
             check(lib.tv_model_set_tensor(self._model, name.encode(), desc))
         check(lib.tv_model_finalize(self._model))
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
+        code = _KV_DTYPE_CODES[canonical_kv_dtype(kv_dtype)]
         cache = ffi.new("tv_kv_cache **")
-        check(lib.tv_kv_cache_create(self._model, num_blocks, block_size, KV_DTYPES[kv_dtype], cache))
+        check(lib.tv_kv_cache_create(self._model, num_blocks, block_size, code, cache))
         self._cache = ffi.gc(cache[0], lib.tv_kv_cache_free)
         self.last_forward_s = 0.0  # wall time of the last native forward call (benchmarks: Python overhead)
 
     @staticmethod
-    def kv_bytes_per_block(cfg, block_size: int, kv_dtype: str = "float16") -> int:
-        elt = 2 if KV_DTYPES.get(kv_dtype, 1) == 1 else 4
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elt
+    def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        """The native activation scratch of one step (its buffers grow to this), the logits rows and
+        the sampler's copies of them."""
+        q_kv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        rope = cfg.head_dim if getattr(cfg, "sliding_window", 0) else 0  # the sliding layers' own RoPE cos + sin
+        per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim
+                         + rope)
+        # logits rows scale with the vocabulary (262,144 for Gemma 3: 1 MiB per sequence per copy): a step's
+        # logits (one row per sampled sequence, plus up to max_num_seqs prompt positions scored for prompt
+        # logprobs), the sampled rows gathered out of them, and the sampler's scratch
+        return max_num_batched_tokens * per_token + 4 * max_num_seqs * cfg.vocab_size * 4
 
     @property
     def kv_cache_bytes(self) -> int:

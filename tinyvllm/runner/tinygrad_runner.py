@@ -21,12 +21,13 @@ import math
 import numpy as np
 
 from ..model.weights import F16, F32, Q4_0, Q4_1, Q8_0, QUANT_BLOCKS
+from .kv_cache import canonical_kv_dtype, kv_bytes_per_block
+from .native_runner import NativeModelRunner
 
 GRAPH_QUANT = (Q4_0, Q4_1, Q8_0)  # GGUF blocks the graph unpacks itself
 
 INSTALL_HINT = ("device='tinygrad' needs tinygrad: `pip install tinyvllm[gpu]` (Python >= 3.11); "
                 "its CPU device also needs clang on PATH (e.g. `apt-get install -y clang`)")
-KV_DTYPES = {"float16": "float16", "fp16": "float16", "float32": "float32", "fp32": "float32"}
 MAX_TOKEN_WRITES = 16  # steps up to this many tokens store K/V row by row; bigger ones rewrite the pool
 # The graph below is the LLaMA block (+ Qwen2 biases). qwen3's q/k norms and gemma3's block (post norms,
 # GELU, scales, sliding-window masks with their own RoPE) run on the native core (device="cpu") only.
@@ -64,8 +65,7 @@ class TinygradModelRunner:
         import_tinygrad()
         from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
         self.Tensor, self.TinyJit, self.UOp, self.dtypes = Tensor, TinyJit, UOp, dtypes
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
+        kv_dtype = canonical_kv_dtype(kv_dtype)
         try:  # DEV=CUDA / DEV=METAL / DEV=CPU (tinygrad's own convention) picks Device.DEFAULT
             self.device = Device.canonicalize(device or Device.DEFAULT)
             Device[self.device]
@@ -79,7 +79,7 @@ class TinygradModelRunner:
         self.threads = threads  # unused: tinygrad's devices schedule their own work; kept for the interface
         # fp16 math where the device does it well; the CPU device gets fp32 (clang's half is emulated)
         self.cdtype = dtypes.float32 if self.device.startswith("CPU") else dtypes.float16
-        self.kv_dtype = getattr(dtypes, KV_DTYPES[kv_dtype])
+        self.kv_dtype = getattr(dtypes, kv_dtype)
         self.inv_freq = cfg.rope_inv_freq().astype(np.float64)
         self.w = {name: self._upload(t) for name, t in weights.tensors.items()}
         self.lm_head = "output.weight" if "output.weight" in self.w else "token_embd.weight"
@@ -92,10 +92,13 @@ class TinygradModelRunner:
         self.jits = {}  # (tokens, blocks, rows) bucket -> TinyJit of _step
         self._copy_jit = TinyJit(self._copy_step)
 
+    kv_bytes_per_block = staticmethod(kv_bytes_per_block)
+    extra_kv_blocks = 1  # the write-only block that padded token slots write into
+
     @staticmethod
-    def kv_bytes_per_block(cfg, block_size: int, kv_dtype: str = "float16") -> int:
-        elt = 2 if KV_DTYPES.get(kv_dtype, "float16") == "float16" else 4
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elt
+    def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        """As the native runner's, at the padded (power-of-two) shapes the JIT runs."""
+        return NativeModelRunner.workspace_bytes(cfg, bucket(max_num_batched_tokens), bucket(max_num_seqs))
 
     @property
     def kv_cache_bytes(self) -> int:
