@@ -233,6 +233,9 @@ def test_constructed_like_llm(reference_gguf_path, alone):
         out = llm.submit(PROMPTS[5], SamplingParams(max_tokens=MAX_TOKENS[5], **GREEDY)).result(300)
         assert out.outputs[0].token_ids == alone[5]
         llm.pause()
+        dropped = llm.submit(PROMPTS[7], SamplingParams(max_tokens=4, **GREEDY))
+        assert llm.num_waiting == 1 and dropped.cancel() and dropped.cancelled()  # cancelled in the inbox
+        assert llm.num_waiting == 0 and llm.aborted[-1] == (dropped.request_id, 0)
         pending = llm.submit(PROMPTS[6], SamplingParams(max_tokens=4, **GREEDY))
     with pytest.raises(RuntimeError, match="shut down"):
         pending.result(60)

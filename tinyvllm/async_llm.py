@@ -328,9 +328,14 @@ class AsyncLLM:
             while True:
                 with self._lock:
                     paused = self._paused and not self._stopping
-                    adds, aborts, stopping = [] if paused else self._adds, self._aborts, self._stopping
-                    self._adds = self._adds if paused else []
-                    self._aborts, self._in_transit = [], len(adds)
+                    aborts, stopping, self._aborts = self._aborts, self._stopping, []
+                    if paused:  # only what is being aborted leaves the inbox (to end its stream properly)
+                        gone = {rid for rids, _, _ in aborts for rid in rids}
+                        adds = [a for a in self._adds if a[0] in gone]
+                        self._adds = [a for a in self._adds if a[0] not in gone]
+                    else:
+                        adds, self._adds = self._adds, []
+                    self._in_transit = len(adds)
                 for rid, prompt, params, arrival, sink in adds:
                     self._streams[rid] = sink
                     try:
