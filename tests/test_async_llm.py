@@ -241,3 +241,32 @@ def test_constructed_like_llm(reference_gguf_path, alone):
         pending.result(60)
     with pytest.raises(RuntimeError, match="shut down"):
         llm.submit(PROMPTS[6])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failing_engine_fails_every_caller(reference_gguf_path):
+    """A step that raises ends the engine thread: every stream and handle gets the error (none waits
+    forever), and new requests are refused at once."""
+    engine = LLMEngine(str(reference_gguf_path), threads=1, max_model_len=256, max_num_seqs=4)
+
+    def broken_forward(*args):
+        raise RuntimeError("boom")
+    engine.runner.forward = broken_forward
+    llm = AsyncLLM.from_engine(engine, start=False)
+    handle = llm.submit(PROMPTS[0], SamplingParams(max_tokens=4, **GREEDY))
+
+    async def stream():
+        gen = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4, **GREEDY))
+        llm.start()
+        async for _ in gen:
+            pass
+
+    with pytest.raises(RuntimeError, match="engine failed.*boom"):
+        asyncio.run(stream())
+    with pytest.raises(RuntimeError, match="engine failed.*boom"):
+        handle.result(60)
+    llm.shutdown()  # joins the (dying) engine thread
+    assert isinstance(llm.error, RuntimeError) and not llm.alive
+    with pytest.raises(RuntimeError, match="engine failed"):
+        llm.submit(PROMPTS[2])
+    assert not handle.cancel()  # already done: returns at once

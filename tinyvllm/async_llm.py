@@ -323,7 +323,7 @@ class AsyncLLM:
                 on_done()
 
     def _run(self) -> None:
-        eng = self.engine
+        eng, aborts = self.engine, []
         try:
             while True:
                 with self._lock:
@@ -373,4 +373,7 @@ class AsyncLLM:
         except BaseException as e:  # a broken step must not leave every caller waiting forever
             self.error = e
             self._close_inbox(RuntimeError(f"the engine failed: {e!r}"))
+            for _, _, on_done in aborts:  # taken from the inbox before the failure (a second call is harmless)
+                if on_done:
+                    on_done()
             raise
