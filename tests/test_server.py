@@ -17,7 +17,7 @@ import uvicorn
 
 from tinyvllm import LLMEngine, SamplingParams
 from tinyvllm.server.api import build_app
-from tinyvllm.server.async_engine import AsyncEngine
+from tinyvllm.async_llm import AsyncLLM
 
 from child_process import child_env, python_cmd
 from serve_process import start_server, stop_server
@@ -81,7 +81,7 @@ def ref(engine):
 
 @pytest.fixture(scope="module")
 def aeng(engine, ref):
-    a = AsyncEngine(engine).start()
+    a = AsyncLLM.from_engine(engine)
     yield a
     a.shutdown()
 
@@ -409,7 +409,7 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
                     kv_cache_bytes=12 * 16 * 23040)
     assert eng.scheduler.blocks.num_blocks == 12
     app = build_app(eng, MODEL)
-    live, aeng = LiveServer(app), app.state.async_engine
+    live, aeng = LiveServer(app), app.state.async_llm
     try:
         scrape = lambda: httpx.get(live.url + "/metrics").text
         text = scrape()

@@ -61,5 +61,5 @@ def run(a) -> int:
     server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                    timeout_graceful_shutdown=a.shutdown_grace))
     server.run()
-    app.state.async_engine.shutdown()  # already stopped unless the shutdown was forced (a second Ctrl-C)
+    app.state.async_llm.shutdown()  # already stopped unless the shutdown was forced (a second Ctrl-C)
     return 0 if server.started else 1
