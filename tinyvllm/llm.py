@@ -54,6 +54,8 @@ class LLM:
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion as it is generated (pieces concatenate to the full text)."""
+        if sampling_params is not None and sampling_params.n > 1:  # one stream of text has room for one completion
+            raise ValueError(f"stream() yields one completion; n={sampling_params.n} needs generate()")
         rid = self.engine.add_request(None, prompt, sampling_params)
         sent = 0
         try:
