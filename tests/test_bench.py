@@ -111,13 +111,14 @@ def test_parse_prometheus():
 
 # ---- offline runs on the reference model ------------------------------------------------------------
 def _args(tmp_path, *extra):
-    return ["bench", "--input-len", "6-20", "--output-len", "3-9", "--seed", "5", "--ignore-eos", "--threads", "1",
+    return ["bench", "--input-len", "6-20", "--output-len", "3-9", "--seed", "5", "--ignore-eos",
             "--no-progress", "--output-json", str(tmp_path / "r.json"), "--output-md", str(tmp_path / "r.md"),
             "--plot", str(tmp_path / "r.png"), *extra]
 
 
 def test_offline_run_writes_json_md_png(reference_gguf_path, tmp_path, capsys):
-    assert main(_args(tmp_path, "--model", str(reference_gguf_path), "--num-prompts", "5", "--request-rate", "50")) == 0
+    assert main(_args(tmp_path, "--model", str(reference_gguf_path), "--threads", "1", "--num-prompts", "5",
+                      "--request-rate", "50")) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     (run,) = report["runs"]
     expected = random_workload(5, (6, 20), (3, 9), vocab_size=49152, seed=5)  # regenerated independently
@@ -136,7 +137,7 @@ def test_offline_run_writes_json_md_png(reference_gguf_path, tmp_path, capsys):
 
 
 def test_memory_budget_sweep(reference_gguf_path, tmp_path):
-    args = _args(tmp_path, "--model", str(reference_gguf_path), "--num-prompts", "4",
+    args = _args(tmp_path, "--model", str(reference_gguf_path), "--threads", "1", "--num-prompts", "4",
                  "--memory-budget", "50MB,200MB,300MB",
                  "--max-concurrency", "4")
     assert main(args) == 0
