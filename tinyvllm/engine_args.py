@@ -45,8 +45,8 @@ class EngineArgs:
         g.add_argument("--kv-cache-memory-bytes", default=d.kv_cache_memory_bytes,
                        help="KV pool size, e.g. 64MB, instead of what --memory-budget leaves "
                             "(default: enough for --max-num-seqs full-length sequences, at most 256 MiB)")
-        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["float16", "float32"],
-                       help="element type of the KV cache")
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
+                       help="element type of the KV cache: float16 or float32 (the runners check it)")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
         g.add_argument("--max-model-len", type=int, default=d.max_model_len,
                        help="context length per sequence, prompt + output (default: the model's, bounded by "
