@@ -168,14 +168,14 @@ def served(reference_gguf_path):
     import uvicorn
     from tinyvllm import LLMEngine
     from tinyvllm.server.api import build_app
-    from tinyvllm.server.async_engine import AsyncEngine
+    from tinyvllm.async_llm import AsyncLLM
     engine = LLMEngine(str(reference_gguf_path), threads=2, max_model_len=256, max_num_seqs=4,
                        max_num_batched_tokens=16)
     ctx, cont = "Question: What is the capital of France?\nAnswer:", " Paris is the capital."
     ref = {"score": offline(engine, ctx + cont, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3)),
            "gen": offline(engine, ctx, SamplingParams(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=2)),
            "ctx": ctx, "cont": cont}
-    aeng = AsyncEngine(engine).start()
+    aeng = AsyncLLM.from_engine(engine)
     server = uvicorn.Server(uvicorn.Config(build_app(aeng, "m"), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

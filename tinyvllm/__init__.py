@@ -6,14 +6,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # LLM / LLMEngine load the native core: import them lazily so `import tinyvllm` stays light.
+    # LLM / AsyncLLM / LLMEngine load the native core: import them lazily so `import tinyvllm` stays light.
     if name == "LLM":
         from .llm import LLM
         return LLM
+    if name == "AsyncLLM":
+        from .async_llm import AsyncLLM
+        return AsyncLLM
     if name == "LLMEngine":
         from .engine import LLMEngine
         return LLMEngine
     raise AttributeError(f"module 'tinyvllm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "AsyncLLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]

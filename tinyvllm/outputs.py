@@ -56,7 +56,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None  # per generated token: {token_id: logprob}
-    finish_reason: str | None = None                 # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "deadline" (SamplingParams.deadline_s passed) | None while running
+    finish_reason: str | None = None
     stop_reason: int | str | None = None             # the stop string or stop token id that ended it
 
     def finished(self) -> bool:

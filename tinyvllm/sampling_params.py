@@ -39,6 +39,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Not in vLLM: seconds from submission after which the request ends with what it has generated
+    # (finish_reason "deadline") and its KV blocks are freed; met within one engine step of its time.
+    deadline_s: float | None = None
 
     def __post_init__(self):
         self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
@@ -73,6 +76,8 @@ class SamplingParams:
         need(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and
                                              0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
              f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs}.")
+        need(self.deadline_s is None or (isinstance(self.deadline_s, (int, float)) and self.deadline_s > 0),
+             f"deadline_s must be a positive number of seconds or None, got {self.deadline_s!r}.")
         need(all(isinstance(s, str) and s for s in self.stop), "stop cannot contain an empty string.")
         need(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
         # n identical greedy completions are pointless; vLLM rejects them too

@@ -87,6 +87,11 @@ class NativeModelRunner:
     def kv_cache_bytes(self) -> int:
         return lib.tv_kv_cache_bytes(self._cache)
 
+    @property
+    def kernel_path(self) -> str:
+        """The matmul kernels in use ("avx512vnni", "neon_dotprod", "scalar", ...)."""
+        return ffi.string(lib.tv_kernel_path()).decode()
+
     def copy_block(self, src: int, dst: int) -> None:
         check(lib.tv_kv_cache_copy_block(self._cache, src, dst))
 

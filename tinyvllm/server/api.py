@@ -1,4 +1,4 @@
-"""build_app: the FastAPI app of the OpenAI-compatible server, over one AsyncEngine.
+"""build_app: the FastAPI app of the OpenAI-compatible server, over one AsyncLLM.
 
 Every error leaves as OpenAI's shape {"error": {"message", "type", "param", "code"}}: bad fields 400
 (FastAPI's 422 included), wrong API key 401, unknown model 404, full waiting queue 429."""
@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..async_llm import AsyncLLM
 from ..engine import LLMEngine
-from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -58,12 +58,12 @@ def _conversation(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_key: str | None = None,
+def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: str | None = None,
               max_waiting: int = 256) -> FastAPI:
-    """An app serving `engine`. Given an LLMEngine, the app owns an AsyncEngine over it (started and
-    stopped with the app); given an AsyncEngine, several apps may share it and it is only started."""
+    """An app serving `engine`. Given an LLMEngine, the app owns an AsyncLLM over it (started and
+    stopped with the app); given an AsyncLLM, several apps may share it and it is only started."""
     owned = isinstance(engine, LLMEngine)
-    aeng = AsyncEngine(engine) if owned else engine
+    aeng = AsyncLLM.from_engine(engine, start=False) if owned else engine
     tok, max_len, vocab = aeng.engine.tokenizer, aeng.engine.max_model_len, aeng.engine.config.vocab_size
     metrics = ServerMetrics(aeng)
 
@@ -75,7 +75,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
             aeng.shutdown()
 
     app = FastAPI(title="tinyvllm", lifespan=lifespan)
-    app.state.async_engine, app.state.metrics = aeng, metrics
+    app.state.async_llm, app.state.metrics = aeng, metrics
     if api_key is not None:
         app.add_middleware(_APIKeyCheck, api_key=api_key)
 
@@ -187,7 +187,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
     async def respond(body, prompts: list[dict], params, chat: bool, request: Request):
         admit(len(prompts))
         try:
-            outputs = aeng.generate(prompts, params)  # queued now: the next admit() counts these
+            outputs = aeng.generate_batch(prompts, params)  # queued now: the next admit() counts these
         except RuntimeError as e:  # shutting down, or the engine thread died
             raise APIError(503, str(e), "service_unavailable") from e
         usage = {"prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts)}
