@@ -11,6 +11,7 @@ from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..runner import runner_for
 from ..sampler import Sampler
 from ..sampling_params import SamplingParams
+from ..structured import StructuredOutputs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .memory import RUNTIME_RESERVE_BYTES, heap_weight_bytes, plan_kv_blocks, rss_bytes
@@ -60,6 +61,7 @@ class LLMEngine:
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
                                    max_num_batched_tokens, self.max_model_len, self.eos_token_ids)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
+        self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads)
         self.requests: dict[str, _Request] = {}
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
         # cumulative counters for serving metrics; last_batch_size = sequences in the latest step
@@ -91,9 +93,12 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_model_len is "
                              f"{self.max_model_len}, which leaves no room to generate")
+        matchers = ([None] * params.n if params.structured_outputs is None else  # ValueError if invalid
+                    self.structured.matchers(params.structured_outputs, params.n))
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params,
-                         IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens), now)
+                         IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens), now,
+                         matchers[i])
                 for i in range(params.n)]
         self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
         self.scheduler.add(seqs)
@@ -123,7 +128,8 @@ class LLMEngine:
         logits = self.runner.forward(*batch.model_inputs())
         if len(batch.sample_rows) > len(logits):  # n > 1 forks sample from their parent's row
             logits = logits[batch.sample_rows]
-        results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids) if batch.sampled else []
+        results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids,
+                                      self.structured.token_bitmask(batch.sampled)) if batch.sampled else []
         sampled = self.scheduler.postprocess(batch, results)
         self._record(batch, sampled)
         return [self._output(self.requests.pop(rid) if self._done(rid) else self.requests[rid])
