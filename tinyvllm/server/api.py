@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engine import LLMEngine
+from ..structured import compile_grammar
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -124,6 +125,10 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
                            f"{want} tokens ({len(ids)} in the prompt, {max_tokens or 1} for the completion).",
                            param="max_tokens" if len(ids) < max_len else field, code="context_length_exceeded")
 
+    def check_constraint(params) -> None:
+        if params.structured_outputs is not None:  # a schema llguidance rejects: 400 now, not mid-stream
+            compile_grammar(params.structured_outputs)
+
     def admit(num_prompts: int) -> None:
         if not aeng.alive:
             raise APIError(503, "The engine is not running.", "service_unavailable")
@@ -228,6 +233,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         params = body.to_params()
+        check_constraint(params)
         p = body.prompt
         items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not items:
@@ -242,6 +248,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         params = body.to_params()
+        check_constraint(params)
         text = tok.apply_chat_template(_conversation(body.messages), add_generation_prompt=body.add_generation_prompt)
         ids = tok.encode(text, add_special_tokens=False)  # the template already wrote any BOS it wants
         check_prompt(ids, params.max_tokens, "messages")

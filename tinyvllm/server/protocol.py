@@ -1,10 +1,10 @@
 """Request bodies of the OpenAI API (the fields tinyvllm honours) and their mapping to SamplingParams.
 Unknown fields are ignored like OpenAI does; wrong types fail validation (a 400 in api.py)."""
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class _Body(BaseModel):
@@ -13,6 +13,28 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")  # "schema" would shadow BaseModel's
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None or self.json_schema.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return StructuredOutputsParams(json=self.json_schema.json_schema)
 
 
 class _Sampling(_Body):
@@ -35,10 +57,20 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extra body: StructuredOutputsParams' fields
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        from_format = self.response_format.structured_outputs() if self.response_format else None
+        if from_format is not None and self.structured_outputs is not None:
+            raise ValueError("response_format and structured_outputs both constrain the output: give one")
+        if self.structured_outputs is not None:
+            return StructuredOutputsParams.from_dict(self.structured_outputs)
+        return from_format
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams validates every value; its ValueError becomes a 400."""
-        return SamplingParams(
+        return SamplingParams(structured_outputs=self.constraint(),
             n=self.n, best_of=self.best_of, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             include_stop_str_in_output=self.include_stop_str_in_output, presence_penalty=self.presence_penalty,
