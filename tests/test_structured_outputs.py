@@ -38,7 +38,8 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
         return {"type": "boolean"}
     if kind == "array":
         lo = rng.randint(0, 2)
-        return {"type": "array", "items": random_schema(rng, depth + 1), "minItems": lo, "maxItems": lo + rng.randint(0, 2)}
+        return {"type": "array", "items": random_schema(rng, depth + 1), "minItems": lo,
+                "maxItems": lo + rng.randint(0, 2)}
     return random_object(rng, depth + 1)
 
 
@@ -75,7 +76,8 @@ FREE_PROMPTS = ["The weather today is", "Once upon a time", "My favourite food i
 def batched(llm):
     """Every schema greedy and sampled, and free greedy prompts, all in one generate call (one batch)."""
     prompts = [prompt_for(s, i) for i, s in enumerate(SCHEMAS)] * 2 + FREE_PROMPTS
-    params = ([json_params(s, **GREEDY) for s in SCHEMAS] + [json_params(s, seed=i, **SAMPLED) for i, s in enumerate(SCHEMAS)]
+    params = ([json_params(s, **GREEDY) for s in SCHEMAS]
+              + [json_params(s, seed=i, **SAMPLED) for i, s in enumerate(SCHEMAS)]
               + [SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY)] * len(FREE_PROMPTS))
     outs = [o.outputs[0] for o in llm.generate(prompts, params)]
     n = len(SCHEMAS)

@@ -16,4 +16,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'tinyvllm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams",
+           "RequestOutput", "CompletionOutput", "RequestMetrics"]

@@ -13,11 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..chat_template import select_template
 from ..engine import LLMEngine
 from ..structured import compile_grammar
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .tools import template_uses_tools
 
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 _OPEN_PATHS = {"/health", "/metrics"}  # monitoring stays reachable without the API key
@@ -172,7 +174,15 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
                         len(c.token_ids) for c in out.outputs)
         usage["total_tokens"] = usage["prompt_tokens"] + usage.setdefault("completion_tokens", 0)
 
-    async def respond(body, prompts: list[dict], params, chat: bool, request: Request):
+    def message(text: str, finish, tools):
+        """A chat answer's message and finish_reason: with tools, a tool call becomes tool_calls."""
+        content, calls = tools.parse(text) if tools is not None and finish != "length" else (text, [])
+        msg = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"], finish = calls, "tool_calls"
+        return msg, finish
+
+    async def respond(body, prompts: list[dict], params, chat: bool, request: Request, tools=None):
         admit(len(prompts))
         try:
             outputs = aeng.generate(prompts, params)  # queued now: the next admit() counts these
@@ -183,7 +193,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
                 "model": served_model_name}
         top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
         if body.stream:
-            return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage),
+            return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage, tools),
                                      media_type="text/event-stream")
         choices = {}  # choice index -> [text, token ids, logprobs, finish, stop_reason]
         async with aclosing(deltas(outputs, params.n, usage)) as updates:
@@ -198,20 +208,35 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
         out = []
         for i, (text, toks, lps, finish, stop) in sorted(choices.items()):
             lp = logprobs_json(chat, toks, lps, top, 0) if params.logprobs is not None else None
-            body_part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            if chat:
+                msg, finish = message(text, finish, tools)
+                body_part = {"message": msg}
+            else:
+                body_part = {"text": text}
             out.append({"index": i, **body_part, "logprobs": lp, "finish_reason": finish, "stop_reason": stop})
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
 
-    async def sse(body, outputs, num_prompts, params, chat, head, top, usage):
+    async def sse(body, outputs, num_prompts, params, chat, head, top, usage, tools=None):
+        """With tools, each answer is held back and sent whole when it finishes: only then is it known
+        to be a tool call or text (its logprobs are not streamed)."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         event = lambda choices, **extra: f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
         if chat:  # the role first, like OpenAI
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(num_prompts * params.n)])
-        offsets = {}
+        offsets, held = {}, {}
         try:
             async with aclosing(deltas(outputs, params.n, usage)) as updates:
                 async for i, text, toks, lps, finish, stop in updates:
+                    if tools is not None:
+                        held[i] = held.get(i, "") + text
+                        if finish:
+                            msg, finish = message(held.pop(i), finish, tools)
+                            delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]}
+                                     if "tool_calls" in msg else {"content": msg["content"]})
+                            yield event([{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish,
+                                          "stop_reason": stop}])
+                        continue
                     lp = None
                     if lps is not None:
                         lp = logprobs_json(chat, toks, lps, top, offsets.get(i, 0))
@@ -247,12 +272,19 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        params = body.to_params()
+        tools = body.tool_calling()
+        params = body.to_params(tools)
         check_constraint(params)
-        text = tok.apply_chat_template(_conversation(body.messages), add_generation_prompt=body.add_generation_prompt)
+        conversation, extra = _conversation(body.messages), {}
+        if tools is not None and tools.active:
+            supported = template_uses_tools(select_template(tok.chat_templates, None, tools.tools))
+            conversation = tools.messages(conversation, supported)
+            extra = {"tools": tools.tools} if supported else {}
+        text = tok.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt, **extra)
         ids = tok.encode(text, add_special_tokens=False)  # the template already wrote any BOS it wants
         check_prompt(ids, params.max_tokens, "messages")
-        return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request)
+        return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request,
+                             tools if tools is not None and tools.active else None)
 
     @app.get("/v1/models")
     async def models():
