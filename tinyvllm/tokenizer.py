@@ -171,19 +171,24 @@ class _HFBackend:
         """The bytes each id stands for in decoded text, read off the pipeline's decoder: byte-level
         pieces map their characters back to bytes; byte-fallback pieces "<0xNN>" are that byte and "▁"
         is a space; added tokens are their own text."""
-        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        decoder = json.loads(self.tok.decoder.__getstate__()) if self.tok.decoder is not None else {}
         kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
-        byte_level = "ByteLevel" in kinds
-        unbyte = {c: b for b, c in _byte_level_alphabet().items()}
-        out = []
-        for i in range(self.vocab_size):
-            piece = self.tok.id_to_token(i) or ""
-            if byte_level:
-                out.append(bytes(unbyte[c] for c in piece) if all(c in unbyte for c in piece) else piece.encode())
-            elif _BYTE_PIECE.fullmatch(piece) and "ByteFallback" in kinds:
-                out.append(bytes([int(piece[3:5], 16)]))
-            else:
-                out.append(piece.replace("\u2581", " ").encode())
+        pieces = [""] * self.vocab_size
+        for piece, i in self.tok.get_vocab(with_added_tokens=False).items():  # one call, not one per id
+            if i < self.vocab_size:
+                pieces[i] = piece
+        if "ByteLevel" in kinds:
+            to_latin1 = str.maketrans({c: chr(b) for b, c in _byte_level_alphabet().items()})
+            out = []
+            for p in pieces:
+                try:
+                    out.append(p.translate(to_latin1).encode("latin-1"))
+                except UnicodeEncodeError:  # not a byte-level piece
+                    out.append(p.encode())
+        else:
+            fallback = "ByteFallback" in kinds
+            out = [bytes([int(p[3:5], 16)]) if fallback and p.startswith("<0x") and _BYTE_PIECE.fullmatch(p)
+                   else p.replace("\u2581", " ").encode() for p in pieces]
         for i, t in self.tok.get_added_tokens_decoder().items():
             if i < len(out):
                 out[i] = t.content.encode()

@@ -35,7 +35,7 @@ def compile_grammar(params: StructuredOutputsParams) -> str:
             options["whitespace_pattern"] = params.whitespace_pattern
         if params.disable_additional_properties and isinstance(schema, dict):
             schema = _closed(schema)
-        text = json.dumps(schema, sort_keys=True)
+        text = json.dumps(schema)  # key order kept: llguidance writes properties in the schema's order
         return _checked(kind, ("json", text, json.dumps(options, sort_keys=True)))
     if kind == "regex":
         return _checked(kind, ("regex", params.regex, ""))
