@@ -192,6 +192,16 @@ def test_invalid_constraints_raise_at_add_request(llm, bad, why):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_properties_in_schema_order(llm):
+    """llguidance writes properties in the schema's order: the engine must hand the schema over as given."""
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "integer"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    tok = llm.engine.tokenizer
+    for text, ok in (('{"zeta": 1, "alpha": 2}', True), ('{"alpha": 2, "zeta": 1}', False)):
+        (matcher,) = llm.engine.structured.matchers(StructuredOutputsParams(json=schema), 1)
+        assert matcher.consume_tokens(tok.encode(text, add_special_tokens=False)) == ok, text
+
+
 def test_one_constraint_kind():
     with pytest.raises(ValueError, match="only use one kind"):
         StructuredOutputsParams(json={"type": "object"}, regex="a")
