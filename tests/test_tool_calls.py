@@ -97,6 +97,23 @@ def test_auto_renders_tools_and_answers_well_formed(client):
         check_calls(m.tool_calls, {"get_weather"})
     else:
         assert m.content and r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=40,
+                                                 temperature=0, stream=True))
+    content, calls, finish = streamed(chunks)
+    if m.tool_calls:
+        assert finish == "tool_calls" and [c[1] for c in calls.values()] == [c.function.name for c in m.tool_calls]
+    else:  # text streams as it comes, not in one piece at the end
+        assert content == m.content and finish == r.choices[0].finish_reason
+        assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1
+
+
+def test_could_be_call():
+    auto = ToolCalling([WEATHER], "auto")
+    for prefix in ("", "  ", "{", ' {"na', "[", "<tool", "<tool_call>\n{"):
+        assert auto.could_be_call(prefix), prefix
+    for prefix in ("The", " It is", "<b>"):
+        assert not auto.could_be_call(prefix), prefix
+    assert ToolCalling([WEATHER], "required").could_be_call("The")
 
 
 def test_conversation_with_tool_results(client):

@@ -125,11 +125,11 @@ class LLMEngine:
             return []
         for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
+        bitmask = self.structured.start_bitmask(batch.sampled)  # structured outputs: overlaps the forward
         logits = self.runner.forward(*batch.model_inputs())
         if len(batch.sample_rows) > len(logits):  # n > 1 forks sample from their parent's row
             logits = logits[batch.sample_rows]
-        results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids,
-                                      self.structured.token_bitmask(batch.sampled)) if batch.sampled else []
+        results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids, bitmask()) if batch.sampled else []
         sampled = self.scheduler.postprocess(batch, results)
         self._record(batch, sampled)
         return [self._output(self.requests.pop(rid) if self._done(rid) else self.requests[rid])

@@ -217,18 +217,19 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
 
     async def sse(body, outputs, num_prompts, params, chat, head, top, usage, tools=None):
-        """With tools, each answer is held back and sent whole when it finishes: only then is it known
-        to be a tool call or text (its logprobs are not streamed)."""
+        """With tools, an answer that may be a tool call is held back and sent whole when it finishes
+        (as tool_calls or as content); one that starts like text is streamed. Logprobs are not streamed
+        with tools."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         event = lambda choices, **extra: f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
         if chat:  # the role first, like OpenAI
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(num_prompts * params.n)])
-        offsets, held = {}, {}
+        offsets, held, plain = {}, {}, set()  # plain: answers known to be text, streamed as they come
         try:
             async with aclosing(deltas(outputs, params.n, usage)) as updates:
                 async for i, text, toks, lps, finish, stop in updates:
-                    if tools is not None:
+                    if tools is not None and i not in plain:
                         held[i] = held.get(i, "") + text
                         if finish:
                             msg, finish = message(held.pop(i), finish, tools)
@@ -236,7 +237,13 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
                                      if "tool_calls" in msg else {"content": msg["content"]})
                             yield event([{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish,
                                           "stop_reason": stop}])
-                        continue
+                            continue
+                        if tools.could_be_call(held[i]):
+                            continue
+                        plain.add(i)  # text after all: what was held goes out now, the rest as it comes
+                        text = held.pop(i)
+                    if tools is not None:
+                        lps = None
                     lp = None
                     if lps is not None:
                         lp = logprobs_json(chat, toks, lps, top, offsets.get(i, 0))

@@ -10,6 +10,8 @@ the output (structured outputs), and how the output becomes `tool_calls`.
 A chat template that uses `tools` renders them itself. For one that does not (SmolLM2's, for one) the
 tools and the reply format are written into the system message instead, and earlier assistant tool
 calls and tool results are rendered as plain messages, so the model still sees them.
+Streaming: an answer that may still be a tool call is held back and sent whole when it finishes; an
+"auto" answer that starts like text is streamed as it comes.
 """
 from __future__ import annotations
 
@@ -86,6 +88,14 @@ class ToolCalling:
         return self.functions[name].get("parameters") or {"type": "object"}
 
     # ---- the answer --------------------------------------------------------------------------
+    def could_be_call(self, prefix: str) -> bool:
+        """Whether an answer starting with `prefix` may still turn out to be a tool call (a stream holds
+        it back until it is sure)."""
+        if self.choice != "auto":
+            return True
+        s = prefix.lstrip()
+        return not s or s[0] in "{[" or s.startswith("<tool_call>") or "<tool_call>".startswith(s)
+
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool_calls) of one finished answer; tool_calls is empty when it is plain text."""
         if self.choice == "named":

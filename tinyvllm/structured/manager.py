@@ -1,7 +1,10 @@
 """StructuredOutputs: the engine's side of constrained decoding. It makes one llguidance matcher per
 constrained sequence and, each step, the token bitmask of the constrained rows only, so free rows
-batched with them pay nothing."""
+batched with them pay nothing. The bitmask depends only on the tokens already consumed, so it is
+computed on a worker thread while the forward pass runs (both release the GIL)."""
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -15,7 +18,7 @@ class StructuredOutputs:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids, threads: int | None = None):
         self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, frozenset(eos_token_ids)
         self._threads = threads
-        self._ll_tokenizer = self._executor = None  # built on the first constrained request
+        self._ll_tokenizer = self._executor = self._worker = None  # built on the first constrained request
         self._bitmask = np.empty((0, (vocab_size + 31) // 32), dtype=np.int32)
 
     @property
@@ -32,6 +35,15 @@ class StructuredOutputs:
         if first.is_error():
             raise ValueError(f"invalid structured_outputs.{params.kind}: {first.get_error()}")
         return [first] + [first.deep_copy() for _ in range(n - 1)]
+
+    def start_bitmask(self, seqs):
+        """Start token_bitmask(seqs) on the worker thread; returns a function that waits for it. The
+        matchers must not change until it has returned (the engine consumes tokens after sampling)."""
+        if all(s.matcher is None for s in seqs):
+            return lambda: None
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="tinyvllm-bitmask")
+        return self._worker.submit(self.token_bitmask, list(seqs)).result
 
     def token_bitmask(self, seqs) -> tuple[list[int], np.ndarray] | None:
         """(rows of `seqs` that are constrained, int32 [len(rows), ceil(V/32)] bitmasks: bit t of a row
