@@ -1,8 +1,8 @@
 """Sampler: batched float32 logits [B, V] -> one token (+ logprobs) per sequence.
 
 Order follows vLLM: reported logprobs come from the raw model logits; then min_tokens masking,
-repetition/frequency/presence penalties, and greedy argmax or temperature -> top-k -> top-p -> min-p
--> a draw from the sequence's own generator.
+repetition/frequency/presence penalties, the structured-output bitmask (constrained rows only), and
+greedy argmax or temperature -> top-k -> top-p -> min-p -> a draw from the sequence's own generator.
 """
 from __future__ import annotations
 
