@@ -31,5 +31,10 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_token_ids):
     """An llguidance.LLTokenizer over the model's `vocab_size` logits; any of `eos_token_ids` ends a
     completion once the grammar is satisfied. Costs about a second on a 49K vocabulary: build once."""
     import llguidance
-    wrapper = llguidance.TokenizerWrapper(_Vocab(tokenizer, vocab_size))
-    return llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
+    vocab = _Vocab(tokenizer, vocab_size)
+    wrapper = llguidance.TokenizerWrapper(vocab)
+    ll = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
+    # llguidance copied the token bytes into its trie but keeps the wrapper (to tokenize text): drop
+    # the Python copy (34 MiB at a 262K vocabulary)
+    vocab.tokens = wrapper.tokens = []
+    return ll
