@@ -325,6 +325,32 @@ def all_toks(ref_tok, spm_gguf_tok, sp_dir, hf_json_dir):
 
 
 @pytest.mark.parametrize("name", ["gguf-gpt2", "gguf-spm", "sp-dir", "hf-json"])
+def test_token_bytes_and_llguidance_vocab(all_toks, name):
+    """token_bytes() is what each id adds to the text: a string's ids give back its bytes (after the
+    one space a sentencepiece dummy prefix adds). llguidance's tokenizer built from it decodes ids to
+    the same bytes, and a grammar that allows only the string accepts exactly those ids."""
+    from tinyvllm.sampling_params import StructuredOutputsParams
+    from tinyvllm.structured import compile_grammar
+    from tinyvllm.structured.tokenizer import ll_tokenizer
+    import llguidance
+    tok = all_toks[name]
+    table = tok.token_bytes()
+    assert len(table) == tok.vocab_size
+    ll = ll_tokenizer(tok, tok.vocab_size, tok.eos_token_ids)
+    for s in STRINGS + STREAM:
+        ids = tok.encode(s, add_special_tokens=False)
+        got = b"".join(table[i] for i in ids)
+        assert got in (s.encode(), b" " + s.encode()), (s, got)
+        assert ll.decode_bytes(ids) == got
+        text = got.decode()
+        matcher = llguidance.LLMatcher(ll, compile_grammar(StructuredOutputsParams(choice=[text])), log_level=0)
+        assert matcher.consume_tokens(ids), (s, matcher.get_error())
+        assert matcher.is_accepting()
+    special = [i for i in tok.all_special_ids if i < tok.vocab_size]
+    assert special and all(ll.is_special_token(i) for i in special)
+
+
+@pytest.mark.parametrize("name", ["gguf-gpt2", "gguf-spm", "sp-dir", "hf-json"])
 def test_incremental_detokenizer(all_toks, name):
     tok = all_toks[name]
     for s in STREAM:

@@ -1,6 +1,6 @@
 """tinyvllm: a tiny vLLM for edge devices."""
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'tinyvllm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "AsyncLLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "AsyncLLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams",
+           "RequestOutput", "CompletionOutput", "RequestMetrics"]

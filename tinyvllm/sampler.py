@@ -1,8 +1,8 @@
 """Sampler: batched float32 logits [B, V] -> one token (+ logprobs) per sequence.
 
 Order follows vLLM: reported logprobs come from the raw model logits; then min_tokens masking,
-repetition/frequency/presence penalties, and greedy argmax or temperature -> top-k -> top-p -> min-p
--> a draw from the sequence's own generator.
+repetition/frequency/presence penalties, the structured-output bitmask (constrained rows only), and
+greedy argmax or temperature -> top-k -> top-p -> min-p -> a draw from the sequence's own generator.
 """
 from __future__ import annotations
 
@@ -63,6 +63,15 @@ def apply_penalties(logits: np.ndarray, states: list[SamplingState]) -> np.ndarr
         if (p.frequency_penalty or p.presence_penalty) and len(s.output_token_ids):
             ids, counts = np.unique(np.asarray(s.output_token_ids, dtype=np.int64), return_counts=True)
             row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+    return logits
+
+
+def apply_token_bitmask(logits: np.ndarray, rows: list[int], bitmask: np.ndarray) -> np.ndarray:
+    """-inf (in place) wherever a constrained row's bitmask forbids the token; other rows untouched."""
+    V = logits.shape[1]
+    for k, i in enumerate(rows):
+        allowed = np.unpackbits(bitmask[k].view(np.uint8), bitorder="little", count=V)
+        np.copyto(logits[i], -np.inf, where=allowed == 0)
     return logits
 
 
@@ -133,8 +142,10 @@ class Sampler:
             self._scratch = np.empty(shape, dtype=np.float32)  # exact: the memory budget counts it
         return self._scratch[:shape[0]]
 
-    def sample(self, logits: np.ndarray, states: list[SamplingState],
-               eos_token_ids: Iterable[int] = ()) -> list[SampleResult]:
+    def sample(self, logits: np.ndarray, states: list[SamplingState], eos_token_ids: Iterable[int] = (),
+               token_bitmask: tuple[list[int], np.ndarray] | None = None) -> list[SampleResult]:
+        """token_bitmask: (rows, int32 [len(rows), ceil(V/32)]) for structured outputs: in row rows[k]
+        only tokens whose bit is set in bitmask[k] may be drawn (reported logprobs stay raw)."""
         logits = np.asarray(logits, dtype=np.float32)
         assert logits.ndim == 2 and logits.shape[0] == len(states), (logits.shape, len(states))
         # (1) reporting logprobs from the raw logits: keep only log-sum-exp per row, gather later
@@ -143,11 +154,13 @@ class Sampler:
         lse = m[:, 0] + np.log(np.exp(buf, out=buf).sum(axis=1))
         # (2)+(3) processed logits on a copy (the scratch again), only when some row needs processing
         x = logits
-        if any(s.params.min_tokens or s.params.repetition_penalty != 1.0 or s.params.frequency_penalty
-               or s.params.presence_penalty for s in states):
+        if token_bitmask is not None or any(s.params.min_tokens or s.params.repetition_penalty != 1.0 or
+                                            s.params.frequency_penalty or s.params.presence_penalty for s in states):
             x = np.copyto(buf, logits) or buf
             apply_min_tokens(x, states, eos_token_ids)
             apply_penalties(x, states)
+            if token_bitmask is not None:
+                apply_token_bitmask(x, *token_bitmask)
         tokens = np.argmax(x, axis=1)  # greedy rows: first max => lowest id on ties
         for i, s in enumerate(states):
             p = s.params

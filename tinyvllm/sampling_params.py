@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
+from typing import Any
 
 _SAMPLING_EPS = 1e-5  # temperatures below this are greedy (same threshold as vLLM)
 _MAX_LOGPROBS = 20
@@ -13,6 +14,51 @@ class SamplingType(IntEnum):
     GREEDY = 0
     RANDOM = 1
     RANDOM_SEED = 2
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on what a completion may be (vLLM's shape): a JSON schema (a dict or its JSON
+    text), any JSON object, a regular expression, one of a list of strings, or a grammar (Lark or
+    GBNF). The engine compiles it with llguidance when the request is added (ValueError if the library
+    rejects it). JSON is written compact by default (", " and ": " separators, no other whitespace: a
+    small model can otherwise spend its tokens on whitespace); `whitespace_pattern` (a regex) allows
+    more. disable_any_whitespace is accepted for vLLM compatibility (it is what tinyvllm does anyway)."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self):
+        given = [k for k in self._KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("You must use one kind of structured outputs constraint but none are specified"
+                             if not given else "You can only use one kind of structured outputs constraint "
+                             f"but multiple are specified: {', '.join(given)}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                    isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self._KINDS if getattr(self, k) not in (None, False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StructuredOutputsParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs has unknown fields: {', '.join(unknown)}")
+        return cls(**d)
 
 
 @dataclass
@@ -42,8 +88,11 @@ class SamplingParams:
     # Not in vLLM: seconds from submission after which the request ends with what it has generated
     # (finish_reason "deadline") and its KV blocks are freed; met within one engine step of its time.
     deadline_s: float | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         self._verify()

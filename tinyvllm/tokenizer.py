@@ -35,6 +35,15 @@ _GPT2_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 _LLAMA3_RE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character map: printable bytes stand for themselves, the others take the
+    characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
 
 
 def _scalar(v):
@@ -158,6 +167,33 @@ class _HFBackend:
     def token_to_id(self, t: str):
         return self.tok.token_to_id(t)
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for in decoded text, read off the pipeline's decoder: byte-level
+        pieces map their characters back to bytes; byte-fallback pieces "<0xNN>" are that byte and "▁"
+        is a space; added tokens are their own text."""
+        decoder = json.loads(self.tok.decoder.__getstate__()) if self.tok.decoder is not None else {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        pieces = [""] * self.vocab_size
+        for piece, i in self.tok.get_vocab(with_added_tokens=False).items():  # one call, not one per id
+            if i < self.vocab_size:
+                pieces[i] = piece
+        if "ByteLevel" in kinds:
+            to_latin1 = str.maketrans({c: chr(b) for b, c in _byte_level_alphabet().items()})
+            out = []
+            for p in pieces:
+                try:
+                    out.append(p.translate(to_latin1).encode("latin-1"))
+                except UnicodeEncodeError:  # not a byte-level piece
+                    out.append(p.encode())
+        else:
+            fallback = "ByteFallback" in kinds
+            out = [bytes([int(p[3:5], 16)]) if fallback and p.startswith("<0x") and _BYTE_PIECE.fullmatch(p)
+                   else p.replace("\u2581", " ").encode() for p in pieces]
+        for i, t in self.tok.get_added_tokens_decoder().items():
+            if i < len(out):
+                out[i] = t.content.encode()
+        return out
+
 
 class _SPBackend:
     """The sentencepiece library itself, plus HF-style added tokens split out of the text first."""
@@ -208,6 +244,12 @@ class _SPBackend:
 
     def id_to_token(self, i: int):
         return self.pieces[i] if 0 <= i < len(self.pieces) else None
+
+    def token_bytes(self) -> list[bytes]:
+        n = self.sp.get_piece_size()
+        return [bytes([int(p[3:5], 16)]) if i < n and self.sp.is_byte(i) else
+                (p.replace("\u2581", " ") if i < n and i not in self.outside else p).encode()
+                for i, p in enumerate(self.pieces)]
 
     def token_to_id(self, t: str):
         if t in self.added:
@@ -317,6 +359,12 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def token_bytes(self) -> list[bytes]:
+        """What each id in [0, vocab_size) adds to the decoded text, as bytes (special tokens: their
+        text): the vocabulary a constrained-decoding library needs."""
+        out = self._backend.token_bytes()[:self._vocab_size]
+        return out + [b""] * (self._vocab_size - len(out))
 
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int):

@@ -11,6 +11,7 @@ from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..runner import runner_for
 from ..sampler import Sampler, score_tokens
 from ..sampling_params import SamplingParams
+from ..structured import StructuredOutputs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .memory import RUNTIME_RESERVE_BYTES, heap_weight_bytes, plan_kv_blocks, rss_bytes
@@ -62,6 +63,7 @@ class LLMEngine:
                                    max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
                                    max_prompt_logits_rows=max_num_seqs)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
+        self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads)
         self.requests: dict[str, _Request] = {}
         self._deadlines: dict[str, float] = {}  # request id -> deadline, for the requests that have one
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
@@ -94,9 +96,12 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_model_len is "
                              f"{self.max_model_len}, which leaves no room to generate")
+        matchers = ([None] * params.n if params.structured_outputs is None else  # ValueError if invalid
+                    self.structured.matchers(params.structured_outputs, params.n))
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params,
-                         IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens), now)
+                         IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens), now,
+                         matchers[i])
                 for i in range(params.n)]
         deadline = None if params.deadline_s is None else now + params.deadline_s
         self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now), deadline)
@@ -138,12 +143,13 @@ class LLMEngine:
             return expired
         for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
+        bitmask = self.structured.start_bitmask(batch.sampled)  # structured outputs: overlaps the forward
         logits = self.runner.forward(*batch.model_inputs())
         for seq, row, n in batch.prompt_rows:
             self._score_prompt(seq, logits[row:row + n], seq.num_computed_tokens)
         if batch.sample_rows != list(range(len(logits))):  # n > 1 forks share a row; prompt rows are not sampled
             logits = logits[batch.sample_rows]
-        results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids) if batch.sampled else []
+        results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids, bitmask()) if batch.sampled else []
         sampled = self.scheduler.postprocess(batch, results)
         self._record(batch, sampled)
         return expired + [self._output(self._pop(rid) if self._done(rid) else self.requests[rid])

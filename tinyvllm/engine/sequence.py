@@ -17,7 +17,7 @@ class Sequence:
     keys), the sampler reads views of it (penalties), nothing else keeps a copy."""
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids, params, detokenizer,
-                 arrival_time: float):
+                 arrival_time: float, matcher=None):
         self.seq_id, self.request_id, self.index = seq_id, request_id, index
         self.num_prompt_tokens = self.num_tokens = len(prompt_token_ids)
         self._set_buffer(np.empty(self.num_tokens + min(params.max_tokens or 64, 256), dtype=np.int32))
@@ -26,6 +26,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.params, self.detokenizer, self.arrival_time = params, detokenizer, arrival_time
         self.generator = make_generator(params, index)  # None: the sampler's shared rng
+        self.matcher = matcher  # structured outputs: an llguidance matcher fed every sampled token
         self.text = ""
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         # prompt logprobs belong to the request: its first sequence scores the prompt as it prefills
@@ -84,10 +85,20 @@ class Sequence:
         if self.logprobs is not None:
             self.logprobs.append(result.top_logprobs or {token: float(result.logprob)})
         self.text += self.detokenizer.add(token)
-        reason = self._stop_reason(token, eos_token_ids, max_model_len)
+        reason = self._grammar_stop(token) or self._stop_reason(token, eos_token_ids, max_model_len)
         if reason is not None:
             self.finish_reason, self.stop_reason = reason
         return reason is not None
+
+    def _grammar_stop(self, token: int):
+        """A constrained sequence stops once its grammar is complete (only EOS could follow), without a
+        step to sample that EOS. The mask lets only grammar tokens through, so a refused token means
+        the library and tokenizer disagree: the sequence is cut off rather than left unconstrained."""
+        if self.matcher is None:
+            return None
+        if not self.matcher.consume_token(token):
+            return "abort", f"structured outputs: {self.matcher.get_error()}"
+        return ("stop", None) if self.matcher.is_stopped() else None
 
     def _stop_reason(self, token: int, eos_token_ids, max_model_len: int):
         p, n_out = self.params, self.num_output_tokens

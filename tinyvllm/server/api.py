@@ -14,9 +14,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..async_llm import AsyncLLM
+from ..chat_template import select_template
 from ..engine import LLMEngine
+from ..structured import compile_grammar
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .tools import template_uses_tools
 
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 _OPEN_PATHS = {"/health", "/metrics"}  # monitoring stays reachable without the API key
@@ -124,6 +127,10 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                            f"{want} tokens ({len(ids)} in the prompt, {max_tokens or 1} for the completion).",
                            param="max_tokens" if len(ids) < max_len else field, code="context_length_exceeded")
 
+    def check_constraint(params) -> None:
+        if params.structured_outputs is not None:  # a schema llguidance rejects: 400 now, not mid-stream
+            compile_grammar(params.structured_outputs)
+
     def admit(num_prompts: int) -> None:
         if not aeng.alive:
             raise APIError(503, "The engine is not running.", "service_unavailable")
@@ -184,7 +191,15 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                         len(c.token_ids) for c in out.outputs)
         usage["total_tokens"] = usage["prompt_tokens"] + usage.setdefault("completion_tokens", 0)
 
-    async def respond(body, prompts: list[dict], params, chat: bool, request: Request):
+    def message(text: str, finish, tools):
+        """A chat answer's message and finish_reason: with tools, a tool call becomes tool_calls."""
+        content, calls = tools.parse(text) if tools is not None and finish != "length" else (text, [])
+        msg = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"], finish = calls, "tool_calls"
+        return msg, finish
+
+    async def respond(body, prompts: list[dict], params, chat: bool, request: Request, tools=None):
         admit(len(prompts))
         try:
             outputs = aeng.generate_batch(prompts, params)  # queued now: the next admit() counts these
@@ -195,7 +210,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                 "model": served_model_name}
         top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
         if body.stream:
-            return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage),
+            return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage, tools),
                                      media_type="text/event-stream")
         choices = {}  # choice index -> [text, token ids, logprobs, finish, stop_reason]
         finished = {}  # prompt index -> its final RequestOutput
@@ -225,23 +240,45 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                     lp = {key: head_lp[key] + ([o + shift for o in lp[key]] if key == "text_offset" else lp[key])
                           for key in lp}
                 text = prompt_text + text
-            body_part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            if chat:
+                msg, finish = message(text, finish, tools)
+                body_part = {"message": msg}
+            else:
+                body_part = {"text": text}
             choice = {"index": i, **body_part, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}
             if not chat and body.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = prompt_logprobs_json(request_out.prompt_logprobs)
             out.append(choice)
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
 
-    async def sse(body, outputs, num_prompts, params, chat, head, top, usage):
+    async def sse(body, outputs, num_prompts, params, chat, head, top, usage, tools=None):
+        """With tools, an answer that may be a tool call is held back and sent whole when it finishes
+        (as tool_calls or as content); one that starts like text is streamed. Logprobs are not streamed
+        with tools."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         event = lambda choices, **extra: f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
         if chat:  # the role first, like OpenAI
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(num_prompts * params.n)])
-        offsets = {}
+        offsets, held, plain = {}, {}, set()  # plain: answers known to be text, streamed as they come
         try:
             async with aclosing(deltas(outputs, params.n, usage)) as updates:
                 async for i, text, toks, lps, finish, stop in updates:
+                    if tools is not None and i not in plain:
+                        held[i] = held.get(i, "") + text
+                        if finish:
+                            msg, finish = message(held.pop(i), finish, tools)
+                            delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]}
+                                     if "tool_calls" in msg else {"content": msg["content"]})
+                            yield event([{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish,
+                                          "stop_reason": stop}])
+                            continue
+                        if tools.could_be_call(held[i]):
+                            continue
+                        plain.add(i)  # text after all: what was held goes out now, the rest as it comes
+                        text = held.pop(i)
+                    if tools is not None:
+                        lps = None
                     lp = None
                     if lps is not None:
                         lp = logprobs_json(chat, toks, lps, top, offsets.get(i, 0))
@@ -263,6 +300,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         params = body.to_params()
+        check_constraint(params)
         p = body.prompt
         items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not items:
@@ -276,11 +314,19 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        params = body.to_params()
-        text = tok.apply_chat_template(_conversation(body.messages), add_generation_prompt=body.add_generation_prompt)
+        tools = body.tool_calling()
+        params = body.to_params(tools)
+        check_constraint(params)
+        conversation, extra = _conversation(body.messages), {}
+        if tools is not None and tools.active:
+            supported = template_uses_tools(select_template(tok.chat_templates, None, tools.tools))
+            conversation = tools.messages(conversation, supported)
+            extra = {"tools": tools.tools} if supported else {}
+        text = tok.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt, **extra)
         ids = tok.encode(text, add_special_tokens=False)  # the template already wrote any BOS it wants
         check_prompt(ids, params.max_tokens, "messages")
-        return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request)
+        return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request,
+                             tools if tools is not None and tools.active else None)
 
     @app.get("/v1/models")
     async def models():

@@ -1,10 +1,11 @@
 """Request bodies of the OpenAI API (the fields tinyvllm honours) and their mapping to SamplingParams.
 Unknown fields are ignored like OpenAI does; wrong types fail validation (a 400 in api.py)."""
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
+from .tools import ToolCalling
 
 
 class _Body(BaseModel):
@@ -13,6 +14,28 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")  # "schema" would shadow BaseModel's
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None or self.json_schema.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return StructuredOutputsParams(json=self.json_schema.json_schema)
 
 
 class _Sampling(_Body):
@@ -35,11 +58,24 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extra body: StructuredOutputsParams' fields
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        from_format = self.response_format.structured_outputs() if self.response_format else None
+        if from_format is not None and self.structured_outputs is not None:
+            raise ValueError("response_format and structured_outputs both constrain the output: give one")
+        if self.structured_outputs is not None:
+            return StructuredOutputsParams.from_dict(self.structured_outputs)
+        return from_format
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams validates every value; its ValueError becomes a 400."""
-        return SamplingParams(
+        asked = self.constraint()
+        if asked is not None and constraint is not None:
+            raise ValueError("tool_choice already constrains the output: drop response_format / structured_outputs")
+        return SamplingParams(structured_outputs=constraint or asked,
             n=self.n, best_of=self.best_of, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             include_stop_str_in_output=self.include_stop_str_in_output, presence_penalty=self.presence_penalty,
@@ -93,6 +129,27 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # None: until the context is full
@@ -100,12 +157,24 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    def to_params(self) -> SamplingParams:
+    def tool_calling(self) -> ToolCalling | None:
+        if not self.tools:
+            if self.tool_choice not in (None, "none", "auto"):
+                raise ValueError("tool_choice requires tools.")
+            return None
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        return ToolCalling([t.model_dump(exclude_none=True) for t in self.tools], choice, self.parallel_tool_calls)
+
+    def to_params(self, tools: ToolCalling | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                    constraint=tools.constraint() if tools else None)
 
 
 class TokenizeRequest(_Body):
