@@ -58,17 +58,19 @@ def running(url: str) -> int:
     return int(float(re.search(r'^vllm:num_requests_running\{model_name="%s"\} (\S+)$' % SERVED, text, re.M).group(1)))
 
 
-def start_proxy(config_path, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
+def start_proxy(config_path, log_path, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """`litellm --config ...` on a free loopback port, its output to a file (a pipe nobody reads could fill)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False", LITELLM_LOG="ERROR")  # offline
-    proc = subprocess.Popen(["litellm", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["litellm", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"litellm exited {proc.returncode}: {proc.stdout.read().decode()[-4000:]}")
+            raise AssertionError(f"litellm exited {proc.returncode}: {log_path.read_text()[-4000:]}")
         try:
             if httpx.get(url + "/health/liveliness", timeout=1).status_code == 200:
                 return proc, url
@@ -95,7 +97,7 @@ def test_two_backends_behind_litellm_proxy_survive_a_kill(reference_gguf_path, t
         master_key = "sk-" + secrets.token_hex(16)
         config.write_text(PROXY_CONFIG.format(master_key=master_key,
             deployments="".join(DEPLOYMENT.format(served=SERVED, url=u) for _, u in backends)))
-        proxy, proxy_url = start_proxy(config)
+        proxy, proxy_url = start_proxy(config, tmp_path / "litellm.log")
 
         direct = openai.OpenAI(base_url=url_b + "/v1", api_key="none", max_retries=0, timeout=120)
         client = openai.OpenAI(base_url=proxy_url + "/v1", api_key=master_key, max_retries=0, timeout=300)
