@@ -90,7 +90,7 @@ def bench_one(name: str, server_cmd: list[str], port: int, args, env: dict, tmp:
         load = machine.OtherLoad()
         out = tmp / f"{name}.json"
         client = [sys.executable, "-m", "tinyvllm", "bench", "--url", url, "--model", str(args.model),
-                  "-n", str(args.num_prompts), "--input-len", args.input_len, "--output-len", args.output_len,
+                  "--num-prompts", str(args.num_prompts), "--input-len", args.input_len, "--output-len", args.output_len,
                   "--max-concurrency", str(args.clients), "--seed", str(args.seed), "--ignore-eos",
                   "--server-pid", str(server.pid), "--output-json", str(out)]
         subprocess.run(client, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -16,7 +16,7 @@ def start_server(model, *args: str, timeout_s: float = 300.0) -> tuple[subproces
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(tinyvllm_cmd("serve", str(model), "--port", str(port), "--log-level", "warning", *args),
+    proc = subprocess.Popen(tinyvllm_cmd("serve", "--model", str(model), "--port", str(port), "--log-level", "warning", *args),
                             cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while True:

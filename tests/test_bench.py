@@ -111,13 +111,14 @@ def test_parse_prometheus():
 
 # ---- offline runs on the reference model ------------------------------------------------------------
 def _args(tmp_path, *extra):
-    return ["bench", "--input-len", "6-20", "--output-len", "3-9", "--seed", "5", "--ignore-eos", "--threads", "1",
+    return ["bench", "--input-len", "6-20", "--output-len", "3-9", "--seed", "5", "--ignore-eos",
             "--no-progress", "--output-json", str(tmp_path / "r.json"), "--output-md", str(tmp_path / "r.md"),
             "--plot", str(tmp_path / "r.png"), *extra]
 
 
 def test_offline_run_writes_json_md_png(reference_gguf_path, tmp_path, capsys):
-    assert main(_args(tmp_path, "--model", str(reference_gguf_path), "-n", "5", "--request-rate", "50")) == 0
+    assert main(_args(tmp_path, "--model", str(reference_gguf_path), "--threads", "1", "--num-prompts", "5",
+                      "--request-rate", "50")) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     (run,) = report["runs"]
     expected = random_workload(5, (6, 20), (3, 9), vocab_size=49152, seed=5)  # regenerated independently
@@ -136,7 +137,8 @@ def test_offline_run_writes_json_md_png(reference_gguf_path, tmp_path, capsys):
 
 
 def test_memory_budget_sweep(reference_gguf_path, tmp_path):
-    args = _args(tmp_path, "--model", str(reference_gguf_path), "-n", "4", "--memory-budget", "50MB,200MB,300MB",
+    args = _args(tmp_path, "--model", str(reference_gguf_path), "--threads", "1", "--num-prompts", "4",
+                 "--memory-budget", "50MB,200MB,300MB",
                  "--max-concurrency", "4")
     assert main(args) == 0
     small, mid, big = json.loads((tmp_path / "r.json").read_text())["runs"]
@@ -296,7 +298,7 @@ def test_url_unreachable_server_is_an_error_per_request():
 def test_bench_command_against_fake_server(reference_gguf_path, tmp_path):
     fake = FakeServer(["a", "b", "c", "d"], 0.01, usage_tokens=4)
     try:
-        args = _args(tmp_path, "--model", str(reference_gguf_path), "--url", fake.url, "-n", "6",
+        args = _args(tmp_path, "--model", str(reference_gguf_path), "--url", fake.url, "--num-prompts", "6",
                      "--max-concurrency", "1,3", "--server-pid", str(os.getpid()))
         assert main(args) == 0
     finally:
@@ -317,7 +319,7 @@ def test_bench_command_against_fake_server(reference_gguf_path, tmp_path):
 def test_bench_url_against_tinyvllm_serve(reference_gguf_path, tmp_path):
     proc, url = start_server(reference_gguf_path, "--threads", "1")
     try:
-        args = _args(tmp_path, "--model", str(reference_gguf_path), "--url", url, "-n", "4",
+        args = _args(tmp_path, "--model", str(reference_gguf_path), "--url", url, "--num-prompts", "4",
                      "--server-pid", str(proc.pid))
         assert main(args) == 0
     finally:
@@ -330,7 +332,8 @@ def test_bench_url_against_tinyvllm_serve(reference_gguf_path, tmp_path):
     assert run["preemptions"] == 0 and run["peak_rss_mb"] > 50 and run["max_running"] <= 4
 
 
-@pytest.mark.parametrize("bad, message", [(["--input-len", "9-3"], "1 <= low <= high"), (["-n", "0"], "at least 1"),
+@pytest.mark.parametrize("bad, message", [(["--input-len", "9-3"], "1 <= low <= high"),
+                                          (["--num-prompts", "0"], "at least 1"),
                                           (["--request-rate", "0"], "positive"),
                                           (["--memory-budget", "64MB,12XB"], "12XB"),
                                           (["--dataset", "/no/such.jsonl"], "no such file"),

@@ -48,6 +48,15 @@ def test_streaming_text_equals_generate_text(llm):
         llm.chat(chat, SamplingParams(temperature=0, max_tokens=48))[0].outputs[0].text
 
 
+def test_stream_refuses_n_above_one(llm):
+    """One stream of text holds one completion: n=2 is an error, not a silently dropped second answer."""
+    for stream in (lambda p: llm.stream("Once upon a time", p), lambda p: llm.stream_chat(FRANCE, p)):
+        with pytest.raises(ValueError, match="n=2"):
+            stream(SamplingParams(n=2, temperature=0.8, max_tokens=4))  # at the call, before any iteration
+    assert not llm.engine.has_unfinished_requests()
+    assert len(list(llm.stream("Once upon a time", SamplingParams(n=1, max_tokens=4, **GREEDY)))) >= 1
+
+
 def test_stop_string_and_stop_token(llm):
     base = llm.generate("Paris is the capital of", SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
     word = base.text.split()[2]  # a word from the middle of the answer
@@ -161,7 +170,7 @@ def test_cli_chat_and_generate(reference_gguf_path, llm):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "The capital of France is Paris."
     want = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
-    r = run("generate", "-n", "8", stdin="The capital of France is")  # no prompt argument: read from stdin
+    r = run("generate", "--max-tokens", "8", stdin="The capital of France is")  # no prompt argument: read from stdin
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n"
     r = run("generate", "x", "--temperature", "-1")
@@ -189,14 +198,14 @@ def test_cli_generate_no_stream_and_stdin(llm, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_llm", lambda a: spy)
     params = SamplingParams(temperature=0, max_tokens=8)
     want = [llm.generate(p, params)[0].outputs[0].text for p in ("Once upon a time", "The sea is")]
-    assert cli.main(["generate", "Once upon a time", "-n", "8"]) == 0
+    assert cli.main(["generate", "Once upon a time", "--max-tokens", "8"]) == 0
     assert capsys.readouterr().out == want[0] + "\n" and [c[0] for c in spy.calls] == ["stream"]
     spy.calls.clear()
-    assert cli.main(["generate", "Once upon a time", "-n", "8", "--no-stream"]) == 0
+    assert cli.main(["generate", "Once upon a time", "--max-tokens", "8", "--no-stream"]) == 0
     assert capsys.readouterr().out == want[0] + "\n" and [c[0] for c in spy.calls] == ["generate"]
     spy.calls.clear()
     monkeypatch.setattr(sys, "stdin", io.StringIO("The sea is"))
-    assert cli.main(["generate", "-n", "8", "--no-stream"]) == 0
+    assert cli.main(["generate", "--max-tokens", "8", "--no-stream"]) == 0
     assert capsys.readouterr().out == want[1] + "\n" and spy.calls[0][1][0] == ["The sea is"]
 
 
@@ -208,7 +217,7 @@ def test_cli_chat_system_prompt(llm, monkeypatch, capsys):
     params = SamplingParams(temperature=0, max_tokens=24)
     with_system = llm.chat([system, user], params)[0].outputs[0].text
     assert with_system != llm.chat([user], params)[0].outputs[0].text  # else this test could not tell them apart
-    assert cli.main(["chat", "--message", user["content"], "--system", system["content"], "-n", "24"]) == 0
+    assert cli.main(["chat", "--message", user["content"], "--system", system["content"], "--max-tokens", "24"]) == 0
     assert capsys.readouterr().out == with_system + "\n"
     assert spy.calls[0][1][0][:2] == [system, user]
 
@@ -224,7 +233,7 @@ def test_cli_interactive_chat_in_a_terminal(reference_gguf_path, llm):
     in_context = llm.chat([*FRANCE, {"role": "assistant", "content": first}, *follow], params)[0].outputs[0].text
     alone = llm.chat(follow, params)[0].outputs[0].text
     assert first == "The capital of France is Paris." and in_context != alone
-    argv = tinyvllm_cmd("chat", "--model", reference_gguf_path, "--threads", "2", "-n", "48")
+    argv = tinyvllm_cmd("chat", "--model", reference_gguf_path, "--threads", "2", "--max-tokens", "48")
     child = pexpect.spawn(argv[0], argv[1:], env=child_env(), encoding="utf-8", timeout=300)
     tty = lambda text: text.replace("\n", "\r\n")
     child.expect_exact("> ")

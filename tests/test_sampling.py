@@ -51,7 +51,7 @@ def st(prompt=(), out=(), **kw):
     (dict(min_tokens=5, max_tokens=4), "min_tokens must be less than or equal to max_tokens"),
     (dict(logprobs=-1), "logprobs must be in"),
     (dict(logprobs=21), "logprobs must be in"),
-    (dict(prompt_logprobs=1), "prompt_logprobs is not supported yet"),
+    (dict(prompt_logprobs=21), "prompt_logprobs must be in"),
     (dict(stop=""), "stop cannot contain an empty string"),
     (dict(stop=["a", ""]), "stop cannot contain an empty string"),
     (dict(n=2, temperature=0.0), "n must be 1 when using greedy"),

@@ -1,6 +1,7 @@
 """OpenAI-compatible server on loopback: the real `openai` client and raw SSE clients against
 answers computed offline on the same LLMEngine (before the server's engine thread owns it)."""
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -15,9 +16,11 @@ import openai
 import pytest
 import uvicorn
 
-from tinyvllm import LLMEngine, SamplingParams
+import tinyvllm
+from tinyvllm import LLMEngine, SamplingParams, _native
+from tinyvllm.runner import NativeModelRunner
 from tinyvllm.server.api import build_app
-from tinyvllm.server.async_engine import AsyncEngine
+from tinyvllm.async_llm import AsyncLLM
 
 from child_process import child_env, python_cmd
 from serve_process import start_server, stop_server
@@ -81,7 +84,7 @@ def ref(engine):
 
 @pytest.fixture(scope="module")
 def aeng(engine, ref):
-    a = AsyncEngine(engine).start()
+    a = AsyncLLM.from_engine(engine)
     yield a
     a.shutdown()
 
@@ -286,7 +289,7 @@ BAD = [
     (C, {"prompt": [10 ** 7]}, 400, "prompt"),
     (C, {"prompt": 5}, 400, "prompt"),
     (C, {"max_tokens": 3}, 400, "prompt"),
-    (C, {"prompt": "x", "echo": True}, 400, "echo"),
+    (C, {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),  # echo is answered whole, not streamed
     (C, b'{"prompt": "x", "max_tokens": ', 400, None),
     (C, b'["prompt"]', 400, None),
     (C, {"model": "gpt-4", "prompt": "x"}, 404, "model"),
@@ -409,7 +412,7 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
                     kv_cache_bytes=12 * 16 * 23040)
     assert eng.scheduler.blocks.num_blocks == 12
     app = build_app(eng, MODEL)
-    live, aeng = LiveServer(app), app.state.async_engine
+    live, aeng = LiveServer(app), app.state.async_llm
     try:
         scrape = lambda: httpx.get(live.url + "/metrics").text
         text = scrape()
@@ -452,9 +455,10 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
 
 
 # ---- 6. `tinyvllm serve` as a process: API key, SIGTERM -----------------------------------------------
-def test_serve_subprocess_api_key_and_sigterm(reference_gguf_path):
+def test_serve_subprocess_api_key_and_sigterm(reference_gguf_path, engine):
+    """Also: the start-up log line names the model, threads, kernel path and the KV pool's blocks and bytes."""
     proc, url = start_server(reference_gguf_path, "--threads", "1", "--max-num-seqs", "4",
-                             "--served-model-name", "smol", "--api-key", "sekrit")
+                             "--served-model-name", "smol", "--api-key", "sekrit", "--log-level", "info")
     try:
         body = {"model": "smol", "prompt": "Hello", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -476,6 +480,15 @@ def test_serve_subprocess_api_key_and_sigterm(reference_gguf_path):
         assert proc.wait(timeout=30) == 0
     finally:
         stop_server(proc)
+    log = proc.stdout.read().decode()
+    m = re.search(r"INFO: +tinyvllm (\S+): model (\S+) .*threads (\d+), kernel path (\S+), KV cache (\d+) blocks "
+                  r"x 16 tokens = [\d.]+ MiB \((\d+) bytes\), max_model_len (\d+), max_num_seqs 4", log)
+    assert m, log
+    version, model, threads, kernels, blocks, kv_bytes, max_len = m.groups()
+    assert (version, model, threads) == (tinyvllm.__version__, str(reference_gguf_path), "1")
+    assert kernels == _native.ffi.string(_native.lib.tv_kernel_path()).decode()
+    assert int(kv_bytes) == int(blocks) * NativeModelRunner.kv_bytes_per_block(engine.config, 16) > 0
+    assert int(blocks) * 16 >= int(max_len) > 0
 
 
 def test_serve_without_server_extra_says_what_to_install(monkeypatch, capsys):

@@ -64,6 +64,7 @@ def test_n_forks_share_blocks_and_match_independent_runs(reference_gguf_path):
     eng = llm.engine
     eng.add_request("r", prompt, SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=20))
     eng.step()
+    eng.scheduler.flush()  # the forks ride on the next step's block-manager call: send them now
     assert eng.scheduler.blocks.ref_counts().max() == 3  # one prompt block, three sequences
     outs = []
     while eng.has_unfinished_requests():

@@ -1,35 +1,35 @@
-"""The `tinyvllm` command: generate and chat (interactive when stdin is a terminal)."""
+"""The `tinyvllm` command: generate, chat (interactive when stdin is a terminal) and perplexity."""
 import argparse
 import sys
 
-from .model.fetch import DEFAULT_MODEL
+from .engine_args import EngineArgs, HelpFormatter, add_version
 from .sampling_params import SamplingParams
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"alias, GGUF file, HF directory or HF repo id (default: {DEFAULT_MODEL})")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--memory-budget", default=None, help="total bytes for weights + KV + workspace, e.g. 512MB")
-    p.add_argument("--device", default="cpu", help="cpu (native core) or tinygrad[:DEV] (pip install tinyvllm[gpu])")
-    p.add_argument("--max-tokens", "-n", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+TEMPERATURE_HELP = ("0 = greedy: the same answer every run, and a small model's best (requests to `serve` "
+                    "default to 1.0, as in OpenAI's API, whose clients expect sampling)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (as in the API's requests)")
+    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most per answer")
+    g.add_argument("--temperature", type=float, default=0.0, help=TEMPERATURE_HELP)
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this mass")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the likeliest's probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
 def _params(a) -> SamplingParams:
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, stop=a.stop)
 
 
 def _llm(a):
     from .llm import LLM  # loads the native core: only when a command really runs
-    return LLM(a.model, threads=a.threads, memory_budget=a.memory_budget, device=a.device)
+    e = EngineArgs.from_cli_args(a)
+    return LLM(e.model, **e.engine_kwargs())
 
 
 def _generate(a) -> int:
@@ -80,25 +80,74 @@ def _chat(a) -> int:
                 history.pop()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="tinyvllm", description="A tiny vLLM for edge devices")
+def _perplexity(a) -> int:
+    from dataclasses import replace
+    from .bench.progress import Progress
+    from .engine import LLMEngine
+    from .perplexity import perplexity, windows
+    with open(a.file, encoding="utf-8") as f:
+        text = f.read()
+    e = EngineArgs.from_cli_args(a)
+    if e.max_model_len is None:  # room for one window and its one sampled token
+        e = replace(e, max_model_len=a.ctx + 1)
+    engine = LLMEngine(e.model, **e.engine_kwargs())
+    n_windows = len(windows(engine.tokenizer.encode(text), a.ctx, a.stride))
+    bar = Progress(n_windows, "perplexity", enabled=not a.no_progress, unit="windows")
+    result = perplexity(engine, text, a.ctx, a.stride, bar)
+    bar.close()
+    print(f"perplexity of {a.file}: ctx {a.ctx}, " + (f"stride {a.stride}" if a.stride else
+                                                        "non-overlapping windows, second halves scored"))
+    print(f"PPL = {result.ppl:.4f} +/- {result.stderr:.5f}")
+    print(f"tokens scored: {result.tokens_scored} in {result.num_windows} windows")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tinyvllm", description="A tiny vLLM for edge devices",
+                                 formatter_class=HelpFormatter)
+    add_version(ap)
     sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="complete raw text prompts")
+    g = sub.add_parser("generate", help="complete raw text prompts", formatter_class=HelpFormatter,
+                       description="Complete raw text prompts (no chat template); one prompt streams.")
     g.add_argument("prompt", nargs="*", help="prompt(s); read from stdin when none")
     g.add_argument("--no-stream", action="store_true", help="print each full answer at the end")
-    _add_common(g)
-    c = sub.add_parser("chat", help="chat with the model's chat template")
+    _add_sampling(g)
+    EngineArgs.add_cli_args(g)
+    c = sub.add_parser("chat", help="chat with the model's chat template", formatter_class=HelpFormatter,
+                       description="Chat with the model's chat template: interactive in a terminal, else one "
+                                   "answer to --message or to stdin.")
     c.add_argument("--message", default=None, help="ask one question and exit")
     c.add_argument("--system", default=None, help="system prompt (default: the template's own)")
-    _add_common(c)
+    _add_sampling(c)
+    EngineArgs.add_cli_args(c)
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, computed as llama.cpp's llama-perplexity",
+                        formatter_class=HelpFormatter,
+                        description="Perplexity of a text file as llama.cpp's llama-perplexity computes it; prints "
+                                    "PPL +/- its standard error and the tokens scored. A step scores at most "
+                                    "--max-num-seqs prompt positions (the memory plan pays for their logits).")
+    pp.add_argument("--file", "-f", required=True, help="plain text file to score")
+    pp.add_argument("--ctx", "-c", type=int, default=512, help="window length in tokens")
+    pp.add_argument("--stride", type=int, default=0,
+                    help="0: non-overlapping windows, second half of each scored (llama-perplexity's default); "
+                         "S: a window every S tokens, its last S tokens scored (llama-perplexity --ppl-stride)")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    EngineArgs.add_cli_args(pp)
     # serve and bench live in their own packages; configure() only adds arguments (no heavy imports)
     from .server.cli import configure as configure_serve
     from .bench.cli import configure as configure_bench
-    configure_serve(sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install tinyvllm[server])"))
-    configure_bench(sub.add_parser("bench", help="throughput/latency benchmark, offline or against a server URL"))
+    configure_serve(sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install tinyvllm[server])",
+                                   formatter_class=HelpFormatter))
+    configure_bench(sub.add_parser("bench", help="throughput/latency benchmark, offline or against a server URL",
+                                   formatter_class=HelpFormatter))
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        return a.func(a) if hasattr(a, "func") else {"generate": _generate, "chat": _chat}[a.command](a)
+        return a.func(a) if hasattr(a, "func") else {"generate": _generate, "chat": _chat,
+                                                        "perplexity": _perplexity}[a.command](a)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tinyvllm: error: {e}", file=sys.stderr)
         return 2

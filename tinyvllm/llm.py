@@ -53,7 +53,13 @@ class LLM:
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the text of one completion as it is generated (pieces concatenate to the full text)."""
+        """The text of one completion, piece by piece as it is generated (the pieces concatenate to the
+        full text). One completion only: n > 1 raises ValueError (generate() returns them all)."""
+        if sampling_params is not None and sampling_params.n > 1:  # raised now, not at the first next()
+            raise ValueError(f"stream() yields one completion; n={sampling_params.n} needs generate()")
+        return self._stream(prompt, sampling_params)
+
+    def _stream(self, prompt, sampling_params) -> Iterator[str]:
         rid = self.engine.add_request(None, prompt, sampling_params)
         sent = 0
         try:

@@ -36,13 +36,28 @@ class RequestMetrics:
 
 
 @dataclass
+class Logprob:
+    """One scored token, as vLLM reports it: its log-probability under the raw model logits, its rank
+    in the vocabulary (1 = the most likely; ties share the better rank) and its text."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Prompt logprobs of a request: None for position 0 (nothing predicts it), then per prompt position
+# {token_id: Logprob} holding the actual prompt token and the top-k alternatives (vLLM's shape).
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None  # per generated token: {token_id: logprob}
-    finish_reason: str | None = None                 # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "deadline" (SamplingParams.deadline_s passed) | None while running
+    finish_reason: str | None = None
     stop_reason: int | str | None = None             # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -57,4 +72,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    prompt_logprobs: list | None = field(default=None, repr=False)
+    prompt_logprobs: PromptLogprobs | None = field(default=None, repr=False)

@@ -107,6 +107,29 @@ def filter_probs(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float
     return w
 
 
+def score_tokens(logits: np.ndarray, token_ids, k: int, rows_at_once: int = 4):
+    """Per row of raw logits [n, V]: (ids, logprobs, ranks) of token_ids[i] first, then the k best
+    (ties: lower ids first; the token itself appears once). A token's rank is the number of tokens at
+    least as likely (vLLM's rule: 1 is the most likely). Rows are scored a few at a time, so the
+    temporaries stay a few vocabulary rows whatever n is."""
+    out = []
+    k = min(k, logits.shape[1])
+    for lo in range(0, len(logits), rows_at_once):
+        x = np.asarray(logits[lo:lo + rows_at_once], dtype=np.float32)
+        m = x.max(axis=1, keepdims=True)
+        lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=1, dtype=np.float64))
+        for row, lse_i, tok in zip(x, lse, token_ids[lo:lo + rows_at_once]):
+            tok = int(tok)
+            best = []
+            if k > 0:
+                best = np.flatnonzero(row >= np.partition(row, -k)[-k])  # >= k on ties
+                best = best[np.argsort(-row[best], kind="stable")[:k]].tolist()
+            ids = [tok] + [t for t in best if t != tok]
+            out.append((ids, [float(row[t] - lse_i) for t in ids],
+                        [int(np.count_nonzero(row >= row[t])) for t in ids]))
+    return out
+
+
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.rng = np.random.default_rng(seed)  # for requests without a seed

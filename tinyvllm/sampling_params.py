@@ -80,9 +80,14 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: until the context is full
     min_tokens: int = 0
     logprobs: int | None = None  # top alternatives to return besides the chosen token
+    # top alternatives to return at every prompt position besides the prompt's own token. Such a
+    # request skips the prefix cache (as vLLM does): positions served from it would have no logits.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Not in vLLM: seconds from submission after which the request ends with what it has generated
+    # (finish_reason "deadline") and its KV blocks are freed; met within one engine step of its time.
+    deadline_s: float | None = None
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
@@ -117,7 +122,11 @@ class SamplingParams:
              f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
         need(self.logprobs is None or 0 <= self.logprobs <= _MAX_LOGPROBS,
              f"logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}.")
-        need(self.prompt_logprobs is None, "prompt_logprobs is not supported yet.")
+        need(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and
+                                             0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
+             f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs}.")
+        need(self.deadline_s is None or (isinstance(self.deadline_s, (int, float)) and self.deadline_s > 0),
+             f"deadline_s must be a positive number of seconds or None, got {self.deadline_s!r}.")
         need(all(isinstance(s, str) and s for s in self.stop), "stop cannot contain an empty string.")
         need(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
         # n identical greedy completions are pointless; vLLM rejects them too

@@ -13,6 +13,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The library builds with hidden visibility: the functions declared here are its only exports. */
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -224,17 +229,21 @@ enum tv_block_op_kind {
     TV_BLOCK_FORK = 2,
     /* Mark num_computed as APPEND does, then drop seq_id's references (last block first, so its
      * tail is evicted first); seq_id is then unknown. */
-    TV_BLOCK_FREE = 3
+    TV_BLOCK_FREE = 3,
+    /* As ALLOCATE, but nothing is shared from the prefix cache (num_computed is written back as 0):
+     * every prompt position runs, for a caller that wants logits at each one (prompt logprobs). Its
+     * full blocks still become cache entries for later sequences once computed. */
+    TV_BLOCK_ALLOCATE_UNCACHED = 4
 };
 
 typedef struct tv_block_op {
     int32_t kind;             /* tv_block_op_kind */
-    int32_t num_tokens;       /* ALLOCATE, APPEND */
+    int32_t num_tokens;       /* ALLOCATE(_UNCACHED), APPEND */
     int32_t num_computed;     /* APPEND, FREE; written by ALLOCATE */
-    int32_t table_row;        /* ALLOCATE, APPEND: row of `tables` that gets the block table; -1: none */
+    int32_t table_row;        /* ALLOCATE(_UNCACHED), APPEND: row of `tables` that gets the block table; -1: none */
     int64_t seq_id;
     int64_t parent_id;        /* FORK */
-    const int32_t *tokens;    /* ALLOCATE: the prompt; APPEND, FREE: may be null when the mark
+    const int32_t *tokens;    /* ALLOCATE(_UNCACHED): the prompt; APPEND, FREE: may be null when the mark
                                * completes no block (or prefix caching is off) */
 } tv_block_op;
 
@@ -263,6 +272,10 @@ int tv_block_manager_check(const tv_block_manager *bm);
 
 #ifdef __cplusplus
 }
+#endif
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
 #endif
 
 #endif /* TINYVLLM_H */

@@ -1,19 +1,12 @@
-// The C ABI: argument checks, exception firewall, thread-local last error. Every exported
-// function is defined here and nothing else is visible from the shared library.
-#include <cstdarg>
-#include <cstdio>
+// The C ABI of models, KV caches and the standalone kernels: argument checks, then the internal
+// call, each body inside guard() (c_api.h). The block manager's exports are in block_manager.cpp.
 #include <map>
 #include <memory>
 #include <mutex>
-#include <new>
-#include <string>
-
-#pragma GCC visibility push(default)
-#include "tinyvllm.h"
-#pragma GCC visibility pop
 
 #include "attention.h"
-#include "block_manager.h"
+#include "batch.h"
+#include "c_api.h"
 #include "common.h"
 #include "kernels.h"
 #include "kv_cache.h"
@@ -34,61 +27,7 @@ struct tv_kv_cache {
 
 namespace tv {
 
-void fail(const char *fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    throw InvalidArgument(buf);
-}
-
 namespace {
-
-thread_local std::string t_error;
-
-void set_error(const char *msg) noexcept {
-    try {
-        t_error = msg;
-    } catch (...) {
-        t_error.clear();  // could not even store the message; the return code still says it all
-    }
-}
-
-// Runs f, mapping exceptions to return codes. Success clears the thread's last error.
-template <class F>
-int guard(F &&f) noexcept {
-    try {
-        f();
-        t_error.clear();
-        return TV_OK;
-    } catch (const InvalidArgument &e) {
-        set_error(e.what());
-        return TV_ERR_INVALID;
-    } catch (const std::bad_alloc &) {
-        set_error("out of memory");
-        return TV_ERR_NOMEM;
-    } catch (const std::exception &e) {
-        set_error((std::string("internal error: ") + e.what()).c_str());
-        return TV_ERR_INTERNAL;
-    } catch (...) {
-        set_error("internal error: unknown exception");
-        return TV_ERR_INTERNAL;
-    }
-}
-
-// Checks a caller-described tensor and turns it into a Weight.
-Weight check_tensor(const char *f, const tv_tensor *t) {
-    if (!t) fail("%s: tensor is null", f);
-    if (!dtype_known(t->dtype)) fail("%s: unsupported dtype %d (supported: %s)", f, t->dtype, dtype_names_supported());
-    if (t->rows <= 0 || t->cols <= 0) fail("%s: rows and cols must be > 0 (got %lld x %lld)", f, (long long)t->rows, (long long)t->cols);
-    const size_t rb = row_bytes(t->dtype, t->cols);
-    if (rb == 0) fail("%s: %lld columns is not a whole number of %s blocks", f, (long long)t->cols, dtype_name(t->dtype));
-    const size_t expect = checked_mul(rb, (size_t)t->rows, f);
-    if (t->nbytes != expect) fail("%s: nbytes %zu, expected %zu", f, t->nbytes, expect);
-    if (!t->data) fail("%s: tensor data is null", f);
-    return Weight{t->dtype, t->rows, t->cols, static_cast<const uint8_t *>(t->data), rb};
-}
 
 // Pools for the standalone kernels, one per thread count, kept for the process lifetime.
 ThreadPool &shared_pool(int n_threads) {
@@ -106,27 +45,11 @@ void check_cache_args(const char *f, int n_blocks, int block_size, int kv_dtype)
     if (kv_dtype != TV_F16 && kv_dtype != TV_F32) fail("%s: kv_dtype must be TV_F16 (1) or TV_F32 (0), got %d", f, kv_dtype);
 }
 
-// The token layout of a paged attention call, checked like tv_model_forward's batch.
+// The token layout of a standalone paged attention call (tokens and logits are not read).
 AttentionBatch check_paged(const char *f, const KvCache &c, int layer, const tv_batch *b) {
-    if (!b) fail("%s: batch is null", f);
     if (layer < 0 || layer >= c.n_layer) fail("%s: layer %d out of range [0, %d)", f, layer, c.n_layer);
-    if (b->n_tokens <= 0) fail("%s: n_tokens must be > 0 (got %d)", f, b->n_tokens);
-    if (!b->positions || !b->seq_ids || !b->block_tables || b->n_seqs <= 0 || b->max_blocks <= 0)
-        fail("%s: positions, seq_ids and block_tables must not be null, n_seqs and max_blocks > 0", f);
-    std::vector<int32_t> last((size_t)b->n_seqs, -1);
-    for (int t = 0; t < b->n_tokens; t++) {
-        const int32_t pos = b->positions[t], seq = b->seq_ids[t];
-        if (seq < 0 || seq >= b->n_seqs) fail("%s: seq_id %d at index %d out of range [0, %d)", f, seq, t, b->n_seqs);
-        if (pos <= last[(size_t)seq]) fail("%s: positions of sequence %d must be >= 0 and increase (index %d)", f, seq, t);
-        if (pos / c.block_size >= b->max_blocks)
-            fail("%s: position %d at index %d needs block %d but max_blocks is %d", f, pos, t, pos / c.block_size, b->max_blocks);
-        for (int i = 0; i <= pos / c.block_size; i++) {
-            const int32_t blk = b->block_tables[(size_t)seq * b->max_blocks + i];
-            if (blk < 0 || blk >= c.n_blocks) fail("%s: block_tables[%d][%d] = %d out of range [0, %d)", f, seq, i, blk, c.n_blocks);
-        }
-        last[(size_t)seq] = pos;
-    }
-    return AttentionBatch{b->n_tokens, b->positions, b->seq_ids, b->block_tables, b->max_blocks};
+    static thread_local std::vector<int32_t> last_pos;
+    return check_batch(f, c, b, 0, nullptr, last_pos);
 }
 
 void run_attention(const char *f, const KvCache &c, int layer, const AttentionBatch &ab, int n_head, const float *q,
@@ -143,8 +66,6 @@ void run_attention(const char *f, const KvCache &c, int layer, const AttentionBa
 using namespace tv;
 
 extern "C" {
-
-const char *tv_last_error(void) { return t_error.c_str(); }
 
 const char *tv_version(void) { return "0.1.0"; }
 
@@ -276,7 +197,7 @@ int tv_model_forward(tv_model *model, tv_kv_cache *cache, const tv_batch *batch,
 int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n_threads) {
     return guard([&] {
         const char *f = "tv_matmul";
-        const Weight W = check_tensor(f, w);
+        const Weight W = check_weight(f, w);
         if (m < 0) fail("%s: m must be >= 0 (got %lld)", f, (long long)m);
         if (m == 0) return;
         if (!x || !y) fail("%s: x and y must not be null", f);
@@ -289,7 +210,7 @@ int tv_matmul(const tv_tensor *w, const float *x, int64_t m, float *y, int32_t n
 int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *out) {
     return guard([&] {
         const char *f = "tv_dequantize_rows";
-        const Weight W = check_tensor(f, w);
+        const Weight W = check_weight(f, w);
         if (row0 < 0 || rows < 0 || row0 > W.rows || rows > W.rows - row0)
             fail("%s: rows [%lld, %lld) out of range [0, %lld)", f, (long long)row0, (long long)(row0 + rows), (long long)W.rows);
         if (rows > 0 && !out) fail("%s: out is null", f);
@@ -299,5 +220,3 @@ int tv_dequantize_rows(const tv_tensor *w, int64_t row0, int64_t rows, float *ou
 
 }  // extern "C"
 
-// For C ABI functions defined in other files (block_manager.cpp): the same firewall and last error.
-int tv::guarded(void (*fn)(void *), void *ctx) noexcept { return guard([&] { fn(ctx); }); }

@@ -8,10 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#pragma GCC visibility push(default)
-#include "tinyvllm.h"
-#pragma GCC visibility pop
-
+#include "c_api.h"
 #include "common.h"
 
 namespace tv {
@@ -174,12 +171,12 @@ void BlockManager::release_block(int32_t b) {
 
 // ---- operations --------------------------------------------------------------------------------
 
-bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached) {
+bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached, bool use_cache) {
     if (n < 1) fail("ALLOCATE: num_tokens must be >= 1 (got %d)", n);
     if (!tokens) fail("ALLOCATE: tokens is null");
     if (seqs_.count(id)) fail("ALLOCATE: sequence id %lld is already allocated", (long long)id);
     std::vector<int32_t> hits;
-    lookup(tokens, n, hits);
+    if (use_cache) lookup(tokens, n, hits);
     int32_t revived = 0;  // evictable hits stop being available once shared
     for (int32_t node : hits) revived += blocks_[nodes_[node].block].ref == 0;
     const int32_t need = div_up(n, block_size_) - (int32_t)hits.size();
@@ -202,7 +199,7 @@ bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_
     s.computed = (int32_t)hits.size() * block_size_;
     slot->second = std::move(s);
     *num_cached = (int32_t)hits.size() * block_size_;
-    if (caching_) {
+    if (caching_ && use_cache) {
         stats_.queries++;
         stats_.query_tokens += n;
         stats_.hit_tokens += *num_cached;
@@ -289,11 +286,15 @@ bool BlockManager::apply(tv_block_op *ops, int32_t n, int32_t *tables, int32_t m
     if (max_blocks < 0) fail("tv_block_manager_apply: max_blocks (%d) < 0", max_blocks);
     for (int32_t i = 0; i < n; *n_done = ++i) {
         tv_block_op &op = ops[i];
-        const bool writes_table = op.kind == TV_BLOCK_ALLOCATE || op.kind == TV_BLOCK_APPEND;
+        const bool writes_table = op.kind == TV_BLOCK_ALLOCATE || op.kind == TV_BLOCK_ALLOCATE_UNCACHED ||
+                                  op.kind == TV_BLOCK_APPEND;
         if (writes_table && op.table_row >= 0 && !tables) fail("op %d: table_row %d and tables is null", i, op.table_row);
         switch (op.kind) {
         case TV_BLOCK_ALLOCATE:
             if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed)) return false;
+            break;
+        case TV_BLOCK_ALLOCATE_UNCACHED:
+            if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed, false)) return false;
             break;
         case TV_BLOCK_APPEND: {
             mark_computed(op.seq_id, op.num_computed, op.tokens);
@@ -428,20 +429,8 @@ struct tv_block_manager {
 
 namespace {
 
-// Runs f() -> int behind api.cpp's firewall: f's result on success, the negative status otherwise.
-template <class F>
-int call(F &&f) noexcept {
-    int result = 0;
-    auto thunk = [&] { result = f(); };
-    const int rc = tv::guarded([](void *p) { (*static_cast<decltype(thunk) *>(p))(); }, &thunk);
-    return rc == TV_OK ? result : rc;
-}
-
-tv::BlockManager &mgr(tv_block_manager *bm, const char *f) {
-    if (!bm) tv::fail("%s: block manager is null", f);
-    return bm->m;
-}
-const tv::BlockManager &mgr(const tv_block_manager *bm, const char *f) {
+template <class H>  // tv_block_manager, const or not
+auto &mgr(H *bm, const char *f) {
     if (!bm) tv::fail("%s: block manager is null", f);
     return bm->m;
 }
@@ -452,34 +441,33 @@ extern "C" {
 
 int tv_block_manager_create(int32_t num_blocks, int32_t block_size, int32_t enable_prefix_caching,
                             tv_block_manager **out) {
-    return call([&] {
+    return tv::guard([&] {
         if (!out) tv::fail("tv_block_manager_create: out is null");
         *out = nullptr;
         *out = new tv_block_manager(num_blocks, block_size, enable_prefix_caching != 0);
-        return TV_OK;
     });
 }
 
 void tv_block_manager_free(tv_block_manager *bm) { delete bm; }
 
 int tv_block_manager_num_blocks(const tv_block_manager *bm) {
-    return call([&] { return mgr(bm, "tv_block_manager_num_blocks").num_blocks(); });
+    return tv::guard([&] { return mgr(bm, "tv_block_manager_num_blocks").num_blocks(); });
 }
 
 int tv_block_manager_block_size(const tv_block_manager *bm) {
-    return call([&] { return mgr(bm, "tv_block_manager_block_size").block_size(); });
+    return tv::guard([&] { return mgr(bm, "tv_block_manager_block_size").block_size(); });
 }
 
 int tv_block_manager_num_free_blocks(const tv_block_manager *bm) {
-    return call([&] { return mgr(bm, "tv_block_manager_num_free_blocks").num_free_blocks(); });
+    return tv::guard([&] { return mgr(bm, "tv_block_manager_num_free_blocks").num_free_blocks(); });
 }
 
 int tv_block_manager_num_seqs(const tv_block_manager *bm) {
-    return call([&] { return mgr(bm, "tv_block_manager_num_seqs").num_seqs(); });
+    return tv::guard([&] { return mgr(bm, "tv_block_manager_num_seqs").num_seqs(); });
 }
 
 int tv_block_manager_has_seq(const tv_block_manager *bm, int64_t seq_id) {
-    return call([&] {
+    return tv::guard([&] {
         const tv::BlockManager &m = mgr(bm, "tv_block_manager_has_seq");
         try {
             m.seq(seq_id);
@@ -492,7 +480,7 @@ int tv_block_manager_has_seq(const tv_block_manager *bm, int64_t seq_id) {
 
 int tv_block_manager_apply(tv_block_manager *bm, tv_block_op *ops, int32_t n_ops, int32_t *tables, int32_t max_blocks,
                            int32_t *cow_pairs, int32_t cow_cap, int32_t *n_cow, int32_t *n_done) {
-    return call([&] {
+    return tv::guard([&] {
         return mgr(bm, "tv_block_manager_apply").apply(ops, n_ops, tables, max_blocks, cow_pairs, cow_cap, n_cow, n_done)
                    ? (int)TV_OK : (int)TV_NO_FREE_BLOCKS;
     });
@@ -500,17 +488,16 @@ int tv_block_manager_apply(tv_block_manager *bm, tv_block_op *ops, int32_t n_ops
 
 int tv_block_manager_seq_info(const tv_block_manager *bm, int64_t seq_id, int32_t *num_tokens, int32_t *num_blocks,
                               int32_t *num_computed_tokens) {
-    return call([&] {
+    return tv::guard([&] {
         const tv::BlockManager::Seq &s = mgr(bm, "tv_block_manager_seq_info").seq(seq_id);
         if (num_tokens) *num_tokens = s.num_tokens;
         if (num_blocks) *num_blocks = (int32_t)s.table.size();
         if (num_computed_tokens) *num_computed_tokens = s.computed;
-        return TV_OK;
     });
 }
 
 int tv_block_manager_get_block_table(const tv_block_manager *bm, int64_t seq_id, int32_t *out, int32_t cap) {
-    return call([&] {
+    return tv::guard([&] {
         const char *f = "tv_block_manager_get_block_table";
         const tv::BlockManager::Seq &s = mgr(bm, f).seq(seq_id);
         const int32_t n = (int32_t)s.table.size();
@@ -522,34 +509,24 @@ int tv_block_manager_get_block_table(const tv_block_manager *bm, int64_t seq_id,
 }
 
 int tv_block_manager_block_info(const tv_block_manager *bm, int32_t *ref_counts, int32_t *cached, int32_t cap) {
-    return call([&] {
-        mgr(bm, "tv_block_manager_block_info").block_info(ref_counts, cached, cap);
-        return TV_OK;
-    });
+    return tv::guard([&] { mgr(bm, "tv_block_manager_block_info").block_info(ref_counts, cached, cap); });
 }
 
 int tv_block_manager_prefix_cache_stats(const tv_block_manager *bm, tv_prefix_cache_stats *out) {
-    return call([&] {
+    return tv::guard([&] {
         const tv::PrefixCacheStats s = mgr(bm, "tv_block_manager_prefix_cache_stats").stats();
         if (!out) tv::fail("tv_block_manager_prefix_cache_stats: out is null");
         *out = tv_prefix_cache_stats{s.queries, s.query_tokens, s.hit_tokens, s.query_blocks,
                                      s.hit_blocks, s.cached_blocks, s.evictable_blocks, s.evictions};
-        return TV_OK;
     });
 }
 
 int tv_block_manager_set_hash_bits(tv_block_manager *bm, int32_t bits) {
-    return call([&] {
-        mgr(bm, "tv_block_manager_set_hash_bits").set_hash_bits(bits);
-        return TV_OK;
-    });
+    return tv::guard([&] { mgr(bm, "tv_block_manager_set_hash_bits").set_hash_bits(bits); });
 }
 
 int tv_block_manager_check(const tv_block_manager *bm) {
-    return call([&] {
-        mgr(bm, "tv_block_manager_check").check_invariants();
-        return TV_OK;
-    });
+    return tv::guard([&] { mgr(bm, "tv_block_manager_check").check_invariants(); });
 }
 
 }  // extern "C"

@@ -24,10 +24,6 @@ struct tv_block_op;
 
 namespace tv {
 
-// For C ABI functions defined outside api.cpp: api.cpp's exception firewall and last-error
-// handling around fn(ctx). Returns TV_OK or a negative tv_status.
-int guarded(void (*fn)(void *), void *ctx) noexcept;
-
 struct PrefixCacheStats {
     int64_t queries = 0, query_tokens = 0, hit_tokens = 0, query_blocks = 0, hit_blocks = 0;
     int64_t cached_blocks = 0, evictable_blocks = 0, evictions = 0;
@@ -48,7 +44,6 @@ public:
 
     int32_t num_blocks() const { return (int32_t)blocks_.size(); }
     int32_t block_size() const { return block_size_; }
-    bool prefix_caching() const { return caching_; }
     // Blocks a new allocation can take: free ones plus evictable cached ones.
     int32_t num_free_blocks() const { return (int32_t)free_.size() + lru_size_; }
     int32_t num_seqs() const { return (int32_t)seqs_.size(); }
@@ -57,7 +52,7 @@ public:
     // prefix cache are shared (never the whole prompt: the last token is always left to compute);
     // *num_cached gets their token count and the sequence starts with that many computed tokens.
     // Returns false, changing nothing, when the pool cannot hold it.
-    bool allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached);
+    bool allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached, bool use_cache = true);
     // Slots up to num_tokens tokens in all (never fewer than now). When new slots go into a partial
     // last block that is shared, that block is first copied: (src, dst) goes to cow[0..1] and
     // returns 1 copy. Returns -1, changing nothing, when the pool cannot hold them.

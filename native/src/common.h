@@ -1,5 +1,5 @@
 // Internal helpers shared by every native source file: the error type the C ABI turns into
-// TV_ERR_INVALID, and a printf-style thrower so validation reads as one line per rule.
+// TV_ERR_INVALID (c_api.h), and a printf-style thrower so validation reads as one line per rule.
 #pragma once
 
 #include <cstddef>
@@ -9,7 +9,7 @@
 
 namespace tv {
 
-// Bad caller input (shape, index, null pointer). api.cpp maps it to TV_ERR_INVALID.
+// Bad caller input (shape, index, null pointer).
 struct InvalidArgument : std::runtime_error {
     using std::runtime_error::runtime_error;
 };

@@ -1,6 +1,6 @@
 // The inner loops every matmul and attention call goes through, as a table of function pointers
 // chosen once at runtime: "scalar" (portable C++), "avx2", "avx512vnni", "neon", "neon_dotprod".
-// TINYVLLM_KERNEL=scalar|avx2|avx512vnni|neon|neon_dotprod in the environment forces a path (tests compare paths with it).
+// TINYVLLM_KERNEL=<name> in the environment forces a path (tests compare paths with it).
 #pragma once
 
 #include <cstdint>
@@ -24,7 +24,7 @@ struct QuantGemm;
 struct Kernels {
     const char *name;
     RowsFn rows[DTYPE_SLOTS];  // by dtype id, every quantized format (formats.h); nullptr otherwise
-    // Optional whole-matmul kernel (nullptr: the driver loops rows[]).
+    // Optional whole-matmul kernel for quantized weights (nullptr: the driver loops rows[]).
     const QuantGemm *gemm;
     // Float dots for F32/F16 weights and for attention over the KV cache.
     float (*dot_f32)(const float *w, const float *x, int64_t n);
@@ -36,16 +36,16 @@ struct Kernels {
     void (*attn_block)(const float *q, int R, int hd, const int *n_valid, const uint8_t *k, const uint8_t *v, size_t ld,
                        bool f16, int bs, float scale, float *m, float *l, float *acc, float *work);
     // Per-token ops of every matmul input (prefill spends ~15% in them at scalar speed):
-    // quantize_row_act's exact bits (every path must reproduce them), and swiglu (g = silu(g) * u)
-    // to float accuracy (a path may use its own exp).
+    // quantize_act gives quantize_row_act's exact bits (every path must reproduce them); silu_mul
+    // (g = silu(g) * u) and gelu_mul need float accuracy only (a path may use its own exp).
     void (*quantize_act)(const float *x, ActBlock *out, int64_t cols);
     void (*silu_mul)(float *g, const float *u, int64_t n);
-    // g = gelu(g) * u, GELU's tanh approximation (Gemma), to float accuracy.
+    // g = gelu(g) * u, GELU's tanh approximation (Gemma).
     void (*gelu_mul)(float *g, const float *u, int64_t n);
 };
 
 // e^x = 2^n * (1 + r + r^2 * P(r)), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for
-// precision): Cephes' expf polynomial P, highest power first, shared by the SIMD paths' vector exps.
+// precision): Cephes' expf polynomial P, highest power first, shared by the x86 paths' vector exps.
 constexpr float EXP_LN2_HI = 0.693359375f, EXP_LN2_LO = -2.12194440e-4f;
 constexpr float EXP_POLY[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
                                4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
@@ -64,10 +64,10 @@ const Kernels *kernels_neon_dotprod_table();
 // A whole-matmul kernel for quantized weights, for paths that tile past MAX_NX rows (unpack a
 // weight row once, reuse it for every activation row). prepare() runs once per matmul from the
 // calling thread, which owns its result until its next prepare (pool threads may help fill it);
-// run() computes
-// y[i * ldy + r] for rows r in [r0, r1) and all m activation rows, from any pool thread, and
-// returns false (touching nothing) for a dtype it does not handle (the driver then uses rows[]).
-// Its kernels run ROWS weight rows at a time: the driver's chunks are multiples of it.
+// run() computes y[i * ldy + r] for rows r in [r0, r1) and all m activation rows, from any pool
+// thread, and returns false (touching nothing) for a dtype it does not handle (the driver then
+// uses rows[]). Its kernels run rows_per_group weight rows at a time: the driver's chunks are
+// multiples of it.
 struct QuantGemm {
     int rows_per_group;
     const void *(*prepare)(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool);
@@ -84,7 +84,7 @@ Kernels make_kernels(const char *name, decltype(Kernels::dot_f32) dot_f32, declt
 
 // The active table (first call picks: env var, else the best the CPU supports).
 const Kernels &kernels();
-// Force a path by name ("scalar", "avx2", "avx512vnni", "auto"); false when unknown or unsupported here.
+// Force a path by name (one of the names above, or "auto"); false when unknown or unsupported here.
 bool select_kernels(const char *name);
 // Names of the paths this build and CPU can run, "scalar" first (tests loop over all of them).
 std::vector<const char *> available_kernels();

@@ -1,7 +1,7 @@
 // AVX-512 (F/BW/VL) + VNNI kernels, per-function target attributes so the library still loads
 // on CPUs without them (kernels.cpp only picks this table when the CPU reports all features).
 //
-// Weights are read through the format traits (formats.h, unpacked by x86_unpack.h): a 32-value
+// Weights are read through the format traits (formats.h, unpacked by x86_common.h): a 32-value
 // slice becomes 32 int16 lanes in ActBlock.qs order, so VNNI (vpdpwssd) forms its exact integer
 // dot. On Zen 4 a 512-bit op costs two 256-bit slots, so the win over AVX2 comes from doing less
 // per slice, not from wider lanes: the quantized matmul (QuantGemm below) forms each slice's
@@ -10,7 +10,7 @@
 #include "attn_block.h"
 #include "kernels.h"
 #include "tinyvllm.h"
-#include "x86_unpack.h"
+#include "x86_common.h"
 
 #if defined(__x86_64__)
 
@@ -274,12 +274,6 @@ TV_AVX512 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1,
 // scalar, then the same fma sequence as every other path (so the same bits). Q8_0's slices are so
 // cheap to unpack that gemv8's 8 interleaved streams cost more than they save (14 vs 17-21 GB/s
 // streamed, 2 threads); for every other format gemv8 is faster (measured: row decode 10-45% slower).
-TV_AVX512 inline int hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
 template <class F, int NR>
 TV_AVX512 void gemv_row(const uint8_t *w, const Prep &x, int64_t nb, float *y, int64_t ldy) {
     float acc[NR] = {};
@@ -481,9 +475,6 @@ TV_AVX512 float dot_f16(const uint16_t *w, const float *x, int64_t n) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
-
-
-
 // ---- attention block (hd == 64, bs <= 16; anything else goes to the generic loops) -------------
 // Keys come transposed from the cache (row d = element d of the block's 16 keys) so scores run with lanes over keys: per
 // query row, score[s] = sum over even d + sum over odd d, each chain sequential in d, whatever
@@ -673,7 +664,6 @@ const Kernels table = make_table();
 }  // namespace
 
 const Kernels *kernels_avx512_table() { return &table; }
-
 
 bool cpu_has_avx512vnni() {
     __builtin_cpu_init();

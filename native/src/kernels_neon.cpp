@@ -109,13 +109,6 @@ float dot_f16(const uint16_t *w, const float *x, int64_t n) {
 }
 
 
-void axpy_f16(float a, const uint16_t *v, float *y, int64_t n) {
-    const float32x4_t va = vdupq_n_f32(a);
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), va, load_h4(v + i)));
-    for (; i < n; i++) y[i] = std::fma(a, fp16_to_fp32(v[i]), y[i]);
-}
-
 // ---- weight slices (formats.h shapes) as int8: a = values 0..15, b = values 16..31 ------------
 
 #define TV_INLINE inline __attribute__((always_inline))
@@ -375,8 +368,10 @@ struct DotprodDot {
 TV_ROWS(TV_NOATTR, NeonDot)
 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any count
     if (f16) {
-        std::memset(dst, 0, sizeof(float) * hd);
-        axpy_f16(1.0f, reinterpret_cast<const uint16_t *>(src), dst, hd);  // 1 * v + 0: exact
+        const uint16_t *h = reinterpret_cast<const uint16_t *>(src);
+        int i = 0;
+        for (; i + 4 <= hd; i += 4) vst1q_f32(dst + i, load_h4(h + i));
+        for (; i < hd; i++) dst[i] = fp16_to_fp32(h[i]);
     } else {
         std::memcpy(dst, src, sizeof(float) * hd);
     }

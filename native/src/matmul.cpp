@@ -6,10 +6,26 @@
 
 #include <algorithm>
 
+#include "common.h"
 #include "kernels.h"
-#include "tinyvllm.h"
 
 namespace tv {
+
+Weight check_weight(const char *what, const tv_tensor *t) {
+    if (!t) fail("%s: tensor is null", what);
+    if (!dtype_known(t->dtype))
+        fail("%s: unsupported dtype %d (supported: %s)", what, t->dtype, dtype_names_supported());
+    if (t->rows <= 0 || t->cols <= 0)
+        fail("%s: rows and cols must be > 0 (got %lld x %lld)", what, (long long)t->rows, (long long)t->cols);
+    const size_t rb = row_bytes(t->dtype, t->cols);
+    if (rb == 0) fail("%s: %lld columns is not a whole number of %s blocks", what, (long long)t->cols, dtype_name(t->dtype));
+    const size_t expect = checked_mul(rb, (size_t)t->rows, what);
+    if (t->nbytes != expect)
+        fail("%s: nbytes %zu, expected %zu for %s %lld x %lld", what, t->nbytes, expect, dtype_name(t->dtype),
+             (long long)t->rows, (long long)t->cols);
+    if (!t->data) fail("%s: tensor data is null", what);
+    return Weight{t->dtype, t->rows, t->cols, static_cast<const uint8_t *>(t->data), rb};
+}
 
 const ActBlock *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<ActBlock> &buf) {
     const size_t nb = (size_t)(k / QK);

@@ -7,6 +7,7 @@
 
 #include "quant.h"
 #include "threadpool.h"
+#include "tinyvllm.h"
 
 namespace tv {
 
@@ -19,6 +20,11 @@ struct Weight {
     bool set() const { return data != nullptr; }
     const uint8_t *row(int64_t r) const { return data + (size_t)r * row_bytes; }
 };
+
+// A caller-described tensor (tv_model_set_tensor, tv_matmul, ...) as a Weight, after checking it:
+// a known dtype, rows and cols > 0, cols a whole number of the dtype's blocks, nbytes matching,
+// data not null. Throws InvalidArgument; `what` starts every message.
+Weight check_weight(const char *what, const tv_tensor *t);
 
 // Quantize m rows of k activations (k % 32 == 0) to int16 blocks into buf (grown, never shrunk).
 const ActBlock *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<ActBlock> &buf);

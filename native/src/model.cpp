@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "attention.h"
+#include "batch.h"
 #include "common.h"
 #include "kernels.h"
 #include "ops.h"
@@ -74,128 +75,121 @@ Model::Model(const tv_model_params &p) : p_(p) {
     p_.n_threads = pool_->size();
 }
 
+namespace {
+
+// Every tensor the model takes, by GGUF name, written once: set_tensor looks a name up here to find
+// its slot and the shape, dtype and feature flag it needs; finalize walks it for what is missing.
+// Shapes are rows x cols in model dimensions; 1-D tensors (norms, biases) come as rows = 1.
+enum Dim { ONE, EMBD, VOCAB, FF, QDIM, KVDIM, HEAD };  // indexes Model::set_tensor's dims[]
+enum Need { ALWAYS, OPTIONAL, BIAS, QK_NORM, POST_NORMS };  // BIAS: attn_q/k/v all three or none
+template <class S>
+struct TensorRule {
+    const char *name;  // layer tensors: after "blk.N."
+    Weight S::*slot;
+    Dim rows, cols;
+    bool f32_only;  // norms and biases
+    Need need;
+};
+const TensorRule<GlobalWeights> GLOBAL_TENSORS[] = {
+    {"token_embd.weight", &GlobalWeights::token_embd, VOCAB, EMBD, false, ALWAYS},
+    {"output_norm.weight", &GlobalWeights::output_norm, ONE, EMBD, true, ALWAYS},
+    {"output.weight", &GlobalWeights::output, VOCAB, EMBD, false, OPTIONAL},
+};
+const TensorRule<LayerWeights> LAYER_TENSORS[] = {
+    {"attn_norm.weight", &LayerWeights::attn_norm, ONE, EMBD, true, ALWAYS},
+    {"attn_q.weight", &LayerWeights::wq, QDIM, EMBD, false, ALWAYS},
+    {"attn_k.weight", &LayerWeights::wk, KVDIM, EMBD, false, ALWAYS},
+    {"attn_v.weight", &LayerWeights::wv, KVDIM, EMBD, false, ALWAYS},
+    {"attn_output.weight", &LayerWeights::wo, EMBD, QDIM, false, ALWAYS},
+    {"ffn_norm.weight", &LayerWeights::ffn_norm, ONE, EMBD, true, ALWAYS},
+    {"ffn_gate.weight", &LayerWeights::gate, FF, EMBD, false, ALWAYS},
+    {"ffn_up.weight", &LayerWeights::up, FF, EMBD, false, ALWAYS},
+    {"ffn_down.weight", &LayerWeights::down, EMBD, FF, false, ALWAYS},
+    {"attn_q.bias", &LayerWeights::bq, ONE, QDIM, true, BIAS},
+    {"attn_k.bias", &LayerWeights::bk, ONE, KVDIM, true, BIAS},
+    {"attn_v.bias", &LayerWeights::bv, ONE, KVDIM, true, BIAS},
+    {"attn_q_norm.weight", &LayerWeights::q_norm, ONE, HEAD, true, QK_NORM},
+    {"attn_k_norm.weight", &LayerWeights::k_norm, ONE, HEAD, true, QK_NORM},
+    {"post_attention_norm.weight", &LayerWeights::post_attn_norm, ONE, EMBD, true, POST_NORMS},
+    {"post_ffw_norm.weight", &LayerWeights::post_ffw_norm, ONE, EMBD, true, POST_NORMS},
+};
+
+// Whether this model takes tensors of this kind (q/k norms and post norms only with their flags).
+bool wanted(const tv_model_params &p, Need n) { return n == QK_NORM ? p.qk_norm : n == POST_NORMS ? p.post_norms : true; }
+
+// The rule called `name` among `rules`, if this model takes it.
+template <class S, size_t N>
+const TensorRule<S> *find_rule(const TensorRule<S> (&rules)[N], const std::string &name, const tv_model_params &p) {
+    for (const TensorRule<S> &r : rules)
+        if (name == r.name && wanted(p, r.need)) return &r;
+    return nullptr;
+}
+
+}  // namespace
+
 void Model::set_tensor(const char *name, const tv_tensor &t) {
     const char *f = "tv_model_set_tensor";
     if (finalized_) fail("%s: model is already finalized", f);
-    const int64_t E = p_.n_embd, V = p_.n_vocab, F = p_.n_ff, Dq = (int64_t)p_.n_head * p_.head_dim,
-                  Dkv = (int64_t)p_.n_head_kv * p_.head_dim;
-    // Find the slot and the expected shape; 1-D tensors (norms, biases) come as rows = 1.
+    const std::string n(name);
     Weight *slot = nullptr;
-    int64_t rows = 0, cols = 0;
     bool f32_only = false;
-    std::string n(name);
-    if (n == "token_embd.weight") slot = &token_embd_, rows = V, cols = E;
-    else if (n == "output.weight") slot = &output_, rows = V, cols = E;
-    else if (n == "output_norm.weight") slot = &output_norm_, rows = 1, cols = E, f32_only = true;
-    else if (n.compare(0, 4, "blk.") == 0) {
+    int64_t rows = 0, cols = 0;
+    const int64_t dims[] = {1, p_.n_embd, p_.n_vocab, p_.n_ff, (int64_t)p_.n_head * p_.head_dim,
+                            (int64_t)p_.n_head_kv * p_.head_dim, p_.head_dim};
+    auto take = [&](const auto *rule, auto &weights) {
+        if (rule) slot = &(weights.*(rule->slot)), rows = dims[rule->rows], cols = dims[rule->cols], f32_only = rule->f32_only;
+    };
+    if (n.compare(0, 4, "blk.") != 0) {
+        take(find_rule(GLOBAL_TENSORS, n, p_), g_);
+    } else {
         size_t i = 4;
         int64_t layer = 0;
         while (i < n.size() && i < 14 && n[i] >= '0' && n[i] <= '9') layer = layer * 10 + (n[i++] - '0');
         if (i == 4 || i >= n.size() || n[i] != '.') fail("%s: unknown tensor name '%s'", f, name);
         if (layer >= p_.n_layer) fail("%s: '%s': layer %lld out of range [0, %d)", f, name, (long long)layer, p_.n_layer);
-        LayerWeights &L = layers_[(size_t)layer];
-        const std::string s = n.substr(i + 1);
-        if (s == "attn_norm.weight") slot = &L.attn_norm, rows = 1, cols = E, f32_only = true;
-        else if (s == "ffn_norm.weight") slot = &L.ffn_norm, rows = 1, cols = E, f32_only = true;
-        else if (s == "attn_q.weight") slot = &L.wq, rows = Dq, cols = E;
-        else if (s == "attn_k.weight") slot = &L.wk, rows = Dkv, cols = E;
-        else if (s == "attn_v.weight") slot = &L.wv, rows = Dkv, cols = E;
-        else if (s == "attn_output.weight") slot = &L.wo, rows = E, cols = Dq;
-        else if (s == "attn_q.bias") slot = &L.bq, rows = 1, cols = Dq, f32_only = true;
-        else if (s == "attn_k.bias") slot = &L.bk, rows = 1, cols = Dkv, f32_only = true;
-        else if (s == "attn_v.bias") slot = &L.bv, rows = 1, cols = Dkv, f32_only = true;
-        else if (s == "ffn_gate.weight") slot = &L.gate, rows = F, cols = E;
-        else if (s == "ffn_up.weight") slot = &L.up, rows = F, cols = E;
-        else if (s == "ffn_down.weight") slot = &L.down, rows = E, cols = F;
-        else if (p_.qk_norm && s == "attn_q_norm.weight") slot = &L.q_norm, rows = 1, cols = p_.head_dim, f32_only = true;
-        else if (p_.qk_norm && s == "attn_k_norm.weight") slot = &L.k_norm, rows = 1, cols = p_.head_dim, f32_only = true;
-        else if (p_.post_norms && s == "post_attention_norm.weight") slot = &L.post_attn_norm, rows = 1, cols = E, f32_only = true;
-        else if (p_.post_norms && s == "post_ffw_norm.weight") slot = &L.post_ffw_norm, rows = 1, cols = E, f32_only = true;
+        take(find_rule(LAYER_TENSORS, n.substr(i + 1), p_), layers_[(size_t)layer]);
     }
     if (!slot) fail("%s: unknown tensor name '%s' (q/k norms need qk_norm, post norms need post_norms)", f, name);
     if (slot->set()) fail("%s: tensor '%s' was already set", f, name);
-    if (!dtype_known(t.dtype)) fail("%s: '%s': unsupported dtype %d (supported: %s)", f, name, t.dtype, dtype_names_supported());
-    if (f32_only && t.dtype != TV_F32)
-        fail("%s: '%s': norms and biases must be F32, got %s", f, name, dtype_name(t.dtype));
     if (t.rows != rows || t.cols != cols)
         fail("%s: '%s': shape %lld x %lld, expected %lld x %lld (rows = out features, 1-D tensors as rows = 1)", f,
              name, (long long)t.rows, (long long)t.cols, (long long)rows, (long long)cols);
-    const size_t rb = row_bytes(t.dtype, t.cols);
-    if (rb == 0) fail("%s: '%s': %lld columns is not a whole number of %s blocks", f, name, (long long)t.cols, dtype_name(t.dtype));
-    const size_t expect = checked_mul(rb, (size_t)t.rows, f);
-    if (t.nbytes != expect)
-        fail("%s: '%s': nbytes %zu, expected %zu for %s %lld x %lld", f, name, t.nbytes, expect, dtype_name(t.dtype),
-             (long long)t.rows, (long long)t.cols);
-    if (!t.data) fail("%s: '%s': data is null", f, name);
-    *slot = Weight{t.dtype, t.rows, t.cols, static_cast<const uint8_t *>(t.data), rb};
+    const std::string what = std::string(f) + ": '" + n + "'";
+    const Weight w = check_weight(what.c_str(), &t);
+    if (f32_only && w.dtype != TV_F32)
+        fail("%s: norms and biases must be F32, got %s", what.c_str(), dtype_name(w.dtype));
+    *slot = w;
 }
 
 void Model::finalize() {
     const char *f = "tv_model_finalize";
     if (finalized_) fail("%s: model is already finalized", f);
-    if (!token_embd_.set()) fail("%s: missing tensor 'token_embd.weight'", f);
-    if (!output_norm_.set()) fail("%s: missing tensor 'output_norm.weight'", f);
-    static const char *names[] = {"attn_norm.weight", "attn_q.weight",   "attn_k.weight",  "attn_v.weight",
-                                  "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
-                                  "ffn_down.weight"};
+    for (const auto &r : GLOBAL_TENSORS)
+        if (r.need == ALWAYS && !(g_.*(r.slot)).set()) fail("%s: missing tensor '%s'", f, r.name);
     for (int l = 0; l < p_.n_layer; l++) {
         const LayerWeights &L = layers_[(size_t)l];
-        const Weight *req[] = {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_norm, &L.gate, &L.up, &L.down};
-        for (int i = 0; i < 9; i++)
-            if (!req[i]->set()) fail("%s: missing tensor 'blk.%d.%s'", f, l, names[i]);
-        if (p_.qk_norm && !(L.q_norm.set() && L.k_norm.set()))
-            fail("%s: missing tensor 'blk.%d.attn_%c_norm.weight' (qk_norm is on)", f, l, L.q_norm.set() ? 'k' : 'q');
-        if (p_.post_norms && !L.post_attn_norm.set()) fail("%s: missing tensor 'blk.%d.post_attention_norm.weight'", f, l);
-        if (p_.post_norms && !L.post_ffw_norm.set()) fail("%s: missing tensor 'blk.%d.post_ffw_norm.weight'", f, l);
-        const int nb = L.bq.set() + L.bk.set() + L.bv.set();
-        if (nb != 0 && nb != 3) fail("%s: blk.%d: attn_q/k/v biases must be given all three or none", f, l);
+        int biases = 0;
+        for (const auto &r : LAYER_TENSORS) {
+            const bool set = (L.*(r.slot)).set();
+            if (r.need == BIAS) biases += set;
+            else if (r.need != OPTIONAL && wanted(p_, r.need) && !set) fail("%s: missing tensor 'blk.%d.%s'", f, l, r.name);
+        }
+        if (biases != 0 && biases != 3) fail("%s: blk.%d: attn_q/k/v biases must be given all three or none", f, l);
     }
     finalized_ = true;
 }
 
-void Model::validate_batch(const KvCache &c, const tv_batch &b, const float *logits) {
-    const char *f = "tv_model_forward";
-    if (!finalized_) fail("%s: model is not finalized (call tv_model_finalize)", f);
-    if (c.n_layer != p_.n_layer || c.n_head_kv != p_.n_head_kv || c.head_dim != p_.head_dim)
-        fail("%s: KV cache was made for a different model shape", f);
-    if (b.n_tokens <= 0) fail("%s: n_tokens must be > 0 (got %d)", f, b.n_tokens);
-    if (!b.tokens || !b.positions || !b.seq_ids) fail("%s: tokens, positions and seq_ids must not be null", f);
-    if (b.n_seqs <= 0 || b.max_blocks <= 0 || !b.block_tables)
-        fail("%s: n_seqs and max_blocks must be > 0 and block_tables not null", f);
-    if (b.n_logits < 0) fail("%s: n_logits must be >= 0", f);
-    if (b.n_logits > 0 && (!b.logits_rows || !logits)) fail("%s: logits_rows and logits must not be null", f);
-    int32_t *last = grow(s_.last_pos, (size_t)b.n_seqs);
-    std::fill(last, last + b.n_seqs, -1);
-    for (int t = 0; t < b.n_tokens; t++) {
-        const int32_t tok = b.tokens[t], pos = b.positions[t], seq = b.seq_ids[t];
-        if (tok < 0 || tok >= p_.n_vocab) fail("%s: token %d at index %d out of range [0, %d)", f, tok, t, p_.n_vocab);
-        if (pos < 0) fail("%s: negative position %d at index %d", f, pos, t);
-        if (seq < 0 || seq >= b.n_seqs) fail("%s: seq_id %d at index %d out of range [0, %d)", f, seq, t, b.n_seqs);
-        if (pos / c.block_size >= b.max_blocks)
-            fail("%s: position %d at index %d needs block %d but max_blocks is %d", f, pos, t, pos / c.block_size,
-                 b.max_blocks);
-        if (pos <= last[seq]) fail("%s: positions of sequence %d must increase within a batch (index %d)", f, seq, t);
-        last[seq] = pos;
-    }
-    // every block a token reads (positions 0..pos) must be a real block
-    for (int seq = 0; seq < b.n_seqs; seq++) {
-        const int32_t *table = b.block_tables + (size_t)seq * b.max_blocks;
-        for (int i = 0; last[seq] >= 0 && i <= last[seq] / c.block_size; i++)
-            if (table[i] < 0 || table[i] >= c.n_blocks)
-                fail("%s: block_tables[%d][%d] = %d out of range [0, %d)", f, seq, i, table[i], c.n_blocks);
-    }
-    for (int i = 0; i < b.n_logits; i++)
-        if (b.logits_rows[i] < 0 || b.logits_rows[i] >= b.n_tokens)
-            fail("%s: logits_rows[%d] = %d out of range [0, %d)", f, i, b.logits_rows[i], b.n_tokens);
-}
-
 void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
     std::lock_guard<std::mutex> lock(forward_mu_);
-    validate_batch(cache, b, logits);
+    const char *f = "tv_model_forward";
+    if (!finalized_) fail("%s: model is not finalized (call tv_model_finalize)", f);
+    if (cache.n_layer != p_.n_layer || cache.n_head_kv != p_.n_head_kv || cache.head_dim != p_.head_dim)
+        fail("%s: KV cache was made for a different model shape", f);
+    check_batch(f, cache, &b, p_.n_vocab, logits, s_.last_pos);
     const int T = b.n_tokens, E = p_.n_embd, half = p_.head_dim / 2;
 
     float *x = grow(s_.x, (size_t)T * E);
-    for (int t = 0; t < T; t++) dequantize_row(token_embd_.dtype, token_embd_.row(b.tokens[t]), x + (size_t)t * E, E);
+    for (int t = 0; t < T; t++) dequantize_row(g_.token_embd.dtype, g_.token_embd.row(b.tokens[t]), x + (size_t)t * E, E);
     if (p_.embd_scale != 0.0f)
         for (size_t i = 0; i < (size_t)T * E; i++) x[i] *= p_.embd_scale;
     // RoPE angles depend only on the position: once per token for all layers and heads (and once
@@ -211,10 +205,10 @@ void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
     for (int l = 0; l < p_.n_layer; l++) run_layer(l, cache, b);
 
     if (b.n_logits == 0) return;
-    const Weight &out = output_.set() ? output_ : token_embd_;  // tied embeddings
+    const Weight &out = g_.output.set() ? g_.output : g_.token_embd;  // tied embeddings
     float *xn = grow(s_.xn, (size_t)b.n_logits * E);
     for (int i = 0; i < b.n_logits; i++)
-        rmsnorm(x + (size_t)b.logits_rows[i] * E, reinterpret_cast<const float *>(output_norm_.data), xn + (size_t)i * E, E,
+        rmsnorm(x + (size_t)b.logits_rows[i] * E, reinterpret_cast<const float *>(g_.output_norm.data), xn + (size_t)i * E, E,
                 p_.rms_eps);
     matmul(out, xn, b.n_logits, logits, *pool_, s_.xq);
     if (p_.final_logit_softcap > 0.0f) softcap(logits, (int64_t)b.n_logits * p_.n_vocab, p_.final_logit_softcap);

@@ -14,6 +14,11 @@
 
 namespace tv {
 
+// The tensors outside the layers.
+struct GlobalWeights {
+    Weight token_embd, output_norm, output;  // output unset: tied to token_embd
+};
+
 struct LayerWeights {
     Weight attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, gate, up, down;
     Weight q_norm, k_norm;                 // params.qk_norm
@@ -27,19 +32,18 @@ class Model {
     void set_tensor(const char *name, const tv_tensor &t);
     void finalize();
     bool finalized() const { return finalized_; }
-    // Validates the batch against the model and cache, then runs it.
+    // Validates the batch against the model and cache (check_batch), then runs it.
     void forward(KvCache &cache, const tv_batch &b, float *logits);
 
     const tv_model_params &params() const { return p_; }
 
    private:
-    void validate_batch(const KvCache &cache, const tv_batch &b, const float *logits);
     void run_layer(int l, KvCache &cache, const tv_batch &b);
 
     tv_model_params p_;
     std::vector<float> inv_freq_, inv_freq_swa_;
     std::vector<uint8_t> swa_;  // [n_layer]: 1 = sliding-window layer
-    Weight token_embd_, output_norm_, output_;
+    GlobalWeights g_;
     std::vector<LayerWeights> layers_;
     bool finalized_ = false;
     std::unique_ptr<ThreadPool> pool_;

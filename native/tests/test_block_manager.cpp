@@ -38,8 +38,8 @@ struct Bm {
         return it == toks.end() ? nullptr : it->second.data();
     }
     int32_t slots(int64_t id) { return toks.count(id) ? (int32_t)toks[id].size() : 0; }
-    int alloc(int64_t id, const Tokens &t, int32_t *cached = nullptr) {
-        tv_block_op op{TV_BLOCK_ALLOCATE, (int32_t)t.size(), -1, -1, id, 0, t.data()};
+    int alloc(int64_t id, const Tokens &t, int32_t *cached = nullptr, int32_t kind = TV_BLOCK_ALLOCATE) {
+        tv_block_op op{kind, (int32_t)t.size(), -1, -1, id, 0, t.data()};
         const int rc = run(op);
         if (cached) *cached = op.num_computed;
         if (rc == TV_OK) toks[id] = t;
@@ -434,6 +434,24 @@ TEST(block_manager_duplicates_not_cached_twice) {
     int32_t c = -1;
     CHECK(m.alloc(3, p, &c) == TV_OK && c == 4);
     CHECK((m.table(3) == Tokens{0, 1, 3})) << "seq 1's blocks 0 and 1 (seq 2's were not cached), then the free stack";
+    CHECK(m.ok()) << tv_last_error();
+}
+
+TEST(block_manager_allocate_uncached_skips_the_cache) {
+    Bm m(16, 4);
+    const Tokens p = seq_tokens(14, 0);
+    int32_t c = -1;
+    CHECK(m.alloc(1, p) == TV_OK);
+    CHECK(m.mark(1, 14) == TV_OK);
+    CHECK(m.stats().cached_blocks == 3);
+    CHECK(m.alloc(2, p, &c, TV_BLOCK_ALLOCATE_UNCACHED) == TV_OK && c == 0) << c;
+    const Tokens t1 = m.table(1), t2 = m.table(2);
+    CHECK(t2.size() == 4 && std::find_first_of(t1.begin(), t1.end(), t2.begin(), t2.end()) == t1.end())
+        << "nothing shared";
+    CHECK(m.stats().queries == 1) << "an uncached allocation is no cache query";
+    CHECK(m.mark(2, 14) == TV_OK);
+    CHECK(m.stats().cached_blocks == 3) << "same content: not cached twice";
+    CHECK(m.alloc(3, p, &c) == TV_OK && c == 12) << "plain ALLOCATE still hits";
     CHECK(m.ok()) << tv_last_error();
 }
 

@@ -9,7 +9,7 @@ import gc
 import json
 from pathlib import Path
 
-from ..model.fetch import DEFAULT_MODEL
+from ..engine_args import EngineArgs
 
 
 def _int_list(value: str) -> list[int]:
@@ -23,32 +23,28 @@ def _int_list(value: str) -> list[int]:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
     p.add_argument("--url", default=None, help="benchmark a running OpenAI-compatible server instead of the engine")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help="model to run offline; with --url, the tokenizer for prompts and token counts")
     p.add_argument("--served-model-name", default=None, help="--url: the `model` field (default: /v1/models)")
     p.add_argument("--api-key", default=None, help="--url: sent as 'Authorization: Bearer KEY'")
     p.add_argument("--server-pid", type=int, default=None, help="--url: report this process's peak RSS")
-    p.add_argument("--threads", "-t", type=int, default=None, help="offline: CPU threads")
-    p.add_argument("--memory-budget", default=None,
-                   help="offline: budget for weights + KV + workspace; a comma list (64MB,256MB) sweeps it")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="offline: sequences in one batch at most")
-    p.add_argument("--max-model-len", type=int, default=None, help="offline: context length per sequence")
-    p.add_argument("--num-prompts", "-n", type=int, default=64, help="requests (with --dataset: its first N)")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests (with --dataset: its first N)")
     p.add_argument("--input-len", default="128", help="prompt tokens, a number or a range like 32-256")
-    p.add_argument("--output-len", default="128", help="output tokens (max_tokens), a number or a range")
+    p.add_argument("--output-len", default="128",
+                   help="max_tokens of each request, a number or a range (a workload, hence vLLM bench's name)")
     p.add_argument("--dataset", default=None, help="JSONL of {\"prompt\": ..., \"max_tokens\": ...} instead of "
                                                    "random token prompts")
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests per second, Poisson arrivals (default inf: all at once)")
     p.add_argument("--max-concurrency", type=_int_list, default=None,
                    help="requests in flight at most; a comma list (1,4,16) sweeps it")
-    p.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrivals")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
     p.add_argument("--output-json", default=None)
     p.add_argument("--output-md", default=None)
     p.add_argument("--plot", default=None, help="PNG: latency CDFs and throughput vs concurrency")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    # offline: the engine to run; --url: only --model (and --tokenizer) count, for prompts and token counts
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
 
 
@@ -74,9 +70,10 @@ def _offline_runs(a, offsets_for, progress_for) -> list[dict]:
         engine = None
         gc.collect()  # the previous budget's engine (and its KV pool) goes before the next one loads
         peak_rss_reset()
+        args = EngineArgs.from_cli_args(a)
+        args.memory_budget = budget
         try:
-            engine = LLMEngine(a.model, threads=a.threads, memory_budget=budget, max_num_seqs=a.max_num_seqs,
-                               max_model_len=a.max_model_len)
+            engine = LLMEngine(args.model, **args.engine_kwargs())
         except (ValueError, MemoryError, RuntimeError) as e:  # a budget too small for the weights is a result
             runs += [{"name": _run_name(a, budget, c), "memory_budget": budget, "max_concurrency": c, "error": str(e)}
                      for c in a.max_concurrency or [None]]
@@ -101,7 +98,8 @@ def _url_runs(a, offsets_for, progress_for) -> list[dict]:
     from .offline import peak_rss_bytes
     from .stats import summarize
     w = load_model(resolve_model(a.model))  # memory-mapped: only the tokenizer and the vocabulary size are read
-    tokenizer = Tokenizer.from_gguf_metadata(w.metadata) if w.kind == "gguf" else Tokenizer.from_dir(w.path)
+    tokenizer = (Tokenizer.from_dir(a.tokenizer) if a.tokenizer else
+                 Tokenizer.from_gguf_metadata(w.metadata) if w.kind == "gguf" else Tokenizer.from_dir(w.path))
     runs = []
     for k, conc in enumerate(a.max_concurrency or [None]):
         workload = _workload(a, tokenizer, w.config.vocab_size, salt=k)
@@ -120,8 +118,12 @@ def run(a) -> int:
     from .report import markdown, plot
     from ..engine.memory import parse_bytes
     from .workload import arrival_offsets, parse_range
-    if a.url and a.memory_budget:
-        raise ValueError("--memory-budget is for offline runs; give the server its own budget")
+    if a.url:
+        offline_only = [f"--{k.replace('_', '-')}" for k, v in vars(EngineArgs.from_cli_args(a)).items()
+                        if k not in ("model", "tokenizer", "seed") and v != getattr(EngineArgs, k)]
+        if offline_only:
+            raise ValueError(f"{', '.join(offline_only)}: engine arguments are for offline runs; "
+                             "give them to the server")
     # Bad arguments fail here, before a model loads.
     if a.num_prompts < 1:
         raise ValueError("--num-prompts must be at least 1")

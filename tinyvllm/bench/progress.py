@@ -4,8 +4,8 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, label: str = "", enabled: bool = True, width: int = 30):
-        self.total, self.label, self.enabled, self.width = total, label, enabled, width
+    def __init__(self, total: int, label: str = "", enabled: bool = True, width: int = 30, unit: str = "req"):
+        self.total, self.label, self.enabled, self.width, self.unit = total, label, enabled, width, unit
         self.done, self.start = 0, time.monotonic()
         self._draw()
 
@@ -19,7 +19,7 @@ class Progress:
         fill = self.width * self.done // max(self.total, 1)
         rate = self.done / max(time.monotonic() - self.start, 1e-9)
         sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {self.done}/{self.total}"
-                         f" {rate:.2f} req/s")
+                         f" {rate:.2f} {self.unit}/s")
         sys.stderr.flush()
 
     def close(self) -> None:

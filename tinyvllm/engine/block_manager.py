@@ -5,7 +5,7 @@ A pool of `num_blocks` blocks of `block_size` token slots with reference counts;
 shares the leading full blocks of a new prompt with earlier sequences whose KV for the same token
 prefix is computed; copy-on-write splits a shared partial block before a sequence writes into it.
 
-Every change is an op (ALLOCATE, APPEND, FORK, FREE) and a list of ops runs in one native call:
+Every change is an op (ALLOCATE, ALLOCATE_UNCACHED, APPEND, FORK, FREE) and a list of ops runs in one native call:
 the scheduler sends one list per step. The manager keeps no token ids: ops lend the caller's
 int32 token buffer by address. Running out of blocks is not an error: `apply` reports how many
 ops ran. Invalid use (unknown or reused sequence id, decreasing counts...) raises NativeError.
@@ -14,9 +14,10 @@ import numpy as np
 
 from .._native import NativeError, check, ffi, lib
 
-__all__ = ["BlockManager", "NativeError", "OP_DTYPE", "ALLOCATE", "APPEND", "FORK", "FREE"]
+__all__ = ["BlockManager", "NativeError", "OP_DTYPE", "ALLOCATE", "ALLOCATE_UNCACHED", "APPEND", "FORK", "FREE"]
 
 ALLOCATE, APPEND, FORK, FREE = lib.TV_BLOCK_ALLOCATE, lib.TV_BLOCK_APPEND, lib.TV_BLOCK_FORK, lib.TV_BLOCK_FREE
+ALLOCATE_UNCACHED = lib.TV_BLOCK_ALLOCATE_UNCACHED  # as ALLOCATE, sharing nothing from the prefix cache
 # tv_block_op as a numpy record, so a step's ops are filled column by column, not per FFI struct.
 OP_DTYPE = np.dtype([("kind", "<i4"), ("num_tokens", "<i4"), ("num_computed", "<i4"), ("table_row", "<i4"),
                      ("seq_id", "<i8"), ("parent_id", "<i8"), ("tokens", "<u8")])

@@ -7,9 +7,9 @@ import numpy as np
 
 from ..model import load_model, resolve_model
 from ..model.quantize import quantize_weights
-from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..runner import runner_for
-from ..sampler import Sampler
+from ..sampler import Sampler, score_tokens
 from ..sampling_params import SamplingParams
 from ..structured import StructuredOutputs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -26,6 +26,7 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     metrics: RequestMetrics
+    deadline: float | None = None  # time.monotonic() after which the request ends with what it has
 
 
 class LLMEngine:
@@ -59,10 +60,12 @@ class LLMEngine:
         self.runner = runner_cls(self.weights, num_blocks, block_size, kv_cache_dtype, threads, **runner_kwargs)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
-                                   max_num_batched_tokens, self.max_model_len, self.eos_token_ids)
+                                   max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
+                                   max_prompt_logits_rows=max_num_seqs)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
         self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads)
         self.requests: dict[str, _Request] = {}
+        self._deadlines: dict[str, float] = {}  # request id -> deadline, for the requests that have one
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
         # cumulative counters for serving metrics; last_batch_size = sequences in the latest step
         self.num_steps = self.num_scheduled_tokens = self.num_generated_tokens = self.last_batch_size = 0
@@ -100,40 +103,73 @@ class LLMEngine:
                          IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens), now,
                          matchers[i])
                 for i in range(params.n)]
-        self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
+        deadline = None if params.deadline_s is None else now + params.deadline_s
+        self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now), deadline)
+        if deadline is not None:
+            self._deadlines[request_id] = deadline
         self.scheduler.add(seqs)
         return request_id
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks. False when it is unknown or already done."""
-        req = self.requests.pop(str(request_id), None)
-        if req is None:
-            return False
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks. Returns its final output (finish_reason "abort" on
+        the completions that were still running); None when it is unknown or already done."""
+        return self._end(str(request_id), "abort") if str(request_id) in self.requests else None
+
+    def _end(self, request_id: str, reason: str) -> RequestOutput:
+        req = self.requests.pop(request_id)
+        self._deadlines.pop(request_id, None)
         for seq in req.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
-        self.scheduler.flush()  # the blocks are free when abort returns
-        return True
+                self.scheduler.finish(seq, reason)
+        self.scheduler.flush()  # the blocks are free when this returns
+        return self._output(req)
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        """End the requests whose deadline has passed with what they have (finish_reason "deadline").
+        Checked before every step, so a deadline is met within one step of its time."""
+        if not self._deadlines:
+            return []
+        now = time.monotonic()
+        return [self._end(rid, "deadline") for rid, t in list(self._deadlines.items()) if now >= t]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        expired = self._expire_deadlines()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return expired
         for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
         bitmask = self.structured.start_bitmask(batch.sampled)  # structured outputs: overlaps the forward
         logits = self.runner.forward(*batch.model_inputs())
-        if len(batch.sample_rows) > len(logits):  # n > 1 forks sample from their parent's row
+        for seq, row, n in batch.prompt_rows:
+            self._score_prompt(seq, logits[row:row + n], seq.num_computed_tokens)
+        if batch.sample_rows != list(range(len(logits))):  # n > 1 forks share a row; prompt rows are not sampled
             logits = logits[batch.sample_rows]
         results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids, bitmask()) if batch.sampled else []
         sampled = self.scheduler.postprocess(batch, results)
         self._record(batch, sampled)
-        return [self._output(self.requests.pop(rid) if self._done(rid) else self.requests[rid])
-                for rid in dict.fromkeys(s.request_id for s in sampled)]
+        return expired + [self._output(self._pop(rid) if self._done(rid) else self.requests[rid])
+                          for rid in dict.fromkeys(s.request_id for s in sampled)]
+
+    def _pop(self, request_id: str) -> _Request:
+        self._deadlines.pop(request_id, None)
+        return self.requests.pop(request_id)
+
+    def _score_prompt(self, seq: Sequence, logits: np.ndarray, start: int) -> None:
+        """Prompt logprobs of one chunk: logits row j (position start + j) scores prompt token start + j + 1.
+        Only the k + 1 entries per position are kept. Positions scored before a preemption are skipped."""
+        first = len(seq.prompt_logprobs) - 1 - start  # the first row not scored yet
+        last = min(len(logits), seq.num_prompt_tokens - 1 - start)
+        if last <= first:
+            return
+        targets = seq.prompt_token_ids[start + first + 1:start + last + 1]
+        for ids, lps, ranks in score_tokens(logits[first:last], targets, seq.params.prompt_logprobs):
+            seq.prompt_logprobs.append({t: Logprob(lp, r, self.tokenizer.decode([t], skip_special_tokens=False))
+                                        for t, lp, r in zip(ids, lps, ranks)})
 
     def _record(self, batch, sampled) -> None:
         now = time.monotonic()
@@ -156,7 +192,8 @@ class LLMEngine:
         outs = [CompletionOutput(s.index, s.visible_text(), s.output_token_ids.tolist(), s.cumulative_logprob,
                                  list(s.logprobs) if s.logprobs is not None else None, s.finish_reason, s.stop_reason)
                 for s in req.seqs]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics,
+                             req.seqs[0].prompt_logprobs)
 
     # ---- stats ----------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .block_manager import ALLOCATE, APPEND, FORK, FREE, OP_DTYPE, BlockManager
+from .block_manager import ALLOCATE, ALLOCATE_UNCACHED, APPEND, FORK, FREE, OP_DTYPE, BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
@@ -21,6 +21,8 @@ class ScheduledBatch:
     sampled: list[Sequence] = field(default_factory=list)  # sequences that get a token (n > 1 forks included)
     sample_rows: list[int] = field(default_factory=list)   # each one's row among the logits rows
     forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, child) joining after this step
+    # prompt logprobs: (sequence, its first logits row, how many) for chunks that want logits at every position
+    prompt_rows: list[tuple[Sequence, int, int]] = field(default_factory=list)
 
     def model_inputs(self):
         """(tokens, positions, seq index of each token, block tables, logits rows) for a model runner."""
@@ -31,7 +33,9 @@ class ScheduledBatch:
             positions.append(np.arange(start, start + n, dtype=np.int32))
             seq_index.append(np.full(n, k, dtype=np.int32))
             total += n
-            if start + n == len(seq):
+            if seq.needs_prompt_logprobs:  # every position of the chunk: its logits score the next prompt token
+                rows.extend(range(total - n, total))
+            elif start + n == len(seq):
                 rows.append(total - 1)
         return (np.concatenate(tokens), np.concatenate(positions), np.concatenate(seq_index), self.block_tables,
                 np.asarray(rows, dtype=np.int32))
@@ -39,8 +43,11 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids=()):
+                 eos_token_ids=(), max_prompt_logits_rows: int | None = None):
         self.blocks = blocks
+        # Prefill chunks of requests with prompt logprobs need logits at every position; a step computes at
+        # most this many such rows (the memory plan pays for them), so those prompts run in chunks this long.
+        self.max_prompt_logits_rows = max(1, max_prompt_logits_rows or max_num_seqs)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -65,17 +72,21 @@ class Scheduler:
         """Running sequences go first (decodes and prefill chunks), then waiting ones are admitted while
         the token budget, sequence slots and blocks last."""
         budget, plan = self.max_num_batched_tokens, []  # plan: [sequence, chunk size, table row]
+        self._rows_left = self.max_prompt_logits_rows
         for seq in self.running:
             if budget == 0:
                 break
-            plan.append([seq, min(seq.num_uncomputed_tokens, budget), len(plan)])
-            budget -= plan[-1][1]
-        head = self.waiting[0] if self.waiting and budget and self._has_room(self.waiting[0]) else None
+            n = self._chunk(seq, budget)
+            if n:
+                plan.append([seq, n, len(plan)])
+                budget -= n
+        head = self.waiting[0] if self.waiting and self._can_admit(self.waiting[0], budget) else None
         width = -(-max([len(s) for s, _, _ in plan] + [len(head) if head else 1]) // self.blocks.block_size)
         tables = np.empty((len(plan) + 1, width), dtype=np.int32)
         todo = [(self._append_op(e), e) for e in plan]
         if head:  # the head of the queue rides on the same call; if it does not fit, nothing is admitted (FCFS)
-            todo.append(((ALLOCATE, len(head), 0, len(plan), head.seq_id, 0, head.tokens_address), None))
+            todo.append(((self._allocate_kind(head), len(head), 0, len(plan), head.seq_id, 0, head.tokens_address),
+                         None))
         copies, admitted = [], False
         while True:
             ops = np.array([op for op, _ in self._pending] + [op for op, _ in todo], dtype=OP_DTYPE)
@@ -94,7 +105,7 @@ class Scheduler:
         if admitted:
             head.num_computed_tokens = int(ops[-1]["num_computed"])
             self._admit(self.waiting.popleft())
-            plan.append([head, min(head.num_uncomputed_tokens, budget), len(tables) - 1])
+            plan.append([head, self._chunk(head, budget), len(tables) - 1])
             budget -= plan[-1][1]
         if not plan:
             return None
@@ -102,6 +113,22 @@ class Scheduler:
         if admitted:
             tables = self._admit_more(plan, tables, budget)
         return self._batch(plan, tables, copies)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of seq's uncomputed tokens run this step (takes prompt-logits rows when it needs them)."""
+        n = min(seq.num_uncomputed_tokens, budget)
+        if seq.needs_prompt_logprobs:
+            n = min(n, self._rows_left)
+            self._rows_left -= n
+        return n
+
+    def _can_admit(self, seq: Sequence, budget: int) -> bool:
+        return budget > 0 and self._has_room(seq) and (self._rows_left > 0 or not seq.needs_prompt_logprobs)
+
+    @staticmethod
+    def _allocate_kind(seq: Sequence) -> int:
+        # Prefix-cache hits would leave positions without logits: a prompt still being scored runs in full.
+        return ALLOCATE_UNCACHED if seq.needs_prompt_logprobs else ALLOCATE
 
     def _append_op(self, entry) -> tuple:
         # marks what the last step computed, then slots for every token (the sampled one included)
@@ -116,15 +143,16 @@ class Scheduler:
 
     def _admit_more(self, plan: list, tables: np.ndarray, budget: int) -> np.ndarray:
         """Admit further waiting sequences, one call each (their cached prefixes decide the budget left)."""
-        while self.waiting and budget and self._has_room(self.waiting[0]):
+        while self.waiting and self._can_admit(self.waiting[0], budget):
             seq = self.waiting[0]
-            op = np.array([(ALLOCATE, len(seq), 0, 0, seq.seq_id, 0, seq.tokens_address)], dtype=OP_DTYPE)
+            op = np.array([(self._allocate_kind(seq), len(seq), 0, 0, seq.seq_id, 0, seq.tokens_address)],
+                          dtype=OP_DTYPE)
             row = np.empty((1, -(-len(seq) // self.blocks.block_size)), dtype=np.int32)
             if self.blocks.apply(op, row)[0] == 0:
                 break
             seq.num_computed_tokens = int(op[0]["num_computed"])
             self._admit(self.waiting.popleft())
-            plan.append([seq, min(seq.num_uncomputed_tokens, budget), len(plan)])
+            plan.append([seq, self._chunk(seq, budget), len(plan)])
             budget -= plan[-1][1]
             width = max(tables.shape[1], row.shape[1])
             tables = np.concatenate([np.pad(tables, ((0, 0), (0, width - tables.shape[1]))),
@@ -133,16 +161,20 @@ class Scheduler:
 
     def _batch(self, plan: list, tables: np.ndarray, copies: list) -> ScheduledBatch:
         batch = ScheduledBatch([s for s, _, _ in plan], [n for _, n, _ in plan], tables, copies)
-        row = 0
+        row = 0  # logits rows come in model_inputs' order: a whole chunk when scoring the prompt, else the last
         for seq, n, _ in plan:
+            if seq.needs_prompt_logprobs:
+                batch.prompt_rows.append((seq, row, n))
+                row += n
+            elif seq.num_computed_tokens + n == len(seq):
+                row += 1
             if seq.num_computed_tokens + n == len(seq):  # the chunk reaches the end: a new token
                 batch.sampled.append(seq)
-                batch.sample_rows.append(row)
+                batch.sample_rows.append(row - 1)
                 for child in self._forks.pop(seq.seq_id, []):  # n > 1: siblings share this prompt's logits
                     batch.forks.append((seq, child))
                     batch.sampled.append(child)
-                    batch.sample_rows.append(row)
-                row += 1
+                    batch.sample_rows.append(row - 1)
         return batch
 
     # ---- postprocess ---------------------------------------------------------------------------

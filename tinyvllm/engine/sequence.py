@@ -29,6 +29,8 @@ class Sequence:
         self.matcher = matcher  # structured outputs: an llguidance matcher fed every sampled token
         self.text = ""
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # prompt logprobs belong to the request: its first sequence scores the prompt as it prefills
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None and index == 0 else None
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -62,6 +64,12 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """True until every prompt position is scored: each prefill chunk then needs logits at every
+        position, so the prompt must run in full (no prefix-cache hits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     def append_token(self, result, eos_token_ids, max_model_len: int) -> bool:
         """Add one sampled token (a SampleResult); True when the sequence should stop here

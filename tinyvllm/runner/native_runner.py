@@ -78,12 +78,19 @@ class NativeModelRunner:
         rope = cfg.head_dim if getattr(cfg, "sliding_window", 0) else 0  # the sliding layers' own RoPE cos + sin
         per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim
                          + rope)
-        # logits rows scale with the vocabulary (262,144 for Gemma 3: 1 MiB per sequence per copy)
-        return max_num_batched_tokens * per_token + 3 * max_num_seqs * cfg.vocab_size * 4
+        # logits rows scale with the vocabulary (262,144 for Gemma 3: 1 MiB per sequence per copy): a step's
+        # logits (one row per sampled sequence, plus up to max_num_seqs prompt positions scored for prompt
+        # logprobs), the sampled rows gathered out of them, and the sampler's scratch
+        return max_num_batched_tokens * per_token + 4 * max_num_seqs * cfg.vocab_size * 4
 
     @property
     def kv_cache_bytes(self) -> int:
         return lib.tv_kv_cache_bytes(self._cache)
+
+    @property
+    def kernel_path(self) -> str:
+        """The matmul kernels in use ("avx512vnni", "neon_dotprod", "scalar", ...)."""
+        return ffi.string(lib.tv_kernel_path()).decode()
 
     def copy_block(self, src: int, dst: int) -> None:
         check(lib.tv_kv_cache_copy_block(self._cache, src, dst))

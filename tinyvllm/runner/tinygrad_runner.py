@@ -104,6 +104,10 @@ class TinygradModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(p.nbytes() for p in self.k_pool + self.v_pool)
 
+    @property
+    def kernel_path(self) -> str:
+        return f"tinygrad {self.device}"  # tinygrad generates its kernels for the device
+
     # ---- weights ----------------------------------------------------------------------------
     def _upload(self, t):
         """(dtype, device tensor): Q4_0/Q4_1/Q8_0 as their raw GGUF blocks (unpacked inside the graph),

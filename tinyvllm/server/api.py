@@ -1,4 +1,4 @@
-"""build_app: the FastAPI app of the OpenAI-compatible server, over one AsyncEngine.
+"""build_app: the FastAPI app of the OpenAI-compatible server, over one AsyncLLM.
 
 Every error leaves as OpenAI's shape {"error": {"message", "type", "param", "code"}}: bad fields 400
 (FastAPI's 422 included), wrong API key 401, unknown model 404, full waiting queue 429."""
@@ -13,10 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..async_llm import AsyncLLM
 from ..chat_template import select_template
 from ..engine import LLMEngine
 from ..structured import compile_grammar
-from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .tools import template_uses_tools
@@ -61,12 +61,12 @@ def _conversation(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_key: str | None = None,
+def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: str | None = None,
               max_waiting: int = 256) -> FastAPI:
-    """An app serving `engine`. Given an LLMEngine, the app owns an AsyncEngine over it (started and
-    stopped with the app); given an AsyncEngine, several apps may share it and it is only started."""
+    """An app serving `engine`. Given an LLMEngine, the app owns an AsyncLLM over it (started and
+    stopped with the app); given an AsyncLLM, several apps may share it and it is only started."""
     owned = isinstance(engine, LLMEngine)
-    aeng = AsyncEngine(engine) if owned else engine
+    aeng = AsyncLLM.from_engine(engine, start=False) if owned else engine
     tok, max_len, vocab = aeng.engine.tokenizer, aeng.engine.max_model_len, aeng.engine.config.vocab_size
     metrics = ServerMetrics(aeng)
 
@@ -78,7 +78,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
             aeng.shutdown()
 
     app = FastAPI(title="tinyvllm", lifespan=lifespan)
-    app.state.async_engine, app.state.metrics = aeng, metrics
+    app.state.async_llm, app.state.metrics = aeng, metrics
     if api_key is not None:
         app.add_middleware(_APIKeyCheck, api_key=api_key)
 
@@ -154,11 +154,28 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
         return {"tokens": strs, "token_logprobs": [d[t] for t, d in zip(toks, lps)],
                 "top_logprobs": [{token_str(a): lp for a, lp in d.items()} for d in lps], "text_offset": offsets}
 
-    async def deltas(outputs, n: int, usage: dict):
-        """Per choice update: (choice index, new text, new token ids, new logprobs, finish, stop_reason)."""
+    def prompt_logprobs_json(plp) -> list:
+        """vLLM's shape: None for position 0, then {token id: {logprob, rank, decoded_token}}."""
+        return [None if d is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                                 "decoded_token": lp.decoded_token} for t, lp in d.items()}
+                for d in plp]
+
+    def echo_logprobs_json(prompt_ids: list[int], plp, top: int) -> dict:
+        """The prompt's part of OpenAI's legacy logprobs when echo is on: nothing scores the first token."""
+        strs = [token_str(t) for t in prompt_ids]
+        return {"tokens": strs, "token_logprobs": [None] + [d[t].logprob for t, d in zip(prompt_ids[1:], plp[1:])],
+                "top_logprobs": [None] + [{token_str(a): lp.logprob for a, lp in d.items() if a == t or lp.rank <= top}
+                                          for t, d in zip(prompt_ids[1:], plp[1:])],
+                "text_offset": [sum(map(len, strs[:i])) for i in range(len(strs))]}
+
+    async def deltas(outputs, n: int, usage: dict, prompt_outputs: dict | None = None):
+        """Per choice update: (choice index, new text, new token ids, new logprobs, finish, stop_reason).
+        prompt_outputs, when given, gets each prompt's finished RequestOutput (echo, prompt logprobs)."""
         sent = {}  # choice index -> [chars sent, tokens sent, finished]
         async with aclosing(outputs):
             async for k, out in outputs:
+                if out.finished and prompt_outputs is not None:
+                    prompt_outputs[k] = out
                 for c in out.outputs:
                     chars, ntok, done = sent.setdefault(k * n + c.index, [0, 0, False])
                     if done:
@@ -185,7 +202,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
     async def respond(body, prompts: list[dict], params, chat: bool, request: Request, tools=None):
         admit(len(prompts))
         try:
-            outputs = aeng.generate(prompts, params)  # queued now: the next admit() counts these
+            outputs = aeng.generate_batch(prompts, params)  # queued now: the next admit() counts these
         except RuntimeError as e:  # shutting down, or the engine thread died
             raise APIError(503, str(e), "service_unavailable") from e
         usage = {"prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts)}
@@ -196,7 +213,8 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
             return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage, tools),
                                      media_type="text/event-stream")
         choices = {}  # choice index -> [text, token ids, logprobs, finish, stop_reason]
-        async with aclosing(deltas(outputs, params.n, usage)) as updates:
+        finished = {}  # prompt index -> its final RequestOutput
+        async with aclosing(deltas(outputs, params.n, usage, finished)) as updates:
             async for i, text, toks, lps, finish, stop in updates:
                 ch = choices.setdefault(i, ["", [], [], None, None])
                 ch[0] += text
@@ -205,15 +223,32 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_name: str, *, api_ke
                 ch[3], ch[4] = finish, stop
                 if await request.is_disconnected():  # nobody will read the answer: stop generating
                     return Response(status_code=499)
+        echo = not chat and body.echo
+        if echo and body.scores_prompt_only:  # the one token generated to get there is dropped
+            choices = {i: ["", [], [], finish, stop] for i, (_, _, _, finish, stop) in choices.items()}
+            usage["completion_tokens"], usage["total_tokens"] = 0, usage["prompt_tokens"]
         out = []
         for i, (text, toks, lps, finish, stop) in sorted(choices.items()):
+            request_out = finished[i // params.n]
             lp = logprobs_json(chat, toks, lps, top, 0) if params.logprobs is not None else None
+            if echo:
+                prompt_text = request_out.prompt if request_out.prompt is not None else \
+                    tok.decode(request_out.prompt_token_ids, skip_special_tokens=False)
+                if lp is not None:
+                    head_lp = echo_logprobs_json(request_out.prompt_token_ids, request_out.prompt_logprobs, top)
+                    shift = sum(map(len, head_lp["tokens"]))
+                    lp = {key: head_lp[key] + ([o + shift for o in lp[key]] if key == "text_offset" else lp[key])
+                          for key in lp}
+                text = prompt_text + text
             if chat:
                 msg, finish = message(text, finish, tools)
                 body_part = {"message": msg}
             else:
                 body_part = {"text": text}
-            out.append({"index": i, **body_part, "logprobs": lp, "finish_reason": finish, "stop_reason": stop})
+            choice = {"index": i, **body_part, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}
+            if not chat and body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(request_out.prompt_logprobs)
+            out.append(choice)
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
 
     async def sse(body, outputs, num_prompts, params, chat, head, top, usage, tools=None):

@@ -1,33 +1,53 @@
-"""`tinyvllm serve MODEL`: arguments only at import time; fastapi/uvicorn load when the command runs."""
+"""`tinyvllm serve`: arguments only at import time; fastapi/uvicorn load when the command runs."""
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
 
+from .. import __version__
+from ..engine_args import EngineArgs
 from ..model.fetch import DEFAULT_MODEL
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"alias, GGUF file, HF directory or HF repo id (default: {DEFAULT_MODEL})")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.description = ("OpenAI-compatible HTTP server. Requests that leave temperature out sample at 1.0,\n"
+                     "as in OpenAI's API (the command line's generate and chat default to greedy).")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM's `serve MODEL` takes it; the same as --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: MODEL)")
     p.add_argument("--api-key", default=os.environ.get("TINYVLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $TINYVLLM_API_KEY)")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--device", default="cpu", help="cpu (native core) or tinygrad[:DEV] (pip install tinyvllm[gpu])")
-    p.add_argument("--memory-budget", default=None, help="total bytes for weights + KV + workspace, e.g. 512MB")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences in one batch at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens in one step at most")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests allowed to wait for a batch slot; more are refused with 429")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="of the server's own log and of uvicorn's")
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
+
+
+def engine_args(a) -> EngineArgs:
+    """The engine arguments; the model comes from MODEL or --model (both given: they must agree)."""
+    if a.model_tag is not None and a.model not in (DEFAULT_MODEL, a.model_tag):
+        raise ValueError(f"serve got two models: {a.model_tag!r} and --model {a.model!r}")
+    args = EngineArgs.from_cli_args(a)
+    args.model = a.model_tag or a.model
+    return args
+
+
+def startup_summary(engine) -> str:
+    """One line saying what was loaded and what the KV pool holds, so a log shows what the server runs."""
+    runner, blocks = engine.runner, engine.scheduler.blocks
+    kv_bytes = runner.kv_cache_bytes
+    return (f"model {engine.model_path} ({engine.weights.kind}, {engine.config.num_layers} layers), "
+            f"threads {runner.threads}, kernel path {runner.kernel_path}, "
+            f"KV cache {blocks.num_blocks} blocks x {blocks.block_size} tokens = {kv_bytes / 2**20:.1f} MiB "
+            f"({kv_bytes} bytes), max_model_len {engine.max_model_len}, max_num_seqs {engine.scheduler.max_num_seqs}")
 
 
 def run(a) -> int:
@@ -54,12 +74,18 @@ def run(a) -> int:
                 for s, h in old.items():
                     signal.signal(s, h)
 
-    engine = LLMEngine(a.model, threads=a.threads, device=a.device, memory_budget=a.memory_budget,
-                       max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                       max_num_batched_tokens=a.max_num_batched_tokens)
-    app = build_app(engine, a.served_model_name or a.model, api_key=a.api_key, max_waiting=a.max_waiting)
+    args = engine_args(a)
+    log = logging.getLogger("tinyvllm.server")
+    if not log.handlers:  # uvicorn configures only its own loggers
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))  # uvicorn's look
+        log.addHandler(handler)
+    log.setLevel(a.log_level.upper())
+    engine = LLMEngine(args.model, **args.engine_kwargs())
+    log.info("tinyvllm %s: %s", __version__, startup_summary(engine))
+    app = build_app(engine, a.served_model_name or args.model, api_key=a.api_key, max_waiting=a.max_waiting)
     server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                    timeout_graceful_shutdown=a.shutdown_grace))
     server.run()
-    app.state.async_engine.shutdown()  # already stopped unless the shutdown was forced (a second Ctrl-C)
+    app.state.async_llm.shutdown()  # already stopped unless the shutdown was forced (a second Ctrl-C)
     return 0 if server.started else 1

@@ -1,19 +1,19 @@
 """Prometheus metrics of one app (its own registry, so several apps can live in one process).
 
-Engine state (queues, KV blocks, preemptions, prefix cache) is read from the AsyncEngine's stats
+Engine state (queues, KV blocks, preemptions, prefix cache) is read from the AsyncLLM's stats
 snapshot at scrape time; latencies and token counts are observed as requests finish, and the
 batch size (sequences per engine step) after every step, so batched execution is visible."""
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..outputs import RequestOutput
-from .async_engine import AsyncEngine
+from ..async_llm import AsyncLLM
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class _EngineCollector:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncLLM):
         self.engine = engine
 
     def collect(self):
@@ -36,7 +36,7 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncLLM):
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram("tinyvllm:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY,
                               registry=r)

@@ -69,7 +69,7 @@ class _Sampling(_Body):
             return StructuredOutputsParams.from_dict(self.structured_outputs)
         return from_format
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                         constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams validates every value; its ValueError becomes a 400."""
         asked = self.constraint()
@@ -81,7 +81,7 @@ class _Sampling(_Body):
             include_stop_str_in_output=self.include_stop_str_in_output, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
-            max_tokens=max_tokens, logprobs=logprobs)
+            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -92,11 +92,30 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: Literal[False] = False  # not supported: refuse rather than silently ignore
+    echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's extra parameter: choices carry vLLM-shaped prompt logprobs
     suffix: None = None
 
+    @property
+    def scores_prompt_only(self) -> bool:
+        """echo with max_tokens 0 (how lm-evaluation-harness scores a text): the prompt, nothing generated.
+        One token is generated and dropped, as vLLM does."""
+        return self.echo and self.max_tokens == 0
+
     def to_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.stream:  # answered whole: refused rather than silently ignored
+            raise ValueError("echo is not supported with stream.")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not supported with stream.")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1, got 0 (0 needs echo).")
+        # echo with logprobs scores the prompt too (OpenAI's legacy shape); vLLM's prompt_logprobs can ask more
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, self.prompt_logprobs) if prompt_logprobs is not None \
+                else self.prompt_logprobs
+        return self.sampling_params(1 if self.scores_prompt_only else self.max_tokens, self.logprobs,
+                                    prompt_logprobs)
 
 
 class ContentPart(_Body):
@@ -155,7 +174,7 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs requires logprobs to be true.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
-                                    tools.constraint() if tools else None)
+                                    constraint=tools.constraint() if tools else None)
 
 
 class TokenizeRequest(_Body):

@@ -1,5 +1,6 @@
-// The formats.h shapes as x86 vectors, shared by the AVX2 and AVX-512 paths: a slice of 32
-// weights as two int16 vectors (values 0..15 and 16..31, the order of ActBlock.qs).
+// What the AVX2 and AVX-512 paths share: the formats.h shapes as x86 vectors (a slice of 32
+// weights as two int16 vectors, values 0..15 and 16..31, the order of ActBlock.qs), their block
+// scales, and horizontal sums.
 // AVX2 target attributes: GCC inlines these into AVX-512 functions too (a subset of their ISA).
 #pragma once
 
@@ -9,7 +10,7 @@
 
 #include "formats.h"
 
-#define TV_X86_UNPACK __attribute__((target("avx2,fma,f16c")))
+#define TV_X86 __attribute__((target("avx2,fma,f16c")))
 
 namespace tv {
 
@@ -17,9 +18,23 @@ struct W16 {
     __m256i lo, hi;
 };
 
+TV_X86 inline float hsum_f32(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TV_X86 inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
 // Slice s of block `blk`: each step below is one shape of formats.h, on two 16-byte halves.
 template <class F>
-TV_X86_UNPACK inline W16 unpack(const uint8_t *blk, int s) {
+TV_X86 inline W16 unpack(const uint8_t *blk, int s) {
     const SliceSrc src = F::src(s);
     const uint8_t *lo = blk + src.lo, *hi = blk + src.hi;
     auto load = [](const uint8_t *p) { return _mm_loadu_si128(reinterpret_cast<const __m128i *>(p)); };
@@ -64,12 +79,12 @@ TV_X86_UNPACK inline W16 unpack(const uint8_t *blk, int s) {
 }
 
 // 8 int8 as 8 float lanes.
-TV_X86_UNPACK inline __m256 int8_lanes(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+TV_X86 inline __m256 int8_lanes(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
 // One row's block scales (formats.h), with hardware f16 conversion; K formats convert their
 // integer scales with vector ops. Same products as F::scales, so the same bits.
 template <class F>
-TV_X86_UNPACK inline void block_scales(const uint8_t *b, BlockScales<F::SLICES> &s) {
+TV_X86 inline void block_scales(const uint8_t *b, BlockScales<F::SLICES> &s) {
     if constexpr (F::D_AT >= 0) {
         s.d[0][0] = s.d[0][1] = _cvtsh_ss(load_u16(b + F::D_AT));
         if constexpr (F::HAS_MIN) s.m[0][0] = s.m[0][1] = _cvtsh_ss(load_u16(b + F::M_AT));
@@ -93,7 +108,7 @@ TV_X86_UNPACK inline void block_scales(const uint8_t *b, BlockScales<F::SLICES> 
 
 // 8 rows x 16 bytes -> the 16 columns: column c (one byte per row) is the low (c even) or high
 // (c odd) 8 bytes of out[c / 2].
-TV_X86_UNPACK inline void transpose8x16(const __m128i r[8], __m128i out[8]) {
+TV_X86 inline void transpose8x16(const __m128i r[8], __m128i out[8]) {
     __m128i t[8], u[8];
     for (int i = 0; i < 4; i++) {
         t[2 * i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);      // columns 0..7 of rows 2i, 2i+1
