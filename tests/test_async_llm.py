@@ -9,20 +9,12 @@ from concurrent.futures import CancelledError, wait
 import pytest
 
 from tinyvllm import AsyncLLM, LLMEngine, SamplingParams
+from run_alone import offline
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 SUBJECTS = ["The story", "My favourite colour", "The answer to the question", "A good name for a dog", "Once"]
 PROMPTS = [f"{SUBJECTS[i % len(SUBJECTS)]} number {i} is" for i in range(50)]
 MAX_TOKENS = [2 + i % 5 for i in range(50)]  # 2..6: callers finish at different steps
-
-
-def offline(engine, prompt, params):
-    """The engine alone: one request, stepped to the end on this thread."""
-    rid = engine.add_request(None, prompt, params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                return out
 
 
 @pytest.fixture(scope="module")

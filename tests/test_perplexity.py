@@ -75,3 +75,16 @@ def test_perplexity_cli(engine, reference_gguf_path, reference_model, tmp_path, 
     path.write_text("Too short.")
     assert main(["perplexity", "--model", str(reference_gguf_path), "--file", str(path), "--ctx", str(CTX)]) == 2
     assert "needs at least" in capsys.readouterr().err
+
+
+def test_perplexity_takes_the_shared_engine_flags():
+    """`tinyvllm perplexity` parses every engine flag the other commands take, to the same EngineArgs."""
+    from tinyvllm.cli import build_parser
+    from tinyvllm.engine_args import EngineArgs
+    flags = ["--model", "m.gguf", "--threads", "3", "--memory-budget", "300MB", "--max-num-seqs", "7",
+             "--max-num-batched-tokens", "96", "--no-enable-prefix-caching", "--max-model-len", "1024"]
+    a = build_parser().parse_args(["perplexity", "--file", "t.txt", "--ctx", "256", "--stride", "64", *flags])
+    assert (a.file, a.ctx, a.stride) == ("t.txt", 256, 64)
+    assert EngineArgs.from_cli_args(a) == EngineArgs(model="m.gguf", threads=3, memory_budget="300MB", max_num_seqs=7,
+                                                     max_num_batched_tokens=96, enable_prefix_caching=False,
+                                                     max_model_len=1024)

@@ -6,6 +6,7 @@ import pytest
 
 from tinyvllm import LLM, SamplingParams
 from tinyvllm.outputs import Logprob
+from run_alone import offline
 
 # Measured on the reference model (Q4_1 weights, int16 activations vs float64): at most ~0.01 on these
 # prompts; logits themselves differ by up to ~0.05 (tests/test_generate.py).
@@ -151,15 +152,6 @@ def test_prompt_logprobs_zero_and_validation(reference_gguf_path, reference_mode
 
 
 # ---- the server: /v1/completions with echo, logprobs and max_tokens 0 (lm-evaluation-harness) -----------------
-def offline(engine, prompt, params):
-    """One request on the engine alone, stepped to the end on this thread."""
-    rid = engine.add_request(None, prompt, params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                return out
-
-
 @pytest.fixture(scope="module")
 def served(reference_gguf_path):
     """(engine, offline answers, base url): answers are computed before the server's engine thread owns it."""

@@ -24,6 +24,7 @@ from tinyvllm.async_llm import AsyncLLM
 
 from child_process import child_env, python_cmd
 from serve_process import start_server, stop_server
+from run_alone import offline
 
 MODEL = "smollm2-135m"
 GEN = 5  # tokens per answer in the many-client tests
@@ -32,15 +33,6 @@ PROMPTS = [f"{subject} number {i} is" for i, subject in
 GREEDY = dict(temperature=0, ignore_eos=True)
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def offline(engine, prompt, params):
-    """The engine alone: one request, stepped to the end on this thread."""
-    rid = engine.add_request(None, prompt, params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                return out
 
 
 class LiveServer:
