@@ -295,9 +295,11 @@ def test_gemma3_vocab_262144_within_memory_budget(gguf_dir):
     import sys
     from tinyvllm.engine.memory import parse_bytes
     path = ta.write_gguf(gguf_dir / "gemma3-262k.gguf", "gemma3", "Q8_0", vocab=262144)
-    r = subprocess.run([sys.executable, "-c", _BUDGET_CHILD, path, "170MB"], capture_output=True, text=True,
+    # 190 MB: the plan reserves 4 logits rows of 262,144 per sequence slot (sampled rows, prompt-logprob
+    # rows, the sampler's copies): 64 MiB of the budget at 16 sequences
+    r = subprocess.run([sys.executable, "-c", _BUDGET_CHILD, path, "190MB"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["vocab"] == 262144 and m["done"] == 16, m
-    assert m["grown"] <= parse_bytes("170MB"), f"peak resident growth {m['grown'] / 2**20:.1f} MiB > 170MB"
+    assert m["grown"] <= parse_bytes("190MB"), f"peak resident growth {m['grown'] / 2**20:.1f} MiB > 190MB"
