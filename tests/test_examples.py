@@ -26,3 +26,40 @@ def test_memory_budget_sweep_example(reference_gguf_path, tmp_path):
     assert all(1 <= r["max_running"] <= 4 and r["output_throughput"] > 0 for r in (mid, big))
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
     assert "| max running sequences |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_robot_node_dataflow(reference_gguf_path, tmp_path):
+    """The dora-rs dataflow, headless: `dora run` starts the scripted commander, the tinyvllm planner and
+    the recorder; every action must be valid against the schema, the stale commands cancelled (no
+    action for them), the deadline command answered with the fallback, the others by the model."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import jsonschema
+    dora = shutil.which("dora", path=str(Path(sys.executable).parent)) or shutil.which("dora")
+    assert dora, "the dora CLI is missing: pip install dora-rs-cli (in the test extra)"
+    flow = ROOT / "examples/robot_node"
+    log = tmp_path / "robot.jsonl"
+    env = {**os.environ, "ROBOT_MODEL": str(reference_gguf_path), "ROBOT_THREADS": "1", "ROBOT_LOG": str(log),
+           "ROBOT_MEMORY_BUDGET": "256MB", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    run = subprocess.run([dora, "run", str(flow / "dataflow.yml")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    schema = json.loads((flow / "schema.json").read_text())
+    actions = {r["metadata"]["command_id"]: r for r in records if r["id"] == "action"}
+    status = {s["command_id"]: s for s in (json.loads(r["text"]) for r in records if r["id"] == "status")}
+    for record in actions.values():
+        jsonschema.validate(json.loads(record["text"]), schema)
+    assert set(status) == {"c1", "c2", "c3", "c4", "c5", "c6"}
+    assert [status[c]["outcome"] for c in ("c2", "c3")] == ["cancelled", "cancelled"]
+    assert "c2" not in actions and "c3" not in actions
+    assert status["c5"]["outcome"] == "deadline" and actions["c5"]["metadata"]["source"] == "fallback"
+    for c in ("c1", "c4", "c6"):
+        assert status[c]["outcome"] == "done" and actions[c]["metadata"]["source"] == "model"
+        assert json.loads(status[c]["text"]) == json.loads(actions[c]["text"])
+        partials = [r["text"] for r in records if r["id"] == "partial" and r["metadata"]["command_id"] == c]
+        assert len(partials) >= 2 and all(status[c]["text"].startswith(p) for p in partials)
