@@ -63,3 +63,50 @@ def test_robot_node_dataflow(reference_gguf_path, tmp_path):
         assert json.loads(status[c]["text"]) == json.loads(actions[c]["text"])
         partials = [r["text"] for r in records if r["id"] == "partial" and r["metadata"]["command_id"] == c]
         assert len(partials) >= 2 and all(status[c]["text"].startswith(p) for p in partials)
+
+
+def test_assistant_calculator_and_lookup():
+    assistant = load_example("examples/assistant/assistant.py")
+    assert assistant.calculate("2 * (3 + 4) - 10 / 4") == 11.5
+    for bad in ("__import__('os').system('true')", "x + 1", "2 ** 1000"):
+        try:
+            assistant.calculate(bad)
+            raise AssertionError(f"{bad!r} was evaluated")
+        except ValueError:
+            pass
+    tools = assistant.Tools(ROOT / "examples/assistant/notes")
+    assert "7:00" in tools("lookup", {"word": "Tomatoes"}) and "nothing" in tools("lookup", {"word": "zebra"})
+    assert tools("calculator", {"expression": "1/0"}).startswith("error")
+
+
+def test_assistant_scripted_turns(reference_gguf_path, tmp_path):
+    """Three scripted turns with forced tool calls, under a memory budget: every call is one of the
+    tools with arguments valid against its schema and the result the tool gives for them; each turn's
+    prompt finds the whole previous turn's prompt in the prefix cache (all but a partial last block)."""
+    import io
+
+    import jsonschema
+    assistant = load_example("examples/assistant/assistant.py")
+    out, stats = io.StringIO(), tmp_path / "turns.json"
+    assert assistant.main(["--model", str(reference_gguf_path), "--memory-budget", "256MB", "--threads", "1",
+                           "--max-tokens", "24", "--tool-choice", "required", "--stats-json", str(stats)],
+                          lines=["What is 12 * 34?", "When are the tomatoes watered?", "/reset", "Hello", "/quit",
+                                 "never read"], out=out) == 0
+    turns = json.loads(stats.read_text())
+    assert len(turns) == 3, out.getvalue()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in assistant.TOOLS}
+    tools = assistant.Tools(ROOT / "examples/assistant/notes")
+    for turn in turns:
+        assert turn["tool_calls"], out.getvalue()
+        call = turn["tool_calls"][0]
+        jsonschema.validate(call["arguments"], schemas[call["name"]])
+        if call["name"] != "clock":
+            assert call["result"] == tools(call["name"], call["arguments"])
+        assert f"[tool {call['name']}(" in out.getvalue()
+    block = 16
+    assert turns[0]["cached_tokens"] < block  # a cold cache (at most the shared start of the prompt)
+    assert turns[1]["cached_tokens"] >= turns[0]["prompt_tokens"] - block  # the history, reused
+    assert turns[1]["cached_tokens"] < turns[1]["prompt_tokens"]
+    # after /reset only the system prompt with the tool descriptions is still shared with the cache
+    assert 0 < turns[2]["cached_tokens"] < turns[2]["prompt_tokens"] < turns[0]["prompt_tokens"] + block
+    assert "never read" not in out.getvalue()
