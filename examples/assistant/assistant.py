@@ -118,11 +118,20 @@ class Assistant:
         self.messages = [{"role": "system", "content": SYSTEM}]
 
     def _prompt(self) -> dict:
+        """The conversation as a prompt. When it no longer fits the KV pool the budget allows (or the
+        model's context) with room for the reply, the oldest exchanges go, the system prompt stays
+        (this changes the prompt's start: the next turn is prefilled in full once)."""
         tok = self.llm.tokenizer
-        messages = self.calling.messages(self.messages, self.template_has_tools)
-        extra = {"tools": TOOLS} if self.template_has_tools and self.calling.active else {}
-        text = tok.apply_chat_template(messages, **extra)
-        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        room = self.llm.engine.max_model_len - self.max_tokens
+        while True:
+            messages = self.calling.messages(self.messages, self.template_has_tools)
+            extra = {"tools": TOOLS} if self.template_has_tools and self.calling.active else {}
+            text = tok.apply_chat_template(messages, **extra)
+            ids = tok.encode(text, add_special_tokens=False)
+            users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+            if len(ids) <= room or len(users) < 2:
+                return {"prompt": text, "prompt_token_ids": ids}
+            del self.messages[1:users[1]]  # the oldest exchange, with its tool calls and results
 
     def _generate(self, round_: int) -> tuple[str, object]:
         """One reply, streamed to `out` unless it may be a tool call (then it is held back)."""
@@ -195,11 +204,16 @@ def main(argv=None, lines=None, out=sys.stdout) -> int:
     a = parse_args(argv)
     interactive = lines is None and sys.stdin.isatty()
     lines = iter(lines) if lines is not None else iter(sys.stdin.readline, "")
-    with AsyncLLM(a.model, threads=a.threads, memory_budget=a.memory_budget,
-                  enable_prefix_caching=not a.no_prefix_caching) as llm:
+    try:
+        llm = AsyncLLM(a.model, threads=a.threads, memory_budget=a.memory_budget,
+                       enable_prefix_caching=not a.no_prefix_caching, max_num_seqs=1)  # one conversation
+    except ValueError as e:  # a budget too small for the model says so and by how much
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with llm:
         assistant = Assistant(llm, Tools(Path(a.files)), tool_choice=a.tool_choice, max_tokens=a.max_tokens, out=out)
-        out.write(f"[{a.model} under {a.memory_budget}: {llm.stats['blocks_total']} KV blocks; "
-                  "/reset, /quit]\n")
+        out.write(f"[{a.model} under {a.memory_budget}: {llm.stats['blocks_total']} KV blocks, "
+                  f"conversations up to {llm.engine.max_model_len} tokens; /reset, /quit]\n")
         while True:
             if interactive:
                 out.write("> ")
