@@ -110,3 +110,21 @@ def test_assistant_scripted_turns(reference_gguf_path, tmp_path):
     # after /reset only the system prompt with the tool descriptions is still shared with the cache
     assert 0 < turns[2]["cached_tokens"] < turns[2]["prompt_tokens"] < turns[0]["prompt_tokens"] + block
     assert "never read" not in out.getvalue()
+
+
+def test_assistant_drops_oldest_turns_when_full(reference_gguf_path, tmp_path):
+    """A conversation longer than the context the engine allows keeps going: the oldest exchanges are
+    dropped, the system prompt stays (and is still served from the prefix cache)."""
+    import io
+    assistant = load_example("examples/assistant/assistant.py")
+    out, stats = io.StringIO(), tmp_path / "turns.json"
+    assert assistant.main(["--model", str(reference_gguf_path), "--threads", "1", "--max-tokens", "16",
+                           "--tool-choice", "none", "--max-model-len", "112", "--stats-json", str(stats)],
+                          lines=["Hi there, how are you today?", "Tell me about tomatoes.", "And basil?",
+                                 "And mint?", "And parsley?"], out=out) == 0
+    turns = json.loads(stats.read_text())
+    assert len(turns) == 5, out.getvalue()
+    assert all(t["prompt_tokens"] + 16 <= 112 for t in turns)
+    shrunk = [i for i in range(1, 5) if turns[i]["prompt_tokens"] < turns[i - 1]["prompt_tokens"]]
+    assert shrunk, turns  # some turn had to forget
+    assert all(t["cached_tokens"] >= 16 for t in turns[1:])  # the system prompt's block, at least

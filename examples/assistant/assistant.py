@@ -194,6 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="per reply")
     p.add_argument("--tool-choice", choices=("auto", "required", "none"), default="auto")
     p.add_argument("--files", default=str(HERE / "notes"), help="folder the lookup tool searches")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="cap the conversation's tokens (default: what the model and the budget allow)")
     p.add_argument("--no-prefix-caching", action="store_true", help="to compare TTFT without the prefix cache")
     p.add_argument("--stats-json", help="write the per-turn stats here at the end")
     return p.parse_args(argv)
@@ -206,7 +208,8 @@ def main(argv=None, lines=None, out=sys.stdout) -> int:
     lines = iter(lines) if lines is not None else iter(sys.stdin.readline, "")
     try:
         llm = AsyncLLM(a.model, threads=a.threads, memory_budget=a.memory_budget,
-                       enable_prefix_caching=not a.no_prefix_caching, max_num_seqs=1)  # one conversation
+                       enable_prefix_caching=not a.no_prefix_caching, max_num_seqs=1,
+                       max_model_len=a.max_model_len)  # one conversation
     except ValueError as e:  # a budget too small for the model says so and by how much
         print(f"error: {e}", file=sys.stderr)
         return 2
