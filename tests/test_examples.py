@@ -45,8 +45,12 @@ def test_robot_node_dataflow(reference_gguf_path, tmp_path):
     env = {**os.environ, "ROBOT_MODEL": str(reference_gguf_path), "ROBOT_THREADS": "1", "ROBOT_LOG": str(log),
            "ROBOT_MEMORY_BUDGET": "256MB", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    run = subprocess.run([dora, "run", str(flow / "dataflow.yml")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=240)
+    try:
+        run = subprocess.run([dora, "run", str(flow / "dataflow.yml")], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:  # show how far the dataflow got
+        got = log.read_text()[-3000:] if log.exists() else "(no log)"
+        raise AssertionError(f"the dataflow hung; log so far:\n{got}\noutput:\n{(e.stdout or b'')[-3000:]!r}") from e
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     schema = json.loads((flow / "schema.json").read_text())
