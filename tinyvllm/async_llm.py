@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 
-from .engine import LLMEngine
+from .engine import LLMEngine, RequestsFailed
 from .model.fetch import DEFAULT_MODEL
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -360,7 +360,12 @@ class AsyncLLM:
                     self._wake.clear()
                     continue
                 steps = eng.num_steps
-                outs = eng.step()
+                try:
+                    outs = eng.step()
+                except RequestsFailed as e:  # its requests are ended and freed: tell them why, go on
+                    outs = e.outputs
+                    for rid in e.request_ids:
+                        self._end_stream(rid, RuntimeError(f"the request failed in the engine: {e.cause!r}"))
                 self._publish()
                 if eng.num_steps > steps:
                     for observe in self.step_observers:
