@@ -1,6 +1,7 @@
 """Hostile requests (issue 16): what a stranger can send must get a quick 4xx and cost the engine
 nothing; no single request may stop the engine; the offline API, the model fetcher and the command
 line fail cleanly. Each test is named after what it guards."""
+import asyncio
 import json
 import signal
 import subprocess
@@ -269,3 +270,17 @@ def test_ctrl_c_in_generate_exits_130_without_traceback(reference_gguf_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+
+
+def test_unread_stream_holds_one_output_not_one_per_step(engine, aeng):
+    """A reader that never reads costs one (cumulative) output per request, not one per step: 48 queued
+    outputs of growing length are quadratic memory at long max_tokens."""
+    assert aeng.wait_until(idle, timeout=300)
+
+    async def run():
+        gen = aeng.generate("Once upon a time", SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+        await asyncio.to_thread(aeng.wait_until, idle, 300)  # finished in the engine, nothing read yet
+        await aeng.abort("no-such-request")  # a round trip through the engine thread: its earlier hand-overs ran
+        return [out async for out in gen]
+    outs = asyncio.run(run())
+    assert len(outs) == 1 and outs[0].finished and len(outs[0].outputs[0].token_ids) == 48
