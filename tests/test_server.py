@@ -396,12 +396,16 @@ METRICS = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv
            "time_to_first_token_seconds": "histogram", "time_per_output_token_seconds": "histogram",
            "e2e_request_latency_seconds": "histogram", "batch_size": "histogram", "prompt_tokens": "counter",
            "generation_tokens": "counter", "request_success": "counter"}
+VLLM_METRICS = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv_cache_usage_perc": "gauge",
+                "time_to_first_token_seconds": "histogram", "time_per_output_token_seconds": "histogram",
+                "e2e_request_latency_seconds": "histogram"}
 
 
 def test_metrics_after_a_known_workload(reference_gguf_path):
     """A fresh engine with a 12-block pool: a 40-token prompt twice (the second finds its 2 full blocks in
     the prefix cache), then 6 requests of 40 tokens at once (18 blocks wanted: preemptions). Every
-    documented metric exists, with the type and the value this workload implies."""
+    documented metric exists, with the type and the value this workload implies; vLLM's names of the same
+    series (labelled model_name="<served name>", as vLLM does) carry the same values."""
     eng = LLMEngine(str(reference_gguf_path), threads=2, max_model_len=512, max_num_seqs=8,
                     kv_cache_bytes=12 * 16 * 23040)
     assert eng.scheduler.blocks.num_blocks == 12
@@ -412,7 +416,8 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
         text = scrape()
         types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
         types = {k.removesuffix("_total"): v for k, v in types.items() if not k.endswith("_created")}
-        assert types == {f"tinyvllm:{k}": v for k, v in METRICS.items()}
+        assert types == ({f"tinyvllm:{k}": v for k, v in METRICS.items()} |
+                         {f"vllm:{k}": v for k, v in VLLM_METRICS.items()})
         prompt = list(range(1000, 1040))  # 40 tokens: (40 - 1) // 16 = 2 full blocks to share
         for _ in range(2):
             r = httpx.post(live.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, **GREEDY}, timeout=120)
@@ -441,6 +446,12 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
                 "e2e_request_latency_seconds_count": 8, 'request_success_total{finished_reason="length"}': 8,
                 "prompt_tokens_total": 2 * 40 + 6 * 8, "generation_tokens_total": 2 * 4 + 6 * 40}
         assert {k: metric(m, f"tinyvllm:{k}") for k in want} == want
+        label = f'{{model_name="{MODEL}"}}'
+        twins = [k for k in VLLM_METRICS if VLLM_METRICS[k] == "gauge"] + [
+            f"{k}_{part}" for k in VLLM_METRICS if VLLM_METRICS[k] == "histogram" for part in ("count", "sum")]
+        assert {k: metric(m, f"vllm:{k}{label}") for k in twins} == {k: metric(m, f"tinyvllm:{k}") for k in twins}
+        assert metric(m, f"vllm:e2e_request_latency_seconds_count{label}") == 8
+        assert metric(m, f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",model_name="{MODEL}"}}') == 8
         assert eng.scheduler.num_preemptions > 0  # 6 x 3 blocks wanted from 12
         assert metric(m, "tinyvllm:prefix_cache_hits_total") >= 32
         assert metric(m, "tinyvllm:batch_size_sum") == eng.num_generated_tokens  # every step samples each sequence

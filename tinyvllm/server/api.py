@@ -123,7 +123,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
     owned = isinstance(engine, LLMEngine)
     aeng = AsyncLLM.from_engine(engine, start=False) if owned else engine
     tok, max_len, vocab = aeng.engine.tokenizer, aeng.engine.max_model_len, aeng.engine.config.vocab_size
-    metrics = ServerMetrics(aeng)
+    metrics = ServerMetrics(aeng, served_model_name)
     max_seqs = aeng.engine.scheduler.max_num_seqs
     max_chars = max_prompt_chars if max_prompt_chars is not None else PROMPT_CHARS_PER_TOKEN * max_len
 

@@ -72,8 +72,8 @@ class _Sampling(_Body):
             return StructuredOutputsParams.from_dict(self.structured_outputs)
         return from_format
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None, constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                        constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams validates every value; its ValueError becomes a 400."""
         asked = self.constraint()
         if asked is not None and constraint is not None:
