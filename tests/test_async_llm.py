@@ -237,13 +237,14 @@ def test_constructed_like_llm(reference_gguf_path, alone):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_failing_engine_fails_every_caller(reference_gguf_path):
-    """A step that raises ends the engine thread: every stream and handle gets the error (none waits
-    forever), and new requests are refused at once."""
+    """An engine that breaks outside any one request's work (here the scheduler) ends the engine thread:
+    every stream and handle gets the error (none waits forever), and new requests are refused at once.
+    (A failing forward or sampler fails only its batch's requests: tests/test_hostile_requests.py.)"""
     engine = LLMEngine(str(reference_gguf_path), threads=1, max_model_len=256, max_num_seqs=4)
 
-    def broken_forward(*args):
+    def broken_schedule(*args):
         raise RuntimeError("boom")
-    engine.runner.forward = broken_forward
+    engine.scheduler.schedule = broken_schedule
     llm = AsyncLLM.from_engine(engine, start=False)
     handle = llm.submit(PROMPTS[0], SamplingParams(max_tokens=4, **GREEDY))
 

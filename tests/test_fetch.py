@@ -137,6 +137,7 @@ def test_hf_id_offline(monkeypatch):
 
     def offline(*a, **k):
         raise OSError("Network is unreachable")
+    monkeypatch.setattr(fetch, "_hub_reachable", lambda endpoint: True)  # the probe passed, the requests fail
     monkeypatch.setattr(hub, "list_repo_files", offline)
     monkeypatch.setattr(hub, "snapshot_download", offline)
     with pytest.raises(ModelNotFoundError, match=r"could not download someorg/some-model from the Hugging Face "
@@ -147,6 +148,7 @@ def test_hf_id_offline(monkeypatch):
 def test_hf_id_picks_safetensors_or_single_gguf(monkeypatch, tmp_path):
     hub = __import__("huggingface_hub")
     seen = {}
+    monkeypatch.setattr(fetch, "_hub_reachable", lambda endpoint: True)
     monkeypatch.setattr(hub, "snapshot_download", lambda repo, allow_patterns: seen.update(p=allow_patterns) or str(tmp_path))
     monkeypatch.setattr(hub, "list_repo_files", lambda repo: ["config.json", "model.safetensors", "x.gguf"])
     assert resolve_model("org/m") == tmp_path and "*.gguf" not in seen["p"] and "*.safetensors" in seen["p"]

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 
-from .engine import LLMEngine
+from .engine import LLMEngine, RequestsFailed
 from .model.fetch import DEFAULT_MODEL
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -150,7 +150,8 @@ class AsyncLLM:
     def generate(self, prompt, sampling_params: SamplingParams | None = None,
                  request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue one request now (call it inside a running event loop); the returned iterator yields its
-        RequestOutput after every step that changed it, the last one finished. Leaving the loop early
+        RequestOutput after every step that changed it, the last one finished (each one cumulative: a
+        reader that falls behind skips to the newest). Leaving the loop early
         (break, cancellation) aborts the request and frees its blocks. Raises ValueError at once when
         request_id is already in use."""
         return self._submit_async([prompt], sampling_params, [request_id], tagged=False)
@@ -163,23 +164,32 @@ class AsyncLLM:
 
     def _submit_async(self, prompts, sampling_params, request_ids, tagged: bool):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        latest: dict[int, RequestOutput | BaseException] = {}  # prompt index -> newest item not yet read
+
+        def keep_newest(k, item):  # on the loop's thread
+            # Outputs are cumulative: a reader that fell behind needs only the newest, so one that reads
+            # slowly (or never) holds one output per request, not one per step.
+            if k not in latest:
+                queue.put_nowait(k)
+            latest[k] = item
 
         def sink_for(k: int) -> Sink:
             def put(item):
                 try:
-                    loop.call_soon_threadsafe(queue.put_nowait, (k, item))
+                    loop.call_soon_threadsafe(keep_newest, k, item)
                 except RuntimeError:  # that event loop is closed: nobody is listening any more
                     pass
             return put
 
         rids = self._enqueue(prompts, sampling_params, request_ids, sink_for)
-        return self._outputs(queue, rids, tagged)
+        return self._outputs(queue, latest, rids, tagged)
 
-    async def _outputs(self, queue: asyncio.Queue, rids: list[str], tagged: bool):
+    async def _outputs(self, queue: asyncio.Queue, latest: dict, rids: list[str], tagged: bool):
         running = set(range(len(rids)))
         try:
             while running:
-                k, out = await queue.get()
+                k = await queue.get()
+                out = latest.pop(k)
                 if isinstance(out, BaseException):
                     raise out
                 if out.finished:
@@ -360,7 +370,12 @@ class AsyncLLM:
                     self._wake.clear()
                     continue
                 steps = eng.num_steps
-                outs = eng.step()
+                try:
+                    outs = eng.step()
+                except RequestsFailed as e:  # its requests are ended and freed: tell them why, go on
+                    outs = e.outputs
+                    for rid in e.request_ids:
+                        self._end_stream(rid, RuntimeError(f"the request failed in the engine: {e.cause!r}"))
                 self._publish()
                 if eng.num_steps > steps:
                     for observe in self.step_observers:

@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tinyvllm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly with the shell's status for SIGINT, no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -26,15 +26,18 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
         done: dict[str, RequestOutput] = {}
         try:
+            for p, sp in zip(prompts, params):  # one bad prompt: none of the batch stays queued (below)
+                ids.append(self.engine.add_request(None, p, sp))
+            wanted = set(ids)  # the engine may run others' requests too (an unfinished stream())
             while len(done) < len(ids):
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
         except BaseException:
-            for rid in ids:  # interrupted: free the blocks of whatever is still running
+            for rid in ids:  # refused or interrupted: free the blocks of whatever is still queued or running
                 self.engine.abort(rid)
             raise
         return [done[rid] for rid in ids]

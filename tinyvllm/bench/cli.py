@@ -7,6 +7,7 @@
 import argparse
 import gc
 import json
+import math
 from pathlib import Path
 
 from ..engine_args import EngineArgs
@@ -113,6 +114,18 @@ def _url_runs(a, offsets_for, progress_for) -> list[dict]:
     return runs
 
 
+def _finite(x):
+    """JSON has no Infinity or NaN (json.dumps would write them anyway, and strict parsers refuse the
+    file): a non-finite number (--request-rate inf: all at once; a rate over zero seconds) becomes null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def run(a) -> int:
     from .progress import Progress
     from .report import markdown, plot
@@ -134,14 +147,16 @@ def run(a) -> int:
     offsets_for = lambda wl: arrival_offsets(len(wl), a.request_rate, a.seed)
     progress_for = lambda name, wl: Progress(len(wl), name, enabled=not a.no_progress)
     runs = (_url_runs if a.url else _offline_runs)(a, offsets_for, progress_for)
-    report = {"mode": "url" if a.url else "offline", "url": a.url, "model": a.model,
-              "config": {k: v for k, v in vars(a).items() if k != "func"}, "runs": runs}
+    config = {k: v for k, v in vars(a).items() if k != "func"}
+    if config.get("api_key") is not None:  # a report gets shared: the secret stays out of it
+        config["api_key"] = "<redacted>"
+    report = {"mode": "url" if a.url else "offline", "url": a.url, "model": a.model, "config": config, "runs": runs}
     table = markdown(runs)
     print(table)
     if a.output_md:
         Path(a.output_md).write_text(table)
     if a.output_json:
-        Path(a.output_json).write_text(json.dumps(report, indent=1, default=str))
+        Path(a.output_json).write_text(json.dumps(_finite(report), indent=1, default=str, allow_nan=False))
     if a.plot:
         plot(runs, a.plot)
     return 0 if any(not r.get("error") and r["completed"] for r in runs) else 1

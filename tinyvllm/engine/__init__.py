@@ -1,3 +1,3 @@
-from .llm_engine import LLMEngine
+from .llm_engine import LLMEngine, RequestsFailed
 
-__all__ = ["LLMEngine"]
+__all__ = ["LLMEngine", "RequestsFailed"]

