@@ -341,8 +341,18 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
         """An HF model/tokenizer directory: tokenizer.json (preferred) or tokenizer.model, with
-        tokenizer_config.json and generation_config.json when present."""
+        tokenizer_config.json and generation_config.json when present. Malformed files raise
+        ModelFormatError (whatever json, `tokenizers` or sentencepiece raised is in its message)."""
         path = Path(path)
+        try:
+            return cls._from_dir(path)
+        except (ModelFormatError, FileNotFoundError):
+            raise
+        except Exception as e:  # `tokenizers` raises bare Exception; json ValueError/RecursionError; bad types
+            raise ModelFormatError(f"{path}: malformed tokenizer files ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dir(cls, path: Path) -> "Tokenizer":
         cfg = _read_json(path / "tokenizer_config.json")
         added = {int(k): v for k, v in cfg.get("added_tokens_decoder", {}).items()}
         if (path / "tokenizer.json").is_file():
