@@ -174,7 +174,7 @@ def kv_mutation(draw, kvs):
         key = {"tokens": "tokenizer.ggml.tokens", "types": "tokenizer.ggml.token_type",
                "merges": "tokenizer.ggml.merges"}[how]
         j = next((j for j, kv in enumerate(kvs) if kv[0] == key), None)
-        if j is not None:
+        if j is not None and kvs[j][1] == ARRAY and isinstance(kvs[j][2], tuple):
             itype, items = kvs[j][2]
             items = list(items)
             if items and itype == STRING:
