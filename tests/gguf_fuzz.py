@@ -77,7 +77,7 @@ def _value(vtype: int, v, lies: dict) -> bytes:
     if vtype == STRING:
         return _s(v if isinstance(v, bytes) else str(v).encode("utf-8", "surrogatepass"), lies.pop("strlen", None))
     if vtype == ARRAY:
-        itype, items = v
+        itype, items = v if isinstance(v, tuple) else (U8, [])  # a mutation put a scalar under an array type
         out = struct.pack("<IQ", itype, lies.pop("arrlen", len(items)))
         return out + b"".join(_value(itype, x, lies) for x in items)
     fmt = _SCALAR_FMT.get(vtype)
