@@ -1,13 +1,18 @@
 """Chat templates: HF-compatible jinja2 rendering (what `tokenizer.apply_chat_template` does).
 
-Templates are untrusted text shipped with a model, so they run in jinja2's immutable sandbox.
+Templates are untrusted text shipped with a model, so they run in jinja2's immutable sandbox, under a
+render time limit and an output size limit (a template that loops for ever or renders gigabytes stops
+with a TemplateError instead of hanging or exhausting the process).
 The environment mirrors transformers': trim_blocks/lstrip_blocks, loop controls, `tojson`
 without ASCII escaping, `raise_exception`, `strftime_now` and a no-op `{% generation %}` tag.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import threading
 from datetime import datetime
+import re
 from functools import lru_cache
 
 import jinja2
@@ -16,8 +21,20 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
+# Real chat templates render a conversation in milliseconds into at most a few MB.
+MAX_RENDER_SECONDS = 5.0
+MAX_OUTPUT_CHARS = 16 << 20
+
+
 class TemplateError(ValueError):
-    """A chat template rejected the conversation (`raise_exception` in the template)."""
+    """A chat template rejected the conversation (`raise_exception` in the template), or broke a limit."""
+
+
+class _RenderTimeout(BaseException):
+    """Raised inside the rendering thread by the watchdog (a BaseException so templates cannot catch it)."""
+
+
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*(\d*)(?:\.(\d+))?")  # printf-style width and precision
 
 
 def _raise_exception(message):
@@ -27,6 +44,14 @@ def _raise_exception(message):
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # HF's tojson: keeps non-ASCII text as is (jinja's builtin escapes it and HTML-quotes).
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _width_checked(f):
+    def checked(value, width=80, *args, **kwargs):
+        if isinstance(width, int) and width > MAX_OUTPUT_CHARS:
+            raise TemplateError(f"chat template asks for a width of {width} characters")
+        return f(value, width, *args, **kwargs)
+    return checked
 
 
 def _strftime_now(fmt):
@@ -47,20 +72,86 @@ class _GenerationTag(Extension):
         return caller()
 
 
+class _LimitedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus size checks on the operators that make big values from small ones
+    (`'x' * 10**12`, `10 ** 10 ** 10`, `'%999999999d' % 1`) before they run."""
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(n, int) and hasattr(seq, "__len__") and len(seq) * max(n, 0) > MAX_OUTPUT_CHARS:
+                raise TemplateError(f"chat template builds a value of {len(seq) * n} items "
+                                    f"(limit {MAX_OUTPUT_CHARS})")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
+                raise TemplateError(f"chat template computes an integer power too large ({left} ** {right})")
+        elif operator == "%" and isinstance(left, str):
+            widths = [int(w) for pair in _FORMAT_WIDTH.findall(left) for w in pair if w]
+            if widths and max(widths) > MAX_OUTPUT_CHARS:
+                raise TemplateError(f"chat template formats a field {max(widths)} characters wide")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=16)
 def compile_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    env = _LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
+    for name in ("center", "indent"):  # width arguments make big strings from small ones
+        env.filters[name] = _width_checked(env.filters[name])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(template)
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
-                         bos_token: str | None = None, eos_token: str | None = None, **kwargs) -> str:
-    return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             bos_token=bos_token or "", eos_token=eos_token or "", **kwargs)
+                         bos_token: str | None = None, eos_token: str | None = None, *,
+                         time_limit: float = MAX_RENDER_SECONDS, max_chars: int = MAX_OUTPUT_CHARS, **kwargs) -> str:
+    """Render; raises TemplateError when the template runs past `time_limit` seconds or its output
+    passes `max_chars` characters."""
+    chunks = compile_template(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 bos_token=bos_token or "", eos_token=eos_token or "", **kwargs)
+    out, n = [], 0
+    try:
+        with _Watchdog(time_limit):
+            for c in chunks:
+                n += len(c)
+                if n > max_chars:
+                    raise TemplateError(f"chat template output passed {max_chars} characters: stopped")
+                out.append(c)
+    except MemoryError:
+        raise TemplateError("chat template ran out of memory: stopped") from None
+    return "".join(out)
+
+
+class _Watchdog:
+    """Interrupts the current thread with _RenderTimeout after `seconds` (a template's loop is Python
+    bytecode, which checks for such asynchronous exceptions); turns it into a TemplateError."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.tid, self.lock, self.done = seconds, threading.get_ident(), threading.Lock(), False
+
+    def _fire(self):
+        with self.lock:
+            if not self.done:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.tid), ctypes.py_object(_RenderTimeout))
+
+    def __enter__(self):
+        self.timer = threading.Timer(self.seconds, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            # a timeout that fired after the last check must not surface later, somewhere else
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.tid), None)
+        if exc_type is _RenderTimeout:
+            raise TemplateError(f"chat template rendering took longer than {self.seconds:g} s: stopped") from None
+        return False
 
 
 def select_template(templates: dict[str, str], chat_template: str | None = None, tools=None) -> str:

@@ -21,6 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .chat_template import render_chat_template, select_template
+from .model.errors import ModelFormatError
 from .detokenizer import IncrementalDetokenizer  # noqa: F401  (re-exported: streaming goes with the tokenizer)
 
 # llama.cpp token types
@@ -75,6 +76,30 @@ def _byte_level(pre: str):
     if pre not in ("gpt2", "gpt-2", "default", "olmo", "mpt", "jina-es"):
         warnings.warn(f"unknown tokenizer.ggml.pre {pre!r}: using the GPT-2 pre-tokenizer regex")
     return None, gpt2, False
+
+
+def _gguf_vocab_arrays(md: dict) -> tuple[list[str], list[int]]:
+    """tokenizer.ggml.tokens / token_type, checked: a list of strings and a list of ints as long."""
+    tokens, types = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.token_type", [])
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelFormatError("GGUF tokenizer.ggml.tokens is missing or not a non-empty array of strings")
+    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        raise ModelFormatError("GGUF tokenizer.ggml.token_type is not an array of integers")
+    if types and len(types) != len(tokens):
+        raise ModelFormatError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    merges = md.get("tokenizer.ggml.merges", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise ModelFormatError("GGUF tokenizer.ggml.merges is not an array of strings")
+    scores = md.get("tokenizer.ggml.scores", [])
+    if not isinstance(scores, list) or (scores and len(scores) != len(tokens)) or not all(
+            isinstance(x, (int, float)) for x in scores):
+        raise ModelFormatError("GGUF tokenizer.ggml.scores is not an array of numbers, one per token")
+    for k in ("bos", "eos", "eot", "eom", "unknown"):
+        i = md.get(f"tokenizer.ggml.{k}_token_id")
+        if i is not None and (not isinstance(i, int) or not 0 <= i < len(tokens)):
+            raise ModelFormatError(f"GGUF tokenizer.ggml.{k}_token_id {i!r} is not a token id "
+                                   f"(the vocabulary has {len(tokens)} tokens)")
+    return tokens, types or [_NORMAL] * len(tokens)
 
 
 def _add_gguf_added_tokens(tok: _HFTokenizer, md: dict, tokens, types):
@@ -283,16 +308,22 @@ class Tokenizer:
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
     def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
+        """Raises ModelFormatError for a vocabulary that is missing, malformed or inconsistent (the
+        `tokenizers` library's own errors, e.g. a merge naming a token not in the vocabulary, included)."""
         kind = str(_scalar(md.get("tokenizer.ggml.model", "")))
-        tokens = _strings(md["tokenizer.ggml.tokens"])
-        types = [int(t) for t in md.get("tokenizer.ggml.token_type", [])] or [_NORMAL] * len(tokens)
+        tokens, types = _gguf_vocab_arrays(md)
         placeholders = False
-        if kind == "gpt2":
-            tok, placeholders = _gguf_gpt2(md, tokens, types)
-        elif kind == "llama":
-            tok = _gguf_spm(md, tokens, types)
-        else:
-            raise ValueError(f"unsupported GGUF tokenizer.ggml.model {kind!r} (supported: gpt2, llama)")
+        try:
+            if kind == "gpt2":
+                tok, placeholders = _gguf_gpt2(md, tokens, types)
+            elif kind == "llama":
+                tok = _gguf_spm(md, tokens, types)
+            else:
+                raise ModelFormatError(f"unsupported GGUF tokenizer.ggml.model {kind!r} (supported: gpt2, llama)")
+        except ModelFormatError:
+            raise
+        except Exception as e:  # `tokenizers` raises bare Exception ("Token `x` out of vocabulary", ...)
+            raise ModelFormatError(f"GGUF tokenizer metadata is inconsistent: {type(e).__name__}: {e}") from None
         ids = {k: _scalar(md.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "eot", "eom")}
         default_bos = kind == "llama" or _scalar(md.get("tokenizer.ggml.pre")) in ("llama-bpe", "llama3")
         add_bos = bool(_scalar(md.get("tokenizer.ggml.add_bos_token", default_bos))) and ids["bos"] is not None
@@ -310,8 +341,18 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
         """An HF model/tokenizer directory: tokenizer.json (preferred) or tokenizer.model, with
-        tokenizer_config.json and generation_config.json when present."""
+        tokenizer_config.json and generation_config.json when present. Malformed files raise
+        ModelFormatError (whatever json, `tokenizers` or sentencepiece raised is in its message)."""
         path = Path(path)
+        try:
+            return cls._from_dir(path)
+        except (ModelFormatError, FileNotFoundError):
+            raise
+        except Exception as e:  # `tokenizers` raises bare Exception; json ValueError/RecursionError; bad types
+            raise ModelFormatError(f"{path}: malformed tokenizer files ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dir(cls, path: Path) -> "Tokenizer":
         cfg = _read_json(path / "tokenizer_config.json")
         added = {int(k): v for k, v in cfg.get("added_tokens_decoder", {}).items()}
         if (path / "tokenizer.json").is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,12 @@ from tinyvllm.model.weights import (BF16, F16, F32, FLOAT_DTYPES, QUANT_BLOCKS, 
 
 GGUF_MAGIC = b"GGUF"
 _HEADER_BYTES = 24  # magic, version, tensor count, kv count
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value (a u8 or bool)
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, data offset
 _SUPPORTED = {int(t) for t in GGMLType}
+# Below this size the reader's garbage is too small to matter, and a full collection (tens of ms in a
+# process with a big heap) would dominate loading.
+_COLLECT_ABOVE = 16 << 20
 
 
 def _type_name(t: int) -> str:
@@ -168,9 +174,19 @@ def _load(path: Path) -> ModelWeights:
     if size < _HEADER_BYTES:
         raise ModelFormatError(f"file too small to be GGUF ({size} bytes)")
     with open(path, "rb") as fh:
-        magic = fh.read(4)
+        header = fh.read(_HEADER_BYTES)
+    magic = header[:4]
     if magic != GGUF_MAGIC:
         raise ModelFormatError(f"bad magic {magic!r}: not a GGUF file (expected {GGUF_MAGIC!r})")
+    # Counts are checked against the file size before anything is parsed: a 1 KB file claiming 2^40
+    # tensors fails here, at once, instead of after the reader has looped over (or allocated for) them.
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", header, 4)
+    if version and not version & 0xFFFF:  # how GGUFReader tells a big-endian file: its version reads swapped
+        raise ModelFormatError("big-endian GGUF files are not supported")
+    need = _HEADER_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES
+    if need > size:
+        raise ModelFormatError(f"header claims {n_tensors} tensors and {n_kv} metadata entries, which need at "
+                               f"least {need} bytes; the file has {size}: truncated or corrupt")
     try:
         reader = _CheckedReader(path, "r")
     except ModelFormatError:
@@ -188,10 +204,17 @@ def _load(path: Path) -> ModelWeights:
         raise ModelFormatError(f"cannot decode GGUF metadata ({type(e).__name__}: {e})") from None
     tensors = {t.name: _to_weight(t) for t in reader.tensors}
     del reader
-    gc.collect()  # the reader's objects hold reference cycles: free them before the strings are made
+    if size > _COLLECT_ABOVE:
+        gc.collect()  # the reader's objects hold reference cycles: free them before the strings are made
     md = {k: v.strings() if isinstance(v, _PackedStrings) else v for k, v in md.items()}
 
-    cfg = ModelConfig.from_gguf_metadata(md)
+    try:
+        cfg = ModelConfig.from_gguf_metadata(md)
+    except ModelFormatError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError) as e:
+        # a value of the wrong type or range (a string block_count, zero heads, a NaN...)
+        raise ModelFormatError(f"bad GGUF metadata value ({type(e).__name__}: {e})") from None
     # What the file holds decides these: no output.weight means the embedding is reused (tied); llama-arch
     # models converted from checkpoints with q/k/v biases keep them as blk.N.attn_q.bias.
     cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in tensors,

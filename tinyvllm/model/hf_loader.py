@@ -56,13 +56,20 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
         if len(raw) < 8:
             raise ModelFormatError(f"{path}: too small to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
+        size = path.stat().st_size
+        if n > size - 8:  # checked before reading: read(n) would allocate n bytes up front
+            raise ModelFormatError(f"{path}: safetensors header claims {n} bytes, the file has {size}: "
+                                   "truncated or corrupt")
         blob = f.read(n)
     if len(blob) != n:
         raise ModelFormatError(f"{path}: truncated safetensors header")
     try:
-        return 8 + n, json.loads(blob)
-    except ValueError as e:
+        header = json.loads(blob)
+    except (ValueError, RecursionError) as e:
         raise ModelFormatError(f"{path}: bad safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
+    return 8 + n, header
 
 
 def _read_shard(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
@@ -124,12 +131,16 @@ def load_hf_dir(path) -> ModelWeights:
         raise ModelFormatError(f"{d}: no config.json (not a Hugging Face model directory)")
     try:
         raw_cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ModelFormatError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(raw_cfg, dict):
+        raise ModelFormatError(f"{cfg_path}: not a JSON object")
     try:
         cfg = ModelConfig.from_hf_dict(raw_cfg)
     except ModelFormatError as e:
         raise ModelFormatError(f"{cfg_path}: {e}") from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError) as e:
+        raise ModelFormatError(f"{cfg_path}: bad value ({type(e).__name__}: {e})") from None
 
     tensors: dict[str, WeightTensor] = {}
     for shard in _shard_files(d):

@@ -149,6 +149,9 @@ def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: 
     (an o_proj bias, an mlp bias, a q/k norm, a layer past num_layers: all change the math).
     Returns the tensors the forward pass reads: the others (rope_freqs, which the config holds, and
     unknown global tensors) never reach a runner."""
+    if cfg.num_layers > len(tensors):  # checked before listing the expected names: 2^40 layers would never end
+        raise ModelFormatError(f"{where}: the config claims {cfg.num_layers} layers but the model has only "
+                               f"{len(tensors)} tensors")
     req, opt = expected_shapes(cfg)
     for name, shape in req.items():
         if name not in tensors:
