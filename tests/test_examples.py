@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,6 +30,8 @@ def test_memory_budget_sweep_example(reference_gguf_path, tmp_path):
     assert "| max running sequences |" in (tmp_path / "sweep.md").read_text()
 
 
+@pytest.mark.requires_feature("dora", covers="the robot_node example's dora-rs dataflow", programs=("dora",),
+                               min_python=(3, 11))
 def test_robot_node_dataflow(reference_gguf_path, tmp_path):
     """The dora-rs dataflow, headless: `dora run` starts the scripted commander, the tinyvllm planner and
     the recorder; every action must be valid against the schema, the stale commands cancelled (no
