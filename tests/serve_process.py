@@ -18,18 +18,25 @@ def start_server(model, *args: str, timeout_s: float = 300.0) -> tuple[subproces
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(tinyvllm_cmd("serve", "--model", str(model), "--port", str(port), "--log-level", "warning", *args),
                             cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until_up(proc, url + "/health", "tinyvllm serve", lambda: proc.stdout.read().decode(), timeout_s,
+                  need_ok=True)
+    return proc, url
+
+def wait_until_up(proc: subprocess.Popen, url: str, what: str, log, timeout_s: float, need_ok: bool = False) -> None:
+    """Poll url until it answers (with 200 when need_ok); fail with the process's log (log() reads it)
+    if the process exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"tinyvllm serve exited {proc.returncode}: {proc.stdout.read().decode()}")
+            raise AssertionError(f"{what} exited {proc.returncode}: {log()[-4000:]}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(url, timeout=1).status_code == 200 or not need_ok:
+                return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"tinyvllm serve did not answer /health in {timeout_s} s")
+            raise AssertionError(f"{what} did not come up in {timeout_s} s")
         time.sleep(0.1)
 
 

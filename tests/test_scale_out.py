@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from serve_process import start_server, stop_server
+from serve_process import start_server, stop_server, wait_until_up
 
 SERVED = "smol"  # each backend's --served-model-name, and the proxy's public model name
 PROMPTS = ["The story number 1 is", "My favourite colour is", "The answer to the question", "A good name for a cat"]
@@ -87,22 +87,6 @@ http {{
 """
 
 
-def wait_until_up(proc: subprocess.Popen, url: str, log_path, what: str, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited {proc.returncode}: {log_path.read_text()[-4000:]}")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{what} did not come up in {timeout_s} s")
-        time.sleep(0.2)
-
-
 def start_proxy(config_path, log_path) -> tuple[subprocess.Popen, str]:
     """`litellm --config ...` on a free loopback port, its output to a file (a pipe nobody reads could fill)."""
     url = f"http://127.0.0.1:{(port := free_port())}"
@@ -111,7 +95,7 @@ def start_proxy(config_path, log_path) -> tuple[subprocess.Popen, str]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(["litellm", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_until_up(proc, url + "/health/liveliness", log_path, "litellm")
+    wait_until_up(proc, url + "/health/liveliness", "litellm", log_path.read_text, 180.0)
     return proc, url
 
 
@@ -123,7 +107,7 @@ def start_nginx(backend_urls, workdir) -> tuple[subprocess.Popen, str]:
     log_path = workdir / "nginx.out"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(["nginx", "-c", str(config), "-p", str(workdir)], stdout=log, stderr=subprocess.STDOUT)
-    wait_until_up(proc, f"http://127.0.0.1:{port}/health", log_path, "nginx")
+    wait_until_up(proc, f"http://127.0.0.1:{port}/health", "nginx", log_path.read_text, 180.0)
     return proc, f"http://127.0.0.1:{port}"
 
 
