@@ -281,7 +281,8 @@ BAD = [
     (C, {"prompt": [10 ** 7]}, 400, "prompt"),
     (C, {"prompt": 5}, 400, "prompt"),
     (C, {"max_tokens": 3}, 400, "prompt"),
-    (C, {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),  # echo is answered whole, not streamed
+    (C, {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),
+    (C, {"prompt": "x", "use_beam_search": True, "n": 2}, 400, "use_beam_search"),  # offline only: LLM.beam_search  # echo is answered whole, not streamed
     (C, b'{"prompt": "x", "max_tokens": ', 400, None),
     (C, b'["prompt"]', 400, None),
     (C, {"model": "gpt-4", "prompt": "x"}, 404, "model"),
