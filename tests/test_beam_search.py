@@ -35,9 +35,10 @@ def log_softmax(row: np.ndarray) -> np.ndarray:
     return row - (m + math.log(np.exp(row - m).sum()))
 
 
-def reference_beam_search(ref, prompt, width, max_tokens, eos=(), length_penalty=1.0):
+def reference_beam_search(ref, prompt, width, max_tokens, eos=(), length_penalty=1.0, count_eos=False):
     """Written from vLLM's description, on the float64 forward (whole-sequence recompute per beam).
-    Returns (best beams as (tokens, cum_logprob, finish_reason), the smallest score gap at any cut)."""
+    Returns (best beams as (tokens, cum_logprob, finish_reason), the smallest score gap at any cut).
+    count_eos: a wrong rule (a final EOS counted in the length), to find cases that tell the two apart."""
     beams, finished, margin = [(list(prompt), 0.0)], [], math.inf
     for _ in range(max_tokens):
         cands = []
@@ -53,7 +54,7 @@ def reference_beam_search(ref, prompt, width, max_tokens, eos=(), length_penalty
             break
 
     def scale(c):  # score = cum_logprob * scale: an error e in cum_logprob moves the score by e * scale
-        return 1.0 / (len(c[0]) - (c[0][-1] in eos)) ** length_penalty
+        return 1.0 / (len(c[0]) - (c[0][-1] in eos and not count_eos)) ** length_penalty
     done = sorted([(t, c, "stop") for t, c in finished] + [(t, c, "length") for t, c in beams],
                   key=lambda c: -c[1] * scale(c))
     if len(done) > width:  # the final cut, in cum_logprob units
@@ -122,6 +123,25 @@ def test_eos_and_length_penalty_equal_reference(llm, ref, length_penalty, monkey
     assert_pool_empty(llm)
 
 
+def test_final_eos_is_not_counted_in_the_length(llm, ref, monkeypatch):
+    """A case (found here, on the reference) whose ranking changes if a final EOS counted in the length."""
+    ids = prompt_ids(llm, PROMPTS[0])
+    greedy, _ = ref.greedy(ids, 6, eos_ids=[])
+    logits = ref.prefill_logits(ids + greedy)[len(ids) - 1:]
+    cases = [(int(t), lp) for row in logits for t in np.argsort(-row)[:4] for lp in (0.5, 1.0, 2.0, 4.0)]
+    for eos, lp in cases:
+        want, margin = reference_beam_search(ref, ids, 3, 6, (eos,), lp)
+        wrong, _ = reference_beam_search(ref, ids, 3, 6, (eos,), lp, count_eos=True)
+        if [w[0] for w in want] != [w[0] for w in wrong] and margin > 10 * TOL:
+            break
+    else:
+        pytest.fail("no case tells the two length rules apart")
+    monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({eos}))
+    out = llm.beam_search({"prompt_token_ids": ids}, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=lp))[0]
+    assert [(s.tokens, s.finish_reason) for s in out.sequences] == [(t, r) for t, _, r in want]
+    assert_pool_empty(llm)
+
+
 def test_one_batched_forward_per_step_and_waves(model_path, ref):
     """All beams of all prompts run in one forward per step; with fewer sequence slots than beams the
     prompts run in waves, with the same results."""
@@ -135,6 +155,17 @@ def test_one_batched_forward_per_step_and_waves(model_path, ref):
     assert [o.sequences for o in small.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5))] == \
         [o.sequences for o in outs]
     assert_pool_empty(small)
+
+
+def test_context_end_is_the_last_step(model_path, ref):
+    """Beams stop at max_model_len (finish_reason "length"), as if max_tokens ended there."""
+    llm = LLM(model_path, threads=1, kv_cache_dtype="float32", max_model_len=12)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12]
+    out = llm.beam_search({"prompt_token_ids": ids}, BeamSearchParams(beam_width=3, max_tokens=10))[0]
+    want, _ = reference_beam_search(ref, ids, 3, 4)
+    assert [(s.tokens, s.finish_reason) for s in out.sequences] == [(t, r) for t, _, r in want]
+    assert all(len(s.tokens) == 12 for s in out.sequences)
+    assert_pool_empty(llm)
 
 
 def test_small_kv_cache_runs_prompts_in_turn(model_path, ref):
@@ -171,8 +202,11 @@ def test_forks_use_fewer_blocks_than_independent_sequences(model_path):
     prompt = {"prompt_token_ids": [int(t) for t in np.random.default_rng(3).integers(3, 300, 200)]}
     beams = LLM(model_path, threads=1)
     peak, probe = peak_blocks_used(beams)
+    copies, copy_block = [], beams.engine.runner.copy_block
+    beams.engine.runner.copy_block = lambda src, dst: copies.append((src, dst)) or copy_block(src, dst)
     run_beam_search(beams.engine, [prompt], BeamSearchParams(beam_width=4, max_tokens=20), on_step=probe)
     assert_pool_empty(beams)
+    assert copies  # the prompt's last block is partial: the first forks share it until each beam writes
     independent = LLM(model_path, threads=1, enable_prefix_caching=False)
     eng = independent.engine
     for _ in range(4):

@@ -239,11 +239,11 @@ class _Search:
         return BeamSearchOutput(best)
 
     def release(self) -> None:
-        """Free every beam still holding blocks (an error or an interrupt), and send the frees now."""
-        for group in self.live:
-            for b in group.beams:
-                if b.seq is not None and not b.seq.is_finished:
-                    self.sched.finish(b.seq, "abort")
+        """Free every sequence of this search still holding blocks or queued (after an error or an interrupt,
+        wherever it struck), and send the frees now."""
+        for seq in list(self.sched.running) + list(self.sched.waiting):
+            if seq.request_id == self.request_id:
+                self.sched.finish(seq, "abort")
         self.live.clear()
         self.sched.flush()
 
