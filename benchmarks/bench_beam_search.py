@@ -97,7 +97,7 @@ def main():
            "other_load_share": share, "results": rows}
     (machine.DOCS / "beam_search.json").write_text(json.dumps(out, indent=1) + "\n")
     n_prompt = len(prompt["prompt_token_ids"])
-    md = [f"# Beam search on native forks vs independent sequences\n",
+    md = ["# Beam search on native forks vs independent sequences\n",
           f"`python benchmarks/bench_beam_search.py` ({info['date']}, commit {info['git_commit']}, "
           f"{info['cpu'].get('model', '?')}, {args.threads} threads, model `{Path(str(model)).name}`).\n",
           machine.busy_warning(share),

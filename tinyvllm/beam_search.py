@@ -21,6 +21,7 @@ import numpy as np
 
 from .engine.sequence import Sequence
 from .outputs import Logprob
+from .sampler import SampleResult
 from .sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -70,7 +71,9 @@ class _Group:
     """One prompt's search."""
 
     def __init__(self, index: int, prompt_ids: list[int], seq: Sequence, steps: int, blocks: int):
-        self.index, self.steps_left, self.blocks = index, steps, blocks  # blocks: its worst case
+        # steps: max_tokens, or fewer where the context ends first (so a beam's sequence never stops by
+        # itself); blocks: the most this search can hold (blocks_needed)
+        self.index, self.steps_left, self.blocks = index, steps, blocks
         self.beams = [_Beam(seq, list(prompt_ids), 0.0, [])]
         self.finished: list[BeamSearchSequence] = []
 
@@ -186,20 +189,19 @@ class _Search:
 
     def _select(self, group: _Group) -> bool:
         """One step of one prompt's search; True when the prompt is done."""
-        width, new = self.params.beam_width, []
+        candidates = []  # (parent beam, token, cum_logprob, the step's logprobs) of the beams that go on
         for beam in group.beams:
-            cands = beam.candidates
-            step_logprobs = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(cands, 1)}
-            for t, lp in cands:
-                child = (beam, t, beam.cum_logprob + lp, step_logprobs)
+            step_logprobs = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(beam.candidates, 1)}
+            for t, lp in beam.candidates:
+                cum = beam.cum_logprob + lp
                 if t in self.eos:
                     group.finished.append(BeamSearchSequence(beam.tokens + [t], beam.logprobs + [step_logprobs],
-                                                             child[2], finish_reason="stop"))
+                                                             cum, finish_reason="stop"))
                 else:
-                    new.append(child)
+                    candidates.append((beam, t, cum, step_logprobs))
             beam.candidates = None
-        new.sort(key=lambda c: c[2], reverse=True)  # one length for all: cum_logprob ranks as the score does
-        survivors = new[:width]
+        candidates.sort(key=lambda c: c[2], reverse=True)  # stable; one length for all, so cum ranks as the score
+        survivors = candidates[:self.params.beam_width]
         group.steps_left -= 1
         if group.steps_left == 0 or not survivors:  # the prompt is done: no beam needs its KV any more
             for beam in group.beams:
@@ -208,22 +210,21 @@ class _Search:
             return True
         children: dict[int, list] = {}
         for c in survivors:
-            children.setdefault(c[0].seq.seq_id, []).append(c)
+            children.setdefault(id(c[0]), []).append(c)
         beams = []
         for parent in group.beams:
-            mine = children.get(parent.seq.seq_id)
+            mine = children.get(id(parent))
             if not mine:
                 self.sched.finish(parent.seq)  # no surviving child: its blocks go back
                 continue
-            for j, (_, t, cum, lps) in enumerate(mine):
-                if j == 0:
-                    seq = parent.seq
-                else:  # forked before the parent takes its own token: shares every block computed so far
-                    seq = self._new_seq(parent.seq.token_ids)
-                    self.sched.fork(parent.seq, seq)
+            # the first child continues the parent's sequence; the others fork it before it takes its token,
+            # sharing every block computed so far
+            seqs = [parent.seq] + [self._new_seq(parent.seq.token_ids) for _ in mine[1:]]
+            for seq in seqs[1:]:
+                self.sched.fork(parent.seq, seq)
+            for seq, (_, t, cum, lps) in zip(seqs, mine):  # (no stop: _Group.steps_left ends the search first)
+                seq.append_token(SampleResult(t, lps[t].logprob, None), (), self.engine.max_model_len)
                 beams.append(_Beam(seq, parent.tokens + [t], cum, parent.logprobs + [lps]))
-            for b in beams[-len(mine):]:
-                b.seq.append_token(_Token(b.tokens[-1], 0.0), (), self.engine.max_model_len)
         group.beams = beams
         return False
 
@@ -246,11 +247,3 @@ class _Search:
                 self.sched.finish(seq, "abort")
         self.live.clear()
         self.sched.flush()
-
-
-@dataclass
-class _Token:
-    """What Sequence.append_token reads of a sampler result."""
-    token_id: int
-    logprob: float
-    top_logprobs: None = None
