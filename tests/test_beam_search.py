@@ -155,6 +155,12 @@ def test_one_batched_forward_per_step_and_waves(model_path, ref):
     assert [o.sequences for o in small.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5))] == \
         [o.sequences for o in outs]
     assert_pool_empty(small)
+    calls.clear()
+    one_at_a_time = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=1)
+    assert [o.sequences for o in one_at_a_time] == [o.sequences for o in outs] and len(calls) == 15
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=0)
+    assert_pool_empty(llm)
 
 
 def test_context_end_is_the_last_step(model_path, ref):

@@ -97,12 +97,15 @@ def blocks_needed(prompt_len: int, steps: int, width: int, block_size: int) -> i
     return shared + width * (-(-(prompt_len + steps) // block_size) - shared)
 
 
-def run_beam_search(engine, prompts, params: BeamSearchParams,
+def run_beam_search(engine, prompts, params: BeamSearchParams, concurrency_limit: int | None = None,
                     on_step: Callable[[], None] | None = None) -> list[BeamSearchOutput]:
-    """Beam search over `prompts` (strings or {"prompt_token_ids": [...]} dicts) on an idle LLMEngine.
+    """Beam search over `prompts` (strings or {"prompt_token_ids": [...]} dicts) on an idle LLMEngine, at
+    most concurrency_limit prompts at a time (fewer where max_num_seqs or the KV cache says so).
     on_step (benchmarks, tests) is called after each step's blocks are allocated, before its forward."""
     if not isinstance(params, BeamSearchParams):
         raise TypeError("params must be a BeamSearchParams")
+    if concurrency_limit is not None and not (isinstance(concurrency_limit, int) and concurrency_limit >= 1):
+        raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
     sched = engine.scheduler
     if engine.has_unfinished_requests() or sched.has_work():
         raise RuntimeError("beam search drives the engine step by step: finish or abort its running requests first")
@@ -126,7 +129,7 @@ def run_beam_search(engine, prompts, params: BeamSearchParams,
             raise ValueError(f"beam search of a {len(ids)}-token prompt with beam_width={width} and max_tokens="
                              f"{params.max_tokens} may need {need} KV blocks; the KV cache has {sched.blocks.num_blocks}")
         parsed.append(ids)
-    search = _Search(engine, params, on_step)
+    search = _Search(engine, params, on_step, concurrency_limit)
     try:
         return search.run(parsed)
     finally:
@@ -134,8 +137,11 @@ def run_beam_search(engine, prompts, params: BeamSearchParams,
 
 
 class _Search:
-    def __init__(self, engine, params: BeamSearchParams, on_step):
+    def __init__(self, engine, params: BeamSearchParams, on_step, concurrency_limit: int | None):
         self.engine, self.sched, self.params, self.on_step = engine, engine.scheduler, params, on_step
+        self.max_groups = self.sched.max_num_seqs // params.beam_width  # every group's beams fit one step
+        if concurrency_limit is not None:
+            self.max_groups = min(self.max_groups, concurrency_limit)
         self.eos = frozenset(() if params.ignore_eos else engine.eos_token_ids)
         # the sequences only carry KV: the search decides every token and when each beam ends
         self.seq_params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
@@ -150,11 +156,10 @@ class _Search:
         outputs: list[BeamSearchOutput | None] = [None] * len(prompts)
         todo = list(enumerate(prompts))
         width, blocks = self.params.beam_width, self.sched.blocks
-        max_groups = self.sched.max_num_seqs // width  # every group's beams fit one step
         while todo or self.live:
             # A prompt starts once its worst case fits beside the running ones' (blocks_needed): the search
             # then never preempts, which could leave a prompt's beams waiting on each other for blocks.
-            while todo and len(self.live) < max_groups:
+            while todo and len(self.live) < self.max_groups:
                 i, ids = todo[0]
                 steps = min(self.params.max_tokens, self.engine.max_model_len - len(ids))
                 need = blocks_needed(len(ids), steps, width, blocks.block_size)

@@ -43,11 +43,13 @@ class LLM:
             raise
         return [done[rid] for rid in ids]
 
-    def beam_search(self, prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """Beam search (vLLM's shape): per prompt, a BeamSearchOutput with the beam_width best sequences,
-        best first. The beams share KV blocks through native forks (see tinyvllm/beam_search.py). Runs on
-        an idle engine: RuntimeError while stream() or other requests are unfinished."""
-        return run_beam_search(self.engine, prompts, params)
+        best first; at most concurrency_limit prompts run at once. The beams share KV blocks through native
+        forks (tinyvllm/beam_search.py). Runs on an idle engine: RuntimeError while stream() or other
+        requests are unfinished."""
+        return run_beam_search(self.engine, prompts, params, concurrency_limit)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, *,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
