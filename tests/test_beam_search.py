@@ -270,3 +270,29 @@ def test_a_failing_step_frees_every_beam(model_path):
     llm.engine.runner.forward = forward
     assert len(llm.beam_search(PROMPTS, BeamSearchParams(beam_width=2, max_tokens=3))) == 3
     assert_pool_empty(llm)
+
+
+def test_real_model_scores_are_the_reference_scores(reference_gguf_path, reference_model):
+    """SmolLM2-135M (Q4_1): each returned beam's cum_logprob is the float64 reference's log-probability of
+    its tokens (teacher forced; quantized activations: a small tolerance), the beams are distinct and
+    ranked by score, and width 1 is greedy decoding."""
+    from tinyvllm.beam_search import beam_search_score
+    llm = LLM(str(reference_gguf_path), threads=2)
+    prompt = llm._chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    n = len(prompt["prompt_token_ids"])
+    out = llm.beam_search(prompt, BeamSearchParams(beam_width=4, max_tokens=12))[0]
+    eos = llm.engine.eos_token_ids
+    assert len({tuple(s.tokens) for s in out.sequences}) == 4
+    scores = [beam_search_score(s.tokens, s.cum_logprob, eos, 1.0) for s in out.sequences]
+    assert scores == sorted(scores, reverse=True)
+    for s in out.sequences:
+        assert s.tokens[:n] == prompt["prompt_token_ids"] and s.text.startswith(prompt["prompt"])
+        lsm = np.array([log_softmax(r) for r in reference_model.prefill_logits(s.tokens)[n - 1:-1]])
+        want = float(sum(lsm[i, t] for i, t in enumerate(s.tokens[n:])))
+        print(f"beam {s.text[len(prompt['prompt']):]!r}: cum_logprob {s.cum_logprob:.4f}, reference {want:.4f}")
+        assert abs(s.cum_logprob - want) < 0.05, (s.cum_logprob, want)  # measured: <= 0.006
+    assert out.sequences[0].text[len(prompt["prompt"]):] == "The capital of France is Paris.<|im_end|>"
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    best = llm.beam_search(prompt, BeamSearchParams(beam_width=1, max_tokens=12))[0].sequences[0]
+    assert best.tokens[n:] == greedy.token_ids and best.finish_reason == greedy.finish_reason == "stop"
+    assert_pool_empty(llm)
