@@ -87,8 +87,9 @@ if [ ! -e "$ROOT/.tinyvllm-root-complete" ]; then
     echo "== building the arm64 bookworm root in $ROOT (mmdebstrap, once)"
     t=$SECONDS
     rm -rf "$ROOT" "$ROOT.tmp" && mkdir -p "$(dirname "$ROOT")"
+    # no Recommends: ca-certificates alone would run ~150 emulated sed calls (pip carries its own CA list)
     nice -n 10 mmdebstrap --quiet --architectures=arm64 --variant=essential --include=python3,python3-venv \
-        bookworm "$ROOT.tmp" >/dev/null
+        --aptopt='APT::Install-Recommends "false"' bookworm "$ROOT.tmp" >/dev/null
     touch "$ROOT.tmp/.tinyvllm-root-complete" && mv "$ROOT.tmp" "$ROOT"
     echo "   root built in $((SECONDS - t)) s"
 fi
