@@ -83,14 +83,28 @@ unzip -o -q "$A64_WHEEL" tinyvllm/libtinyvllm.so -d "$WHEELS/raw/aarch64-lib"
 file -b "$WHEELS/raw/aarch64-lib/tinyvllm/libtinyvllm.so" | grep -q 'ARM aarch64' || { echo "FAIL: the aarch64 wheel's library is not aarch64" >&2; exit 1; }
 
 # -- 2. the arm64 root (cached): bookworm with python3 and python3-venv
-if [ ! -e "$ROOT/.tinyvllm-root-complete" ]; then
+# mounts_under DIR: what is still mounted inside DIR (a killed run's /proc): never rm -rf through a mount
+mounts_under() { awk -v d="$(realpath -m "$1")/" 'index($2 "/", d) == 1 {print $2}' /proc/mounts | sort -r; }
+remove_root() {
+    local m
+    for m in $(mounts_under "$1"); do umount "$m" 2>/dev/null || umount -l "$m"; done
+    [ -z "$(mounts_under "$1")" ] || { echo "FAIL: still mounted under $1: $(mounts_under "$1")" >&2; exit 1; }
+    rm -rf "$1"
+}
+# libstdc++6: manylinux wheels (numpy's, ours) expect the system to have it, as Raspberry Pi OS and
+# Ubuntu do; a bare Debian root lacks it. The package list is the cache key: a change rebuilds the root.
+ROOT_PKGS=python3,python3-venv,libstdc++6
+if [ "$(cat "$ROOT/.tinyvllm-root-complete" 2>/dev/null)" != "$ROOT_PKGS" ]; then
     echo "== building the arm64 bookworm root in $ROOT (mmdebstrap, once)"
     t=$SECONDS
-    rm -rf "$ROOT" "$ROOT.tmp" && mkdir -p "$(dirname "$ROOT")"
+    remove_root "$ROOT.tmp" && rm -rf "$ROOT.pip-cache" && mkdir -p "$(dirname "$ROOT")"
+    [ ! -d "$ROOT/root/.cache/pip" ] || mv "$ROOT/root/.cache/pip" "$ROOT.pip-cache"  # keep the downloads
+    remove_root "$ROOT"
     # no Recommends: ca-certificates alone would run ~150 emulated sed calls (pip carries its own CA list)
-    nice -n 10 mmdebstrap --quiet --architectures=arm64 --variant=essential --include=python3,python3-venv \
+    nice -n 10 mmdebstrap --quiet --architectures=arm64 --variant=essential --include="$ROOT_PKGS" \
         --aptopt='APT::Install-Recommends "false"' bookworm "$ROOT.tmp" >/dev/null
-    touch "$ROOT.tmp/.tinyvllm-root-complete" && mv "$ROOT.tmp" "$ROOT"
+    if [ -d "$ROOT.pip-cache" ]; then mkdir -p "$ROOT.tmp/root/.cache" && mv "$ROOT.pip-cache" "$ROOT.tmp/root/.cache/pip"; fi
+    echo "$ROOT_PKGS" >"$ROOT.tmp/.tinyvllm-root-complete" && mv "$ROOT.tmp" "$ROOT"
     echo "   root built in $((SECONDS - t)) s"
 fi
 file -b "$ROOT/usr/bin/python3.11" | grep -q 'ARM aarch64' || { echo "FAIL: $ROOT's python3 is not aarch64" >&2; exit 1; }
@@ -105,11 +119,22 @@ if ! cmp -s "$MODEL_CACHE/$model_rel" "$ROOT/root/.cache/tinyvllm/$model_rel"; t
 fi
 rm -f "$ROOT"/tmp/wheels/*.whl && cp "$A64_WHEEL" "$ROOT/tmp/wheels/"
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
-cleanup() { umount "$ROOT/dev" 2>/dev/null || true; umount "$ROOT/proc" 2>/dev/null || true; }
+# a fresh proc instance only; /dev is the root's own (mmdebstrap made its nodes): nothing of the host's
+# /dev is bound in, so no rm -rf of the root can reach it
+cleanup() { umount "$ROOT/proc" 2>/dev/null || true; }
 trap cleanup EXIT
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-mountpoint -q "$ROOT/dev" || mount --bind /dev "$ROOT/dev"
-in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 "$@"; }
+# pip inside gets the host's proxy settings and the CA bundle the host's pip trusts (a TLS-inspecting
+# proxy's CA is not in pip's own list); nothing else of the host's environment goes in
+root_env=(HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1)
+for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY PIP_INDEX_URL PIP_DEFAULT_TIMEOUT; do
+    [ -z "${!v:-}" ] || root_env+=("$v=${!v}")
+done
+host_cert=${PIP_CERT:-$("$PYTHON" -m pip config get global.cert 2>/dev/null || true)}
+if [ -n "$host_cert" ] && [ -f "$host_cert" ]; then
+    cp -L "$host_cert" "$ROOT/etc/host-pip-ca.crt" && root_env+=(PIP_CERT=/etc/host-pip-ca.crt)
+fi
+in_root() { chroot "$ROOT" /usr/bin/env -i "${root_env[@]}" "$@"; }
 
 # -- 3. x86-64 reference and the two arm64 CPUs: a clean venv each, the wheel, one greedy generate
 # REPORT prints the token ids and the kernel path, from the installed package (a second, short run)
@@ -123,7 +148,7 @@ GEN=(generate --model smollm2-135m --max-tokens "$TOKENS" --temperature 0 --thre
 echo "== x86-64: clean venv, pip install $(basename "$X86_WHEEL"), tinyvllm generate"
 t=$SECONDS
 HOSTVENV=$(mktemp -d /tmp/tinyvllm-x86-venv.XXXXXX)
-python3 -m venv "$HOSTVENV" && "$HOSTVENV/bin/pip" install -q "$X86_WHEEL"
+python3 -m venv "$HOSTVENV" && "$HOSTVENV/bin/pip" install -q "$X86_WHEEL" 2> >(grep -v "^WARNING: Location" >&2)
 x86_text=$(cd /tmp && env -u TINYVLLM_LIB -u TINYVLLM_HEADER -u TINYVLLM_KERNEL -u PYTHONPATH TINYVLLM_CACHE="$MODEL_CACHE" "$HOSTVENV/bin/tinyvllm" "${GEN[@]}")
 x86_json=$(cd /tmp && env -u TINYVLLM_LIB -u TINYVLLM_HEADER -u TINYVLLM_KERNEL -u PYTHONPATH TINYVLLM_CACHE="$MODEL_CACHE" "$HOSTVENV/bin/python" -c "$REPORT" "$PROMPT" "$TOKENS" | tail -n 1)
 rm -rf "$HOSTVENV"
@@ -140,7 +165,7 @@ for spec in cortex-a72:neon cortex-a76:neon_dotprod; do
     export QEMU_CPU=$cpu   # qemu-user-static reads it: binfmt_misc passes the environment through
     in_root rm -rf /opt/venv
     in_root python3 -m venv /opt/venv
-    in_root /opt/venv/bin/pip install -q --disable-pip-version-check /tmp/wheels/"$(basename "$A64_WHEEL")"
+    in_root /opt/venv/bin/pip install -q /tmp/wheels/"$(basename "$A64_WHEEL")"
     echo "   venv + pip install: $((SECONDS - t)) s"
     text=$(in_root /opt/venv/bin/tinyvllm "${GEN[@]}") || fail "$cpu: tinyvllm generate failed"
     json=$(in_root /opt/venv/bin/python -c "$REPORT" "$PROMPT" "$TOKENS" | tail -n 1) || fail "$cpu: the token report failed"
