@@ -21,7 +21,9 @@
 # Time on this project's 2-core machine with other jobs running (load average ~15): first run ~17 min
 # (the root alone 593 s: dpkg's scripts under emulation), cached run 387 s (wheels ~1-2 min, x86-64 venv +
 # generate 51 s, arm64 venv + pip install 187 s, generate + report 57 s on the A72, 46 s on the A76);
-# that cached run, ~6.5 min, is what .ci/run adds to CI (its first run on a new machine: ~17 min).
+# on the same machine when quiet (load ~2), a cached run took 104 s (wheels 10 s with warm build dirs,
+# x86-64 13 s, arm64 venv + pip install 46 s, A72 18 s, A76 16 s). The cached run, 2-6.5 min, is what
+# .ci/run adds to CI (its first run on a new machine: ~17 min measured under load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
