@@ -18,8 +18,12 @@
 #   (default 8), TV_WHEEL_DIR (default build-wheels), TINYVLLM_CACHE (the host's model cache).
 # Needs the network: Debian's mirror for the root (first run), PyPI for the dependencies (pip caches
 # them inside the root, so later runs download nothing new).
-# Time on this project's 2-core machine (loaded by other jobs): first run ~TBD min (the root ~TBD),
-# cached run ~TBD min; that cached run is what .ci/run adds to CI.
+# Time on this project's 2-core machine with other jobs running (load average ~15): first run ~17 min
+# (the root alone 593 s: dpkg's scripts under emulation), cached run 387 s (wheels ~1-2 min, x86-64 venv +
+# generate 51 s, arm64 venv + pip install 187 s, generate + report 57 s on the A72, 46 s on the A76);
+# on the same machine when quiet (load ~2), a cached run took 104 s (wheels 10 s with warm build dirs,
+# x86-64 13 s, arm64 venv + pip install 46 s, A72 18 s, A76 16 s). The cached run, 2-6.5 min, is what
+# .ci/run adds to CI (its first run on a new machine: ~17 min measured under load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -134,7 +138,14 @@ host_cert=${PIP_CERT:-$("$PYTHON" -m pip config get global.cert 2>/dev/null || t
 if [ -n "$host_cert" ] && [ -f "$host_cert" ]; then
     cp -L "$host_cert" "$ROOT/etc/host-pip-ca.crt" && root_env+=(PIP_CERT=/etc/host-pip-ca.crt)
 fi
-in_root() { chroot "$ROOT" /usr/bin/env -i "${root_env[@]}" "$@"; }
+# in_root CPU CMD...: CMD in the root on that emulated CPU. qemu-user-static reads QEMU_CPU from each
+# process's environment (binfmt_misc passes it through), so it goes both outside and inside `env -i`:
+# without the inner one every program after env would run on qemu's default CPU ("max", with dotprod)
+in_root() {
+    local cpu=$1
+    shift
+    QEMU_CPU=$cpu chroot "$ROOT" /usr/bin/env -i QEMU_CPU="$cpu" "${root_env[@]}" "$@"
+}
 
 # -- 3. x86-64 reference and the two arm64 CPUs: a clean venv each, the wheel, one greedy generate
 # REPORT prints the token ids and the kernel path, from the installed package (a second, short run)
@@ -158,18 +169,20 @@ x86_tokens=$(printf '%s' "$x86_json" | python3 -c 'import json,sys; print(json.l
 
 failures=0
 fail() { echo "FAIL: $*" >&2; failures=$((failures + 1)); }
+# one clean venv, made and filled on the older CPU (the install is proven there), then run on both
+echo "== arm64 cortex-a72: clean venv, pip install $(basename "$A64_WHEEL")"
+t=$SECONDS
+rm -rf "$ROOT/opt/venv"
+in_root cortex-a72 python3 -m venv /opt/venv
+# --no-compile: byte-compiling numpy & co. under emulation costs minutes; imports compile what they use
+in_root cortex-a72 /opt/venv/bin/pip install -q --no-compile /tmp/wheels/"$(basename "$A64_WHEEL")"
+echo "   venv + pip install: $((SECONDS - t)) s"
 for spec in cortex-a72:neon cortex-a76:neon_dotprod; do
     cpu=${spec%%:*} want=${spec#*:}
-    echo "== arm64 $cpu: clean venv, pip install $(basename "$A64_WHEEL"), tinyvllm generate"
+    echo "== arm64 $cpu: tinyvllm generate, then the token report"
     t=$SECONDS
-    export QEMU_CPU=$cpu   # qemu-user-static reads it: binfmt_misc passes the environment through
-    in_root rm -rf /opt/venv
-    in_root python3 -m venv /opt/venv
-    in_root /opt/venv/bin/pip install -q /tmp/wheels/"$(basename "$A64_WHEEL")"
-    echo "   venv + pip install: $((SECONDS - t)) s"
-    text=$(in_root /opt/venv/bin/tinyvllm "${GEN[@]}") || fail "$cpu: tinyvllm generate failed"
-    json=$(in_root /opt/venv/bin/python -c "$REPORT" "$PROMPT" "$TOKENS" | tail -n 1) || fail "$cpu: the token report failed"
-    unset QEMU_CPU
+    text=$(in_root "$cpu" /opt/venv/bin/tinyvllm "${GEN[@]}") || fail "$cpu: tinyvllm generate failed"
+    json=$(in_root "$cpu" /opt/venv/bin/python -c "$REPORT" "$PROMPT" "$TOKENS" | tail -n 1) || fail "$cpu: the token report failed"
     echo "   $json"
     echo "   text: $text ($((SECONDS - t)) s)"
     got=$(printf '%s' "$json" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["kernel"], d["lib"], d["tokens"])') ||

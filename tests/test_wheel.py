@@ -3,6 +3,8 @@ plain shared library, so one wheel serves every Python), the wheel alone carries
 (library and header), and an unpacked copy of it generates the same greedy tokens as the tree under test."""
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import sysconfig
@@ -72,3 +74,38 @@ def test_auditwheel_finds_a_manylinux_tag(wheel):
     assert r.returncode == 0, r.stdout + r.stderr
     text = " ".join(r.stdout.split())
     assert f'consistent with the following platform tag: "manylinux_' in text, text
+
+
+def _auditwheel_tag(whl: Path) -> str:
+    r = subprocess.run(["auditwheel", "show", str(whl)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r'consistent with the following platform tag: "([^"]+)"', " ".join(r.stdout.split()))
+    assert m, r.stdout
+    return m.group(1)
+
+
+@pytest.mark.requires_feature("aarch64 cross wheel", covers="the aarch64 wheel cross-built with cross/aarch64-linux-gnu.cmake "
+                              "and retagged manylinux by auditwheel (run on arm64 by cross/prove-arm64-wheel.sh)",
+                              programs=("aarch64-linux-gnu-g++", "auditwheel", "patchelf"))
+@pytest.mark.skipif(platform.machine() != "x86_64" or not sys.platform.startswith("linux"),
+                    reason="cross-builds from an x86-64 Linux host")
+def test_cross_built_aarch64_wheel_gets_the_manylinux_tag_its_symbols_allow(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    env = {**os.environ, "_PYTHON_HOST_PLATFORM": "linux-aarch64"}  # the platform tag scikit-build-core writes
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", str(raw),
+                        f"-Ccmake.define.CMAKE_TOOLCHAIN_FILE={ROOT / 'cross' / 'aarch64-linux-gnu.cmake'}"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (whl,) = raw.glob("tinyvllm-*-py3-none-linux_aarch64.whl")
+    with zipfile.ZipFile(whl) as z:
+        elf = z.read("tinyvllm/libtinyvllm.so")[:20]
+    assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64
+    shown = _auditwheel_tag(whl)
+    assert re.fullmatch(r"manylinux_2_\d+_aarch64", shown), shown
+    r = subprocess.run(["auditwheel", "repair", "--plat", "auto", "-w", str(out), str(whl)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (fixed,) = out.glob("*.whl")
+    _, _, _, tags = parse_wheel_filename(fixed.name)
+    assert {(t.interpreter, t.abi, t.platform) for t in tags} == {("py3", "none", shown)}
+    with zipfile.ZipFile(fixed) as z:  # nothing grafted: the same files, no tinyvllm.libs/
+        assert not any(n.startswith("tinyvllm.libs/") for n in z.namelist())
