@@ -254,3 +254,27 @@ def test_chat_template_limits_leave_normal_templates_alone():
     out = render_chat_template(gf.CHATML, _MSGS * 3, time_limit=5.0)
     assert out.count("<|im_start|>user\nhi<|im_end|>") == 3 and out.endswith("<|im_start|>assistant\n")
     assert render_chat_template("{{ 'ab' * 3 }}|{{ '%5d' % 42 }}|{{ 2 ** 10 }}", _MSGS) == "ababab|   42|1024"
+
+
+# ---- found by the fuzzer through the native engine (benchmarks/fuzz_models.py --forward, ASan build) -------
+def test_quantized_norm_is_model_format_error_not_native_error(tmp_path, monkeypatch):
+    """A GGUF whose norm is stored quantized loaded in Python and then failed inside the native runner
+    (NativeError 'norms and biases must be F32'): now the loader's check names it."""
+    import gguf
+    from tiny_models import make_tiny_gguf
+    from tinyvllm import LLM
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def quantized_norm(self, name, tensor, *args, **kwargs):
+        if name == "output_norm.weight":
+            return add_tensor(self, name, gguf.quants.quantize(tensor, q8), raw_dtype=q8)
+        return add_tensor(self, name, tensor, *args, **kwargs)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", quantized_norm)
+    path = make_tiny_gguf(tmp_path / "qnorm.gguf")
+    monkeypatch.undo()
+    problem = r"'output_norm\.weight' \(a norm or bias\) is stored as Q8_0; norms and biases must be F32, F16 or BF16"
+    with pytest.raises(ModelFormatError, match=problem):
+        load_model(path)
+    with pytest.raises(ModelFormatError, match=problem):
+        LLM(path, threads=1, max_model_len=32)

@@ -165,4 +165,8 @@ def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: 
             continue  # unknown global tensors are harmless
         if t.shape != shape:
             raise ModelFormatError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+        if len(shape) == 1 and t.dtype != GGMLType.F32:  # loaders widen F16/BF16 ones; runners take only F32
+            kind = GGMLType(t.dtype).name if t.dtype in GGMLType._value2member_map_ else f"type id {t.dtype}"
+            raise ModelFormatError(f"{where}: tensor {name!r} (a norm or bias) is stored as {kind}; norms and "
+                                   "biases must be F32, F16 or BF16")
     return {name: t for name, t in tensors.items() if name in req or name == "output.weight"}
