@@ -278,3 +278,31 @@ def test_quantized_norm_is_model_format_error_not_native_error(tmp_path, monkeyp
         load_model(path)
     with pytest.raises(ModelFormatError, match=problem):
         LLM(path, threads=1, max_model_len=32)
+
+
+def test_small_gguf_alignment_gives_the_native_core_aligned_tensors(tmp_path, monkeypatch):
+    """general.alignment = 2 (legal: a power of two) put F32 norms at odd multiples of 2 in the mmapped
+    file; the native core read them misaligned (UBSan: load of misaligned address in rmsnorm). Such
+    tensors are copied to aligned memory, and the model answers as the normally aligned file does."""
+    import gguf
+    from tiny_models import make_tiny_gguf
+    from tinyvllm import LLM, SamplingParams
+    init = gguf.GGUFWriter.__init__
+    normal = make_tiny_gguf(tmp_path / "normal.gguf")
+    for pad in ("", "x", "xx", "xxx"):  # a metadata string that moves the data section to 2 mod 4
+        def aligned_2(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.add_custom_alignment(2)
+            self.add_string("test.pad", pad)
+        monkeypatch.setattr(gguf.GGUFWriter, "__init__", aligned_2)
+        odd = make_tiny_gguf(tmp_path / f"odd{len(pad)}.gguf")
+        monkeypatch.undo()
+        offsets = [int(t.data_offset) for t in gguf.GGUFReader(odd).tensors]
+        if any(o % 4 for o in offsets):
+            break
+    assert any(o % 4 for o in offsets), offsets  # the file really has misaligned tensors
+    params = SamplingParams(max_tokens=4, temperature=0)
+    llm = LLM(odd, threads=1, max_model_len=32)
+    assert all(a.ctypes.data % 16 == 0 for a in llm.engine.runner._keep)
+    want = LLM(normal, threads=1, max_model_len=32).generate(["abc a"], params)[0].outputs[0].token_ids
+    assert llm.generate(["abc a"], params)[0].outputs[0].token_ids == want

@@ -58,6 +58,8 @@ class NativeModelRunner:
         self._keep = []  # the native side borrows these arrays: keep them alive with the model
         for name, t in weights.tensors.items():
             data = np.ascontiguousarray(t.data)
+            if data.ctypes.data % 16:  # a file with a small general.alignment: the core reads floats and block
+                data = data.copy()    # scales at their natural alignment (misaligned loads are UB; found by UBSan)
             self._keep.append(data)
             rows, cols = (1, t.shape[0]) if len(t.shape) == 1 else t.shape
             desc = ffi.new("tv_tensor *", dict(dtype=t.dtype, rows=rows, cols=cols,
