@@ -229,11 +229,14 @@ class Sampler:
                 w *= inv_t
                 np.exp(w, out=w)
                 u = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
+                if not (0 < p.top_k < len(w) or p.top_p < 1.0 or p.min_p > 0.0):  # no filter: all of the vocabulary
+                    tokens[i] = draw(np.cumsum(w, out=w), u)
+                    continue
                 found = None if (lo - hi) * inv_t < _UNDERFLOW else filtered_candidates(w, p.top_k, p.top_p, p.min_p)
                 if found is not None:
                     ids, weights = found
                     tokens[i] = ids[draw(np.cumsum(weights), u)]
-                else:  # no filter (the whole vocabulary is drawn from), or zeros in w: the full-vocabulary path
+                else:  # zeros in w (masked or underflowed tokens) or no candidate set decided: the full path
                     tokens[i] = draw(np.cumsum(filter_probs(w, p.top_k, p.top_p, p.min_p), out=w), u)
         results = []
         for i, s in enumerate(states):
