@@ -220,7 +220,8 @@ class Sampler:
         tokens = np.argmax(x, axis=1)  # greedy rows: first max => lowest id on ties
         rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if rows:
-            top, bottom = x[rows].max(axis=1), x[rows].min(axis=1)
+            top = (m[:, 0] if x is logits else x.max(axis=1))[rows]  # no [rows] copy of the logits
+            bottom = x.min(axis=1)[rows]
             w = self._row_buffer(x.shape[1])
             for i, hi, lo in zip(rows, top.tolist(), bottom.tolist()):
                 s = states[i]
