@@ -144,9 +144,28 @@ def child_sweep(args) -> dict:
         res[B] = {"decode_tok_s": B * steps / wall, "step_ms": wall / steps * 1e3,
                   **{f"{k}_ms": v / steps * 1e3 for k, v in spent.items()}}
         res[B]["other_ms"] = res[B]["step_ms"] - sum(res[B][f"{k}_ms"] for k in spent)
+        res[B]["gemm_ms"] = gemm_ms(args.threads, B)
         for rid in list(eng.requests):  # the prompts ran at different times: end all together
             eng.abort(rid)
     return {"sweep": res, "decode_steps": steps}
+
+
+# The reference model's matmuls in one decode step: (dtype, rows, cols, count per step) per sampled row.
+STEP_MATMULS = [("Q4_1", 576, 576, 60), ("Q4_1", 192, 576, 60), ("Q4_1", 1536, 576, 60), ("Q4_1", 576, 1536, 30),
+                ("Q8_0", 49152, 576, 1)]  # q+o, k+v, gate+up, down (x 30 layers), the tied output matrix
+
+
+def gemm_ms(threads: int, m: int) -> float:
+    """What the matmuls of one decode step at m sequences cost alone (tv_matmul on random weights of
+    the model's shapes and formats, cache-hot): the rest of the forward is attention, norms, RoPE."""
+    import bench_kernels
+    from tinyvllm import _native as nat
+    total = 0.0
+    for name, rows, cols, count in STEP_MATMULS:
+        keep, descs, _ = bench_kernels.make_weight(nat, getattr(bench_kernels, name), rows, cols)
+        total += count * bench_kernels.bench_matmul(nat, descs, m, cols, rows, threads, 0.03)
+        del keep
+    return total * 1e3
 
 
 def child_smooth(args) -> dict:
@@ -269,7 +288,8 @@ def summarize(runs) -> dict:
     for key in ("sweep", "sweep_before"):
         if runs[key]:
             s[key] = {B: {m: spread([r["sweep"][B][m] for r in runs[key]])
-                          for m in ("decode_tok_s", "step_ms", "forward_ms", "sampler_ms", "scheduler_ms", "other_ms")}
+                          for m in ("decode_tok_s", "step_ms", "forward_ms", "sampler_ms", "scheduler_ms", "other_ms", "gemm_ms")
+                          if m in runs[key][0]["sweep"][B]}
                       for B in runs[key][0]["sweep"]}
             s[key]["loadavg_before"] = [r["loadavg_before"][0] for r in runs[key]]
     if any(runs["smooth"].values()):
@@ -317,7 +337,7 @@ def markdown(d) -> str:
             continue
         sw = s[key]
         rows = [[B, fmt(v["decode_tok_s"], "{:.0f}"), fmt(v["step_ms"]), fmt(v["forward_ms"]), fmt(v["sampler_ms"]),
-                 fmt(v["scheduler_ms"]), fmt(v["other_ms"]),
+                 fmt(v["scheduler_ms"]), fmt(v["other_ms"]), fmt(v["gemm_ms"]) if "gemm_ms" in v else "-",
                  f"{v['forward_ms']['median'] / int(B):.2f} / {v['sampler_ms']['median'] / int(B) * 1e3:.0f}"]
                 for B, v in sw.items() if B != "loadavg_before"]
         lines += [f"## 2. Aggregate decode by running sequences ({title})", "",
@@ -325,7 +345,10 @@ def markdown(d) -> str:
                   "top-p 0.95. A step's wall time split into the runner's forward, the sampler, the scheduler and "
                   "the rest (outputs, detokenizing, bookkeeping).", "",
                   machine.md_table(["sequences", "decode tok/s", "step ms", "forward ms", "sampler ms", "scheduler ms",
-                                    "other ms", "per sequence: forward ms / sampler us"], rows), "",
+                                    "other ms", "of the forward: matmuls alone ms", "per sequence: forward ms / sampler us"], rows), "",
+                  "Matmuls alone: the step's matmuls (q, k, v, o, gate, up, down x 30 layers and the tied output "
+                  "matrix, at m = the number of sequences) timed through `tv_matmul` on random weights of the "
+                  "same shapes and formats, cache-hot; the rest of the forward is attention, norms and RoPE.", "",
                   f"Load average before each run: {sw['loadavg_before']}.", ""]
     if "smooth" in s:
         sm = s["smooth"]
