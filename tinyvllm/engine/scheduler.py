@@ -139,12 +139,14 @@ class Scheduler:
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """How many of seq's uncomputed tokens run this step (takes prompt-logits rows when it needs them)."""
         n = min(seq.num_uncomputed_tokens, budget)
-        if n > 1:  # a prefill chunk (or a recompute): held to the prefill budget and the per-prompt cap
+        prefill = n > 1  # a prefill chunk (or a recompute): held to the prefill budget and the per-prompt cap
+        if prefill:
             n = min(n, self._prefill_left, self.long_prefill_token_threshold or n)
-            self._prefill_left -= n
         if seq.needs_prompt_logprobs:
             n = min(n, self._rows_left)
             self._rows_left -= n
+        if prefill:
+            self._prefill_left -= n
         return n
 
     def _can_admit(self, seq: Sequence, budget: int) -> bool:
