@@ -240,9 +240,8 @@ class Sampler:
                 else:  # zeros in w (masked or underflowed tokens) or no candidate set decided: the full path
                     tokens[i] = draw(np.cumsum(filter_probs(w, p.top_k, p.top_p, p.min_p), out=w), u)
         results = []
-        for i, s in enumerate(states):
-            tok = int(tokens[i])
-            lp = float(logits[i, tok] - lse[i])
+        chosen = (logits[np.arange(len(states)), tokens] - lse).tolist()  # every row's logprob at once
+        for i, (s, tok, lp) in enumerate(zip(states, tokens.tolist(), chosen)):
             top = None
             if s.params.logprobs is not None:
                 top = {tok: lp}
