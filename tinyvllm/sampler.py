@@ -17,7 +17,8 @@ from tinyvllm.sampling_params import SamplingParams
 _TOP_P_HEADS = (8192, 1024)  # top-p sorts only this many best tokens when they already hold top_p of the mass
 # Candidate sets of the fast path: the tokens whose weight is at least e^-c of the most likely one's. A
 # filter is decided on them when the candidates provably hold every token it keeps; else the next set.
-_CANDIDATE_CUTS = tuple(np.exp(-np.array([12.0, 30.0])))
+_CANDIDATE_LOGS = (12.0, 30.0)
+_CANDIDATE_CUTS = tuple(np.exp(-np.array(_CANDIDATE_LOGS)))
 _UNDERFLOW = -700.0  # (logit - max) / temperature above this: exp() > 0 for every token of the row
 
 
@@ -112,20 +113,23 @@ def filter_probs(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float
 
 
 def filtered_candidates(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                        total: float | None = None):
+                        total: float | None = None, vocab: int | None = None, cuts=_CANDIDATE_CUTS):
     """The tokens filter_probs(w, ...) keeps, as (ids ascending, their weights), found without looking
     at the whole vocabulary: top-k, top-p and min-p are decided on a candidate set (every token with
     w >= cut), which holds every survivor when the checks below pass; the arithmetic is filter_probs'
     on the same values in the same order, so the survivors (and a draw from them) are identical.
     w: the row's exp weights, all > 0 (no underflow), max 1; total: w.sum() if known.
-    None: no filter applies, or no candidate set could decide (the caller falls back to filter_probs)."""
-    if not (0 < top_k < len(w) or top_p < 1.0 or min_p > 0.0):
+    None: no filter applies, or no candidate set could decide (the caller falls back to filter_probs).
+    vocab: w holds only some tokens of a vocabulary this big (every one with w >= cuts[0] among them; it
+    works when top-k applies, as it needs no total)."""
+    vocab = len(w) if vocab is None else vocab
+    if not (0 < top_k < vocab or top_p < 1.0 or min_p > 0.0):
         return None
-    for cut in _CANDIDATE_CUTS:
+    for cut in cuts:
         ids = np.flatnonzero(w >= cut)
         cw = w[ids]
         complete = False  # True once ids hold exactly the survivors so far (not only the candidates)
-        if 0 < top_k < len(w):
+        if 0 < top_k < vocab:
             if top_k > len(ids):
                 continue
             keep = cw >= np.partition(cw, -top_k)[-top_k]  # every token >= the k-th is a candidate
@@ -226,10 +230,19 @@ class Sampler:
             for i, hi, lo in zip(rows, top.tolist(), bottom.tolist()):
                 s = states[i]
                 p, inv_t = s.params, 1.0 / s.params.temperature
+                u = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
+                if 0 < p.top_k < len(w) and (lo - hi) * inv_t >= _UNDERFLOW:
+                    # top-k needs no total mass: exp only the tokens near the max (every one with w >= the
+                    # first cut; the same float64 arithmetic as the whole row's, so the same weights)
+                    near = np.flatnonzero(x[i] >= hi - (_CANDIDATE_LOGS[0] + 1.0) / inv_t)
+                    wn = np.exp((x[i, near].astype(np.float64) - hi) * inv_t)
+                    found = filtered_candidates(wn, p.top_k, p.top_p, p.min_p, vocab=len(w), cuts=_CANDIDATE_CUTS[:1])
+                    if found is not None:
+                        tokens[i] = near[found[0][draw(np.cumsum(found[1]), u)]]
+                        continue
                 np.subtract(x[i], hi, out=w, dtype=np.float64)  # w = (x - max) / T in float64, exp'd in place
                 w *= inv_t
                 np.exp(w, out=w)
-                u = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
                 if not (0 < p.top_k < len(w) or p.top_p < 1.0 or p.min_p > 0.0):  # no filter: all of the vocabulary
                     tokens[i] = draw(np.cumsum(w, out=w), u)
                     continue
