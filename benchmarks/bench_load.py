@@ -376,7 +376,14 @@ def markdown(d) -> str:
                   machine.md_table(["policy", "ITL p50 ms", "ITL p99 ms", "worst gap ms", "worst / median",
                                     "throughput tok/s", "vs today (medians)", "long prompt TTFT s", "largest step after it arrived (tokens)"], rows), "",
                   "Load average before each run: " + "; ".join(f"{k}: {v['loadavg_before']}" for k, v in sm.items())
-                  + ".", ""]
+                  + ".", "",
+                  "The decode-priority budget (`Scheduler.prefill_budget`): while d sequences decode, a step runs "
+                  "at most (decode_stall_ratio - 1) x (STEP_FIXED_TOKENS + d) prefill tokens (16 + d: a step's "
+                  "fixed cost, reading every weight once, is worth about 16 prefill tokens on this machine), so a "
+                  "step costs about decode_stall_ratio decode-only steps at most; the decodes keep their tokens "
+                  "even behind an earlier prompt. With nothing decoding a prompt gets all of "
+                  "max_num_batched_tokens. The cost is the long prompt's time to first token: its prefill rides "
+                  "on the decode steps in small chunks.", ""]
     return "\n".join(lines)
 
 
