@@ -23,6 +23,8 @@ class EngineArgs:
     max_model_len: int | None = None
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
+    long_prefill_token_threshold: int = 0
+    decode_stall_ratio: float = 3.0
     enable_prefix_caching: bool = True
     seed: int = 0
 
@@ -54,6 +56,11 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences in one batch at most")
         g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                        help="tokens in one step at most (longer prompts are prefilled in chunks)")
+        g.add_argument("--long-prefill-token-threshold", type=int, default=d.long_prefill_token_threshold,
+                       help="tokens of one prompt prefilled per step at most (0: no cap of its own)")
+        g.add_argument("--decode-stall-ratio", type=float, default=d.decode_stall_ratio,
+                       help="while sequences decode, prefill chunks are sized so that a step takes about this "
+                            "many decode-only steps at most (0: prefills fill --max-num-batched-tokens)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d.enable_prefix_caching, help="reuse the KV blocks of prompts that share a prefix")
         g.add_argument("--seed", type=int, default=d.seed,

@@ -15,6 +15,11 @@ import numpy as np
 from tinyvllm.sampling_params import SamplingParams
 
 _TOP_P_HEADS = (8192, 1024)  # top-p sorts only this many best tokens when they already hold top_p of the mass
+# Candidate sets of the fast path: the tokens whose weight is at least e^-c of the most likely one's. A
+# filter is decided on them when the candidates provably hold every token it keeps; else the next set.
+_CANDIDATE_LOGS = (12.0, 30.0)
+_CANDIDATE_CUTS = tuple(np.exp(-np.array(_CANDIDATE_LOGS)))
+_UNDERFLOW = -700.0  # (logit - max) / temperature above this: exp() > 0 for every token of the row
 
 
 class SamplingState(Protocol):
@@ -107,6 +112,55 @@ def filter_probs(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float
     return w
 
 
+def filtered_candidates(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                        total: float | None = None, vocab: int | None = None, cuts=_CANDIDATE_CUTS):
+    """The tokens filter_probs(w, ...) keeps, as (ids ascending, their weights), found without looking
+    at the whole vocabulary: top-k, top-p and min-p are decided on a candidate set (every token with
+    w >= cut), which holds every survivor when the checks below pass; the arithmetic is filter_probs'
+    on the same values in the same order, so the survivors (and a draw from them) are identical.
+    w: the row's exp weights, all > 0 (no underflow), max 1; total: w.sum() if known.
+    None: no filter applies, or no candidate set could decide (the caller falls back to filter_probs).
+    vocab: w holds only some tokens of a vocabulary this big (every one with w >= cuts[0] among them; it
+    works when top-k applies, as it needs no total)."""
+    vocab = len(w) if vocab is None else vocab
+    if not (0 < top_k < vocab or top_p < 1.0 or min_p > 0.0):
+        return None
+    for cut in cuts:
+        ids = np.flatnonzero(w >= cut)
+        cw = w[ids]
+        complete = False  # True once ids hold exactly the survivors so far (not only the candidates)
+        if 0 < top_k < vocab:
+            if top_k > len(ids):
+                continue
+            keep = cw >= np.partition(cw, -top_k)[-top_k]  # every token >= the k-th is a candidate
+            ids, cw, complete = ids[keep], cw[keep], True
+        if top_p < 1.0:
+            target = top_p * (cw.sum() if complete else (w.sum() if total is None else total))
+            s = np.sort(cw)[::-1]
+            before = np.concatenate(([0.0], np.cumsum(s)[:-1]))
+            k = int(np.count_nonzero(before < target)) or 1
+            if k == len(s) and not complete:  # the nucleus may reach past the candidates
+                continue
+            t = s[k - 1]  # t >= cut: every token tied with it is a candidate
+            keep = cw > t
+            keep[np.flatnonzero(cw == t)[:k - int(np.count_nonzero(keep))]] = True  # ties: lower ids first
+            ids, cw, complete = ids[keep], cw[keep], True
+        if min_p > 0.0:
+            floor = min_p * cw.max()  # the most likely token survives top-k and top-p
+            if not complete and floor < cut:
+                continue
+            keep = cw >= floor
+            ids, cw = ids[keep], cw[keep]
+        return ids, cw
+    return None
+
+
+def draw(cdf: np.ndarray, u: float) -> int:
+    """Index of the first cdf entry > u * total (the inverse-cdf draw; u in [0, 1))."""
+    j = int(np.searchsorted(cdf, u * cdf[-1], side="right"))  # first cdf > u*total: never a zero weight
+    return j if j < len(cdf) else int(np.searchsorted(cdf, cdf[-1]))  # u*total rounded up to total
+
+
 def score_tokens(logits: np.ndarray, token_ids, k: int, rows_at_once: int = 4):
     """Per row of raw logits [n, V]: (ids, logprobs, ranks) of token_ids[i] first, then the k best
     (ties: lower ids first; the token itself appears once). A token's rank is the number of tokens at
@@ -136,6 +190,12 @@ class Sampler:
         # Reused [B, V] scratch: a fresh multi-MB temporary per step costs more in page faults
         # (kernel zeroing) than the exp over it (~4 ms vs ~1 ms at 16 x 49152).
         self._scratch = np.empty((0, 0), dtype=np.float32)
+        self._row = np.empty(0, dtype=np.float64)  # one row's weights in float64, reused row after row
+
+    def _row_buffer(self, vocab: int) -> np.ndarray:
+        if self._row.shape[0] != vocab:
+            self._row = np.empty(vocab, dtype=np.float64)
+        return self._row
 
     def _buffer(self, shape) -> np.ndarray:
         if self._scratch.shape[0] < shape[0] or self._scratch.shape[1] != shape[1]:
@@ -162,22 +222,39 @@ class Sampler:
             if token_bitmask is not None:
                 apply_token_bitmask(x, *token_bitmask)
         tokens = np.argmax(x, axis=1)  # greedy rows: first max => lowest id on ties
-        for i, s in enumerate(states):
-            p = s.params
-            if p.greedy:
-                continue
-            w = x[i].astype(np.float64)  # in place from here: fresh temporaries cost page faults
-            w -= w.max()
-            w *= 1.0 / p.temperature
-            w = filter_probs(np.exp(w, out=w), p.top_k, p.top_p, p.min_p)
-            cdf = np.cumsum(w, out=w)
-            u = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
-            j = int(np.searchsorted(cdf, u * cdf[-1], side="right"))  # first cdf > u*total: never a zero weight
-            tokens[i] = j if j < len(cdf) else int(np.searchsorted(cdf, cdf[-1]))  # u*total rounded up to total
+        rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if rows:
+            top = (m[:, 0] if x is logits else x.max(axis=1))[rows]  # no [rows] copy of the logits
+            bottom = x.min(axis=1)[rows]
+            w = self._row_buffer(x.shape[1])
+            for i, hi, lo in zip(rows, top.tolist(), bottom.tolist()):
+                s = states[i]
+                p, inv_t = s.params, 1.0 / s.params.temperature
+                u = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
+                if 0 < p.top_k < len(w) and (lo - hi) * inv_t >= _UNDERFLOW:
+                    # top-k needs no total mass: exp only the tokens near the max (every one with w >= the
+                    # first cut; the same float64 arithmetic as the whole row's, so the same weights)
+                    near = np.flatnonzero(x[i] >= hi - (_CANDIDATE_LOGS[0] + 1.0) / inv_t)
+                    wn = np.exp((x[i, near].astype(np.float64) - hi) * inv_t)
+                    found = filtered_candidates(wn, p.top_k, p.top_p, p.min_p, vocab=len(w), cuts=_CANDIDATE_CUTS[:1])
+                    if found is not None:
+                        tokens[i] = near[found[0][draw(np.cumsum(found[1]), u)]]
+                        continue
+                np.subtract(x[i], hi, out=w, dtype=np.float64)  # w = (x - max) / T in float64, exp'd in place
+                w *= inv_t
+                np.exp(w, out=w)
+                if not (0 < p.top_k < len(w) or p.top_p < 1.0 or p.min_p > 0.0):  # no filter: all of the vocabulary
+                    tokens[i] = draw(np.cumsum(w, out=w), u)
+                    continue
+                found = None if (lo - hi) * inv_t < _UNDERFLOW else filtered_candidates(w, p.top_k, p.top_p, p.min_p)
+                if found is not None:
+                    ids, weights = found
+                    tokens[i] = ids[draw(np.cumsum(weights), u)]
+                else:  # zeros in w (masked or underflowed tokens) or no candidate set decided: the full path
+                    tokens[i] = draw(np.cumsum(filter_probs(w, p.top_k, p.top_p, p.min_p), out=w), u)
         results = []
-        for i, s in enumerate(states):
-            tok = int(tokens[i])
-            lp = float(logits[i, tok] - lse[i])
+        chosen = (logits[np.arange(len(states)), tokens] - lse).tolist()  # every row's logprob at once
+        for i, (s, tok, lp) in enumerate(zip(states, tokens.tolist(), chosen)):
             top = None
             if s.params.logprobs is not None:
                 top = {tok: lp}

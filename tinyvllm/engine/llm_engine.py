@@ -44,7 +44,8 @@ class LLMEngine:
                  device: str = "cpu", quantization: str | None = None, memory_budget=None,
                  kv_cache_bytes=None, kv_cache_dtype: str = "float16", block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True, seed: int = 0):
+                 max_num_batched_tokens: int = 512, long_prefill_token_threshold: int = 0,
+                 decode_stall_ratio: float = 3.0, enable_prefix_caching: bool = True, seed: int = 0):
         runner_cls, runner_kwargs = runner_for(device)  # ValueError / ImportError (with install hint) up front
         rss_before = rss_bytes()
         self.model_path = resolve_model(model)
@@ -71,7 +72,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_num_seqs,
                                    max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
-                                   max_prompt_logits_rows=max_num_seqs)
+                                   max_prompt_logits_rows=max_num_seqs,
+                                   long_prefill_token_threshold=long_prefill_token_threshold,
+                                   decode_stall_ratio=decode_stall_ratio)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
         self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads)
         self.requests: dict[str, _Request] = {}

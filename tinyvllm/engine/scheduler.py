@@ -11,6 +11,10 @@ import numpy as np
 from .block_manager import ALLOCATE, ALLOCATE_UNCACHED, APPEND, FORK, FREE, OP_DTYPE, BlockManager
 from .sequence import Sequence, SequenceStatus
 
+# A step's fixed cost (reading every weight once, launching the layers) in prefill tokens: on the
+# reference machine a step costs about 10 ms + 0.75 ms per token, so the fixed part is ~14 tokens.
+STEP_FIXED_TOKENS = 16
+
 
 @dataclass
 class ScheduledBatch:
@@ -43,8 +47,15 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids=(), max_prompt_logits_rows: int | None = None):
+                 eos_token_ids=(), max_prompt_logits_rows: int | None = None, long_prefill_token_threshold: int = 0,
+                 decode_stall_ratio: float = 3.0):
         self.blocks = blocks
+        # Prefill chunks: at most long_prefill_token_threshold tokens of one prompt per step (vLLM's knob;
+        # 0: no cap), and while sequences decode, the prefill tokens of a step are limited so that the step
+        # costs about decode_stall_ratio times a decode-only step at most (0: no limit, prefills fill the
+        # token budget and stall every decode for their whole chunk).
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.decode_stall_ratio = decode_stall_ratio
         # Prefill chunks of requests with prompt logprobs need logits at every position; a step computes at
         # most this many such rows (the memory plan pays for them), so those prompts run in chunks this long.
         self.max_prompt_logits_rows = max(1, max_prompt_logits_rows or max_num_seqs)
@@ -73,6 +84,7 @@ class Scheduler:
         the token budget, sequence slots and blocks last."""
         budget, plan = self.max_num_batched_tokens, []  # plan: [sequence, chunk size, table row]
         self._rows_left = self.max_prompt_logits_rows
+        self._prefill_left = self.prefill_budget(sum(s.num_uncomputed_tokens <= 1 for s in self.running))
         for seq in self.running:
             if budget == 0:
                 break
@@ -114,16 +126,32 @@ class Scheduler:
             tables = self._admit_more(plan, tables, budget)
         return self._batch(plan, tables, copies)
 
+    def prefill_budget(self, num_decodes: int) -> int:
+        """Prefill tokens one step may run beside num_decodes decoding sequences (decode priority). A
+        step costs about STEP_FIXED_TOKENS + its tokens; with decodes running, the prefill part is held
+        to (ratio - 1) decode-only steps, so no stream waits much longer than ratio times its usual gap
+        for a token. The decodes themselves always keep their tokens. Without decodes: the whole budget."""
+        if num_decodes == 0 or self.decode_stall_ratio <= 0:
+            return self.max_num_batched_tokens
+        cap = int((self.decode_stall_ratio - 1) * (STEP_FIXED_TOKENS + num_decodes))
+        return max(1, min(cap, self.max_num_batched_tokens - num_decodes))
+
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """How many of seq's uncomputed tokens run this step (takes prompt-logits rows when it needs them)."""
         n = min(seq.num_uncomputed_tokens, budget)
+        prefill = n > 1  # a prefill chunk (or a recompute): held to the prefill budget and the per-prompt cap
+        if prefill:
+            n = min(n, self._prefill_left, self.long_prefill_token_threshold or n)
         if seq.needs_prompt_logprobs:
             n = min(n, self._rows_left)
             self._rows_left -= n
+        if prefill:
+            self._prefill_left -= n
         return n
 
     def _can_admit(self, seq: Sequence, budget: int) -> bool:
-        return budget > 0 and self._has_room(seq) and (self._rows_left > 0 or not seq.needs_prompt_logprobs)
+        return (budget > 0 and self._prefill_left > 0 and self._has_room(seq)
+                and (self._rows_left > 0 or not seq.needs_prompt_logprobs))
 
     @staticmethod
     def _allocate_kind(seq: Sequence) -> int:
