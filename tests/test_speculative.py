@@ -252,3 +252,26 @@ def test_draft_model(tmp_path, reference_gguf_path):
     with pytest.raises(ValueError, match="vocabulary"):
         LLMEngine(str(reference_gguf_path), speculative_config={"method": "draft_model", "model": target,
                                                                  "num_speculative_tokens": 2})
+
+
+def test_metrics_report_acceptance(reference_gguf_path):
+    """Engine stats and the server's /metrics text (vLLM's counter names) carry the acceptance counts."""
+    from tinyvllm.server.api import build_app
+    eng = LLMEngine(str(reference_gguf_path), threads=2, speculative_config=NGRAM)
+    eng.add_request("r", COPY_PROMPTS[1], SamplingParams(temperature=0, max_tokens=24))
+    while eng.has_unfinished_requests():
+        eng.step()
+    spec = eng.stats()["spec_decode"]
+    assert spec["num_draft_tokens"] >= spec["num_accepted_tokens"] > 0
+    assert spec["acceptance_rate"] == spec["num_accepted_tokens"] / spec["num_draft_tokens"]
+    assert sum(spec["num_accepted_tokens_per_pos"]) == spec["num_accepted_tokens"]
+    assert eng.num_generated_tokens == 24 and eng.num_steps < 24  # fewer forwards than tokens
+    app = build_app(eng, "smol")
+    try:
+        text = app.state.metrics.render().decode()
+        label = '{model_name="smol"}'
+        for name in ("num_draft_tokens", "num_accepted_tokens", "num_drafts"):
+            line = next(x for x in text.splitlines() if x.startswith(f"vllm:spec_decode_{name}_total{label} "))
+            assert float(line.split()[-1]) == spec[name]
+    finally:
+        app.state.async_llm.shutdown()
