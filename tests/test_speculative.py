@@ -275,3 +275,16 @@ def test_metrics_report_acceptance(reference_gguf_path):
             assert float(line.split()[-1]) == spec[name]
     finally:
         app.state.async_llm.shutdown()
+
+
+def test_logprobs_equal_without_speculation(reference_gguf_path):
+    """Emitted tokens report the raw logprobs (and top-k) a run without speculation reports."""
+    sp = SamplingParams(temperature=0, max_tokens=24, logprobs=3)
+    outs = []
+    for cfg in (None, NGRAM):
+        llm = LLM(str(reference_gguf_path), threads=2, speculative_config=cfg)
+        o = llm.generate(COPY_PROMPTS[1:], sp)[0].outputs[0]
+        outs.append((o.token_ids, o.logprobs, o.cumulative_logprob))
+        if cfg:
+            assert llm.engine.stats()["spec_decode"]["num_accepted_tokens"] > 0
+    assert outs[0] == outs[1]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampler import SampleResult, apply_min_tokens, apply_penalties, apply_token_bitmask, filter_probs, score_tokens
+from ..sampler import SampleResult, apply_min_tokens, apply_penalties, apply_token_bitmask, filter_probs
 
 
 def accept_probability(p_draft: float, q_draft: float) -> float:
@@ -91,6 +91,10 @@ class RejectionSampler:
         draft_probs: None (point-mass proposals) or [len(drafts), V]. Returns (1..k+1 results: the
         accepted drafts, then the resampled or bonus token; how many drafts were accepted). The
         sequence's matcher is left as found."""
+        p = seq.params
+        if p.greedy and seq.matcher is None and not (p.min_tokens or p.repetition_penalty != 1.0 or
+                                                     p.frequency_penalty or p.presence_penalty):
+            return self._verify_plain_greedy(logits, drafts, p.logprobs)
         rng = self.rng if seq.generator is None else seq.generator
         matcher, consumed = seq.matcher, 0
         mask = None
@@ -121,6 +125,27 @@ class RejectionSampler:
         return [self._result(logits[i], t, seq.params.logprobs) for i, t in enumerate(tokens)], len(accepted)
 
     @staticmethod
+    def _verify_plain_greedy(logits: np.ndarray, drafts: np.ndarray, k: int | None):
+        """Greedy rows that nothing processes (the common case): the argmax of every row at once; the
+        drafts up to the first one that differs are accepted, then that row's argmax."""
+        best = np.argmax(logits, axis=1)
+        miss = np.flatnonzero(best[:len(drafts)] != drafts)
+        n = int(miss[0]) if len(miss) else len(drafts)
+        return [RejectionSampler._result(logits[i], int(t), k) for i, t in enumerate(best[:n + 1])], n
+
+    @staticmethod
     def _result(row: np.ndarray, token: int, k: int | None) -> SampleResult:
-        (ids, lps, _), = score_tokens(row[None], [token], k or 0)
-        return SampleResult(token, lps[0], dict(zip(ids, lps)) if k is not None else None)
+        """The token with its raw logprob (and the k best), computed as the Sampler computes them (float32),
+        so logprobs match those of a run without speculation."""
+        m = row.max()
+        lse = m + np.log(np.exp(row - m).sum())
+        lp = float(row[token] - lse)
+        top = None
+        if k is not None:
+            top = {token: lp}
+            k = min(k, len(row))
+            if k > 0:
+                best = np.flatnonzero(row >= np.partition(row, -k)[-k])
+                for t in best[np.argsort(-row[best], kind="stable")[:k]].tolist():
+                    top.setdefault(t, float(row[t] - lse))
+        return SampleResult(token, lp, top)
