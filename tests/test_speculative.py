@@ -70,6 +70,22 @@ def test_ngram_lookup():
     assert p.lookup(np.array([4], dtype=np.int32), 2).tolist() == []
 
 
+def test_ngram_lookup_equals_brute_force():
+    """The incremental lookup against every window compared, on random short token lists."""
+    def brute(t, k, lo, hi):
+        for n in range(min(hi, len(t) - 1), lo - 1, -1):
+            hits = [i for i in range(len(t) - n) if t[i:i + n].tolist() == t[len(t) - n:].tolist()]
+            if hits:
+                return t[hits[-1] + n:hits[-1] + n + k].tolist()
+        return []
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        t = rng.integers(0, rng.integers(2, 6), rng.integers(1, 30)).astype(np.int32)
+        lo = int(rng.integers(1, 4))
+        hi, k = int(rng.integers(lo, 6)), int(rng.integers(1, 6))
+        assert NgramProposer(lo, hi).lookup(t, k).tolist() == brute(t, k, lo, hi), (t.tolist(), k, lo, hi)
+
+
 # ---- exactness: greedy -------------------------------------------------------------------------------
 def _generate(model, prompts, params, **engine):
     llm = LLM(model, threads=2, **engine)

@@ -15,12 +15,20 @@ class NgramProposer:
         """Up to k tokens: for the longest suffix (max_n down to min_n tokens) that occurred earlier in
         token_ids, the tokens after its latest earlier occurrence. Empty when no suffix recurs."""
         n_tok = len(token_ids)
-        for n in range(min(self.max_n, n_tok - 1), self.min_n - 1, -1):
-            suffix = token_ids[n_tok - n:]
-            # windows over all but the suffix itself: a match at i is followed by token_ids[i + n]
-            windows = np.lib.stride_tricks.sliding_window_view(token_ids[:n_tok - 1], n)
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                return token_ids[start:start + k].copy()
-        return token_ids[:0].copy()
+        if n_tok < 2 or k < 1:
+            return token_ids[:0].copy()
+        # earlier positions holding the last token: where a match of any length must end
+        ends = np.flatnonzero(token_ids[:n_tok - 1] == token_ids[n_tok - 1])
+        for j in range(1, self.max_n):  # ends[i] matches a suffix of length >= j + 1 while these agree
+            if len(ends) == 0:
+                break
+            ok = ends >= j
+            ok[ok] = token_ids[ends[ok] - j] == token_ids[n_tok - 1 - j]
+            if j + 1 > self.min_n and not ok.any():
+                break  # the longest recurring suffix has j tokens: take the latest
+            if ok.any() or j + 1 <= self.min_n:
+                ends = ends[ok]
+        if len(ends) == 0:
+            return token_ids[:0].copy()
+        start = int(ends[-1]) + 1
+        return token_ids[start:start + k].copy()
