@@ -304,3 +304,58 @@ def test_logprobs_equal_without_speculation(reference_gguf_path):
         if cfg:
             assert llm.engine.stats()["spec_decode"]["num_accepted_tokens"] > 0
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("rule", ["exact", "always_accept"])
+def test_engine_sampling_with_a_draft_model_keeps_the_target_distribution(tmp_path, monkeypatch, rule):
+    """End to end: 1,536 completions (temperature 1) of one prompt on a tiny target with another tiny
+    model drafting (so q differs from p). The first token is sampled after the prefill; the second is
+    the first one speculation decides. Among completions whose first token is the most common one,
+    the second must follow the target's exact distribution computed from its logits (chi-square,
+    p > 1e-3); with an always-accept rule it follows the draft's and the same test fails."""
+    target = str(tm.make_tiny_gguf(tmp_path / "t.gguf", qtype="Q8_0"))
+    draft = str(tm.make_tiny_gguf(tmp_path / "d.gguf", qtype="Q8_0", seed=1))
+    if rule == "always_accept":
+        monkeypatch.setattr(rejection, "accept_probability", lambda p_d, q_d: 1.0)
+    llm = LLM(target, threads=1, max_num_seqs=64,
+              speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 2})
+    prompt = llm.tokenizer.encode("the quick brown fox")
+    pairs = []
+    for i in range(24):
+        sp = SamplingParams(temperature=1.0, max_tokens=3, n=64, seed=1000 * i, ignore_eos=True)
+        pairs += [tuple(c.token_ids[:2]) for c in llm.generate({"prompt_token_ids": prompt}, sp)[0].outputs]
+    assert llm.engine.stats()["spec_decode"]["num_drafts"] >= len(pairs)
+    first = max(set(p[0] for p in pairs), key=[p[0] for p in pairs].count)
+    second = np.bincount([p[1] for p in pairs if p[0] == first], minlength=llm.engine.config.vocab_size)
+    r, n = llm.engine.runner, len(prompt) + 1
+    row = r.forward(np.array(prompt + [first], np.int32), np.arange(n, dtype=np.int32), np.zeros(n, np.int32),
+                    np.arange(4, dtype=np.int32)[None] + 60, np.array([n - 1], np.int32))[0]
+    p1 = rejection.probs_of(row, SamplingParams(temperature=1.0))
+    assert second.sum() > 300
+    assert (_chi2_p_value(second, p1) > 1e-3) == (rule == "exact")
+
+
+def test_min_acceptance_rate_sits_out_poor_drafters():
+    """A sequence whose drafts keep being rejected stops drafting for a while, then tries again."""
+    from types import SimpleNamespace
+
+    from tinyvllm.spec import SpeculativeDecoder
+
+    class Always:
+        def propose(self, seq, k):
+            return np.arange(k, dtype=np.int32)
+    cfg = SpeculativeConfig.parse(dict(NGRAM, min_acceptance_rate=0.3))
+    dec = SpeculativeDecoder(cfg, Always(), max_model_len=1000, rng=np.random.default_rng(0))
+    class Seq(SimpleNamespace):
+        def __len__(self):
+            return 10
+    seq = Seq(seq_id=7, num_uncomputed_tokens=1, needs_prompt_logprobs=False, num_output_tokens=1,
+              params=SamplingParams(max_tokens=100), spec_token_ids=None)
+    drafted = []
+    for step in range(20):
+        dec.plan([seq])
+        drafted.append(len(seq.spec_token_ids))
+        if len(seq.spec_token_ids):
+            dec._count(seq, len(seq.spec_token_ids), 0)  # every draft rejected
+    assert drafted[:2] == [4, 4] and 0 in drafted and drafted.count(4) < 10
+    assert drafted[drafted.index(0):].count(4) >= 1  # it tries again after sitting out
