@@ -259,6 +259,13 @@ def test_draft_model(tmp_path, reference_gguf_path):
     got, st = _generate(target, prompts, params, max_num_batched_tokens=16,
                         speculative_config={"method": "draft_model", "model": other, "num_speculative_tokens": 3})
     assert got == want and st["spec_decode"]["num_drafts"] > 0 and st["spec_decode"]["acceptance_rate"] < 1.0
+    from tinyvllm.runner.kv_cache import kv_bytes_per_block
+    from tinyvllm.model import load_model
+    cfg = load_model(target).config
+    two = 2 * kv_bytes_per_block(cfg, 16, "float16")  # a block of the target's KV and one of the draft's
+    got, st = _generate(target, prompts, params, kv_cache_bytes=4 * two, max_model_len=60,
+                        speculative_config={"method": "draft_model", "model": other, "num_speculative_tokens": 3})
+    assert got == want and st["preemptions"] > 0 and st["blocks_total"] == 4
     budget = dict(memory_budget="64MB")
     plain = LLMEngine(target, threads=1, **budget).scheduler.blocks.num_blocks
     with_draft = LLMEngine(target, threads=1, speculative_config={"method": "draft_model", "model": target,
