@@ -141,17 +141,24 @@ def test_greedy_output_identical_tiny_model(tmp_path):
 def test_structured_outputs_check_drafts(reference_gguf_path):
     """A JSON-schema request copying a JSON document: drafts pass through the grammar's mask, output is
     the same as without speculation and valid."""
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items":
-              {"type": "string"}}}, "required": ["name", "tags"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "tags": {
+              "type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4}},
+              "required": ["name", "tags"], "additionalProperties": False}
     doc = json.dumps({"name": "tiny engine", "tags": ["fast", "small", "exact"]})
     prompt = f"<|im_start|>user\nRepeat this JSON: {doc}<|im_end|>\n<|im_start|>assistant\n"
     sp = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=schema))
     want, _ = _generate(str(reference_gguf_path), [prompt], sp)
     got, st = _generate(str(reference_gguf_path), [prompt], sp, speculative_config=dict(NGRAM, prompt_lookup_min=1))
     assert got == want and st["spec_decode"]["num_accepted_tokens"] > 0
-    llm = LLM(str(reference_gguf_path), threads=2)
+    llm = LLM(str(reference_gguf_path), threads=2, speculative_config=dict(NGRAM, prompt_lookup_min=1))
     out = json.loads(llm.tokenizer.decode(got[0][0]))
     assert set(out) == {"name", "tags"}
+    # sampled: drafts the grammar forbids have p = 0 and are always rejected; every completion is valid
+    sampled = llm.generate([prompt] * 4, [SamplingParams(temperature=0.8, seed=i, max_tokens=120,
+                                                         structured_outputs=sp.structured_outputs) for i in range(4)])
+    for o in sampled:
+        assert o.outputs[0].finish_reason == "stop" and set(json.loads(o.outputs[0].text)) == {"name", "tags"}
+    assert llm.engine.stats()["spec_decode"]["num_accepted_tokens"] > 0
 
 
 def test_off_switch_by_batch_size(reference_gguf_path):
