@@ -76,8 +76,8 @@ def workload(n: int) -> list[str]:
             out.append(chat(f'Set "status" to "closed" in this JSON document and print the whole document:\n'
                             f"{json.dumps(doc, indent=2)}", "{"))
         else:
-            out.append(chat(f"Summarize this text, quoting its sentences word for word:\n{TEXTS[(i // 3) % len(TEXTS)]}",
-                            'The text says: "'))
+            text = TEXTS[(i // 3) % len(TEXTS)]
+            out.append(chat(f"Summarize this text, quoting its sentences word for word:\n{text}", 'The text says: "'))
     return out
 
 
@@ -159,7 +159,7 @@ def main():
             if specs[0] is not None:
                 tot = {k: sum(s[k] for s in specs) for k in specs[0]}
                 row["spec"] = tot
-                row["acceptance_rate"] = tot["num_accepted_tokens"] / tot["num_draft_tokens"] if tot["num_draft_tokens"] else 0.0
+                row["acceptance_rate"] = tot["num_accepted_tokens"] / max(1, tot["num_draft_tokens"])
             data["results"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "loadavg_1m"}), flush=True)
     data["other_load_share"] = load.share()

@@ -91,8 +91,9 @@ def _generate(model, prompts, params, **engine):
     llm = LLM(model, threads=2, **engine)
     outs = llm.generate(prompts, params)
     eng = llm.engine
-    eng.scheduler.blocks.check()
-    assert eng.scheduler.blocks.num_seqs == 0 and eng.scheduler.blocks.num_free_blocks == eng.scheduler.blocks.num_blocks
+    bm = eng.scheduler.blocks
+    bm.check()
+    assert bm.num_seqs == 0 and bm.num_free_blocks == bm.num_blocks  # rolled-back blocks all came back
     return [[c.token_ids for c in o.outputs] for o in outs], eng.stats()
 
 

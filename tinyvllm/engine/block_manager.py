@@ -5,8 +5,8 @@ A pool of `num_blocks` blocks of `block_size` token slots with reference counts;
 shares the leading full blocks of a new prompt with earlier sequences whose KV for the same token
 prefix is computed; copy-on-write splits a shared partial block before a sequence writes into it.
 
-Every change is an op (ALLOCATE, ALLOCATE_UNCACHED, APPEND, TRUNCATE, FORK, FREE) and a list of ops runs in one native call:
-the scheduler sends one list per step. The manager keeps no token ids: ops lend the caller's
+Every change is an op (ALLOCATE, ALLOCATE_UNCACHED, APPEND, TRUNCATE, FORK, FREE) and a list of ops runs
+in one native call: the scheduler sends one list per step. The manager keeps no token ids: ops lend the caller's
 int32 token buffer by address. Running out of blocks is not an error: `apply` reports how many
 ops ran. Invalid use (unknown or reused sequence id, decreasing counts...) raises NativeError.
 """
