@@ -288,7 +288,8 @@ def test_draft_model(tmp_path, reference_gguf_path):
 def test_metrics_report_acceptance(reference_gguf_path):
     """Engine stats and the server's /metrics text (vLLM's counter names) carry the acceptance counts."""
     from tinyvllm.server.api import build_app
-    eng = LLMEngine(str(reference_gguf_path), threads=2, speculative_config=NGRAM)
+    args = EngineArgs(model=str(reference_gguf_path), threads=2, speculative_config=json.dumps(NGRAM))
+    eng = LLMEngine(args.model, **args.engine_kwargs())  # as `tinyvllm serve --speculative-config '<json>'` does
     eng.add_request("r", COPY_PROMPTS[1], SamplingParams(temperature=0, max_tokens=24))
     while eng.has_unfinished_requests():
         eng.step()
