@@ -7,7 +7,7 @@ Workload: prompts that make the model copy from its input, greedy, up to 128 new
 code file (rename a function and print the whole file), edit a JSON document (change one field and
 print it), summarize a text quoting its sentences. The assistant turn starts the answer (the fence
 of the file, the opening brace, the opening quote) as an application would. Each stream count (1, 4,
-16) runs every mode on the same prompts; greedy outputs are identical in every mode (checked), so
+16) runs every mode on the same prompts (one stream: one prompt of each kind after another); greedy outputs are identical in every mode (checked), so
 the modes do the same work. Timed: decode only, from the step after which every request has its
 first token until all finish (prefill is the same in every mode). min/median/max over --runs runs,
 with the load average before each.
@@ -81,26 +81,33 @@ def workload(n: int) -> list[str]:
     return out
 
 
-def decode_run(llm, prompts, max_tokens: int):
-    """(decode tok/s after every request has its first token, outputs' token ids, spec stats delta)."""
+def decode_run(llm, prompts, max_tokens: int, streams: int):
+    """Prompts in waves of `streams` concurrent requests: (decode tok/s, outputs' token ids, spec stats
+    delta). Decode: the tokens generated after every request of a wave has its first token, over the time
+    from then until the wave finishes, summed over the waves."""
     from tinyvllm import SamplingParams
     eng = llm.engine
     before = dict(eng.stats()["spec_decode"] or {})
-    ids = [eng.add_request(None, p, SamplingParams(temperature=0, max_tokens=max_tokens)) for p in prompts]
-    outs, started, t0, tok0 = {}, set(), None, 0
-    while len(outs) < len(ids):
-        for o in eng.step():
-            if o.outputs[0].token_ids:
-                started.add(o.request_id)
-            if o.finished:
-                outs[o.request_id] = o
-        if t0 is None and len(started) == len(ids):
-            t0, tok0 = time.perf_counter(), eng.num_generated_tokens
-    dt = time.perf_counter() - t0
+    tokens, seconds, outputs = 0, 0.0, []
+    for w in range(0, len(prompts), streams):
+        ids = [eng.add_request(None, p, SamplingParams(temperature=0, max_tokens=max_tokens))
+               for p in prompts[w:w + streams]]
+        outs, started, t0, tok0 = {}, set(), None, 0
+        while len(outs) < len(ids):
+            for o in eng.step():
+                if o.outputs[0].token_ids:
+                    started.add(o.request_id)
+                if o.finished:
+                    outs[o.request_id] = o
+            if t0 is None and len(started) == len(ids):
+                t0, tok0 = time.perf_counter(), eng.num_generated_tokens
+        seconds += time.perf_counter() - t0
+        tokens += eng.num_generated_tokens - tok0
+        outputs += [outs[r].outputs[0].token_ids for r in ids]
     after = eng.stats()["spec_decode"] or {}
     spec = {k: after[k] - before.get(k, 0) for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens",
                                                      "steps_off")} if after else None
-    return (eng.num_generated_tokens - tok0) / dt, [outs[r].outputs[0].token_ids for r in ids], spec
+    return tokens / seconds, outputs, spec
 
 
 def summarize(xs):
@@ -141,13 +148,13 @@ def main():
         engines[name] = LLM(model or DEFAULT_MODEL, threads=args.threads, speculative_config=cfg,
                             max_num_seqs=max(streams))
     for n in streams:
-        prompts = workload(n)
+        prompts = workload(max(n, 3))  # one stream: the three kinds one after another
         reference = {}
         for name, _, model in modes:
             rates, loads, specs = [], [], []
             for _ in range(args.runs):
                 loads.append(os.getloadavg()[0])
-                rate, outs, spec = decode_run(engines[name], prompts, args.max_tokens)
+                rate, outs, spec = decode_run(engines[name], prompts, args.max_tokens, n)
                 rates.append(rate)
                 specs.append(spec)
                 key = model or "ref"
