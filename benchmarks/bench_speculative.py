@@ -14,7 +14,9 @@ with the load average before each.
 
 Modes: off; n-gram lookup (k tokens, suffix 4..2) always on; the same with disable_by_batch_size
 (drafting off in steps whose running batch is larger); a draft model (the Q4_K_M file of the
-reference model drafting for its F32 file, k=3) against the F32 target without speculation.
+reference model drafting for its F32 file, k=3) against the F32 target without speculation, at 1 and 4
+streams (--draft-streams; the draft has the target's architecture, so at 16 streams it costs as much
+as the target's own decode step).
 """
 import argparse
 import json
@@ -123,6 +125,7 @@ def main():
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--disable-by-batch-size", type=int, default=4)
     ap.add_argument("--no-draft", action="store_true", help="skip the draft-model rows")
+    ap.add_argument("--draft-streams", default="1,4", help="stream counts of the draft-model rows")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=machine.DOCS)
     args = ap.parse_args()
@@ -132,6 +135,7 @@ def main():
     from tinyvllm.model.fetch import DEFAULT_MODEL
     load = machine.OtherLoad()
     streams = [int(s) for s in args.streams.split(",")]
+    draft_streams = {int(s) for s in args.draft_streams.split(",")}
     ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     modes = [("off", None, None), (f"ngram k={args.k}", ngram, None),
              (f"ngram k={args.k}, disable_by_batch_size={args.disable_by_batch_size}",
@@ -151,6 +155,8 @@ def main():
         prompts = workload(max(n, 3))  # one stream: the three kinds one after another
         reference = {}
         for name, _, model in modes:
+            if model is not None and n not in draft_streams:
+                continue
             rates, loads, specs = [], [], []
             for _ in range(args.runs):
                 loads.append(os.getloadavg()[0])
