@@ -129,6 +129,14 @@ class Model:
                     self.cache[key], self.key[b] = b, key
         s.computed = c
 
+    def truncate(self, sid, n):
+        s = self.seqs[sid]
+        assert s.computed <= n <= len(s.tokens)
+        keep = -(-n // self.bs)
+        for b in reversed(s.table[keep:]):
+            self._release(b)
+        s.table, s.tokens = s.table[:keep], s.tokens[:n]
+
     def fork(self, parent, child):
         p = self.seqs[parent]
         self.seqs[child] = Seq(list(p.tokens), list(p.table), p.computed)
@@ -137,12 +145,15 @@ class Model:
 
     def free_seq(self, sid):
         for b in reversed(self.seqs.pop(sid).table):
-            self.ref[b] -= 1
-            if self.ref[b] == 0:
-                if b in self.key:
-                    self.lru[b] = None
-                else:
-                    self.free.append(b)
+            self._release(b)
+
+    def _release(self, b):
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            if b in self.key:
+                self.lru[b] = None
+            else:
+                self.free.append(b)
 
 
 # ---- unit checks of the wrapper ----------------------------------------------------------------
@@ -230,7 +241,7 @@ class Run:
         self.prefixes = [[self.r.randrange(4) for _ in range(self.r.randint(1, 4 * block_size))] for _ in range(6)]
         self.kv = [None] * num_blocks   # shadow KV: the token prefix each block's written slots hold
         self.next_id = 0
-        self.counts = dict(alloc=0, hit=0, no_space=0, cow=0, fork=0, free=0, invalid=0, compute=0, append=0)
+        self.counts = dict(alloc=0, hit=0, no_space=0, cow=0, fork=0, free=0, invalid=0, compute=0, append=0, truncate=0)
 
     def pick(self):
         return self.r.choice(list(self.m.seqs))
@@ -291,6 +302,14 @@ class Run:
                     assert src == before[-1]
                     self.kv[dst] = self.kv[src]
             self.table(sid)
+        elif x < 0.74:  # speculative decoding: the slots of rejected draft tokens go back
+            sid = self.pick()
+            s = m.seqs[sid]
+            n = r.randint(s.computed, len(s.tokens))
+            bm.truncate(sid, s.tokens[:n], s.computed)
+            m.truncate(sid, n)
+            self.table(sid)
+            self.counts["truncate"] += 1
         elif x < 0.78:
             sid = self.pick()
             if len(m.seqs) >= self.MAX_SEQS or m.seqs[sid].computed < len(m.seqs[sid].tokens):
@@ -311,7 +330,9 @@ class Run:
             bad = r.choice([lambda: bm.free(self.next_id + 3), lambda: bm.allocate(sid, [1]),
                             lambda: bm.append(sid, s.tokens, s.computed - 1), lambda: bm.fork(sid, sid),
                             lambda: bm.append(sid, s.tokens, len(s.tokens) + 1), lambda: bm.append(-5, [1], 0),
-                            lambda: bm.append(sid, s.tokens[:-1], s.computed - 1), lambda: bm.allocate(self.next_id + 9, [])])
+                            lambda: bm.append(sid, s.tokens[:-1], s.computed - 1), lambda: bm.allocate(self.next_id + 9, []),
+                            lambda: bm.truncate(sid, s.tokens + [1], s.computed),
+                            lambda: bm.truncate(sid, s.tokens[:s.computed - 1], s.computed - 1)])
             with pytest.raises(NativeError):
                 bad()
             self.counts["invalid"] += 1
@@ -390,6 +411,26 @@ def test_randomized_against_model(num_blocks, block_size, caching, hash_bits, n_
     dt = time.perf_counter() - t0
     print(f"\n{n} ops in {dt:.1f} s ({dt / n * 1e6:.1f} us/op): {counts}")
     # the run went through every path
-    assert counts["no_space"] and counts["fork"] and counts["invalid"] and counts["free"]
+    assert counts["no_space"] and counts["fork"] and counts["invalid"] and counts["free"] and counts["truncate"]
     assert counts["cow"] or block_size == 1
     assert counts["hit"] if caching else not counts["hit"]
+
+
+def test_truncate_gives_back_rejected_draft_slots():
+    """Speculative decoding's rollback: slots for 1 + k tokens, then only the accepted ones stay.
+    Whole blocks of rejected slots go back to the pool; rejected tokens are never cached."""
+    bm = BlockManager(8, 4)
+    prompt = list(range(10, 16))
+    bm.allocate(1, prompt)
+    drafts = prompt + [50, 51, 52, 53, 54]        # 11 slots: 3 blocks
+    assert bm.append(1, drafts, 5) == [] and bm.seq_info(1) == (11, 3, 5)
+    kept = prompt + [50, 99]                      # draft 50 accepted, 51 rejected: 99 sampled instead
+    bm.truncate(1, kept, 7)
+    assert bm.seq_info(1) == (8, 2, 7) and bm.num_free_blocks == 6
+    bm.free(1, kept, 7)
+    # block 1 would be keyed by 14 15 50 51 had the rejected draft been cached
+    assert bm.allocate(2, drafts) == 4
+    assert bm.prefix_cache_stats["cached_blocks"] == 1
+    with pytest.raises(NativeError):
+        bm.truncate(2, drafts[:3], 4)             # below the computed count
+    bm.check()

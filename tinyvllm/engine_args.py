@@ -27,6 +27,7 @@ class EngineArgs:
     decode_stall_ratio: float = 3.0
     enable_prefix_caching: bool = True
     seed: int = 0
+    speculative_config: str | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,11 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=d.seed,
                        help="seed of the random draws of requests without a seed of their own "
                             "(bench: also of the workload and the arrivals)")
+        g.add_argument("--speculative-config", default=d.speculative_config,
+                       help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                            '"prompt_lookup_max": 4}\' or \'{"method": "draft_model", "model": "<path>", '
+                            '"num_speculative_tokens": 3}\' (optional keys: prompt_lookup_min, disable_by_batch_size, '
+                            'min_acceptance_rate, draft_quantization) (default: off)')
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":

@@ -233,17 +233,22 @@ enum tv_block_op_kind {
     /* As ALLOCATE, but nothing is shared from the prefix cache (num_computed is written back as 0):
      * every prompt position runs, for a caller that wants logits at each one (prompt logprobs). Its
      * full blocks still become cache entries for later sequences once computed. */
-    TV_BLOCK_ALLOCATE_UNCACHED = 4
+    TV_BLOCK_ALLOCATE_UNCACHED = 4,
+    /* Mark num_computed as APPEND does, then shrink seq_id to num_tokens slots (num_computed <=
+     * num_tokens <= its slot count): speculative decoding gave slots to draft tokens that were
+     * rejected. Blocks past the last kept slot are released (tail first); KV beyond num_computed
+     * is never cached, so rejected tokens never enter the prefix cache. */
+    TV_BLOCK_TRUNCATE = 5
 };
 
 typedef struct tv_block_op {
     int32_t kind;             /* tv_block_op_kind */
-    int32_t num_tokens;       /* ALLOCATE(_UNCACHED), APPEND */
-    int32_t num_computed;     /* APPEND, FREE; written by ALLOCATE */
+    int32_t num_tokens;       /* ALLOCATE(_UNCACHED), APPEND, TRUNCATE */
+    int32_t num_computed;     /* APPEND, FREE, TRUNCATE; written by ALLOCATE */
     int32_t table_row;        /* ALLOCATE(_UNCACHED), APPEND: row of `tables` that gets the block table; -1: none */
     int64_t seq_id;
     int64_t parent_id;        /* FORK */
-    const int32_t *tokens;    /* ALLOCATE(_UNCACHED): the prompt; APPEND, FREE: may be null when the mark
+    const int32_t *tokens;    /* ALLOCATE(_UNCACHED): the prompt; APPEND, FREE, TRUNCATE: may be null when the mark
                                * completes no block (or prefix caching is off) */
 } tv_block_op;
 

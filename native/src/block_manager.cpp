@@ -258,6 +258,18 @@ void BlockManager::mark_computed(int64_t id, int32_t c, const int32_t *tokens) {
     s.computed = c;
 }
 
+void BlockManager::truncate(int64_t id, int32_t num_tokens) {
+    Seq &s = seq_mut(id);
+    if (num_tokens < s.computed || num_tokens > s.num_tokens)
+        fail("TRUNCATE: sequence %lld: num_tokens %d outside [%d computed, %d slots]", (long long)id, num_tokens,
+             s.computed, s.num_tokens);
+    const size_t keep = (size_t)div_up(num_tokens, block_size_);
+    // a kept block is never cached past `computed`, and every dropped one lies wholly past it
+    for (size_t i = s.table.size(); i-- > keep;) release_block(s.table[i]);
+    s.table.resize(keep);
+    s.num_tokens = num_tokens;
+}
+
 void BlockManager::fork(int64_t parent, int64_t child) {
     const Seq &p = seq(parent);
     if (seqs_.count(child)) fail("FORK: child id %lld is already allocated", (long long)child);
@@ -306,6 +318,10 @@ bool BlockManager::apply(tv_block_op *ops, int32_t n, int32_t *tables, int32_t m
             *n_cow += copies;
             break;
         }
+        case TV_BLOCK_TRUNCATE:
+            mark_computed(op.seq_id, op.num_computed, op.tokens);
+            truncate(op.seq_id, op.num_tokens);
+            break;
         case TV_BLOCK_FORK:
             fork(op.parent_id, op.seq_id);
             break;

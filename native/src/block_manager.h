@@ -60,6 +60,9 @@ public:
     // The first c tokens have their KV written (c never decreases). Blocks this completes are cached
     // under their tokens, read from tokens[] (the whole sequence; needed only when a block completes).
     void mark_computed(int64_t id, int32_t c, const int32_t *tokens);
+    // Shrinks to num_tokens slots (>= computed, <= slots now), releasing the blocks past the last one
+    // kept, tail first (rejected draft tokens of speculative decoding).
+    void truncate(int64_t id, int32_t num_tokens);
     void fork(int64_t parent, int64_t child);
     void free_seq(int64_t id);
     const Seq &seq(int64_t id) const;

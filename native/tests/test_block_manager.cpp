@@ -63,6 +63,12 @@ struct Bm {
         if (rc == TV_OK) toks[child] = toks[parent];
         return rc;
     }
+    int truncate(int64_t id, int32_t n, int32_t c) {
+        tv_block_op op{TV_BLOCK_TRUNCATE, n, c, -1, id, 0, tokens_of(id)};
+        const int rc = run(op);
+        if (rc == TV_OK) toks[id].resize((size_t)n);
+        return rc;
+    }
     int free(int64_t id) {
         tv_block_op op{TV_BLOCK_FREE, 0, computed(id), -1, id, 0, tokens_of(id)};
         const int rc = run(op);
@@ -452,6 +458,40 @@ TEST(block_manager_allocate_uncached_skips_the_cache) {
     CHECK(m.mark(2, 14) == TV_OK);
     CHECK(m.stats().cached_blocks == 3) << "same content: not cached twice";
     CHECK(m.alloc(3, p, &c) == TV_OK && c == 12) << "plain ALLOCATE still hits";
+    CHECK(m.ok()) << tv_last_error();
+}
+
+// Speculative decoding: slots for 1 + k tokens, then the rejected drafts' slots go back. Whole
+// rejected blocks return to the pool, and the rejected tokens never become prefix-cache keys.
+TEST(block_manager_truncate_rolls_back_rejected_drafts) {
+    Bm m(8, 4);
+    CHECK(m.alloc(1, seq_tokens(6, 0)) == TV_OK);                // blocks 0, 1
+    CHECK(m.mark(1, 5) == TV_OK);                                 // prefill ran all but the last token
+    CHECK(m.append(1, seq_tokens(5, 100)) == TV_OK);             // 11 slots: 5 draft tokens, blocks 0-2
+    CHECK(m.table(1).size() == 3 && m.free_blocks() == 5);
+    CHECK(m.truncate(1, 7, 6) == TV_OK) << tv_last_error();     // draft 100 rejected: a token of its own at 6
+    CHECK((m.table(1) == Tokens{0, 1})) << "the block of rejected slots is back";
+    CHECK(m.free_blocks() == 6 && m.stats().cached_blocks == 1) << "only block 0 (tokens 0-3) is cached";
+    int32_t nt = 0, nb = 0, nc = 0;
+    CHECK(tv_block_manager_seq_info(m.h, 1, &nt, &nb, &nc) == TV_OK && nt == 7 && nb == 2 && nc == 6);
+    // the sampled token replaces the rejected draft at position 6; the sequence grows again
+    m.toks[1][6] = 200;
+    CHECK(m.append(1, seq_tokens(2, 201)) == TV_OK);             // tokens 0..5, 100, 200, 201, 202
+    CHECK(m.free(1) == TV_OK);
+    Tokens probe = seq_tokens(6, 0);
+    probe.insert(probe.end(), {100, 101, 102});                   // the rejected drafts' prefix
+    int32_t cached = -1;
+    CHECK(m.alloc(2, probe, &cached) == TV_OK && cached == 4) << cached << ": rejected tokens were never cached";
+    // out of range: below computed, or more than the slots
+    CHECK(m.mark(2, 6) == TV_OK);
+    CHECK(m.truncate(2, 5, 6) == TV_ERR_INVALID);
+    CHECK(m.truncate(2, 10, 6) == TV_ERR_INVALID);
+    CHECK(m.truncate(2, 6, 6) == TV_OK && m.table(2).size() == 2);
+    // a truncation inside the last block keeps it; a fork's shared blocks are only unreferenced
+    CHECK(m.fork(2, 3) == TV_OK && m.append(3, seq_tokens(3, 300)) == TV_OK);  // copy of the shared block 2
+    CHECK(m.truncate(3, 7, 6) == TV_OK && m.table(3).size() == 2);
+    CHECK(m.free(3) == TV_OK && m.free(2) == TV_OK);
+    CHECK(m.free_blocks() == 8);
     CHECK(m.ok()) << tv_last_error();
 }
 

@@ -5,8 +5,8 @@ A pool of `num_blocks` blocks of `block_size` token slots with reference counts;
 shares the leading full blocks of a new prompt with earlier sequences whose KV for the same token
 prefix is computed; copy-on-write splits a shared partial block before a sequence writes into it.
 
-Every change is an op (ALLOCATE, ALLOCATE_UNCACHED, APPEND, FORK, FREE) and a list of ops runs in one native call:
-the scheduler sends one list per step. The manager keeps no token ids: ops lend the caller's
+Every change is an op (ALLOCATE, ALLOCATE_UNCACHED, APPEND, TRUNCATE, FORK, FREE) and a list of ops runs
+in one native call: the scheduler sends one list per step. The manager keeps no token ids: ops lend the caller's
 int32 token buffer by address. Running out of blocks is not an error: `apply` reports how many
 ops ran. Invalid use (unknown or reused sequence id, decreasing counts...) raises NativeError.
 """
@@ -14,10 +14,12 @@ import numpy as np
 
 from .._native import NativeError, check, ffi, lib
 
-__all__ = ["BlockManager", "NativeError", "OP_DTYPE", "ALLOCATE", "ALLOCATE_UNCACHED", "APPEND", "FORK", "FREE"]
+__all__ = ["BlockManager", "NativeError", "OP_DTYPE", "ALLOCATE", "ALLOCATE_UNCACHED", "APPEND", "FORK", "FREE",
+           "TRUNCATE"]
 
 ALLOCATE, APPEND, FORK, FREE = lib.TV_BLOCK_ALLOCATE, lib.TV_BLOCK_APPEND, lib.TV_BLOCK_FORK, lib.TV_BLOCK_FREE
 ALLOCATE_UNCACHED = lib.TV_BLOCK_ALLOCATE_UNCACHED  # as ALLOCATE, sharing nothing from the prefix cache
+TRUNCATE = lib.TV_BLOCK_TRUNCATE  # mark, then give back the slots of rejected draft tokens (speculative decoding)
 # tv_block_op as a numpy record, so a step's ops are filled column by column, not per FFI struct.
 OP_DTYPE = np.dtype([("kind", "<i4"), ("num_tokens", "<i4"), ("num_computed", "<i4"), ("table_row", "<i4"),
                      ("seq_id", "<i8"), ("parent_id", "<i8"), ("tokens", "<u8")])
@@ -99,6 +101,12 @@ class BlockManager:
         t = _i32(token_ids)
         r = self._one(APPEND, seq_id, t, num_tokens=len(t), num_computed=num_computed)
         return None if r is None else r[1]
+
+    def truncate(self, seq_id: int, token_ids, num_computed: int) -> None:
+        """Mark the first `num_computed` tokens computed, then keep slots for only `token_ids` (no
+        fewer than num_computed): blocks past the last kept slot go back to the pool."""
+        t = _i32(token_ids)
+        self._one(TRUNCATE, seq_id, t, num_tokens=len(t), num_computed=num_computed)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         self._one(FORK, child_id, parent_id=parent_id)

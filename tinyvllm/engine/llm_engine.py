@@ -11,6 +11,7 @@ from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..runner import runner_for
 from ..sampler import Sampler, score_tokens
 from ..sampling_params import SamplingParams
+from ..spec import DraftModelProposer, NgramProposer, SpeculativeConfig, SpeculativeDecoder
 from ..structured import StructuredOutputs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
@@ -45,8 +46,10 @@ class LLMEngine:
                  kv_cache_bytes=None, kv_cache_dtype: str = "float16", block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 512, long_prefill_token_threshold: int = 0,
-                 decode_stall_ratio: float = 3.0, enable_prefix_caching: bool = True, seed: int = 0):
+                 decode_stall_ratio: float = 3.0, enable_prefix_caching: bool = True, seed: int = 0,
+                 speculative_config=None):
         runner_cls, runner_kwargs = runner_for(device)  # ValueError / ImportError (with install hint) up front
+        spec_cfg = SpeculativeConfig.parse(speculative_config)  # ValueError up front too
         rss_before = rss_bytes()
         self.model_path = resolve_model(model)
         self.weights = quantize_weights(load_model(self.model_path), quantization)
@@ -61,6 +64,16 @@ class LLMEngine:
         block_bytes = runner_cls.kv_bytes_per_block(cfg, block_size, kv_cache_dtype)
         workspace = runner_cls.workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs)
         wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        draft = None
+        if spec_cfg is not None:  # logits rows at every draft position; a draft model's weights, KV, workspace
+            workspace += 4 * max_num_seqs * spec_cfg.num_speculative_tokens * cfg.vocab_size
+            if spec_cfg.method == "draft_model":
+                draft = self._load_draft(spec_cfg)
+                weight_bytes += sum(t.data.nbytes for t in draft.tensors.values())
+                block_bytes += runner_cls.kv_bytes_per_block(draft.config, block_size, kv_cache_dtype)
+                workspace += runner_cls.workspace_bytes(draft.config, max_num_batched_tokens + max_num_seqs,
+                                                        max_num_seqs)
+                wanted_len = min(wanted_len, draft.config.max_position_embeddings)
         num_blocks = plan_kv_blocks(
             weight_bytes=weight_bytes, block_bytes=block_bytes, memory_budget=memory_budget,
             workspace=workspace + RUNTIME_RESERVE_BYTES + self.load_overhead_bytes,
@@ -76,12 +89,26 @@ class LLMEngine:
                                    long_prefill_token_threshold=long_prefill_token_threshold,
                                    decode_stall_ratio=decode_stall_ratio)
         self.sampler = Sampler(seed)  # draws for requests without a seed of their own
+        self.spec = None
+        if spec_cfg is not None:
+            proposer = (NgramProposer(spec_cfg.prompt_lookup_min, spec_cfg.prompt_lookup_max) if draft is None else
+                        DraftModelProposer(runner_cls(draft, num_blocks, block_size, kv_cache_dtype, threads,
+                                                      **runner_kwargs), self.sampler.rng))
+            self.spec = SpeculativeDecoder(spec_cfg, proposer, self.max_model_len, self.sampler.rng)
         self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads)
         self.requests: dict[str, _Request] = {}
         self._deadlines: dict[str, float] = {}  # request id -> deadline, for the requests that have one
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
         # cumulative counters for serving metrics; last_batch_size = sequences in the latest step
         self.num_steps = self.num_scheduled_tokens = self.num_generated_tokens = self.last_batch_size = 0
+
+    def _load_draft(self, spec_cfg: SpeculativeConfig):
+        draft = quantize_weights(load_model(resolve_model(spec_cfg.model)), spec_cfg.draft_quantization)
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"speculative_config.model {spec_cfg.model!r} has a vocabulary of "
+                             f"{draft.config.vocab_size} tokens; the target's has {self.config.vocab_size}: "
+                             "a draft model must share the target's tokenizer")
+        return draft
 
     # ---- requests -------------------------------------------------------------------------
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -151,6 +178,8 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         expired = self._expire_deadlines()
+        if self.spec is not None:  # draft tokens for the running decodes, which the scheduler makes room for
+            self.spec.plan(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch is None:
             return expired
@@ -168,14 +197,17 @@ class LLMEngine:
         """One scheduled batch: forward, sample, update the sequences; returns those that got a token."""
         for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
+        if self.spec is not None:
+            self.spec.prepare(batch)  # a draft model drafts now that the drafts have slots
         bitmask = self.structured.start_bitmask(batch.sampled)  # structured outputs: overlaps the forward
         logits = self.runner.forward(*batch.model_inputs())
         for seq, row, n in batch.prompt_rows:
             self._score_prompt(seq, logits[row:row + n], seq.num_computed_tokens)
+        verified = self.spec.verify(logits, batch, self.eos_token_ids) if batch.spec_rows else []
         if batch.sample_rows != list(range(len(logits))):  # n > 1 forks share a row; prompt rows are not sampled
             logits = logits[batch.sample_rows]
         results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids, bitmask()) if batch.sampled else []
-        sampled = self.scheduler.postprocess(batch, results)
+        sampled = self.scheduler.postprocess(batch, results, verified)
         self._record(batch, sampled)
         return sampled
 
@@ -226,7 +258,8 @@ class LLMEngine:
                 "blocks_total": blocks.num_blocks, "blocks_free": blocks.num_free_blocks,
                 "preemptions": sched.num_preemptions, "prefix_cache": blocks.prefix_cache_stats,
                 "steps": self.num_steps, "last_batch_size": self.last_batch_size,
-                "scheduled_tokens": self.num_scheduled_tokens, "generated_tokens": self.num_generated_tokens}
+                "scheduled_tokens": self.num_scheduled_tokens, "generated_tokens": self.num_generated_tokens,
+                "spec_decode": self.spec.stats() if self.spec is not None else None}
 
 
 __all__ = ["LLMEngine", "RequestsFailed", "SequenceStatus"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .block_manager import ALLOCATE, ALLOCATE_UNCACHED, APPEND, FORK, FREE, OP_DTYPE, BlockManager
+from .block_manager import ALLOCATE, ALLOCATE_UNCACHED, APPEND, FORK, FREE, OP_DTYPE, TRUNCATE, BlockManager
 from .sequence import Sequence, SequenceStatus
 
 # A step's fixed cost (reading every weight once, launching the layers) in prefill tokens: on the
@@ -27,17 +27,23 @@ class ScheduledBatch:
     forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, child) joining after this step
     # prompt logprobs: (sequence, its first logits row, how many) for chunks that want logits at every position
     prompt_rows: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    # speculative decoding: (sequence, its first logits row, number of draft tokens) for sequences that run
+    # their last token and draft tokens after it, with logits at each of those 1 + k positions
+    spec_rows: list[tuple[Sequence, int, int]] = field(default_factory=list)
 
     def model_inputs(self):
         """(tokens, positions, seq index of each token, block tables, logits rows) for a model runner."""
         tokens, positions, seq_index, rows, total = [], [], [], [], 0
         for k, (seq, n) in enumerate(zip(self.seqs, self.num_tokens)):
             start = seq.num_computed_tokens
-            tokens.append(seq.token_ids[start:start + n])
+            n_spec = max(0, start + n - len(seq))  # draft tokens after the sequence's own
+            tokens.append(seq.token_ids[start:start + n - n_spec])
+            if n_spec:
+                tokens.append(seq.spec_token_ids[:n_spec])
             positions.append(np.arange(start, start + n, dtype=np.int32))
             seq_index.append(np.full(n, k, dtype=np.int32))
             total += n
-            if seq.needs_prompt_logprobs:  # every position of the chunk: its logits score the next prompt token
+            if seq.needs_prompt_logprobs or n_spec:  # every position: scores the next prompt / draft token
                 rows.extend(range(total - n, total))
             elif start + n == len(seq):
                 rows.append(total - 1)
@@ -88,12 +94,13 @@ class Scheduler:
         for seq in self.running:
             if budget == 0:
                 break
-            n = self._chunk(seq, budget)
+            n = self._chunk(seq, budget, speculate=True)
             if n:
                 plan.append([seq, n, len(plan)])
                 budget -= n
         head = self.waiting[0] if self.waiting and self._can_admit(self.waiting[0], budget) else None
-        width = -(-max([len(s) for s, _, _ in plan] + [len(head) if head else 1]) // self.blocks.block_size)
+        width = -(-max([max(len(s), s.num_computed_tokens + n) for s, n, _ in plan] + [len(head) if head else 1])
+                  // self.blocks.block_size)
         tables = np.empty((len(plan) + 1, width), dtype=np.int32)
         todo = [(self._append_op(e), e) for e in plan]
         if head:  # the head of the queue rides on the same call; if it does not fit, nothing is admitted (FCFS)
@@ -136,8 +143,11 @@ class Scheduler:
         cap = int((self.decode_stall_ratio - 1) * (STEP_FIXED_TOKENS + num_decodes))
         return max(1, min(cap, self.max_num_batched_tokens - num_decodes))
 
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        """How many of seq's uncomputed tokens run this step (takes prompt-logits rows when it needs them)."""
+    def _chunk(self, seq: Sequence, budget: int, speculate: bool = False) -> int:
+        """How many of seq's uncomputed tokens run this step (takes prompt-logits rows when it needs them),
+        plus the draft tokens after its last one when it speculates and the budget has room for them."""
+        if speculate and seq.num_uncomputed_tokens == 1 and len(seq.spec_token_ids):
+            return min(1 + len(seq.spec_token_ids), budget)
         n = min(seq.num_uncomputed_tokens, budget)
         prefill = n > 1  # a prefill chunk (or a recompute): held to the prefill budget and the per-prompt cap
         if prefill:
@@ -159,9 +169,10 @@ class Scheduler:
         return ALLOCATE_UNCACHED if seq.needs_prompt_logprobs else ALLOCATE
 
     def _append_op(self, entry) -> tuple:
-        # marks what the last step computed, then slots for every token (the sampled one included)
-        seq, _, row = entry
-        return (APPEND, len(seq), seq.num_computed_tokens, row, seq.seq_id, 0, seq.tokens_address)
+        # marks what the last step computed, then slots for every token (the sampled one and drafts included)
+        seq, n, row = entry
+        return (APPEND, max(len(seq), seq.num_computed_tokens + n), seq.num_computed_tokens, row, seq.seq_id, 0,
+                seq.tokens_address)
 
     def _has_room(self, seq: Sequence) -> bool:
         """Admitting seq keeps at most max_num_seqs running once every fork has joined: the running
@@ -191,6 +202,11 @@ class Scheduler:
         batch = ScheduledBatch([s for s, _, _ in plan], [n for _, n, _ in plan], tables, copies)
         row = 0  # logits rows come in model_inputs' order: a whole chunk when scoring the prompt, else the last
         for seq, n, _ in plan:
+            n_spec = seq.num_computed_tokens + n - len(seq)
+            if n_spec > 0:  # verified by the speculative decoder, not sampled
+                batch.spec_rows.append((seq, row, n_spec))
+                row += n
+                continue
             if seq.needs_prompt_logprobs:
                 batch.prompt_rows.append((seq, row, n))
                 row += n
@@ -206,19 +222,39 @@ class Scheduler:
         return batch
 
     # ---- postprocess ---------------------------------------------------------------------------
-    def postprocess(self, batch: ScheduledBatch, results) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, results, spec_results=()) -> list[Sequence]:
         """Apply a step: computed counts advance, forks join, sampled tokens are appended and stopped
-        sequences finish. Returns the sequences that got a token."""
+        sequences finish; speculating sequences append their verified tokens (spec_results: a list of
+        SampleResults per batch.spec_rows entry) and give back the slots of rejected drafts. Returns
+        the sequences that got a token, once per token."""
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += min(n, len(seq) - seq.num_computed_tokens)
         for parent, child in batch.forks:
             self.fork(parent, child)
         for seq, result in zip(batch.sampled, results):
             if seq.append_token(result, self.eos_token_ids, self.max_model_len):
                 self.finish(seq)
+        got = list(batch.sampled)
+        for (seq, _, n_spec), verified in zip(batch.spec_rows, spec_results):
+            got += [seq] * self._append_verified(seq, n_spec, verified)
         if not self.has_work():
             self.flush()  # nothing will run soon: hand the blocks back now
-        return batch.sampled
+        return got
+
+    def _append_verified(self, seq: Sequence, n_spec: int, verified) -> int:
+        """The accepted drafts and the token after them; the KV of every position but the new last one is
+        now right. Slots past that (rejected drafts) go back with the next list. Returns the tokens added."""
+        slots = len(seq) + n_spec
+        for i, result in enumerate(verified):
+            stop = seq.append_token(result, self.eos_token_ids, self.max_model_len)
+            seq.num_computed_tokens = len(seq) - 1
+            if stop:
+                self.finish(seq)
+                return i + 1
+        if slots > len(seq):
+            self._pending.append(((TRUNCATE, len(seq), seq.num_computed_tokens, -1, seq.seq_id, 0,
+                                   seq.tokens_address), seq))
+        return len(verified)
 
     # ---- sequence state ------------------------------------------------------------------------
     def _admit(self, seq: Sequence) -> None:

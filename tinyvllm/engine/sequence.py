@@ -6,6 +6,9 @@ import numpy as np
 from ..sampler import make_generator
 
 
+_NO_DRAFTS = np.empty(0, dtype=np.int32)
+
+
 class SequenceStatus(Enum):
     WAITING = auto()   # not admitted yet, or preempted: no KV blocks, recomputed from scratch
     RUNNING = auto()
@@ -27,6 +30,9 @@ class Sequence:
         self.params, self.detokenizer, self.arrival_time = params, detokenizer, arrival_time
         self.generator = make_generator(params, index)  # None: the sampler's shared rng
         self.matcher = matcher  # structured outputs: an llguidance matcher fed every sampled token
+        # speculative decoding: draft tokens proposed for the positions after the last one (set before
+        # each step by the speculative decoder, verified by the step that runs them; never part of len)
+        self.spec_token_ids = _NO_DRAFTS
         self.text = ""
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         # prompt logprobs belong to the request: its first sequence scores the prompt as it prefills

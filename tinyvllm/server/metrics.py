@@ -46,6 +46,19 @@ class _EngineCollector:
                 ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", pc["hit_tokens"]),
                 ("engine_steps", "Engine steps (batched forward passes).", s["steps"])]:
             yield CounterMetricFamily(f"tinyvllm:{name}", doc, value=value)
+        spec = s.get("spec_decode")
+        if spec:  # speculative decoding, under vLLM's names too
+            for name, doc, value in [
+                    ("spec_decode_num_drafts", "Speculating steps of a sequence (each verifies its drafts).",
+                     spec["num_drafts"]),
+                    ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec["num_draft_tokens"]),
+                    ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec["num_accepted_tokens"])]:
+                yield CounterMetricFamily(f"tinyvllm:{name}", doc, value=value)
+                c = CounterMetricFamily(f"vllm:{name}", doc, labels=["model_name"])
+                c.add_metric([self.model_name], value)
+                yield c
+            yield GaugeMetricFamily("tinyvllm:spec_decode_acceptance_rate",
+                                    "Accepted / proposed draft tokens since start.", value=spec["acceptance_rate"])
 
 
 class ServerMetrics:
