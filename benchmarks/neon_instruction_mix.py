@@ -119,17 +119,23 @@ def hot_loop_mix(code, inner_trips: int):
     if not ls:
         raise SystemExit("no loop found")
     cls = [classify(mn, ops) for _, mn, ops in code]
-    dots = lambda lo, hi: sum(c == "dot/mul" for c in cls[lo:hi + 1])  # noqa: E731
-    lo, hi = max(ls, key=lambda l: (dots(*l), -(l[1] - l[0])))  # most dots; the innermost of equals
-    weight = [1] * (hi - lo + 1)
-    nested = [l for l in ls if lo <= l[0] and l[1] <= hi and l != (lo, hi)]
-    for a, b in nested:
-        for k in range(a, b + 1):
-            weight[k - lo] = inner_trips
+
+    def weights(lo, hi):  # executions per pass of loop (lo, hi): nested loops inner_trips times
+        w = [1] * (hi - lo + 1)
+        for a, b in ls:
+            if lo <= a and b <= hi and (a, b) != (lo, hi):
+                w[a - lo:b - lo + 1] = [inner_trips] * (b - a + 1)
+        return w
+
+    def dots(loop):
+        return sum(w for w, c in zip(weights(*loop), cls[loop[0]:loop[1] + 1]) if c == "dot/mul")
+    # most dots per pass; of equals the outermost (an enclosing loop doing the same work plus the rest)
+    lo, hi = max(ls, key=lambda l: (dots(l), l[1] - l[0]))
     mix = {c: 0 for c in CLASSES}
-    for k in range(lo, hi + 1):
-        mix[cls[k]] += weight[k - lo]
-    return mix, {"static": hi - lo + 1, "nested_loops": len(nested), "address": hex(code[lo][0])}
+    for w, c in zip(weights(lo, hi), cls[lo:hi + 1]):
+        mix[c] += w
+    nested = sum(1 for a, b in ls if lo <= a and b <= hi and (a, b) != (lo, hi))
+    return mix, {"static": hi - lo + 1, "nested_loops": nested, "address": hex(code[lo][0])}
 
 
 def find(syms, pattern):
