@@ -10,6 +10,8 @@ instructions per 32 weights x 1 output (one 32-value slice against one activatio
 stored block of the format (32 or 256 weights):
     tinyvllm decode   gemv_<Dot><F, 1>: 4 weight rows x 1 activation row x 1 block per pass
     tinyvllm prefill  micro_<path><F>:  4 weight rows x 4 activation rows x 1 slice per pass
+    tinyvllm rows x4  rows_<Dot><F>:    1 weight row x 4 activation rows x two 32-value blocks or one
+                      256-value block per pass (prefill before QuantGemm; Q2_K's kernel still)
                       (the panel's unpacking, once per weight row and matmul, is not in this loop)
     llama.cpp         ggml_vec_dot_<f>_q8_*: 1 x 1, two 32-value blocks or one 256-value block per pass
 llama.cpp's activations are int8 (Q8_0/Q8_1/Q8_K), tinyvllm's int16 (one more SDOT per 16 bytes on
@@ -179,6 +181,10 @@ def main():
         kernels = [
             ("tinyvllm neon decode", "tinyvllm", rf"gemv_NeonDot<tv::{trait}, 1>", 4 * slices, 1),
             ("tinyvllm dotprod decode", "tinyvllm", rf"gemv_DotprodDot<tv::{trait}, 1>", 4 * slices, 1),
+            # the rows kernels (one weight row x NX activation rows; its hottest loop is NX = 4: two
+            # 32-value blocks or one super-block x 4 rows per pass): prefill before QuantGemm
+            ("tinyvllm neon rows x4", "tinyvllm", rf"rows_NeonDot<tv::{trait}>", 4 * (2 if slices == 1 else 8), 1),
+            ("tinyvllm dotprod rows x4", "tinyvllm", rf"rows_DotprodDot<tv::{trait}>", 4 * (2 if slices == 1 else 8), 1),
             ("tinyvllm neon prefill", "tinyvllm", rf"micro_neon<tv::{trait}>", 16, 1),
             ("tinyvllm dotprod prefill", "tinyvllm", rf"micro_dotprod<tv::{trait}>", 16, 1),
             ("llama.cpp neon (armv8.0)", "llama.cpp neon", rf"^{vec_dot}$", llama_blocks * slices, trips),
