@@ -96,48 +96,129 @@ def disassemble(obj: Path, objdump: str) -> dict:
 
 
 BRANCH = re.compile(r"^(b(\.\w+)?|cbn?z|tbn?z)$")
+ENDS = {"b", "br", "ret"}  # no fall-through
+
+
+def successors(code):
+    """Control-flow successors of each instruction (indices), from branch targets and fall-through."""
+    index = {a: k for k, (a, _, _) in enumerate(code)}
+    succ = []
+    for k, (addr, mn, ops) in enumerate(code):
+        out = [] if mn in ENDS or k + 1 == len(code) else [k + 1]
+        if BRANCH.match(mn):
+            try:
+                t = int(ops.split(",")[-1].strip().split()[0], 16)
+            except (ValueError, IndexError):
+                t = None
+            if t in index:
+                out.append(index[t])
+        succ.append(out)
+    return succ
+
+
+def dominators(succ):
+    """Immediate dominator of each instruction reachable from the entry (index 0): Cooper, Harvey and
+    Kennedy's iterative algorithm over reverse postorder. None where unreachable."""
+    order, seen, stack = [], {0}, [(0, iter(succ[0]))]
+    while stack:  # iterative DFS postorder
+        node, it = stack[-1]
+        nxt = next((t for t in it if t not in seen), None)
+        if nxt is None:
+            order.append(node)
+            stack.pop()
+        else:
+            seen.add(nxt)
+            stack.append((nxt, iter(succ[nxt])))
+    rpo = order[::-1]
+    pos = {n: i for i, n in enumerate(rpo)}
+    pred = {n: [] for n in rpo}
+    for n in rpo:
+        for t in succ[n]:
+            pred[t].append(n)
+    idom = {0: 0}
+
+    def meet(a, b):
+        while a != b:
+            while pos[a] > pos[b]:
+                a = idom[a]
+            while pos[b] > pos[a]:
+                b = idom[b]
+        return a
+    changed = True
+    while changed:
+        changed = False
+        for n in rpo[1:]:
+            done = [p for p in pred[n] if p in idom]
+            new = done[0]
+            for p in done[1:]:
+                new = meet(p, new)
+            if idom.get(n) != new:
+                idom[n], changed = new, True
+    return idom
 
 
 def loops(code):
-    """(first index, last index) of every backward branch's body."""
-    index = {a: k for k, (a, _, _) in enumerate(code)}
+    """Natural loops: for every edge latch -> header where the header dominates the latch, the
+    header plus every instruction that reaches the latch without passing the header (the body need
+    not be contiguous: compilers lay loops out in pieces). Returns (header, frozenset of indices)."""
+    succ = successors(code)
+    idom = dominators(succ)
+    pred = [[] for _ in code]
+    for k, ss in enumerate(succ):
+        for t in ss:
+            pred[t].append(k)
+
+    def dominates(h, n):
+        while n in idom:
+            if n == h:
+                return True
+            if idom[n] == n:
+                return False
+            n = idom[n]
+        return False
     out = []
-    for k, (addr, mn, ops) in enumerate(code):
-        if BRANCH.match(mn):
-            target = ops.split(",")[-1].strip().split()[0]
-            try:
-                t = int(target, 16)
-            except ValueError:
+    for latch, ss in enumerate(succ):
+        for header in ss:
+            if latch not in idom or not dominates(header, latch):
                 continue
-            if t <= addr and t in index:
-                out.append((index[t], k))
-    return out
+            body, stack = {header, latch}, [latch]
+            while stack:
+                for p in pred[stack.pop()]:
+                    if p not in body:
+                        body.add(p)
+                        stack.append(p)
+            out.append((header, body))
+    merged = {}  # one loop per header (several latches: continue-like back edges)
+    for header, body in out:
+        merged.setdefault(header, set()).update(body)
+    return [(h, frozenset(b)) for h, b in merged.items()]
 
 
 def hot_loop_mix(code, inner_trips: int):
     """Dynamic instruction classes of one pass of the hottest loop: the loop with the most dot/mul
-    instructions; loops nested in it count inner_trips times (their trip count from the source)."""
+    instructions per pass; loops nested in it count inner_trips times (their trip count from the
+    source) and, of loops with equal counts, the outermost is taken."""
     ls = loops(code)
     if not ls:
         raise SystemExit("no loop found")
     cls = [classify(mn, ops) for _, mn, ops in code]
 
-    def weights(lo, hi):  # executions per pass of loop (lo, hi): nested loops inner_trips times
-        w = [1] * (hi - lo + 1)
-        for a, b in ls:
-            if lo <= a and b <= hi and (a, b) != (lo, hi):
-                w[a - lo:b - lo + 1] = [inner_trips] * (b - a + 1)
+    def weights(loop):  # executions of each body instruction per pass
+        w = dict.fromkeys(loop[1], 1)
+        for other in ls:
+            if other[1] < loop[1]:  # a proper subset: nested
+                for k in other[1]:
+                    w[k] = inner_trips
         return w
 
     def dots(loop):
-        return sum(w for w, c in zip(weights(*loop), cls[loop[0]:loop[1] + 1]) if c == "dot/mul")
-    # most dots per pass; of equals the outermost (an enclosing loop doing the same work plus the rest)
-    lo, hi = max(ls, key=lambda l: (dots(l), l[1] - l[0]))
-    mix = {c: 0 for c in CLASSES}
-    for w, c in zip(weights(lo, hi), cls[lo:hi + 1]):
-        mix[c] += w
-    nested = sum(1 for a, b in ls if lo <= a and b <= hi and (a, b) != (lo, hi))
-    return mix, {"static": hi - lo + 1, "nested_loops": nested, "address": hex(code[lo][0])}
+        return sum(n for k, n in weights(loop).items() if cls[k] == "dot/mul")
+    best = max(ls, key=lambda l: (dots(l), len(l[1])))
+    mix = dict.fromkeys(CLASSES, 0)
+    for k, n in weights(best).items():
+        mix[cls[k]] += n
+    nested = len({o[1] for o in ls if o[1] < best[1]})
+    return mix, {"static": len(best[1]), "nested_loops": nested, "address": hex(code[best[0]][0])}
 
 
 def find(syms, pattern):
@@ -179,8 +260,9 @@ def main():
     for fmt, (trait, values, vec_dot, llama_blocks, trips) in FORMATS.items():
         slices = values // 32
         kernels = [
-            ("tinyvllm neon decode", "tinyvllm", rf"gemv_NeonDot<tv::{trait}, 1>", 4 * slices, 1),
-            ("tinyvllm dotprod decode", "tinyvllm", rf"gemv_DotprodDot<tv::{trait}, 1>", 4 * slices, 1),
+            # decode: a loop the compiler keeps inside is the per-row scales loop (NW = 4 rows)
+            ("tinyvllm neon decode", "tinyvllm", rf"gemv_NeonDot<tv::{trait}, 1>", 4 * slices, 4),
+            ("tinyvllm dotprod decode", "tinyvllm", rf"gemv_DotprodDot<tv::{trait}, 1>", 4 * slices, 4),
             # the rows kernels (one weight row x NX activation rows; its hottest loop is NX = 4: two
             # 32-value blocks or one super-block x 4 rows per pass): prefill before QuantGemm
             ("tinyvllm neon rows x4", "tinyvllm", rf"rows_NeonDot<tv::{trait}>", 4 * (2 if slices == 1 else 8), 1),
@@ -195,7 +277,7 @@ def main():
             mix, info = hot_loop_mix(code[tag][sym], inner)
             rows.append({"format": fmt, "kernel": label, "symbol": sym.split("(")[0], "slice_dots_per_pass": per_pass,
                          "per_pass": mix, "per_slice_dot": {c: mix[c] / per_pass for c in CLASSES},
-                         "block_values": values, **info})
+                         "block_values": values, "inner_trips": inner, **info})
     data = {"machine": machine.machine_info(), "compiler": version, "llama_cpp": str(args.llama_cpp),
             "flags": {"tinyvllm": "-O3 (dotprod functions: target attribute armv8.2-a+dotprod)",
                       "llama.cpp": "-O3 -march=armv8.2-a+dotprod / -march=armv8-a"},
@@ -204,19 +286,22 @@ def main():
 
 
 def markdown(d) -> str:
-    header = ["format", "kernel", *CLASSES, "total", "per block"]
+    header = ["format", "kernel", *CLASSES, "total", "per block", "loop (inner loops)"]
     table = []
     for r in d["rows"]:
         p = r["per_slice_dot"]
         total = sum(p.values())
         table.append([r["format"], r["kernel"], *(f"{p[c]:.2f}" for c in CLASSES), f"{total:.2f}",
-                      f"{total * r['block_values'] / 32:.1f}"])
+                      f"{total * r['block_values'] / 32:.1f}",
+                      f"{r['static']} insns" + (f" ({r['nested_loops']} x {r['inner_trips']})" if r["nested_loops"] else "")])
     m = d["machine"]
     return "\n".join([
         "# aarch64 kernels: instruction mix per weight slice, tinyvllm vs llama.cpp", "",
         f"{m['date']} · git {m['git_commit']} · {d['compiler']} · llama.cpp source `{d['llama_cpp']}` · "
         f"tinyvllm {d['flags']['tinyvllm']}; llama.cpp quants.c {d['flags']['llama.cpp']}", "",
-        "Instructions of the hot loop from `objdump -d` of the cross-compiled code, per 32 weights x 1 output "
+        "Instructions of the hot loop (a natural loop of the control-flow graph; inner loops the compiler kept "
+        "count their trip count from the source: the per-row scales loop of tinyvllm's decode kernel 4 times, "
+        "llama.cpp's `j` loops over a super-block 4 or 2 times) from `objdump -d` of the cross-compiled code, per 32 weights x 1 output "
         "(one 32-value slice of a weight row against one activation row); `per block` is the total per stored "
         "block of the format (32 or 256 weights). Static counts, not timings: no ARM machine here. tinyvllm's "
         "decode kernel runs 4 weight rows per pass, its prefill kernel a panel of 4 weight rows against 4 "

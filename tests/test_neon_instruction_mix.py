@@ -41,7 +41,7 @@ def test_hot_loop_counts_nested_loop_by_its_trips():
         ("cbnz", "x3, 104 <f+0x4>"),             # 0x11c  outer back edge
         ("ret", ""),
     ])
-    assert sorted(loops(code)) == [(1, 7), (2, 5)]
+    assert sorted((h, sorted(b)) for h, b in loops(code)) == [(1, [1, 2, 3, 4, 5, 6, 7]), (2, [2, 3, 4, 5])]
     mix, info = hot_loop_mix(code, inner_trips=4)
     assert info["nested_loops"] == 1 and info["address"] == hex(0x104)
     # outer body once (ldr, fmla, cbnz), inner body 4 times (sdot, add, subs, b.ne)
@@ -60,3 +60,18 @@ def test_hot_loop_is_the_one_with_the_most_dots():
     ])
     mix, info = hot_loop_mix(code, inner_trips=1)
     assert mix["dot/mul"] == 2 and mix["load"] == 0 and info["static"] == 3
+
+
+def test_loop_laid_out_in_pieces():
+    """A loop whose body the compiler placed after unrelated code: only its own instructions count."""
+    code = listing([
+        ("sdot", "v0.4s, v1.16b, v2.16b"),       # 0x100 header
+        ("b", "110 <f+0x10>"),                   # 0x104 to the rest of the body
+        ("ldr", "q9, [x9]"),                     # 0x108 unrelated (reached from elsewhere)
+        ("ret", ""),                             # 0x10c
+        ("ldr", "q1, [x1], #16"),                # 0x110 rest of the body
+        ("b.ne", "100 <f>"),                     # 0x114 back edge
+        ("ret", ""),
+    ])
+    mix, info = hot_loop_mix(code, inner_trips=1)
+    assert info["static"] == 4 and mix["load"] == 1 and mix["dot/mul"] == 1 and mix["scalar/branch"] == 2
