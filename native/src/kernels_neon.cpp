@@ -190,7 +190,7 @@ TV_INLINE W8 unpack(const uint8_t *blk) {
 }
 
 // A block's float scales. 32-value formats with d (and m) at fixed offsets read them with FCVT
-// (as fast as before the traits); K super-blocks go through F::scales, once per block of a
+// (as fast as before the traits); K super-blocks convert F::scale_ints, once per block of a
 // weight row (shared by its NX activation rows).
 template <class F>
 struct Scales {
@@ -199,8 +199,17 @@ struct Scales {
         if constexpr (F::D_AT >= 0) {
             s.d[0][0] = half(w + F::D_AT);
             if constexpr (F::HAS_MIN) s.m[0][0] = half(w + F::M_AT);
-        } else {
-            F::scales(w, s);
+        } else {  // F::scales with FCVT for the f16 super-scales (same products: the same bits)
+            int8_t v[32] = {};
+            F::scale_ints(w, v);
+            const float d = half(w + F::SD_AT);
+            float nd = 0.0f;
+            if constexpr (F::HAS_MIN) nd = -half(w + F::SDMIN_AT);
+            for (int j = 0; j < F::SLICES; j++)
+                for (int h = 0; h < 2; h++) {
+                    s.d[j][h] = d * (float)v[sc_index<F>(j, h)];
+                    if constexpr (F::HAS_MIN) s.m[j][h] = nd * (float)v[mn_index<F>(j, h)];
+                }
         }
     }
     TV_INLINE float d(int sl) const { return s.d[sl][0]; }
