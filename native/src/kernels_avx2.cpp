@@ -168,6 +168,36 @@ TV_AVX2 inline __m256 halves8(const uint8_t *w0, const int32_t *off) {
                                           (short)load_u16(p + off[6]), (short)load_u16(p + off[7])));
 }
 
+// d and m (the f16 pair at D_AT) of each of a group's 8 blocks in one pass: 8 dword loads, low
+// halves to *d, high halves to *m.
+template <int AT>
+TV_AVX2 inline void half_pairs8(const uint8_t *w0, const int32_t *off, __m256 *d, __m256 *m) {
+    auto u32 = [&](int r) { uint32_t v; std::memcpy(&v, w0 + AT + off[r], 4); return (int)v; };
+    const __m256i v = _mm256_setr_epi32(u32(0), u32(1), u32(2), u32(3), u32(4), u32(5), u32(6), u32(7));
+    const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                           0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    const __m256i t = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xD8);  // [d 0..7 | m 0..7]
+    *d = _mm256_cvtph_ps(_mm256_castsi256_si128(t));
+    *m = _mm256_cvtph_ps(_mm256_extracti128_si256(t, 1));
+}
+
+// unpack<F> (x86_common.h) with a shorter form for plain 16-byte nibbles (Q4_0, Q4_1): widen the
+// bytes to int16 once, then the low nibble is a mask and the high one a shift (3-4 ops, not 6-8).
+template <class F>
+TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
+    if constexpr (F::LOW == LOW_NIB16 && F::HIGH == HIGH_NONE && !F::HAS_TABLE) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + F::src(s).lo)));
+        __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(v, 4);
+        if constexpr (F::OFFSET != 0) {
+            lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(F::OFFSET));
+            hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(F::OFFSET));
+        }
+        return {lo, hi};
+    } else {
+        return unpack<F>(blk, s);
+    }
+}
+
 // The scales of one stored block of each of a group's 8 rows, lanes = rows (same products as
 // F::scales: the same bits).
 template <class F>
@@ -177,10 +207,16 @@ struct GroupScales {
 template <class F>
 TV_AVX2 inline void group_scales(const uint8_t *w0, const int32_t *off, GroupScales<F> &g) {
     if constexpr (F::D_AT >= 0) {
-        const __m256 d = halves8<F::D_AT>(w0, off);
+        __m256 d, m;
+        if constexpr (F::HAS_MIN && F::M_AT == F::D_AT + 2) {
+            half_pairs8<F::D_AT>(w0, off, &d, &m);
+            _mm256_store_ps(g.m[0], m);
+        } else {
+            d = halves8<F::D_AT>(w0, off);
+            if constexpr (F::HAS_MIN) _mm256_store_ps(g.m[0], halves8<F::M_AT>(w0, off));
+        }
         _mm256_store_ps(g.d[0][0], d);
         _mm256_store_ps(g.d[0][1], d);
-        if constexpr (F::HAS_MIN) _mm256_store_ps(g.m[0], halves8<F::M_AT>(w0, off));
     } else {
         static_assert(nsc<F>() + (F::HAS_MIN ? F::SLICES : 0) <= 16 && !F::TWO_MINS, "one 16-byte row of integers");
         alignas(16) int8_t v[NW][32];
@@ -237,7 +273,7 @@ TV_AVX2 void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, c
                 _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
             __m256i h[NR][4], h2[NR][4];
             for (int p = 0; p < 4; p++) {
-                const W16 a = unpack<F>(w0 + off[2 * p] + o, s), c = unpack<F>(w0 + off[2 * p + 1] + o, s);
+                const W16 a = unpack2<F>(w0 + off[2 * p] + o, s), c = unpack2<F>(w0 + off[2 * p + 1] + o, s);
                 for (int i = 0; i < NR; i++) {
                     const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
                     if constexpr (F::TWO_SCALES) {
@@ -350,7 +386,7 @@ TV_AVX2 void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r
                 for (int c = 0; c < PF_LINES; c++)
                     _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T1);
                 for (int r = 0; r < NW; r++) {
-                    const W16 u = unpack<F>(w0 + off[r] + o, s);
+                    const W16 u = unpack2<F>(w0 + off[r] + o, s);
                     int16_t *dst = P.w[(size_t)(b * NW + r)].v;
                     _mm256_store_si256(reinterpret_cast<__m256i *>(dst), u.lo);
                     _mm256_store_si256(reinterpret_cast<__m256i *>(dst + 16), u.hi);
