@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import strategies as st
 
+from tinyvllm.chat_template import TemplateError
 from tinyvllm.model import ModelFormatError, load_model
 from tinyvllm.tokenizer import Tokenizer
 
@@ -280,15 +281,19 @@ def apply_mutations(data: bytes, muts) -> bytes:
 # ------------------------------------------------------------------------------------------ the property
 def check_model_file(path, *, build_tokenizer: bool = True) -> str:
     """Load `path` as LLM would up to the engine: weights, then the tokenizer (encode, decode, chat
-    template). Returns "ok" or the ModelFormatError's message; anything else propagates (a finding)."""
+    template). Returns "ok", the ModelFormatError's message, or the TemplateError's of a template that
+    compiles but fails to render; anything else propagates (a finding)."""
     try:
         w = load_model(path)
         if build_tokenizer:
             tok = Tokenizer.from_gguf_metadata(w.metadata) if w.kind == "gguf" else Tokenizer.from_dir(w.path)
             ids = tok.encode("abc a zz <|im_end|>")
             tok.decode(ids)
-            if tok.chat_template:
-                tok.apply_chat_template([{"role": "user", "content": "hi"}])
+            if tok.chat_template:  # it compiles (checked at load); rendering may still fail, cleanly
+                try:
+                    tok.apply_chat_template([{"role": "user", "content": "hi"}])
+                except TemplateError as e:
+                    return f"chat template: {e}"
     except ModelFormatError as e:
         msg = str(e)
         assert msg, "empty ModelFormatError message"

@@ -1,6 +1,6 @@
 """tinyvllm: a tiny vLLM for edge devices."""
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams, StructuredOutputsParams
+from .sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -19,5 +19,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'tinyvllm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "AsyncLLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams",
+__all__ = ["LLM", "AsyncLLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "BeamSearchParams",
            "RequestOutput", "CompletionOutput", "RequestMetrics"]

@@ -27,7 +27,8 @@ MAX_OUTPUT_CHARS = 16 << 20
 
 
 class TemplateError(ValueError):
-    """A chat template rejected the conversation (`raise_exception` in the template), or broke a limit."""
+    """A chat template rejected the conversation (`raise_exception` in the template), broke a limit,
+    does not compile, or failed while rendering (a ValueError: the server answers 400)."""
 
 
 class _RenderTimeout(BaseException):
@@ -93,8 +94,26 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
-@lru_cache(maxsize=16)
+def check_template(template) -> None:
+    """Raises TemplateError naming the problem when `template` is not jinja2 text that compiles (what a
+    model loader calls on every template it ships, so a damaged one fails at load, not at the first chat)."""
+    if not isinstance(template, str):
+        raise TemplateError(f"chat template is a {type(template).__name__}, not text")
+    compile_template(template)
+
+
 def compile_template(template: str) -> jinja2.Template:
+    """The compiled template; TemplateError (with the line) when jinja2 cannot compile it."""
+    try:
+        return _compile_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(f"chat template does not compile: line {e.lineno}: {e.message}") from None
+    except (RecursionError, MemoryError) as e:  # deeply nested text exhausts the parser
+        raise TemplateError(f"chat template does not compile: {type(e).__name__}") from None
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str) -> jinja2.Template:
     env = _LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
@@ -122,7 +141,23 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
                 out.append(c)
     except MemoryError:
         raise TemplateError("chat template ran out of memory: stopped") from None
+    except TemplateError:
+        raise
+    except Exception as e:  # the template's own bug (undefined attribute, bad operand, sandbox refusal)
+        where = _template_line(e)
+        raise TemplateError(f"chat template failed while rendering{where}: {type(e).__name__}: {e}") from None
     return "".join(out)
+
+
+def _template_line(e: BaseException) -> str:
+    """' (line N)' of the innermost template frame in the traceback (jinja2 rewrites the traceback so
+    that frames of template code carry the template's own line numbers), when there is one."""
+    line, tb = None, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f" (line {line})" if line else ""
 
 
 class _Watchdog:

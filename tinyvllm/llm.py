@@ -1,10 +1,11 @@
 """LLM: the offline entry point (vLLM's shape): generate, chat and stream over an LLMEngine."""
 from collections.abc import Iterator
 
+from .beam_search import BeamSearchOutput, run_beam_search
 from .engine import LLMEngine
 from .model.fetch import DEFAULT_MODEL
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -41,6 +42,14 @@ class LLM:
                 self.engine.abort(rid)
             raise
         return [done[rid] for rid in ids]
+
+    def beam_search(self, prompts, params: BeamSearchParams,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's shape): per prompt, a BeamSearchOutput with the beam_width best sequences,
+        best first; at most concurrency_limit prompts run at once. The beams share KV blocks through native
+        forks (tinyvllm/beam_search.py). Runs on an idle engine: RuntimeError while stream() or other
+        requests are unfinished."""
+        return run_beam_search(self.engine, prompts, params, concurrency_limit)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, *,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any
@@ -144,3 +145,32 @@ class SamplingParams:
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's options (vLLM's shape). Each step every live beam proposes its 2 * beam_width
+    likeliest next tokens; candidates ending in EOS (unless ignore_eos) are set aside as finished, and
+    the beam_width best of the rest live on. After max_tokens steps the beam_width best of the finished
+    and live beams are returned, ranked by cum_logprob / len(tokens) ** length_penalty (tokens count the
+    prompt, and not a final EOS). tinyvllm's search is deterministic: temperature must be 0.
+    include_stop_str_in_output is accepted for vLLM compatibility; beam search has no stop strings."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        need(integer(self.beam_width) and self.beam_width >= 1, f"beam_width must be at least 1, got {self.beam_width!r}.")
+        need(integer(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens!r}.")
+        need(isinstance(self.temperature, (int, float)) and self.temperature == 0,
+             f"beam search here is deterministic: temperature must be 0, got {self.temperature!r}.")
+        need(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool)
+             and math.isfinite(self.length_penalty),
+             f"length_penalty must be a finite number, got {self.length_penalty!r}.")

@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .chat_template import render_chat_template, select_template
+from .chat_template import TemplateError, check_template, render_chat_template, select_template
 from .model.errors import ModelFormatError
 from .detokenizer import IncrementalDetokenizer  # noqa: F401  (re-exported: streaming goes with the tokenizer)
 
@@ -299,6 +299,11 @@ class Tokenizer:
         self._bos, self._eos = bos_token_id, eos_token_id
         self._prefix, self._suffix = list(prefix_ids), list(suffix_ids)  # what add_special_tokens adds
         self._templates = dict(chat_templates or {})
+        for name, template in self._templates.items():  # a damaged template fails the load, not the first chat
+            try:
+                check_template(template)
+            except TemplateError as e:
+                raise ModelFormatError(f"the model's {name!r} {e}") from None
         self._vocab_size = vocab_size or backend.vocab_size
         self._special = sorted(backend.special_ids | {i for i in (bos_token_id, eos_token_id) if i is not None})
         eot = (backend.token_to_id(t) for t in END_OF_TURN_TOKENS)

@@ -184,9 +184,7 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
         for parent, child in batch.forks:
-            self._pending.append(((FORK, 0, 0, -1, child.seq_id, parent.seq_id, 0), child))
-            child.num_computed_tokens = parent.num_computed_tokens
-            self._admit(child)
+            self.fork(parent, child)
         for seq, result in zip(batch.sampled, results):
             if seq.append_token(result, self.eos_token_ids, self.max_model_len):
                 self.finish(seq)
@@ -198,6 +196,13 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child (a new sequence holding parent's tokens) joins the running ones, sharing parent's blocks
+        as they are now (after a step); a block is copied only when one of them writes into it."""
+        self._pending.append(((FORK, 0, 0, -1, child.seq_id, parent.seq_id, 0), child))
+        child.num_computed_tokens = parent.num_computed_tokens
+        self._admit(child)
 
     def _free_op(self, seq: Sequence) -> None:
         # marks what it computed (full blocks become cache entries), then frees its blocks

@@ -17,7 +17,7 @@ from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..async_llm import AsyncLLM
@@ -25,7 +25,9 @@ from ..chat_template import select_template
 from ..engine import LLMEngine
 from ..structured import compile_grammar
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, CompletionRequest,
+                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelList,
+                       TokenizeRequest, TokenizeResponse)
 from .tools import template_uses_tools
 
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
@@ -34,6 +36,37 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 # A prompt longer than this many characters per token of context is refused before it is tokenized:
 # BPE tokens of real text average 3-5 characters, so a prompt that long could not fit the context anyway.
 PROMPT_CHARS_PER_TOKEN = 32
+
+
+# One server-sent event of a stream: a JSON chunk, an in-band error after the status line went out, or [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+    {"const": "[DONE]"},
+    {"type": "string", "contentMediaType": "application/json", "contentSchema": {"type": "object", "oneOf": [
+        {"required": ["id", "object", "created", "model", "choices"],
+         "properties": {"object": {"enum": ["text_completion", "chat.completion.chunk"]},
+                        "choices": {"type": "array", "items": {"type": "object", "required": ["index"]}}}},
+        {"required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type"]}}}]}}]}}}
+
+
+def _responses(ok, *, errors=(400, 404, 413), stream=False, auth=False) -> dict:
+    """The `responses` of a route's OpenAPI entry: its 200 body (`ok`, a model; with `stream`,
+    text/event-stream too) and the error statuses it can answer."""
+    out = {200: {"model": ok}}
+    if stream:
+        out[200]["content"] = {"text/event-stream": {"schema": _SSE_EVENT}}
+    for status in (*errors, *((401,) if auth else ())):
+        out[status] = {"model": ErrorResponse}
+    return out
+
+
+def _without_validation_errors(schema: dict) -> dict:
+    """FastAPI documents a 422 for every route with a body; this server answers those cases 400."""
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
 
 
 class APIError(Exception):
@@ -136,6 +169,10 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
 
     app = FastAPI(title="tinyvllm", lifespan=lifespan)
     app.state.async_llm, app.state.metrics = aeng, metrics
+    fastapi_openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or _without_validation_errors(fastapi_openapi())
+    auth = api_key is not None
+    generation = dict(errors=(400, 404, 413, 429, 503), stream=True, auth=auth)
     app.add_middleware(_BodySizeLimit, limit=max_request_bytes)
     if api_key is not None:  # added last: runs first, so a stranger's body is never read
         app.add_middleware(_APIKeyCheck, api_key=api_key)
@@ -167,8 +204,10 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
-        return APIError(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
-                        "invalid_request_error").response()
+        response = APIError(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
+                            "invalid_request_error").response()
+        response.headers.update(e.headers or {})  # a 405's Allow (RFC 9110 requires it)
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
@@ -371,7 +410,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         yield "data: [DONE]\n\n"
 
     # ---- routes ------------------------------------------------------------------------------
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_responses(CompletionResponse, **generation))
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         params = body.to_params()
@@ -388,7 +427,8 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
             check_prompt(x["prompt_token_ids"], params.max_tokens)
         return await respond(body, prompts, params, False, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses=_responses(ChatCompletionResponse, **generation))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         tools = body.tool_calling()
@@ -408,13 +448,13 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request,
                              tools if tools is not None and tools.active else None)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(ModelList, errors=(), auth=auth))
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
                                             "owned_by": "tinyvllm", "root": str(aeng.engine.model_path),
                                             "max_model_len": max_len}]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_responses(TokenizeResponse, auth=auth))
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -431,18 +471,19 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         return {"count": len(ids), "max_model_len": max_len, "tokens": ids,
                 "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_responses(DetokenizeResponse, auth=auth))
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
         if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= vocab):
             raise APIError(400, f"Token ids must be in [0, {vocab}).", param="tokens")
         return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "the engine is running"},
+                                   503: {"description": "the engine is not running"}})
     async def health():
         return Response(status_code=200 if aeng.alive else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

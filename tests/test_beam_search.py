@@ -1,0 +1,298 @@
+"""LLM.beam_search against a brute-force beam search over the float64 reference forward
+(tests/reference_forward.py) on a tiny random-weight GGUF model: same beams, same scores; the beams' KV
+shares blocks through native forks (fewer blocks than independent sequences) and every block returns
+to the pool; bad parameters are refused."""
+import math
+
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from reference_forward import ReferenceModel
+from tinyvllm import LLM, BeamSearchParams, SamplingParams
+
+TOL = 1e-4  # |cum_logprob| difference allowed: float32 forward vs float64 (measured: <= 1e-5)
+PROMPTS = ["the cat sat on", "once upon a time 42", {"prompt_token_ids": [5, 6, 7]}]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return tm.make_tiny_gguf(tmp_path_factory.mktemp("beam") / "m.gguf", qtype="F32")
+
+
+@pytest.fixture(scope="module")
+def ref(model_path):
+    return ReferenceModel.from_gguf(model_path)
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    return LLM(model_path, threads=1, kv_cache_dtype="float32")
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    m = row.max()
+    return row - (m + math.log(np.exp(row - m).sum()))
+
+
+def reference_beam_search(ref, prompt, width, max_tokens, eos=(), length_penalty=1.0, count_eos=False):
+    """Written from vLLM's description, on the float64 forward (whole-sequence recompute per beam).
+    Returns (best beams as (tokens, cum_logprob, finish_reason), the smallest score gap at any cut).
+    count_eos: a wrong rule (a final EOS counted in the length), to find cases that tell the two apart."""
+    beams, finished, margin = [(list(prompt), 0.0)], [], math.inf
+    for _ in range(max_tokens):
+        cands = []
+        for tokens, cum in beams:
+            lsm = log_softmax(ref.prefill_logits(tokens)[-1])
+            for t in sorted(range(len(lsm)), key=lambda t: (-lsm[t], t))[:2 * width]:
+                (finished if t in eos else cands).append((tokens + [t], cum + lsm[t]))
+        cands.sort(key=lambda c: -c[1])
+        if len(cands) > width:
+            margin = min(margin, cands[width - 1][1] - cands[width][1])
+        beams = cands[:width]
+        if not beams:
+            break
+
+    def scale(c):  # score = cum_logprob * scale: an error e in cum_logprob moves the score by e * scale
+        return 1.0 / (len(c[0]) - (c[0][-1] in eos and not count_eos)) ** length_penalty
+    done = sorted([(t, c, "stop") for t, c in finished] + [(t, c, "length") for t, c in beams],
+                  key=lambda c: -c[1] * scale(c))
+    if len(done) > width:  # the final cut, in cum_logprob units
+        a, b = done[width - 1], done[width]
+        margin = min(margin, (a[1] * scale(a) - b[1] * scale(b)) / max(scale(a), scale(b)))
+    return done[:width], margin
+
+
+def prompt_ids(llm, p):
+    return p["prompt_token_ids"] if isinstance(p, dict) else llm.tokenizer.encode(p)
+
+
+def assert_pool_empty(llm):
+    blocks = llm.engine.scheduler.blocks
+    blocks.check()
+    assert blocks.num_seqs == 0 and blocks.num_free_blocks == blocks.num_blocks
+    assert not llm.engine.scheduler.has_work()
+
+
+def check_against_reference(llm, ref, outs, width, max_tokens, eos=(), length_penalty=1.0):
+    worst = 0.0
+    for p, out in zip(PROMPTS, outs):
+        ids = prompt_ids(llm, p)
+        want, margin = reference_beam_search(ref, ids, width, max_tokens, eos, length_penalty)
+        print(f"width {width} eos {set(eos)} lp {length_penalty}: smallest reference score gap at a cut {margin:.2e}")
+        assert margin > 10 * TOL, "the case is a near-tie: pick another prompt or seed"
+        assert len(out.sequences) == len(want) == width
+        for got, (tokens, cum, reason) in zip(out.sequences, want):
+            assert got.tokens == tokens and got.finish_reason == reason
+            assert abs(got.cum_logprob - cum) < TOL, (got.cum_logprob, cum)
+            worst = max(worst, abs(got.cum_logprob - cum))
+            assert got.text == llm.tokenizer.decode(tokens, skip_special_tokens=False)
+            assert len(got.logprobs) == len(tokens) - len(ids)
+            for step, entry in enumerate(got.logprobs):  # the chosen token is among its step's candidates
+                assert tokens[len(ids) + step] in entry and len(entry) == 2 * width
+    print(f"largest |cum_logprob - reference| {worst:.2e}")
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_equals_reference_beam_search(llm, ref, width):
+    outs = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=width, max_tokens=7))
+    check_against_reference(llm, ref, outs, width, 7)
+    assert_pool_empty(llm)
+    if width == 1:  # width 1 is greedy decoding
+        greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))
+        assert [o.sequences[0].tokens for o in outs] == [g.prompt_token_ids + g.outputs[0].token_ids for g in greedy]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 3.0])
+def test_eos_and_length_penalty_equal_reference(llm, ref, length_penalty, monkeypatch):
+    """EOS: a token the model ranks high is made the EOS (the tiny model's own <|im_end|> is rarely a
+    candidate), so candidates end early at several steps and compete with the longer beams."""
+    ids = prompt_ids(llm, PROMPTS[0])
+    eos = int(np.argsort(-ref.prefill_logits(ids)[-1])[1])  # the second likeliest first token
+    monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({eos}))
+    outs = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=length_penalty))
+    check_against_reference(llm, ref, outs, 3, 6, eos=(eos,), length_penalty=length_penalty)
+    stopped = [s for o in outs for s in o.sequences if s.finish_reason == "stop"]
+    assert all(s.tokens[-1] == eos for s in stopped)
+    if length_penalty == 0.0:  # raw cum_logprob: the short finished beams win
+        assert stopped
+    # ignore_eos: EOS is a token like any other
+    outs = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=length_penalty,
+                                                     ignore_eos=True))
+    check_against_reference(llm, ref, outs, 3, 6, length_penalty=length_penalty)
+    assert_pool_empty(llm)
+
+
+def test_final_eos_is_not_counted_in_the_length(llm, ref, monkeypatch):
+    """A case (found here, on the reference) whose ranking changes if a final EOS counted in the length."""
+    ids = prompt_ids(llm, PROMPTS[0])
+    greedy, _ = ref.greedy(ids, 6, eos_ids=[])
+    logits = ref.prefill_logits(ids + greedy)[len(ids) - 1:]
+    cases = [(int(t), lp) for row in logits for t in np.argsort(-row)[:4] for lp in (0.5, 1.0, 2.0, 4.0)]
+    for eos, lp in cases:
+        want, margin = reference_beam_search(ref, ids, 3, 6, (eos,), lp)
+        wrong, _ = reference_beam_search(ref, ids, 3, 6, (eos,), lp, count_eos=True)
+        if [w[0] for w in want] != [w[0] for w in wrong] and margin > 10 * TOL:
+            break
+    else:
+        pytest.fail("no case tells the two length rules apart")
+    monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({eos}))
+    out = llm.beam_search({"prompt_token_ids": ids}, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=lp))[0]
+    assert [(s.tokens, s.finish_reason) for s in out.sequences] == [(t, r) for t, _, r in want]
+    assert_pool_empty(llm)
+
+
+def test_one_batched_forward_per_step_and_waves(model_path, ref):
+    """All beams of all prompts run in one forward per step; with fewer sequence slots than beams the
+    prompts run in waves, with the same results."""
+    llm = LLM(model_path, threads=1, kv_cache_dtype="float32")
+    calls, forward = [], llm.engine.runner.forward
+    llm.engine.runner.forward = lambda *a: calls.append(len(a[0])) or forward(*a)
+    outs = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5))
+    assert len(calls) == 5 and calls[1:] == [9] * 4  # step 1 prefills the prompts; then 3 prompts x 3 beams
+    check_against_reference(llm, ref, outs, 3, 5)
+    small = LLM(model_path, threads=1, kv_cache_dtype="float32", max_num_seqs=4)  # one prompt's beams at a time
+    assert [o.sequences for o in small.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5))] == \
+        [o.sequences for o in outs]
+    assert_pool_empty(small)
+    calls.clear()
+    one_at_a_time = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=1)
+    assert [o.sequences for o in one_at_a_time] == [o.sequences for o in outs] and len(calls) == 15
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=0)
+    assert_pool_empty(llm)
+
+
+def test_context_end_is_the_last_step(model_path, ref):
+    """Beams stop at max_model_len (finish_reason "length"), as if max_tokens ended there."""
+    llm = LLM(model_path, threads=1, kv_cache_dtype="float32", max_model_len=12)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12]
+    out = llm.beam_search({"prompt_token_ids": ids}, BeamSearchParams(beam_width=3, max_tokens=10))[0]
+    want, _ = reference_beam_search(ref, ids, 3, 4)
+    assert [(s.tokens, s.finish_reason) for s in out.sequences] == [(t, r) for t, _, r in want]
+    assert all(len(s.tokens) == 12 for s in out.sequences)
+    assert_pool_empty(llm)
+
+
+def test_small_kv_cache_runs_prompts_in_turn(model_path, ref):
+    """A pool that holds one prompt's worst case but not two: the prompts run one after the other (no
+    preemption), with the same results; a search that cannot fit at all is refused up front."""
+    from tinyvllm.beam_search import blocks_needed
+    roomy = LLM(model_path, threads=1, kv_cache_dtype="float32")
+    params = BeamSearchParams(beam_width=4, max_tokens=24)
+    want = roomy.beam_search(PROMPTS[:2], params)
+    need = [blocks_needed(len(o.sequences[0].tokens) - 24, 24, 4, 16) for o in want]
+    per_block = roomy.engine.runner.kv_bytes_per_block(roomy.engine.config, 16, "float32")
+    tight = LLM(model_path, threads=1, kv_cache_dtype="float32", kv_cache_bytes=per_block * max(need))
+    assert tight.engine.scheduler.blocks.num_blocks < sum(need)
+    peak, probe = peak_blocks_used(tight)
+    from tinyvllm.beam_search import run_beam_search
+    got = run_beam_search(tight.engine, PROMPTS[:2], params, on_step=probe)
+    assert tight.engine.scheduler.num_preemptions == 0 and peak[0] <= max(need)
+    assert [o.sequences for o in got] == [o.sequences for o in want]
+    assert_pool_empty(tight)
+    with pytest.raises(ValueError, match="KV blocks"):
+        tight.beam_search(PROMPTS[0], BeamSearchParams(beam_width=4, max_tokens=100))
+    assert_pool_empty(tight)
+
+
+def peak_blocks_used(llm) -> tuple[list[int], callable]:
+    blocks, peak = llm.engine.scheduler.blocks, [0]
+    return peak, lambda: peak.__setitem__(0, max(peak[0], blocks.num_blocks - blocks.num_free_blocks))
+
+
+def test_forks_use_fewer_blocks_than_independent_sequences(model_path):
+    """Width-4 beams on a long prompt hold the prompt's blocks once; four independent sequences (no
+    prefix caching, so nothing is shared) hold four copies."""
+    from tinyvllm.beam_search import run_beam_search
+    prompt = {"prompt_token_ids": [int(t) for t in np.random.default_rng(3).integers(3, 300, 200)]}
+    beams = LLM(model_path, threads=1)
+    peak, probe = peak_blocks_used(beams)
+    copies, copy_block = [], beams.engine.runner.copy_block
+    beams.engine.runner.copy_block = lambda src, dst: copies.append((src, dst)) or copy_block(src, dst)
+    run_beam_search(beams.engine, [prompt], BeamSearchParams(beam_width=4, max_tokens=20), on_step=probe)
+    assert_pool_empty(beams)
+    assert copies  # the prompt's last block is partial: the first forks share it until each beam writes
+    independent = LLM(model_path, threads=1, enable_prefix_caching=False)
+    eng = independent.engine
+    for _ in range(4):
+        eng.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    ind_peak, ind_probe = peak_blocks_used(independent)
+    while eng.has_unfinished_requests():
+        eng.step()
+        ind_probe()
+    prompt_blocks = -(-200 // 16)
+    print(f"peak blocks: width-4 beam search {peak[0]}, four independent sequences {ind_peak[0]}")
+    assert ind_peak[0] >= 4 * prompt_blocks
+    assert peak[0] <= prompt_blocks + 4 * 3  # the prompt once, then at most 3 own blocks per beam (220 tokens)
+    assert peak[0] < ind_peak[0] / 2
+
+
+def test_bad_params_and_busy_engine(llm):
+    for kw, word in [(dict(beam_width=0, max_tokens=4), "beam_width"), (dict(beam_width=2, max_tokens=0), "max_tokens"),
+                     (dict(beam_width=2.5, max_tokens=4), "beam_width"), (dict(beam_width=True, max_tokens=4), "beam_width"),
+                     (dict(beam_width=2, max_tokens=4, temperature=0.7), "temperature"),
+                     (dict(beam_width=2, max_tokens=4, length_penalty=float("nan")), "length_penalty")]:
+        with pytest.raises(ValueError, match=word):
+            BeamSearchParams(**kw)
+    params = BeamSearchParams(beam_width=2, max_tokens=4)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.beam_search("the cat", BeamSearchParams(beam_width=33, max_tokens=4))
+    with pytest.raises(ValueError, match="empty"):
+        llm.beam_search(["the cat", ""], params)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        llm.beam_search({"prompt_token_ids": [1, 10 ** 6]}, params)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.beam_search({"prompt_token_ids": [5] * llm.engine.max_model_len}, params)
+    with pytest.raises(TypeError):
+        llm.beam_search("the cat", SamplingParams())
+    stream = llm.stream("the cat", SamplingParams(max_tokens=8))
+    next(stream)
+    with pytest.raises(RuntimeError, match="running requests"):
+        llm.beam_search("the cat", params)
+    stream.close()
+    assert_pool_empty(llm)
+
+
+def test_a_failing_step_frees_every_beam(model_path):
+    llm = LLM(model_path, threads=1)
+    forward, calls = llm.engine.runner.forward, []
+
+    def failing(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("boom")
+        return forward(*a)
+    llm.engine.runner.forward = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.beam_search(PROMPTS, BeamSearchParams(beam_width=4, max_tokens=8))
+    assert_pool_empty(llm)
+    llm.engine.runner.forward = forward
+    assert len(llm.beam_search(PROMPTS, BeamSearchParams(beam_width=2, max_tokens=3))) == 3
+    assert_pool_empty(llm)
+
+
+def test_real_model_scores_are_the_reference_scores(reference_gguf_path, reference_model):
+    """SmolLM2-135M (Q4_1): each returned beam's cum_logprob is the float64 reference's log-probability of
+    its tokens (teacher forced; quantized activations: a small tolerance), the beams are distinct and
+    ranked by score, and width 1 is greedy decoding."""
+    from tinyvllm.beam_search import beam_search_score
+    llm = LLM(str(reference_gguf_path), threads=2)
+    prompt = llm._chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    n = len(prompt["prompt_token_ids"])
+    out = llm.beam_search(prompt, BeamSearchParams(beam_width=4, max_tokens=12))[0]
+    eos = llm.engine.eos_token_ids
+    assert len({tuple(s.tokens) for s in out.sequences}) == 4
+    scores = [beam_search_score(s.tokens, s.cum_logprob, eos, 1.0) for s in out.sequences]
+    assert scores == sorted(scores, reverse=True)
+    for s in out.sequences:
+        assert s.tokens[:n] == prompt["prompt_token_ids"] and s.text.startswith(prompt["prompt"])
+        lsm = np.array([log_softmax(r) for r in reference_model.prefill_logits(s.tokens)[n - 1:-1]])
+        want = float(sum(lsm[i, t] for i, t in enumerate(s.tokens[n:])))
+        print(f"beam {s.text[len(prompt['prompt']):]!r}: cum_logprob {s.cum_logprob:.4f}, reference {want:.4f}")
+        assert abs(s.cum_logprob - want) < 0.05, (s.cum_logprob, want)  # measured: <= 0.006
+    assert out.sequences[0].text[len(prompt["prompt"]):] == "The capital of France is Paris.<|im_end|>"
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    best = llm.beam_search(prompt, BeamSearchParams(beam_width=1, max_tokens=12))[0].sequences[0]
+    assert best.tokens[n:] == greedy.token_ids and best.finish_reason == greedy.finish_reason == "stop"
+    assert_pool_empty(llm)
