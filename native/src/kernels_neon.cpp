@@ -238,6 +238,30 @@ struct NeonDot {
     TV_INLINE static Prep prep(const W8 &w) {
         return {{vmovl_s8(vget_low_s8(w.a)), vmovl_high_s8(w.a), vmovl_s8(vget_low_s8(w.b)), vmovl_high_s8(w.b)}};
     }
+    struct X {  // an activation slice, loaded once for several weight rows
+        int16x8_t v[4];
+    };
+    TV_INLINE static X load_x(const int16_t *x) { return {{vld1q_s16(x), vld1q_s16(x + 8), vld1q_s16(x + 16), vld1q_s16(x + 24)}}; }
+    template <class F>
+    TV_INLINE static int32x4_t dot_x(const Prep &p, const X &x) {
+        if constexpr (F::TWO_SCALES) {
+            int32x4_t h[2];
+            for (int k = 0; k < 2; k++) {
+                int32x4_t a0 = vmull_s16(vget_low_s16(p.w[2 * k]), vget_low_s16(x.v[2 * k])), a1 = vmull_high_s16(p.w[2 * k], x.v[2 * k]);
+                a0 = vmlal_s16(a0, vget_low_s16(p.w[2 * k + 1]), vget_low_s16(x.v[2 * k + 1]));
+                a1 = vmlal_high_s16(a1, p.w[2 * k + 1], x.v[2 * k + 1]);
+                h[k] = vaddq_s32(a0, a1);
+            }
+            return vpaddq_s32(h[0], h[1]);
+        } else {
+            int32x4_t a0 = vmull_s16(vget_low_s16(p.w[0]), vget_low_s16(x.v[0])), a1 = vmull_high_s16(p.w[0], x.v[0]);
+            for (int k = 1; k < 4; k++) {
+                a0 = vmlal_s16(a0, vget_low_s16(p.w[k]), vget_low_s16(x.v[k]));
+                a1 = vmlal_high_s16(a1, p.w[k], x.v[k]);
+            }
+            return vaddq_s32(a0, a1);
+        }
+    }
     template <class F>
     TV_INLINE static int32x4_t dot(const Prep &p, const int16_t *x) {
         if constexpr (F::TWO_SCALES) {  // one chain pair per half, kept apart
@@ -297,6 +321,27 @@ struct DotprodDot {
         const uint32x4_t z = vdupq_n_u32(0);
         if constexpr (F::TWO_SCALES) return vreinterpretq_s32_u32(vpaddq_u32(vdotq_u32(z, wa, xa), vdotq_u32(z, wb, xb)));
         else return vreinterpretq_s32_u32(vdotq_u32(vdotq_u32(z, wa, xa), wb, xb));
+    }
+    struct X {  // an activation slice split into high and low bytes once, for several weight rows
+        int8x16_t ha, hb, la, lb;  // la / lb: x & 255 (unflipped)
+    };
+    TV_DOTPROD TV_INLINE static X load_x(const int16_t *x) {
+        const int8_t *xb = reinterpret_cast<const int8_t *>(x);
+        const int8x16_t xa0 = vld1q_s8(xb), xa1 = vld1q_s8(xb + 16), xb0 = vld1q_s8(xb + 32), xb1 = vld1q_s8(xb + 48);
+        return {vuzp2q_s8(xa0, xa1), vuzp2q_s8(xb0, xb1), vuzp1q_s8(xa0, xa1), vuzp1q_s8(xb0, xb1)};
+    }
+    template <class F>
+    TV_DOTPROD TV_INLINE static int32x4_t dot_x(const Prep &p, const X &x) {
+        const int32x4_t hi = sdot2<F>(p.w.a, x.ha, p.w.b, x.hb);
+        int32x4_t lo;
+        if constexpr (kUnsigned<F>) {
+            lo = udot2<F>(vreinterpretq_u8_s8(p.w.a), vreinterpretq_u8_s8(x.la), vreinterpretq_u8_s8(p.w.b),
+                          vreinterpretq_u8_s8(x.lb));
+        } else {
+            const int8x16_t flip = vdupq_n_s8(-128);
+            lo = vaddq_s32(sdot2<F>(p.w.a, veorq_s8(x.la, flip), p.w.b, veorq_s8(x.lb, flip)), p.corr);
+        }
+        return vaddq_s32(vshlq_n_s32(hi, 8), lo);
     }
     template <class F>
     TV_DOTPROD TV_INLINE static int32x4_t dot(const Prep &p, const int16_t *x) {
@@ -675,8 +720,9 @@ TV_INLINE void group_scales4(const uint8_t *w0, const size_t *off, float (*d)[2]
             const float32x4_t d0 = vld1q_f32(d[s][0]), d1 = vld1q_f32(d[s][1]), mv = vld1q_f32(mn[s]);   \
             for (int i = 0; i < NR; i++) {                                                                \
                 const ActBlock &xb = x[i * nb + b0 + s];                                                  \
+                const typename Dot::X xv = Dot::load_x(xb.qs); /* once for the 4 weight rows */          \
                 int32x4_t dots[NW], second = vdupq_n_s32(0);                                              \
-                for (int r = 0; r < NW; r++) dots[r] = Dot::template dot<F>(p[r], xb.qs);                 \
+                for (int r = 0; r < NW; r++) dots[r] = Dot::template dot_x<F>(p[r], xv);                  \
                 const int32x4_t first = reduce4(dots, F::TWO_SCALES, &second);                            \
                 acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(first), vmulq_n_f32(d0, xb.d));                  \
                 if constexpr (F::TWO_SCALES) acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(second), vmulq_n_f32(d1, xb.d)); \
