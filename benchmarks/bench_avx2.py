@@ -103,8 +103,9 @@ def markdown(d) -> str:
         f"(`{d['llama_bench']}`: built with AVX-512 and AMX off)", "",
         "tok/s, median (min-max) over rounds. tinyvllm runs with `TINYVLLM_KERNEL=avx2` (its AVX2 + FMA + F16C "
         "kernels, no AVX-512 instruction); each of its rounds is the best of 3 in a fresh process, its Python engine "
-        "step included. Each llama-bench round is its own average of 3 repetitions (pp512, tg128). The last column "
-        "is tinyvllm's AVX-512 path on the same machine, for the cost of lacking AVX-512.", "",
+        "step included. Each llama-bench round is its own average of 3 repetitions (pp512, tg128)."
+        + (" The last column is tinyvllm's AVX-512 path on the same machine, for the cost of lacking AVX-512."
+           if has512 else ""), "",
         machine.md_table(header, rows),
     ])
 
