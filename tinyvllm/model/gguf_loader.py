@@ -34,7 +34,7 @@ def _type_name(t: int) -> str:
 def _check_tensor(t: TensorInfo, data_offset: int, alignment: int, size: int) -> tuple[tuple[int, ...], int, int]:
     """(shape in row-major order, first byte, byte count) of a tensor that fits in the file."""
     shape = tuple(reversed(t.dims))  # GGUF stores ne[] as [cols, rows, ...]
-    if min(shape) <= 0:
+    if not 1 <= len(shape) <= 4 or min(shape) <= 0:
         raise ModelFormatError(f"tensor {t.name!r} has invalid dims {shape}")
     if t.ggml_type not in _SUPPORTED:
         raise ModelFormatError(f"tensor {t.name!r} has unsupported type {_type_name(t.ggml_type)} "
