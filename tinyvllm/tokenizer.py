@@ -17,6 +17,8 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -57,6 +59,8 @@ def _scalar(v):
 
 
 def _strings(v) -> list[str]:
+    if isinstance(v, list) and set(map(type, v)) <= {str}:
+        return v
     return [s.decode("utf-8") if isinstance(s, (bytes, bytearray)) else str(s) for s in v]
 
 
@@ -81,18 +85,19 @@ def _byte_level(pre: str):
 def _gguf_vocab_arrays(md: dict) -> tuple[list[str], list[int]]:
     """tokenizer.ggml.tokens / token_type, checked: a list of strings and a list of ints as long."""
     tokens, types = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.token_type", [])
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    # element types checked as a set of types (one C-level pass: these arrays have up to 262K entries)
+    if not isinstance(tokens, list) or not tokens or set(map(type, tokens)) != {str}:
         raise ModelFormatError("GGUF tokenizer.ggml.tokens is missing or not a non-empty array of strings")
-    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+    if not isinstance(types, list) or not set(map(type, types)) <= {int}:
         raise ModelFormatError("GGUF tokenizer.ggml.token_type is not an array of integers")
     if types and len(types) != len(tokens):
         raise ModelFormatError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     merges = md.get("tokenizer.ggml.merges", [])
-    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+    if not isinstance(merges, list) or not set(map(type, merges)) <= {str}:
         raise ModelFormatError("GGUF tokenizer.ggml.merges is not an array of strings")
     scores = md.get("tokenizer.ggml.scores", [])
-    if not isinstance(scores, list) or (scores and len(scores) != len(tokens)) or not all(
-            isinstance(x, (int, float)) for x in scores):
+    if not isinstance(scores, list) or (scores and len(scores) != len(tokens)) or not set(map(type, scores)) <= {
+            int, float}:
         raise ModelFormatError("GGUF tokenizer.ggml.scores is not an array of numbers, one per token")
     for k in ("bos", "eos", "eot", "eom", "unknown"):
         i = md.get(f"tokenizer.ggml.{k}_token_id")
@@ -112,15 +117,15 @@ def _add_gguf_added_tokens(tok: _HFTokenizer, md: dict, tokens, types):
 
     def added(i, special):
         return AddedToken(tokens[i], special=special, normalized=False, rstrip=phi3 and tokens[i] not in no_rstrip)
-    tok.add_special_tokens([added(i, True) for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN) and tokens[i]])
-    tok.add_tokens([added(i, False) for i, t in enumerate(types) if t == _USER_DEFINED and tokens[i]])
+    kinds = np.asarray(types)  # one pass in numpy, not two in Python: vocabularies reach 262K entries
+    tok.add_special_tokens([added(i, True) for i in np.flatnonzero((kinds == _CONTROL) | (kinds == _UNKNOWN)).tolist()
+                            if tokens[i]])
+    tok.add_tokens([added(i, False) for i in np.flatnonzero(kinds == _USER_DEFINED).tolist() if tokens[i]])
 
 
 def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokenizer, bool]:
     """The tokenizer, and whether it has placeholder ids (>= len(tokens)) to drop from its output."""
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
+    vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated token keeps its first id
     # A vocab can lack some byte symbols (SmolLM2 has none for 0x04, 0x13, 0xF2, ...). llama.cpp drops such
     # a byte after merging, so its neighbours never merge across it; HF's BPE drops it before merging and
     # would merge them. A placeholder id keeps the byte in place while merging; encode() drops it.
