@@ -39,7 +39,12 @@ int ThreadPool::default_threads() {
     return n ? (int)n : 1;
 }
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(std::min(n_threads > 0 ? n_threads : default_threads(), 256)) {
+ThreadPool::ThreadPool(int n_threads) : ThreadPool(n_threads, Backoff{}) {}
+
+ThreadPool::ThreadPool(int n_threads, Backoff backoff)
+    : n_threads_(std::min(n_threads > 0 ? n_threads : default_threads(), 256)),
+      backoff_(backoff),
+      solo_ns_(backoff.min_solo_ns) {
     workers_.reserve(n_threads_ - 1);
     for (int t = 1; t < n_threads_; t++) workers_.emplace_back([this, t] { worker_loop(t); });
 }
@@ -124,10 +129,11 @@ void ThreadPool::run_impl(int64_t n, TaskFn fn, void *ctx) {
     }
     // A worker legitimately finishes the one item it holds; far longer means it was descheduled.
     const int64_t item_ns = mine > 0 ? (t1 - t0) / mine : t1 - t0;
-    if (waited > kStallNs + 4 * item_ns) {
+    if (waited > backoff_.stall_ns + 4 * item_ns) {
         const int64_t t = now_ns();
         stats_.stalls++;
-        solo_ns_ = t - last_stall_ns_ < solo_ns_ + 1'000'000'000 ? std::min(2 * solo_ns_, kMaxSoloNs) : kMinSoloNs;
+        solo_ns_ = t - last_stall_ns_ < solo_ns_ + 1'000'000'000 ? std::min(2 * solo_ns_, backoff_.max_solo_ns)
+                                                                : backoff_.min_solo_ns;
         last_stall_ns_ = t;
         solo_until_ns_ = t + solo_ns_;
     }

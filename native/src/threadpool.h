@@ -9,8 +9,8 @@
 //    then waits only for workers that hold an item. A worker the OS has not scheduled yet misses the
 //    job instead of holding it up.
 //  * A worker that is descheduled while holding an item still stalls the caller. When a wait exceeds
-//    kStallNs, the pool runs jobs on the caller alone for a back-off period (doubling up to
-//    kMaxSoloNs while stalls recur), then tries its workers again: one core that runs all the time
+//    Backoff::stall_ns, the pool runs jobs on the caller alone for a back-off period (doubling while
+//    stalls recur), then tries its workers again: one core that runs all the time
 //    beats two that take turns with the neighbour, and decode is bandwidth-bound anyway.
 //  * Workers spin briefly after a job (a decode step issues hundreds of small jobs back to back, and
 //    a wake-up per job would dominate), then sleep on a condition variable.
@@ -28,7 +28,15 @@ namespace tv {
 
 class ThreadPool {
    public:
+    // When a wait for a worker counts as a stall, and the caller-only back-off that follows.
+    struct Backoff {
+        int64_t stall_ns = 1'000'000;          // a wait this long means a worker was descheduled
+        int64_t min_solo_ns = 50'000'000;      // first back-off
+        int64_t max_solo_ns = 2'000'000'000;   // doubling while stalls recur, up to this
+    };
+
     explicit ThreadPool(int n_threads);  // n_threads <= 0: default_threads(); at most 256
+    ThreadPool(int n_threads, Backoff backoff);
     ~ThreadPool();
     ThreadPool(const ThreadPool &) = delete;
     ThreadPool &operator=(const ThreadPool &) = delete;
@@ -49,14 +57,11 @@ class ThreadPool {
     struct Stats {
         uint64_t jobs = 0;        // jobs run (not counting inline single-item / nested calls)
         uint64_t solo_jobs = 0;   // of those, run on the caller alone (back-off after a stall)
-        uint64_t stalls = 0;      // waits for a worker longer than kStallNs
+        uint64_t stalls = 0;      // waits for a worker longer than Backoff::stall_ns
         uint64_t worker_items = 0;  // items run by workers
     };
     Stats stats() const;
 
-    static constexpr int64_t kStallNs = 1'000'000;     // a wait this long means a worker was descheduled
-    static constexpr int64_t kMinSoloNs = 50'000'000;  // first back-off
-    static constexpr int64_t kMaxSoloNs = 2'000'000'000;
 
    private:
     using TaskFn = void (*)(void *ctx, int64_t i, int tid);
@@ -70,6 +75,7 @@ class ThreadPool {
     static constexpr uint64_t kCount = kOpen - 1;
 
     int n_threads_;
+    Backoff backoff_;
     std::vector<std::thread> workers_;
     std::mutex dispatch_mu_;  // one job at a time
     std::mutex mu_;           // with cv_: sleeping workers
@@ -85,7 +91,7 @@ class ThreadPool {
     void *ctx_ = nullptr;
     // Back-off state, caller side (under dispatch_mu_).
     int64_t solo_until_ns_ = 0;
-    int64_t solo_ns_ = kMinSoloNs;
+    int64_t solo_ns_;
     int64_t last_stall_ns_ = 0;
     Stats stats_;
 };

@@ -42,13 +42,10 @@ TEST(threadpool_nested_and_concurrent_callers) {
     CHECK(total.load() == 4 * 200 * 45);
 }
 
-TEST(threadpool_stalled_worker_switches_to_solo) {
-    // A worker that sleeps inside an item stands for one the OS descheduled. The caller finishes the
-    // other items at once and then waits for it: that wait is a stall, after which jobs run on the
-    // caller alone (still complete and exact) until the back-off ends.
-    ThreadPool pool(2);
-    int tries = 0;
-    while (pool.stats().stalls == 0 && tries++ < 200) {
+// A worker that sleeps inside an item stands for one the OS descheduled. The caller finishes the other
+// items at once and then waits for it: that wait is a stall. Returns whether one was seen.
+static bool provoke_stall(ThreadPool &pool) {
+    for (int tries = 0; tries < 500 && pool.stats().stalls == 0; tries++) {
         std::atomic<int> done{0};
         pool.run(64, [&](int64_t, int tid) {
             if (tid != 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -59,21 +56,36 @@ TEST(threadpool_stalled_worker_switches_to_solo) {
         });
         CHECK(done.load() == 64);
     }
-    CHECK(pool.stats().stalls >= 1) << "no stall seen in " << tries << " jobs";
+    return pool.stats().stalls > 0;
+}
+
+TEST(threadpool_stalled_worker_switches_to_solo) {
+    ThreadPool::Backoff long_backoff;
+    long_backoff.min_solo_ns = long_backoff.max_solo_ns = 3600'000'000'000;  // solo for the rest of the test
+    ThreadPool pool(2, long_backoff);
+    CHECK(provoke_stall(pool)) << "no stall seen";
     const auto before = pool.stats();
-    std::atomic<int> done{0};
-    pool.run(64, [&](int64_t, int tid) {
-        CHECK(tid == 0);  // solo: the caller ran everything
-        done++;
-    });
-    CHECK(done.load() == 64);
-    CHECK(pool.stats().solo_jobs == before.solo_jobs + 1);
-    // After the back-off the workers are used again.
-    std::this_thread::sleep_for(std::chrono::nanoseconds(ThreadPool::kMaxSoloNs / 8));
-    int waits = 0;
-    while (pool.stats().worker_items == before.worker_items && waits++ < 100) {
+    for (int rep = 0; rep < 20; rep++) {
+        std::atomic<int> done{0};
+        pool.run(64, [&](int64_t, int tid) {
+            CHECK(tid == 0);  // solo: the caller runs everything, and still every item
+            done++;
+        });
+        CHECK(done.load() == 64);
+    }
+    CHECK(pool.stats().solo_jobs == before.solo_jobs + 20);
+    CHECK(pool.stats().worker_items == before.worker_items);
+}
+
+TEST(threadpool_workers_return_after_backoff) {
+    ThreadPool::Backoff short_backoff;
+    short_backoff.min_solo_ns = short_backoff.max_solo_ns = 1'000'000;  // 1 ms
+    ThreadPool pool(2, short_backoff);
+    CHECK(provoke_stall(pool)) << "no stall seen";
+    const auto before = pool.stats();
+    for (int waits = 0; pool.stats().worker_items == before.worker_items && waits < 200; waits++) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
         pool.run(256, [&](int64_t, int) { std::this_thread::sleep_for(std::chrono::microseconds(20)); });
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     CHECK(pool.stats().worker_items > before.worker_items) << "workers never came back";
 }
