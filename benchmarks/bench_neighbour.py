@@ -61,7 +61,7 @@ from tinyvllm import LLM, SamplingParams
 t1 = time.perf_counter()
 llm = LLM(sys.argv[1], threads=1, max_num_seqs=1, max_model_len=512)
 t2 = time.perf_counter()
-out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=1, temperature=0))
+out = llm.generate("Hello", SamplingParams(max_tokens=1, temperature=0))
 t3 = time.perf_counter()
 print("RESULT " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2}))
 """
@@ -212,7 +212,7 @@ def markdown(d) -> str:
     if "startup" in d:
         lines += ["## Start-up", "",
                   "Fresh process each run: `import tinyvllm`, then `LLM(model, threads=1)` (load), then the first "
-                  "token of a one-message chat (first token). Seconds, median (min-max).", ""]
+                  "token of the prompt `Hello` (first token). Seconds, median (min-max).", ""]
         rows = [[k.split(" | ")[0], k.split(" | ")[1], fmt(v["import_s"], "{:.3f}"), fmt(v["load_s"], "{:.3f}"),
                  fmt(v["first_token_s"], "{:.3f}"), ", ".join(f"{x:.2f}" for x in v["loadavg"])]
                 for k, v in d["startup"].items()]
