@@ -3,6 +3,7 @@ exactly the merges of the plain loop (the rule llama.cpp and sentencepiece use),
 where it cannot be sure."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tinyvllm import tokenizer as T
@@ -24,14 +25,14 @@ def _arrays(md):
 
 
 def _mergeable(tokens, types, vocab):
-    return {t: i for i, t in enumerate(tokens) if types[i] in (1, 4) and vocab[t] == i}
+    return np.array([i for i, t in enumerate(tokens) if types[i] in (1, 4) and vocab[t] == i], dtype=np.int64)
 
 
 @pytest.mark.parametrize("style", ["gemma3", "llama2"])
 def test_hashed_spm_merges_equal_the_loop(monkeypatch, style):
     from tiny_models import spm_vocab_metadata
     tokens, types, scores, vocab = _arrays(spm_vocab_metadata(style, 3000))
-    assert T._spm_splits_hashed(tokens, types, scores, _mergeable(tokens, types, vocab)) is not None
+    assert T._spm_splits_hashed(tokens, np.asarray(types), scores, _mergeable(tokens, types, vocab)) is not None
     fast = T._spm_merges(tokens, types, scores, vocab)
     assert len(fast) > 1000 and fast == _loop_merges(tokens, types, scores, vocab, monkeypatch)
 
@@ -42,7 +43,7 @@ def test_hashed_spm_merges_odd_vocabulary(monkeypatch):
     types = [2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 1, 1]
     scores = [0.0, -1, -1, -2, -2, -3, -3, -2, -1, -4, -2, -2, -5, 0.0, -1, -1]
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
-    assert T._spm_splits_hashed(tokens, types, [float(s) for s in scores], _mergeable(tokens, types, vocab)) is not None
+    assert T._spm_splits_hashed(tokens, np.asarray(types), [float(s) for s in scores], _mergeable(tokens, types, vocab)) is not None
     fast = T._spm_merges(tokens, types, scores, vocab)
     assert ("a", "\0") in fast and ("ab", "ab") in fast
     assert fast == _loop_merges(tokens, types, scores, vocab, monkeypatch)
@@ -51,7 +52,7 @@ def test_hashed_spm_merges_odd_vocabulary(monkeypatch):
 def test_hashed_spm_merges_long_pieces_fall_back_surrogates_work():
     tokens, types = ["a", "b", "x" * 100, "ab"], [1, 1, 1, 1]
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
-    assert T._spm_splits_hashed(tokens, types, [0.0] * 4, _mergeable(tokens, types, vocab)) is None
+    assert T._spm_splits_hashed(tokens, np.asarray(types), [0.0] * 4, _mergeable(tokens, types, vocab)) is None
     tokens = ["a", "\udc80", "a\udc80"]  # a byte that was not UTF-8, decoded with surrogateescape
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
     assert T._spm_merges(tokens, [1, 1, 1], [0.0, 0.0, -1.0], vocab) == [("a", "\udc80")]

@@ -149,9 +149,12 @@ def _spm_merges(tokens: list[str], types: list[int], scores: list[float], vocab:
     """Every split of a normal piece into two mergeable pieces, as a merge, highest piece score first (ties:
     piece id, left id, right id). Mergeable: normal or user-defined pieces (sentencepiece only merges into
     those), first occurrence of their text."""
-    mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _USER_DEFINED) and vocab[t] == i}
-    found = _spm_splits_hashed(tokens, types, scores, mergeable)
+    kinds = np.asarray(types)
+    first = np.fromiter(map(vocab.__getitem__, tokens), np.int64, len(tokens)) == np.arange(len(tokens))
+    ids = np.flatnonzero(first & ((kinds == _NORMAL) | (kinds == _USER_DEFINED)))
+    found = _spm_splits_hashed(tokens, kinds, scores, ids)
     if found is None:  # the plain loop: ~1.1M splits of 262K pieces take seconds in Python
+        mergeable = {tokens[i]: i for i in ids.tolist()}
         ranked = []
         for t, i in mergeable.items():
             if types[i] != _NORMAL:
@@ -162,11 +165,11 @@ def _spm_merges(tokens: list[str], types: list[int], scores: list[float], vocab:
                     ranked.append((-scores[i], i, mergeable[left], mergeable[right]))
         ranked.sort()
         found = [r[2] for r in ranked], [r[3] for r in ranked]
-    return [(tokens[a], tokens[b]) for a, b in zip(*found)]
+    return list(zip(map(tokens.__getitem__, found[0]), map(tokens.__getitem__, found[1])))
 
 
-def _spm_splits_hashed(tokens, types, scores, mergeable, max_len: int = 64):
-    """_spm_merges' (left ids, right ids) in numpy: a polynomial hash of every prefix of every piece (mod
+def _spm_splits_hashed(tokens, kinds: np.ndarray, scores, ids: np.ndarray, max_len: int = 64):
+    """_spm_merges' (left ids, right ids) for the mergeable pieces `ids`, in numpy: a polynomial hash of every prefix of every piece (mod
     2^64) gives the hash of each split's left and right part, looked up among the mergeable pieces' hashes
     (with their lengths); every hit is then compared code point by code point. None (the caller takes the
     plain loop) where two mergeable pieces share a key, for pieces longer than max_len, and for text numpy
@@ -188,13 +191,12 @@ def _spm_splits_hashed(tokens, types, scores, mergeable, max_len: int = 64):
             np.multiply(pre[k], base, out=pre[k + 1])
             pre[k + 1] += cols[k]
         powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(width, base, np.uint64))])
-        ids = np.fromiter(mergeable.values(), np.int64, len(mergeable))
         keys = pre[lens[ids], ids] * base + lens[ids].astype(np.uint64)
         order = np.argsort(keys)
         keys, ids = keys[order], ids[order]
         if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
             return None
-        norm = ids[(np.asarray(types)[ids] == _NORMAL) & (lens[ids] >= 2)]
+        norm = ids[(kinds[ids] == _NORMAL) & (lens[ids] >= 2)]
         nsplit = lens[norm] - 1
         t = np.repeat(norm, nsplit)
         k = np.arange(len(t)) - np.repeat(np.cumsum(nsplit) - nsplit, nsplit) + 1
