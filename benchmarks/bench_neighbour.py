@@ -122,7 +122,7 @@ def neighbour_section(a) -> dict:
     configs = [("tinyvllm default", lambda: tinyvllm_decode(0, a.tokens, a.reps, None)),
                ("tinyvllm -t 1", lambda: tinyvllm_decode(1, a.tokens, a.reps, None))]
     if a.before_lib:
-        configs.append(("tinyvllm default, before", lambda: tinyvllm_decode(0, a.tokens, a.reps, a.before_lib)))
+        configs.append((f"tinyvllm default, before ({a.before_commit or a.before_lib})", lambda: tinyvllm_decode(0, a.tokens, a.reps, a.before_lib)))
     if a.llama_bench:
         configs += [(f"llama.cpp -t {ncpu}", lambda: llama_decode(a.llama_bench, ncpu, a.tokens, a.reps)),
                     ("llama.cpp -t 1", lambda: llama_decode(a.llama_bench, 1, a.tokens, a.reps))]
@@ -231,6 +231,7 @@ def main():
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
     ap.add_argument("--before-lib", default=None, help="another libtinyvllm.so to compare (e.g. main's)")
     ap.add_argument("--before-src", default=None, help="another checkout's root to compare start-up with")
+    ap.add_argument("--before-commit", default=None, help="the commit --before-src holds (default: its git HEAD)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--startup-reps", type=int, default=5)
@@ -242,8 +243,9 @@ def main():
     if a.quick:
         a.tokens, a.reps, a.startup_reps = 32, 1, 1
     machine.use_source_tree(False)
-    a.before_commit = subprocess.run(["git", "-C", a.before_src, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip() if a.before_src else None
+    if a.before_src and not a.before_commit:
+        a.before_commit = subprocess.run(["git", "-C", a.before_src, "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip()
     d = {"machine": machine.machine_info(), "args": vars(a), "lib": os.environ.get("TINYVLLM_LIB")}
     if a.only in (None, "neighbour"):
         d["neighbour"] = neighbour_section(a)
