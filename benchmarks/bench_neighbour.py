@@ -94,7 +94,9 @@ class Neighbour:
 
 def run_child(code: str, args: list[str], env_extra: dict) -> dict:
     env = {**os.environ, **env_extra}
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    # cwd: not this checkout, or `python -c` would import its tinyvllm ahead of PYTHONPATH's
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                       cwd=env.get("PYTHONPATH") or "/")
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     if r.returncode or not line:
         sys.exit(f"child failed ({args}):\n{r.stderr[-3000:]}")
@@ -102,7 +104,7 @@ def run_child(code: str, args: list[str], env_extra: dict) -> dict:
 
 
 def tinyvllm_decode(threads: int, n: int, reps: int, lib: str | None) -> dict:
-    env = {"TINYVLLM_LIB": lib} if lib else {}
+    env = {"PYTHONPATH": str(machine.ROOT), **({"TINYVLLM_LIB": lib} if lib else {})}
     res = run_child(DECODE_CHILD, [str(REF), str(threads), str(n), str(reps)], env)
     return {"tok_s": spread([r["tok_s"] for r in res["runs"]]), "loadavg": [r["loadavg"] for r in res["runs"]]}
 
@@ -247,11 +249,15 @@ def main():
         a.before_commit = subprocess.run(["git", "-C", a.before_src, "rev-parse", "--short", "HEAD"],
                                          capture_output=True, text=True).stdout.strip()
     d = {"machine": machine.machine_info(), "args": vars(a), "lib": os.environ.get("TINYVLLM_LIB")}
+    out_dir = Path(a.out) if a.out else machine.DOCS
+    if a.only and (out_dir / "neighbour.json").exists():  # one section rerun: keep the other
+        d = {**json.loads((out_dir / "neighbour.json").read_text()), **{k: d[k] for k in ("args", "lib")},
+             "machine_" + a.only: d["machine"]}
     if a.only in (None, "neighbour"):
         d["neighbour"] = neighbour_section(a)
     if a.only in (None, "startup"):
         d["startup"] = startup_section(a)
-    machine.write_outputs("neighbour", d, markdown(d), Path(a.out) if a.out else machine.DOCS)
+    machine.write_outputs("neighbour", d, markdown(d), out_dir)
 
 
 if __name__ == "__main__":
