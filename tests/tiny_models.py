@@ -255,13 +255,33 @@ def add_bpe_tokenizer(w, tokens, types, merges) -> None:
     w.add_chat_template(CHATML_TEMPLATE)
 
 
-def make_tiny_gguf(path, *, qtype: str = "Q8_0", seed: int = 0, tie: bool = True) -> str:
+def synthetic_bpe_vocab(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary of exactly n tokens (BPE_SPECIALS, the 256 byte symbols, then merged
+    tokens) and its merges, each joining two tokens into a later one: a stand-in for a big real vocabulary
+    (Gemma 3's 262,144 entries) that `tokenizers` accepts."""
+    from tokenizers import pre_tokenizers
+    rng = np.random.default_rng(seed)
+    tokens = BPE_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
+    seen, merges = set(tokens), []
+    base = len(BPE_SPECIALS)
+    while len(tokens) < n:
+        for a, b in rng.integers(base, len(tokens), size=(n - len(tokens), 2)).tolist():
+            t = tokens[a] + tokens[b]
+            if len(t) <= 16 and t not in seen:
+                seen.add(t)
+                tokens.append(t)
+                merges.append(f"{tokens[a]} {tokens[b]}")
+    return tokens, merges
+
+
+def make_tiny_gguf(path, *, qtype: str = "Q8_0", seed: int = 0, tie: bool = True, vocab_size: int | None = None) -> str:
     """Write a tiny llama GGUF (gpt2/smollm-style BPE tokenizer metadata, ChatML template). Same
     weights as make_tiny_hf_dir(tokenizer="json", seed=seed, tie=tie), Q/K permuted for interleaved
-    RoPE; 2-D matrices (embedding included) stored as `qtype`, norms as F32."""
+    RoPE; 2-D matrices (embedding included) stored as `qtype`, norms as F32. vocab_size: a synthetic
+    vocabulary of that many tokens instead (with scores too: every tokenizer array a big model has)."""
     import gguf
     path = str(path)
-    tokens, merges = bpe_vocab_and_merges()
+    tokens, merges = synthetic_bpe_vocab(vocab_size, seed) if vocab_size else bpe_vocab_and_merges()
     vocab = _ceil32(len(tokens))
     types = ([gguf.TokenType.CONTROL] * len(BPE_SPECIALS) + [gguf.TokenType.NORMAL] * (len(tokens) - len(BPE_SPECIALS))
              + [gguf.TokenType.UNUSED] * (vocab - len(tokens)))
@@ -282,6 +302,8 @@ def make_tiny_gguf(path, *, qtype: str = "Q8_0", seed: int = 0, tie: bool = True
     w.add_vocab_size(vocab)
     w.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[qtype])
     add_bpe_tokenizer(w, tokens, types, merges)
+    if vocab_size:
+        w.add_token_scores([-float(i) for i in range(vocab)])
 
     W = tiny_weights(vocab, seed=seed, arch="llama", tie=tie)
 

@@ -17,6 +17,8 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -57,6 +59,8 @@ def _scalar(v):
 
 
 def _strings(v) -> list[str]:
+    if isinstance(v, list) and set(map(type, v)) <= {str}:
+        return v
     return [s.decode("utf-8") if isinstance(s, (bytes, bytearray)) else str(s) for s in v]
 
 
@@ -81,18 +85,19 @@ def _byte_level(pre: str):
 def _gguf_vocab_arrays(md: dict) -> tuple[list[str], list[int]]:
     """tokenizer.ggml.tokens / token_type, checked: a list of strings and a list of ints as long."""
     tokens, types = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.token_type", [])
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    # element types checked as a set of types (one C-level pass: these arrays have up to 262K entries)
+    if not isinstance(tokens, list) or not tokens or set(map(type, tokens)) != {str}:
         raise ModelFormatError("GGUF tokenizer.ggml.tokens is missing or not a non-empty array of strings")
-    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+    if not isinstance(types, list) or not set(map(type, types)) <= {int}:
         raise ModelFormatError("GGUF tokenizer.ggml.token_type is not an array of integers")
     if types and len(types) != len(tokens):
         raise ModelFormatError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     merges = md.get("tokenizer.ggml.merges", [])
-    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+    if not isinstance(merges, list) or not set(map(type, merges)) <= {str}:
         raise ModelFormatError("GGUF tokenizer.ggml.merges is not an array of strings")
     scores = md.get("tokenizer.ggml.scores", [])
-    if not isinstance(scores, list) or (scores and len(scores) != len(tokens)) or not all(
-            isinstance(x, (int, float)) for x in scores):
+    if not isinstance(scores, list) or (scores and len(scores) != len(tokens)) or not set(map(type, scores)) <= {
+            int, float}:
         raise ModelFormatError("GGUF tokenizer.ggml.scores is not an array of numbers, one per token")
     for k in ("bos", "eos", "eot", "eom", "unknown"):
         i = md.get(f"tokenizer.ggml.{k}_token_id")
@@ -112,15 +117,15 @@ def _add_gguf_added_tokens(tok: _HFTokenizer, md: dict, tokens, types):
 
     def added(i, special):
         return AddedToken(tokens[i], special=special, normalized=False, rstrip=phi3 and tokens[i] not in no_rstrip)
-    tok.add_special_tokens([added(i, True) for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN) and tokens[i]])
-    tok.add_tokens([added(i, False) for i, t in enumerate(types) if t == _USER_DEFINED and tokens[i]])
+    kinds = np.asarray(types)  # one pass in numpy, not two in Python: vocabularies reach 262K entries
+    tok.add_special_tokens([added(i, True) for i in np.flatnonzero((kinds == _CONTROL) | (kinds == _UNKNOWN)).tolist()
+                            if tokens[i]])
+    tok.add_tokens([added(i, False) for i in np.flatnonzero(kinds == _USER_DEFINED).tolist() if tokens[i]])
 
 
 def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokenizer, bool]:
     """The tokenizer, and whether it has placeholder ids (>= len(tokens)) to drop from its output."""
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
+    vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated token keeps its first id
     # A vocab can lack some byte symbols (SmolLM2 has none for 0x04, 0x13, 0xF2, ...). llama.cpp drops such
     # a byte after merging, so its neighbours never merge across it; HF's BPE drops it before merging and
     # would merge them. A placeholder id keeps the byte in place while merging; encode() drops it.
@@ -140,26 +145,90 @@ def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokeni
     return tok, bool(missing)
 
 
+def _spm_merges(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]):
+    """Every split of a normal piece into two mergeable pieces, as a merge, highest piece score first (ties:
+    piece id, left id, right id). Mergeable: normal or user-defined pieces (sentencepiece only merges into
+    those), first occurrence of their text."""
+    kinds = np.asarray(types)
+    first = np.fromiter(map(vocab.__getitem__, tokens), np.int64, len(tokens)) == np.arange(len(tokens))
+    ids = np.flatnonzero(first & ((kinds == _NORMAL) | (kinds == _USER_DEFINED)))
+    found = _spm_splits_hashed(tokens, kinds, scores, ids)
+    if found is None:  # the plain loop: ~1.1M splits of 262K pieces take seconds in Python
+        mergeable = {tokens[i]: i for i in ids.tolist()}
+        ranked = []
+        for t, i in mergeable.items():
+            if types[i] != _NORMAL:
+                continue
+            for k in range(1, len(t)):
+                left, right = t[:k], t[k:]
+                if left in mergeable and right in mergeable:
+                    ranked.append((-scores[i], i, mergeable[left], mergeable[right]))
+        ranked.sort()
+        found = [r[2] for r in ranked], [r[3] for r in ranked]
+    return list(zip(map(tokens.__getitem__, found[0]), map(tokens.__getitem__, found[1])))
+
+
+def _spm_splits_hashed(tokens, kinds: np.ndarray, scores, ids: np.ndarray, max_len: int = 64):
+    """_spm_merges' (left ids, right ids) for the mergeable pieces `ids`, in numpy: a polynomial hash of every prefix of every piece (mod
+    2^64) gives the hash of each split's left and right part, looked up among the mergeable pieces' hashes
+    (with their lengths); every hit is then compared code point by code point. None (the caller takes the
+    plain loop) where two mergeable pieces share a key, for pieces longer than max_len, and for text numpy
+    cannot hold (lone surrogates)."""
+    n = len(tokens)
+    lens = np.fromiter(map(len, tokens), np.int64, n)
+    width = int(lens.max())
+    if width > max_len or width == 0:
+        return None
+    try:  # code points, zero-padded (a piece's own NULs are told apart by its length)
+        cps = np.array(tokens, dtype=f"<U{width}").view(np.uint32).reshape(n, width)
+    except (UnicodeError, ValueError):
+        return None
+    base = np.uint64(0x100000001B3)
+    pre = np.zeros((width + 1, n), np.uint64)  # pre[k, i]: hash of tokens[i][:k]; rows contiguous
+    cols = np.ascontiguousarray(cps.T).astype(np.uint64) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        for k in range(width):
+            np.multiply(pre[k], base, out=pre[k + 1])
+            pre[k + 1] += cols[k]
+        powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(width, base, np.uint64))])
+        keys = pre[lens[ids], ids] * base + lens[ids].astype(np.uint64)
+        order = np.argsort(keys)
+        keys, ids = keys[order], ids[order]
+        if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
+            return None
+        norm = ids[(kinds[ids] == _NORMAL) & (lens[ids] >= 2)]
+        nsplit = lens[norm] - 1
+        t = np.repeat(norm, nsplit)
+        k = np.arange(len(t)) - np.repeat(np.cumsum(nsplit) - nsplit, nsplit) + 1
+        tl = lens[t]
+        pk = pre[k, t]
+        left = pk * base + k.astype(np.uint64)
+        right = (pre[tl, t] - pk * powers[tl - k]) * base + (tl - k).astype(np.uint64)
+    lpos = np.minimum(np.searchsorted(keys, left), len(keys) - 1)
+    rpos = np.minimum(np.searchsorted(keys, right), len(keys) - 1)
+    hit = (keys[lpos] == left) & (keys[rpos] == right)
+    t, k, li, ri = t[hit], k[hit], ids[lpos[hit]], ids[rpos[hit]]
+    j = np.arange(width)
+    for s in range(0, len(t), 1 << 16):  # the strings themselves, in chunks (bounded scratch)
+        ts, ks = t[s:s + (1 << 16)], k[s:s + (1 << 16), None]
+        piece = cps[ts]
+        same_left = (piece == cps[li[s:s + (1 << 16)]]) | (j >= ks)
+        shifted = np.take_along_axis(piece, np.minimum(ks + j, width - 1), axis=1)
+        same_right = (shifted == cps[ri[s:s + (1 << 16)]]) | (j >= lens[ts, None] - ks)
+        if not (same_left.all() and same_right.all()):
+            return None  # a collision: not the piece's own parts
+    rank = np.lexsort((ri, li, t, -np.asarray(scores, dtype=np.float64)[t]))
+    return li[rank].tolist(), ri[rank].tolist()
+
+
 def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
     scores = [float(s) for s in md.get("tokenizer.ggml.scores", [])] or [-float(i) for i in range(len(tokens))]
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    # Symbols that can take part in a merge: sentencepiece only merges into normal/user pieces.
-    mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _USER_DEFINED) and vocab[t] == i}
-    ranked = []
-    for t, i in mergeable.items():
-        if types[i] != _NORMAL:
-            continue
-        for k in range(1, len(t)):
-            left, right = t[:k], t[k:]
-            if left in mergeable and right in mergeable:
-                ranked.append((-scores[i], i, mergeable[left], mergeable[right], left, right))
-    ranked.sort()
+    vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated piece keeps its first id
+    merges = _spm_merges(tokens, types, scores, vocab)
     unk_id = _scalar(md.get("tokenizer.ggml.unknown_token_id", None))
     if unk_id is None:
         unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
-    tok = _HFTokenizer(models.BPE(vocab, [(r[4], r[5]) for r in ranked], byte_fallback=True, fuse_unk=True,
+    tok = _HFTokenizer(models.BPE(vocab, merges, byte_fallback=True, fuse_unk=True,
                                   unk_token=tokens[unk_id] if unk_id is not None else None))
     prefix = bool(_scalar(md.get("tokenizer.ggml.add_space_prefix", True)))
     spaces = normalizers.Replace(" ", "\u2581")
