@@ -24,7 +24,7 @@ FORMATS = {
     Q.Q4_K: (256, 144, 0, 2, 0.0004, 0.002), Q.Q5_K: (256, 176, 0, 2, 0.0002, 0.002),
     Q.Q6_K: (256, 210, 208, None, 0.00005, 0),
 }
-PATHS = ("scalar", "avx2", "avx512vnni", "neon", "neon_dotprod")
+PATHS = ("scalar", "avx2", "avx512vnni", "avx512amx", "neon", "neon_dotprod")
 
 
 def random_blocks(qtype, rows, cols, rng):
