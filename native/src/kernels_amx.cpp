@@ -154,49 +154,78 @@ TV_AMX void unpack_group(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t
 
 // acc[i] (activation row i, lanes = weight rows) += float(256 hi + lo) * (d_w * d_x[i]).
 TV_AMX inline void scale_rows(__m512 acc[TR], const int32_t (*c)[2][TR][TR], int h, __m512 dw, const float *xd) {
+#pragma GCC unroll 16
     for (int i = 0; i < TR; i++) {
         const __m512i id = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c[h][0][i]), 8), _mm512_load_si512(c[h][1][i]));
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(id), _mm512_mul_ps(dw, _mm512_set1_ps(xd[i])), acc[i]);
     }
 }
 
-// One group (16 weight rows from g0, nw of them stored) x one tile of activation rows.
+// One group (16 weight rows from g0, nw of them stored) x one tile of activation rows, in steps:
+// one per slice, or per half-slice with per-half scales (B tile 6 or 7 holds the half's values,
+// the other half zeroed). Step j's tile ops go to result tiles 0-1 or 2-3 (j even or odd); its
+// results are stored in step j + 1, after step j + 2's tile ops are issued, and turned into floats
+// in step j + 2, from memory: a tile store takes long to reach vector loads, so each of the three
+// overlaps the others' work.
 template <class F>
 TV_AMX void tile_block(const Group<F> &g, const Prep &x, int64_t t, int64_t nb, int nw, int ni, float *y, int64_t ldy) {
-    constexpr int NB_ = Group<F>::NB_;
+    constexpr int NH = Group<F>::NB_;  // steps per slice
     __m512 acc[TR];
+#pragma GCC unroll 16
     for (int i = 0; i < TR; i++) acc[i] = _mm512_setzero_ps();
-    alignas(64) int32_t c[2][2][TR][TR];  // [half][hi, lo][activation row][weight row]
+    alignas(64) int32_t c[2][2][TR][TR];  // [step parity][hi, lo][activation row][weight row]
     const ASlice *a = x.a.data() + t * nb;
     const float *xd = x.xd.data() + t * nb * TR, *xs = x.xs.data() + t * nb * TR;
-    for (int64_t b = 0; b < nb; b++, xd += TR, xs += TR) {
-        _tile_loadd(4, a[b].hi, QK);
-        _tile_loadd(5, a[b].lo, QK);
-        _tile_loadd(6, g.b[(size_t)(b * NB_)].b, TR * 4);
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbusd(1, 5, 6);
-        if constexpr (NB_ == 2) {
-            _tile_loadd(7, g.b[(size_t)(b * 2 + 1)].b, TR * 4);
+    const int64_t steps = nb * NH;
+    // tile numbers are literal in the instructions: one branch per parity
+    auto issue = [&](int64_t j) TV_AMX {
+        const int64_t b = j / NH;
+        if (j % NH == 0) {
+            _tile_loadd(4, a[b].hi, QK);
+            _tile_loadd(5, a[b].lo, QK);
+        }
+        if (j % 2 == 0) {
+            _tile_loadd(6, g.b[(size_t)j].b, TR * 4);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbusd(1, 5, 6);
+        } else {
+            _tile_loadd(7, g.b[(size_t)j].b, TR * 4);
             _tile_zero(2);
             _tile_zero(3);
             _tile_dpbssd(2, 4, 7);
             _tile_dpbusd(3, 5, 7);
         }
-        _tile_stored(0, c[0][0], TR * 4);
-        _tile_stored(1, c[0][1], TR * 4);
-        if constexpr (NB_ == 2) {
+    };
+    auto store = [&](int64_t j) TV_AMX {
+        if (j % 2 == 0) {
+            _tile_stored(0, c[0][0], TR * 4);
+            _tile_stored(1, c[0][1], TR * 4);
+        } else {
             _tile_stored(2, c[1][0], TR * 4);
             _tile_stored(3, c[1][1], TR * 4);
         }
-        scale_rows(acc, c, 0, _mm512_loadu_ps(g.d.data() + b * TR), xd);
-        if constexpr (F::TWO_SCALES) scale_rows(acc, c, 1, _mm512_loadu_ps(g.d2.data() + b * TR), xd);
+    };
+    auto finish = [&](int64_t j) TV_AMX {
+        const int64_t b = j / NH;
+        const int h = (int)(j % NH);
+        scale_rows(acc, c, (int)(j % 2), _mm512_loadu_ps((h ? g.d2 : g.d).data() + b * TR), xd + b * TR);
         if constexpr (F::HAS_MIN) {
-            const __m512 mn = _mm512_loadu_ps(g.mn.data() + b * TR);
-            for (int i = 0; i < TR; i++) acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[i]), acc[i]);
+            if (h == NH - 1) {
+                const __m512 mn = _mm512_loadu_ps(g.mn.data() + b * TR);
+#pragma GCC unroll 16
+                for (int i = 0; i < TR; i++) acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[b * TR + i]), acc[i]);
+            }
         }
+    };
+    issue(0);
+    for (int64_t j = 0; j < steps; j++) {
+        store(j);
+        if (j + 1 < steps) issue(j + 1);
+        if (j > 0) finish(j - 1);
     }
+    finish(steps - 1);
     const __mmask16 k = (__mmask16)((1u << nw) - 1);
     for (int i = 0; i < ni; i++) _mm512_mask_storeu_ps(y + (t * TR + i) * ldy, k, acc[i]);
 }
