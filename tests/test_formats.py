@@ -103,5 +103,8 @@ def test_matmul_every_path_matches_gguf(qtype):
             results[path] = y
             assert np.all(np.abs(y - ref_q) <= 3e-6 * mag + 1e-6), (path, m, n, k, np.abs(y - ref_q).max())
             assert np.all(np.abs(y - ref) <= qerr * 1.001 + 3e-6 * mag + 1e-6), (path, m, n, k)
+        if "avx512amx" in results and "avx512vnni" in results:
+            # the AMX tiles form the same exact integer dots and the same float sequence: same bits
+            np.testing.assert_array_equal(results["avx512amx"], results["avx512vnni"], err_msg=f"m={m} n={n} k={k}")
     check(lib.tv_select_kernel_path(restore.encode()))
     assert "scalar" in results
