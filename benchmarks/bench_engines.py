@@ -114,11 +114,27 @@ class LlamaCpp:
         import llama_cpp
         import numpy as np
         self.np = np
-        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
-                                   n_batch=512, verbose=False, logits_all=False)
+        import llama_cpp.llama_cpp as api
+        # ggml's AMX matmul (an "extra buffer type", picked on CPUs with AMX) segfaults at the first
+        # decode in llama-cpp-python 0.3.36; there the extra buffer types (AMX, weight repacking) are
+        # turned off and the table says so. Elsewhere llama.cpp keeps its defaults.
+        plain = "amx_int8" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+        default = api.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = not plain
+            return p
+        api.llama_model_default_params = params
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                                       n_batch=512, verbose=False, logits_all=False)
+        finally:
+            api.llama_model_default_params = default
         self.n_vocab = self.llm.n_vocab()
         self.info = {"version": llama_cpp.__version__, "package": str(Path(llama_cpp.__file__).parent),
-                     "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+                     "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+                     "extra_buffer_types": not plain}
 
     def _argmax(self) -> int:
         return int(self.np.argmax(self.np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))))
@@ -287,7 +303,8 @@ def markdown(d, engines) -> str:
         f"runs, engines alternating · other processes' CPU share during the run {_pct(d['other_cpu_share'])} · "
         f"git {m['git_commit']}", "",
         f"tinyvllm {tv.get('version', '?')} (kernels `{tv.get('kernel_path', '?')}`), llama-cpp-python "
-        f"{lc.get('version', '?')}. Ratio = tinyvllm / llama.cpp (higher is better for tinyvllm, except for memory "
+        f"{lc.get('version', '?')}{'' if lc.get('extra_buffer_types', True) else ' (extra buffer types off: its AMX path crashes on this CPU)'}"
+        f". Ratio = tinyvllm / llama.cpp (higher is better for tinyvllm, except for memory "
         f"and load time). Measured read bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['threads']} threads, "
         f"{bw['method']}; best of the runs before and after the engines: "
         f"{' / '.join(f'{x / 1e9:.1f}' for x in bw['bytes_per_s_start_end'])} GB/s).",

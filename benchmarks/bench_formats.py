@@ -73,7 +73,7 @@ def main():
     reps = 3 if args.quick else 9
     info, load = machine.machine_info(), machine.OtherLoad()
     rng = np.random.default_rng(0)
-    paths = [p for p in ("avx512vnni", "avx2", "scalar") if nat.lib.tv_select_kernel_path(p.encode()) == 0]
+    paths = [p for p in ("avx512amx", "avx512vnni", "avx2", "scalar") if nat.lib.tv_select_kernel_path(p.encode()) == 0]
     res = []
     for dtype, (name, *_rest) in FORMATS.items():
         row_bytes = nat.lib.tv_row_bytes(dtype, COLS)

@@ -24,7 +24,7 @@ FORMATS = {
     Q.Q4_K: (256, 144, 0, 2, 0.0004, 0.002), Q.Q5_K: (256, 176, 0, 2, 0.0002, 0.002),
     Q.Q6_K: (256, 210, 208, None, 0.00005, 0),
 }
-PATHS = ("scalar", "avx2", "avx512vnni", "neon", "neon_dotprod")
+PATHS = ("scalar", "avx2", "avx512vnni", "avx512amx", "neon", "neon_dotprod")
 
 
 def random_blocks(qtype, rows, cols, rng):
@@ -103,5 +103,8 @@ def test_matmul_every_path_matches_gguf(qtype):
             results[path] = y
             assert np.all(np.abs(y - ref_q) <= 3e-6 * mag + 1e-6), (path, m, n, k, np.abs(y - ref_q).max())
             assert np.all(np.abs(y - ref) <= qerr * 1.001 + 3e-6 * mag + 1e-6), (path, m, n, k)
+        if "avx512amx" in results and "avx512vnni" in results:
+            # the AMX tiles form the same exact integer dots and the same float sequence: same bits
+            np.testing.assert_array_equal(results["avx512amx"], results["avx512vnni"], err_msg=f"m={m} n={n} k={k}")
     check(lib.tv_select_kernel_path(restore.encode()))
     assert "scalar" in results

@@ -119,8 +119,8 @@ const char *tv_version(void);
 size_t tv_row_bytes(int32_t dtype, int64_t cols);
 /* Name of the matmul kernel path in use ("scalar", "avx2", ...). */
 const char *tv_kernel_path(void);
-/* Switch every later call to path `name` ("scalar", "avx2", "avx512vnni", "neon", "neon_dotprod",
- * "auto"); TV_ERR_INVALID when this build or CPU cannot run it. For tests and benchmarks: the
+/* Switch every later call to path `name` ("scalar", "avx2", "avx512vnni", "avx512amx", "neon",
+ * "neon_dotprod", "auto"); TV_ERR_INVALID when this build or CPU cannot run it. For tests and benchmarks: the
  * TINYVLLM_KERNEL environment variable does the same at start-up. */
 int tv_select_kernel_path(const char *name);
 

@@ -14,11 +14,13 @@ const Kernels *lookup(const char *name) {
     if (std::strcmp(name, "scalar") == 0) return &kernels_scalar;
     if (std::strcmp(name, "avx2") == 0) return cpu_has_avx2() ? kernels_avx2_table() : nullptr;
     if (std::strcmp(name, "avx512vnni") == 0) return cpu_has_avx512vnni() ? kernels_avx512_table() : nullptr;
+    if (std::strcmp(name, "avx512amx") == 0) return cpu_has_amx() ? kernels_amx_table() : nullptr;
     if (std::strcmp(name, "neon") == 0) return kernels_neon_table();
     if (std::strcmp(name, "neon_dotprod") == 0) return kernels_neon_dotprod_table();
     if (std::strcmp(name, "auto") == 0 || name[0] == '\0') {
         if (const Kernels *k = kernels_neon_dotprod_table()) return k;  // both nullptr off aarch64
         if (const Kernels *k = kernels_neon_table()) return k;
+        if (cpu_has_amx() && kernels_amx_table()) return kernels_amx_table();
         if (cpu_has_avx512vnni() && kernels_avx512_table()) return kernels_avx512_table();
         return cpu_has_avx2() && kernels_avx2_table() ? kernels_avx2_table() : &kernels_scalar;
     }
@@ -40,7 +42,7 @@ const Kernels &kernels() {
 
 std::vector<const char *> available_kernels() {
     std::vector<const char *> out;
-    for (const char *name : {"scalar", "avx2", "avx512vnni", "neon", "neon_dotprod"})
+    for (const char *name : {"scalar", "avx2", "avx512vnni", "avx512amx", "neon", "neon_dotprod"})
         if (lookup(name)) out.push_back(name);
     return out;
 }

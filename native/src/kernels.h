@@ -1,5 +1,5 @@
 // The inner loops every matmul and attention call goes through, as a table of function pointers
-// chosen once at runtime: "scalar" (portable C++), "avx2", "avx512vnni", "neon", "neon_dotprod".
+// chosen once at runtime: "scalar" (portable C++), "avx2", "avx512vnni", "avx512amx", "neon", "neon_dotprod".
 // TINYVLLM_KERNEL=<name> in the environment forces a path (tests compare paths with it).
 #pragma once
 
@@ -56,6 +56,8 @@ const Kernels *kernels_avx2_table();
 bool cpu_has_avx2();
 const Kernels *kernels_avx512_table();  // "avx512vnni": AVX-512 F/BW/VL + VNNI
 bool cpu_has_avx512vnni();
+const Kernels *kernels_amx_table();  // "avx512amx": avx512vnni with its prefill matmul on AMX int8 tiles
+bool cpu_has_amx();                  // CPU, OS and this process's AMX permission (kernels_amx.cpp)
 // aarch64 (kernels_neon.cpp): "neon" (ARMv8.0 Advanced SIMD) and "neon_dotprod" (ARMv8.2 SDOT);
 // nullptr when not compiled in or, for dotprod, when the CPU lacks FEAT_DotProd.
 const Kernels *kernels_neon_table();
