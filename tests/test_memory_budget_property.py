@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 
 from child_process import child_env, python_cmd
 from tinyvllm.engine.memory import parse_bytes
@@ -72,8 +72,10 @@ workload = st.fixed_dictionaries({
     "requests": st.lists(request, min_size=1, max_size=6)})
 
 
+# No shrink/explain phases: each example is a child process of seconds, and explain's line tracer over a
+# failing run spun for minutes in CI; a failure reports its workload as generated.
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+          suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
 @given(w=workload)
 @example(w={"budget": "150MB", "max_num_seqs": 8, "requests": [  # always in the run: a pool too small, preempting
     {"prompt_words": 20, "max_tokens": 64, "n": 4, "shared": True, "abort_at": None},

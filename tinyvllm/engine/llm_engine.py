@@ -62,7 +62,7 @@ class LLMEngine:
         self.load_overhead_bytes = max(0, rss_bytes() - rss_before - heap_weight_bytes(self.weights.tensors.values()))
         # the runner says what it will allocate; the budget pays for exactly that
         block_bytes = runner_cls.kv_bytes_per_block(cfg, block_size, kv_cache_dtype)
-        workspace = runner_cls.workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs)
+        workspace = runner_cls.workspace_bytes(cfg, max_num_batched_tokens, max_num_seqs, threads)
         wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         draft = None
         if spec_cfg is not None:  # logits rows at every draft position; a draft model's weights, KV, workspace
@@ -72,7 +72,7 @@ class LLMEngine:
                 weight_bytes += sum(t.data.nbytes for t in draft.tensors.values())
                 block_bytes += runner_cls.kv_bytes_per_block(draft.config, block_size, kv_cache_dtype)
                 workspace += runner_cls.workspace_bytes(draft.config, max_num_batched_tokens + max_num_seqs,
-                                                        max_num_seqs)
+                                                        max_num_seqs, threads)
                 wanted_len = min(wanted_len, draft.config.max_position_embeddings)
         num_blocks = plan_kv_blocks(
             weight_bytes=weight_bytes, block_bytes=block_bytes, memory_budget=memory_budget,

@@ -8,6 +8,18 @@ from .._native import NativeError, check, ffi, lib, ptr
 from .kv_cache import canonical_kv_dtype, kv_bytes_per_block
 
 _KV_DTYPE_CODES = {"float16": 1, "float32": 0}  # the native tv_kv_cache_create codes
+_QUANT_FORMATS = 10  # quantized weight formats the native matmul runs (an upper bound on those a model mixes)
+
+
+def _amx_scratch_bytes(cfg, max_tokens: int, threads: int) -> int:
+    """kernels_amx.cpp keeps thread-local scratch that grows to its largest use: the calling thread's
+    activation tiles (2 bytes per value, 2 floats per 16-row slice) and, per weight format and thread,
+    one 64-row chunk of unpacked weights (at most 2 bytes per weight with per-half scales, 3 floats per
+    16-row slice). Zero where that path does not run."""
+    if ffi.string(lib.tv_kernel_path()).decode() != "avx512amx":
+        return 0
+    k = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+    return max_tokens * k * 9 // 4 + threads * _QUANT_FORMATS * 64 * k * 5 // 2
 
 
 def default_threads() -> int:
@@ -73,9 +85,9 @@ class NativeModelRunner:
         self.last_forward_s = 0.0  # wall time of the last native forward call (benchmarks: Python overhead)
 
     @staticmethod
-    def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int, threads: int | None = None) -> int:
         """The native activation scratch of one step (its buffers grow to this), the logits rows and
-        the sampler's copies of them."""
+        the sampler's copies of them, and the AMX path's scratch where it runs."""
         q_kv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         rope = cfg.head_dim if getattr(cfg, "sliding_window", 0) else 0  # the sliding layers' own RoPE cos + sin
         per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim
@@ -83,7 +95,8 @@ class NativeModelRunner:
         # logits rows scale with the vocabulary (262,144 for Gemma 3: 1 MiB per sequence per copy): a step's
         # logits (one row per sampled sequence, plus up to max_num_seqs prompt positions scored for prompt
         # logprobs), the sampled rows gathered out of them, and the sampler's scratch
-        return max_num_batched_tokens * per_token + 4 * max_num_seqs * cfg.vocab_size * 4
+        return (max_num_batched_tokens * per_token + 4 * max_num_seqs * cfg.vocab_size * 4
+                + _amx_scratch_bytes(cfg, max_num_batched_tokens, threads or default_threads()))
 
     @property
     def kv_cache_bytes(self) -> int:

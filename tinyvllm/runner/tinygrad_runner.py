@@ -96,7 +96,7 @@ class TinygradModelRunner:
     extra_kv_blocks = 1  # the write-only block that padded token slots write into
 
     @staticmethod
-    def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int, threads: int | None = None) -> int:
         """As the native runner's, at the padded (power-of-two) shapes the JIT runs."""
         return NativeModelRunner.workspace_bytes(cfg, bucket(max_num_batched_tokens), bucket(max_num_seqs))
 
