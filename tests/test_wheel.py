@@ -93,7 +93,7 @@ def test_cross_built_aarch64_wheel_gets_the_manylinux_tag_its_symbols_allow(tmp_
     raw, out = tmp_path / "raw", tmp_path / "out"
     env = {**os.environ, "_PYTHON_HOST_PLATFORM": "linux-aarch64"}  # the platform tag scikit-build-core writes
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", str(raw),
-                        f"-Ccmake.define.CMAKE_TOOLCHAIN_FILE={ROOT / 'cross' / 'aarch64-linux-gnu.cmake'}"],
+                        f"--config-settings=cmake.define.CMAKE_TOOLCHAIN_FILE={ROOT / 'cross' / 'aarch64-linux-gnu.cmake'}"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (whl,) = raw.glob("tinyvllm-*-py3-none-linux_aarch64.whl")
