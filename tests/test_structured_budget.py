@@ -59,7 +59,7 @@ def _full_pool(model, budget, mode):
 
 
 def test_constrained_requests_in_a_full_pool_stay_under_budget(reference_gguf_path):
-    budget = "190MB"
+    budget = "224MB"  # 190MB, the smallest of test_memory_budget.py, leaves no KV block after the reservation
     m = _full_pool(reference_gguf_path, budget, "reserved")
     assert m["built"] and m["constrained"] == 8 and m["reserve"] > 20 * 2**20, m
     # the pool was really full (a preemption happens only when no block is left)
@@ -68,8 +68,10 @@ def test_constrained_requests_in_a_full_pool_stay_under_budget(reference_gguf_pa
     assert grown <= parse_bytes(budget), f"peak resident growth {grown / 2**20:.1f} MiB > budget {budget}: {m}"
     # the control: without the reservation the pool takes those bytes too, and the same workload goes over
     c = _full_pool(reference_gguf_path, budget, "unreserved")
-    assert c["reserve"] == 0 and c["blocks"] > m["blocks"] and c["preemptions"] > 0, c
+    assert c["reserve"] == 0 and c["blocks"] > m["blocks"] and c["peak_used"] >= 0.9 * c["blocks"], c
     assert c["hwm"] - c["base"] > parse_bytes(budget), c
+    print(f"budget {budget}: grown {grown / 2**20:.1f} MiB with the reservation ({m['reserve'] / 2**20:.1f} MiB, "
+          f"{m['blocks']} blocks), {(c['hwm'] - c['base']) / 2**20:.1f} MiB without it ({c['blocks']} blocks)")
 
 
 _BUILD = r"""
