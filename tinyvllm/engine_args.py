@@ -75,8 +75,9 @@ class EngineArgs:
                             'min_acceptance_rate, draft_quantization) (default: off)')
         g.add_argument("--enable-structured-outputs", action=argparse.BooleanOptionalAction,
                        default=d.enable_structured_outputs,
-                       help="constrained outputs (JSON schema, regex, tools); a memory budget reserves llguidance's "
-                            "tokenizer for them (default: on when llguidance is installed)")
+                       help="constrained outputs (JSON schema, regex, tools). Default: on when llguidance is installed "
+                            "and there is no --memory-budget; under a budget only when given, and then the budget "
+                            "reserves llguidance's tokenizer")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":

@@ -60,7 +60,7 @@ def plan_kv_blocks(*, weight_bytes: int, block_bytes: int, workspace: int, memor
         fixed = weight_bytes + workspace + structured_bytes
         if budget <= fixed:
             structured = (f", structured outputs (llguidance's tokenizer) {structured_bytes / 2**20:.1f} MiB "
-                          "(enable_structured_outputs=False leaves them out)" if structured_bytes else "")
+                          "(without enable_structured_outputs=True they are not reserved)" if structured_bytes else "")
             raise ValueError(f"memory_budget {budget / 2**20:.1f} MiB is too small: the weights take "
                              f"{weight_bytes / 2**20:.1f} MiB, the step workspace and what loading keeps (metadata, "
                              f"tokenizer) {workspace / 2**20:.1f} MiB{structured}, before any KV cache")
