@@ -135,3 +135,25 @@ def test_under_a_budget_structured_outputs_are_asked_for_and_reserved(reference_
     with pytest.raises(ValueError, match="structured outputs"):  # a budget too small says what took it
         LLM(path, enable_structured_outputs=True, **dict(kw, memory_budget="160MB"))
     LLM(path, **dict(kw, memory_budget="160MB"))  # ...and is enough without them
+
+
+def test_server_under_a_budget_without_structured_outputs_answers_400(reference_gguf_path):
+    """`tinyvllm serve --memory-budget X` without --enable-structured-outputs: a constrained request is a 400
+    naming the flag (streamed or not), and the engine goes on serving."""
+    import openai
+    from test_server import LiveServer
+    from tinyvllm import LLMEngine
+    from tinyvllm.server.api import build_app
+    engine = LLMEngine(str(reference_gguf_path), threads=1, memory_budget="200MB", max_num_seqs=4)
+    server = LiveServer(build_app(engine, "smollm2-135m"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match="enable-structured-outputs") as e:
+                client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "JSON"}],
+                                               max_tokens=5, stream=stream, response_format={"type": "json_object"})
+            assert e.value.status_code == 400
+        ok = client.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=3)
+        assert ok.choices[0].finish_reason == "length"
+    finally:
+        server.stop()

@@ -55,10 +55,15 @@ class StructuredOutputs:
             self._ll_tokenizer = ll_tokenizer(self._tokenizer, self.vocab_size, self._eos)
         return self._ll_tokenizer
 
+    def check_enabled(self) -> None:
+        """ValueError (a 400) when this engine takes no constrained requests, e.g. their memory was not
+        reserved from its budget."""
+        if not self.enabled:
+            raise ValueError(f"structured outputs are off in this engine: {self._off_reason}")
+
     def matchers(self, params: StructuredOutputsParams, n: int) -> list:
         """n fresh matchers for one request's completions (ValueError when the constraint is invalid)."""
-        if not self.enabled:  # their memory was not reserved from the budget
-            raise ValueError(f"structured outputs are off in this engine: {self._off_reason}")
+        self.check_enabled()
         ll = _llguidance()
         grammar = compile_grammar(params)
         first = ll.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
