@@ -46,9 +46,8 @@ def _llm(path, **kw):
 
 
 def _generate_checking_rollback(llm, prompts, params):
-    """generate() step by step: after every step each running sequence holds slots for exactly its tokens
-    (rejected drafts' slots were given back) and no more blocks than those need; at the end every block is
-    free. Returns (token ids per prompt, engine stats, whole blocks given back by truncations)."""
+    """generate() step by step: after every step no running sequence holds a slot past its tokens (rejected
+    drafts' slots were given back) nor a block past its last slot; at the end every block is free. Returns (token ids per prompt, engine stats, whole blocks given back by truncations)."""
     eng = llm.engine
     bm, sched = eng.scheduler.blocks, eng.scheduler
     for i, p in enumerate(prompts):
@@ -61,8 +60,9 @@ def _generate_checking_rollback(llm, prompts, params):
         sched.flush()  # apply the step's pending truncations now, to look at them
         for seq in sched.running:
             slots, blocks, _ = bm.seq_info(seq.seq_id)
-            # no slot past the sequence's tokens (the newest token gets its slot when it is scheduled)
-            assert len(seq) - 1 <= slots <= len(seq) and blocks == -(-slots // BLOCK), (slots, blocks, len(seq))
+            # no slot past the sequence's tokens (a rejected draft's slot is gone; the newest token gets its
+            # slot when it is scheduled) and no block past its last slot
+            assert seq.num_computed_tokens <= slots <= len(seq) and blocks == -(-slots // BLOCK), (slots, blocks, len(seq))
         if not any(o.finished for o in step_outs):  # no sequence was freed: what came back was truncated
             returned += bm.num_free_blocks - free
     bm.check()
