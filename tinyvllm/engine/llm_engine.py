@@ -50,7 +50,8 @@ class LLMEngine:
                  speculative_config=None, enable_structured_outputs: bool | None = None):
         runner_cls, runner_kwargs = runner_for(device)  # ValueError / ImportError (with install hint) up front
         spec_cfg = SpeculativeConfig.parse(speculative_config)  # ValueError up front too
-        structured_on = structured_outputs_enabled(enable_structured_outputs, memory_budget)  # ImportError up front
+        budget = memory_budget if kv_cache_bytes is None else None  # kv_cache_bytes sizes the pool: no budget in play
+        structured_on = structured_outputs_enabled(enable_structured_outputs, budget)  # ImportError up front
         rss_before = rss_bytes()
         self.model_path = resolve_model(model)
         self.weights = quantize_weights(load_model(self.model_path), quantization)
@@ -77,7 +78,7 @@ class LLMEngine:
                 wanted_len = min(wanted_len, draft.config.max_position_embeddings)
         # structured outputs build llguidance's tokenizer on the first constrained request: a budget reserves it now
         self.structured_reserve_bytes = (StructuredOutputs.memory_bytes(self.tokenizer, cfg.vocab_size, self.weights.metadata)
-                                         if structured_on and memory_budget is not None else 0)
+                                         if structured_on and budget is not None else 0)
         num_blocks = plan_kv_blocks(
             weight_bytes=weight_bytes, block_bytes=block_bytes, memory_budget=memory_budget,
             workspace=workspace + RUNTIME_RESERVE_BYTES + self.load_overhead_bytes,
@@ -101,7 +102,7 @@ class LLMEngine:
                                                       **runner_kwargs), self.sampler.rng))
             self.spec = SpeculativeDecoder(spec_cfg, proposer, self.max_model_len, self.sampler.rng)
         self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads, structured_on,
-                                            structured_off_reason(enable_structured_outputs, memory_budget))
+                                            structured_off_reason(enable_structured_outputs, budget))
         self.requests: dict[str, _Request] = {}
         self._deadlines: dict[str, float] = {}  # request id -> deadline, for the requests that have one
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
