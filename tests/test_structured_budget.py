@@ -130,7 +130,6 @@ def test_under_a_budget_structured_outputs_are_asked_for_and_reserved(reference_
     while on.has_unfinished_requests():
         on.step()
     free = LLM(path, threads=1, kv_cache_bytes="8MB", memory_budget="200MB")  # the pool sized directly: no budget
-
     assert free.engine.structured_reserve_bytes == 0
     assert free.generate("Yes or no?", p)[0].outputs[0].text in ("yes", "no")
     with pytest.raises(ValueError, match="structured outputs"):  # a budget too small says what took it
