@@ -11,6 +11,7 @@ RoPE layouts (the classic trap):
     rotate the *two halves* (x[i], x[i + d/2]).                          -> rope_style "half"
   Both use the angle pos * inv_freq[i], inv_freq[i] = theta^(-2i/d) (optionally rescaled).
   * qwen3 / gemma3 GGUF files are not permuted either (llama.cpp runs both with NEOX rope).
+  * smollm3 GGUF files are permuted like llama's (llama.cpp's converter treats SmolLM3 as a LlamaModel).
 
 Architecture facts used here (llama.cpp src/models/{qwen3,gemma3}.cpp, HF transformers modeling code):
   * qwen3: RMSNorm over each q and k head (weights [head_dim]) after the projections, before RoPE.
@@ -22,6 +23,8 @@ Architecture facts used here (llama.cpp src/models/{qwen3,gemma3}.cpp, HF transf
     their own RoPE base (rope_local_base_freq / rope.freq_base_swa, never rescaled); global layers use
     rope_theta with the rope scaling; every 6th layer is global unless the file says otherwise. HF stores
     norm weights w and multiplies by (1 + w); GGUF stores w + 1 (llama.cpp's converter adds the 1).
+  * smollm3: the llama block, but layers with (i + 1) % 4 == 0 apply no RoPE to q and k at all
+    (llama.cpp src/models/smollm3.cpp: n_no_rope_layer_step = 4, fixed; HF: config no_rope_layers, 1 = RoPE).
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ class Config:
     window: int = 0                 # sliding window of the layers flagged in swa
     swa: list = field(default_factory=list)
     theta_swa: float = 10000.0
+    nope: list = field(default_factory=list)  # per layer: True = no RoPE (smollm3)
 
 
 # ----------------------------------------------------------------------------- Q/K permutation
@@ -268,7 +272,7 @@ class ReferenceModel:
         r = gguf.GGUFReader(path)
         meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
         arch = meta["general.architecture"]
-        if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma3", "smollm3"):
             raise NotImplementedError(arch)
         g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
         W = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=F64).reshape(
@@ -285,6 +289,8 @@ class ReferenceModel:
         extra = {}
         if arch == "qwen3":
             extra = dict(qk_norm=True)
+        elif arch == "smollm3":
+            extra = dict(nope=[(i + 1) % 4 == 0 for i in range(n_layers)])
         elif arch == "gemma3":
             window = int(g("attention.sliding_window", 0) or 0)
             swa = _swa_flags(n_layers, g("attention.sliding_window_pattern", 6)) if window else []
@@ -297,7 +303,7 @@ class ReferenceModel:
             n_heads=n_heads, n_kv_heads=int(g("attention.head_count_kv", n_heads)), head_dim=head_dim,
             vocab=W["token_embd.weight"].shape[0], eps=float(g("attention.layer_norm_rms_epsilon")),
             theta=float(g("rope.freq_base", 10000.0)),
-            rope_style="interleaved" if arch == "llama" else "half", rope_scaling=scaling,
+            rope_style="interleaved" if arch in ("llama", "smollm3") else "half", rope_scaling=scaling,
             tied="output.weight" not in W, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_ids=[] if eos is None else [int(eos)], **extra)
         layers = [{k: W.get(f"blk.{i}.{s}") for k, s in _GGUF_LAYER_NAMES.items()} for i in range(cfg.n_layers)]
@@ -315,13 +321,17 @@ class ReferenceModel:
         for fn in files:
             W.update(read_safetensors(os.path.join(path, fn)))
         mt = c.get("model_type", "")
-        arch = ("gemma3" if mt.startswith("gemma3") else "qwen3" if mt == "qwen3" else
+        arch = ("gemma3" if mt.startswith("gemma3") else mt if mt in ("qwen3", "smollm3") else
                 "qwen2" if "qwen2" in mt else "llama")
         n_heads, hidden = c["num_attention_heads"], c["hidden_size"]
         eos = c.get("eos_token_id")
         extra, names = {}, _HF_LAYER_NAMES
         if arch == "qwen3":
             extra = dict(qk_norm=True)
+        elif arch == "smollm3":
+            uses = c.get("no_rope_layers") or [int((i + 1) % c.get("no_rope_layer_interval", 4) != 0)
+                                               for i in range(c["num_hidden_layers"])]
+            extra = dict(nope=[not u for u in uses])
         elif arch == "gemma3":
             names = _HF_GEMMA3_LAYER_NAMES
             n_layers, hd = c["num_hidden_layers"], c.get("head_dim") or 256
@@ -396,8 +406,9 @@ class ReferenceModel:
             q, k = q.reshape(T, H, hd), k.reshape(T, KVH, hd)
             if c.qk_norm:
                 q, k = norm(q, L["q_norm"]), norm(k, L["k_norm"])
-            q = apply_rope(q, pos, inv_freq, c.rope_style)
-            k = apply_rope(k, pos, inv_freq, c.rope_style)
+            if not (c.nope and c.nope[i]):
+                q = apply_rope(q, pos, inv_freq, c.rope_style)
+                k = apply_rope(k, pos, inv_freq, c.rope_style)
             K, V = cache.append(i, k, v.reshape(T, KVH, hd))                # [S, KVH, hd]
             att = np.empty((T, H, hd), dtype=F64)
             group = H // KVH

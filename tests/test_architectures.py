@@ -1,6 +1,6 @@
-"""llama, qwen2, qwen3 and gemma3 through the whole engine (native runner) vs the independent float64
+"""llama, qwen2, qwen3, gemma3 and smollm3 through the whole engine (native runner) vs the independent float64
 reference (tests/reference_forward.py), on tiny random-weight GGUF files and HF directories written by
-tests/tiny_arch_models.py. gemma3 also through every serving path that touches its sliding-window
+tests/tiny_arch_models.py; smollm3 also vs llama.cpp (llama-cpp-python, which knows the arch) on the same file. gemma3 also through every serving path that touches its sliding-window
 layers: chunked prefill, paged decode far past the window, prefix-cache hits, preemption + recompute."""
 import dataclasses
 import json
@@ -92,6 +92,7 @@ def test_gguf_config_reading(gguf_dir):
 
 
 @pytest.mark.parametrize("arch,dtype,new_style", [("qwen3", "float32", False), ("qwen3", "bfloat16", False),
+                                                  ("smollm3", "float32", False),
                                                   ("gemma3", "float32", False), ("gemma3", "float32", True),
                                                   ("gemma3", "bfloat16", False)])
 def test_hf_dir_matches_reference(tmp_path, arch, dtype, new_style):
@@ -107,6 +108,51 @@ def test_hf_dir_matches_reference(tmp_path, arch, dtype, new_style):
     ids = out.outputs[0].token_ids
     assert not teacher_forced(ref, out.prompt_token_ids, ids, f"{arch} hf {dtype}")  # float weights: no flips
     assert ids == ref.greedy(out.prompt_token_ids, 24, eos_ids=[])[0]
+
+
+def llamacpp_greedy(path, prompt_ids, n):
+    """llama.cpp's own greedy continuation (argmax of its logits, token by token) of prompt_ids, and its
+    logits at every prompt position."""
+    from llama_cpp_plain import Llama
+    lc = Llama(str(path), n_ctx=256, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
+    lc.eval(list(prompt_ids))
+    prompt_logits = np.array(lc.scores[:len(prompt_ids)], dtype=np.float64)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(lc.scores[lc.n_tokens - 1])))
+        lc.eval([out[-1]])
+    return out, prompt_logits
+
+
+@pytest.mark.parametrize("arch", ["smollm3"])
+def test_gguf_matches_llamacpp(gguf_dir, arch):
+    """llama.cpp reads the same tiny F32 file (its own reading of the architecture): its logits match the
+    float64 reference at every position, and its greedy tokens equal ours (F32 weights: no quantized
+    activations on either side, so no near-ties to excuse)."""
+    path = ta.write_gguf(gguf_dir / f"{arch}-llamacpp.gguf", arch, "F32")
+    theirs, lc_logits = llamacpp_greedy(path, PROMPT_IDS, 24)
+    assert cosines(lc_logits, ReferenceModel.from_gguf(path).prefill_logits(PROMPT_IDS)).min() > 0.999
+    llm = LLM(path, threads=2)
+    assert cosines(prefill_logits(llm, PROMPT_IDS), lc_logits).min() > 0.999  # greedy paths alone may agree by luck
+    ours = llm.generate({"prompt_token_ids": PROMPT_IDS}, SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].token_ids
+    assert ours == theirs
+
+
+def test_smollm3_nope_layers(gguf_dir, tmp_path):
+    """What the loaders read (every 4th layer without RoPE, llama's permuted Q/K in GGUF; no_rope_layers
+    in HF), and that the NoPE layer matters: rotating it too changes the reference's logits from position
+    1 on (position 0's rotation is the identity), so the reference checks above can fail."""
+    from tinyvllm.model import load_model
+    path = ta.write_gguf(gguf_dir / "smollm3-nope.gguf", "smollm3", "F32")
+    cfg = load_model(path).config
+    assert cfg.nope_layers == (False, False, False, True) and cfg.rope_interleaved
+    hf = load_model(ta.write_hf_dir(tmp_path / "s3", "smollm3")).config
+    assert hf.nope_layers == (False, False, False, True) and not hf.rope_interleaved
+    ref = ReferenceModel.from_gguf(path)
+    roped = ReferenceModel(dataclasses.replace(ref.cfg, nope=[]), ref.embed, ref.norm, ref.out, ref.layers)
+    diff = np.abs(ref.prefill_logits(PROMPT_IDS[:12]) - roped.prefill_logits(PROMPT_IDS[:12])).max(axis=1)
+    assert diff[0] < 1e-12 and diff[1:].min() > 1e-3
 
 
 def test_reference_window_is_exercised(gguf_dir):

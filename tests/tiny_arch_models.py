@@ -1,4 +1,4 @@
-"""Tiny random-weight models of every supported architecture (llama, qwen2, qwen3, gemma3), as GGUF files
+"""Tiny random-weight models of every supported architecture (llama, qwen2, qwen3, gemma3, smollm3), as GGUF files
 (gguf's GGUFWriter, with the trained BPE vocabulary of tiny_models and its tokenizer metadata, so the
 whole engine loads them) and as HF directories (config.json + safetensors + tokenizer.json).
 
@@ -22,7 +22,7 @@ import numpy as np
 
 import tiny_models as tm
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "smollm3")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ SPECS = {
     "qwen3": Spec("qwen3", head_dim=32, theta=1_000_000.0, eps=1e-6),
     "gemma3": Spec("gemma3", layers=3, head_dim=32, kv_heads=1, theta=1_000_000.0, eps=1e-6, window=8, pattern=3,
                    theta_swa=10000.0),
+    # 4 layers: layer 3 is SmolLM3's NoPE layer ((i + 1) % 4 == 0)
+    "smollm3": Spec("smollm3", layers=4, theta=2_000_000.0, eps=1e-6),
 }
 
 
@@ -176,7 +178,7 @@ def write_gguf(path, arch: str, qtype: str = "Q8_0", *, seed: int = 0, tie: bool
         if a.ndim == 1:
             w.add_tensor(name, a.astype(np.float32))
             continue
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's Q/K permutation
+        if arch in ("llama", "smollm3") and name.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's Q/K permutation
             a = tm.permute_qk(a, spec.heads if name.endswith("attn_q.weight") else spec.kv_heads)
         data, raw = _quantize(a, (embd_qtype or qtype) if name == "token_embd.weight" else qtype)
         w.add_tensor(name, data, raw_dtype=raw)
@@ -226,6 +228,9 @@ def write_hf_dir(path, arch: str, *, seed: int = 0, tie: bool = True, dtype: str
         else:
             cfg.update(sliding_window_pattern=spec.pattern, rope_local_base_freq=spec.theta_swa, rope_scaling=None)
         W = {k: (v - np.float32(1.0) if k.endswith("norm.weight") else v) for k, v in W.items()}
+    elif arch == "smollm3":  # NoPE layers listed per layer (1: RoPE), as SmolLM3-3B's config.json does
+        cfg.update(architectures=["SmolLM3ForCausalLM"], hidden_act="silu", no_rope_layer_interval=4,
+                   no_rope_layers=[int((i + 1) % 4 != 0) for i in range(spec.layers)])
     else:
         cfg.update(architectures=["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"], hidden_act="silu")
     with open(os.path.join(path, "config.json"), "w") as f:

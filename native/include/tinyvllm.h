@@ -88,6 +88,9 @@ typedef struct tv_model_params {
     const int32_t *swa_layers;       /* [n_layer], copied; may be null when sliding_window is 0 */
     const float *rope_inv_freq_swa;  /* head_dim/2, copied: the sliding layers' own RoPE frequencies;
                                       * null: rope_inv_freq */
+    /* Layers without RoPE (SmolLM3's NoPE layers): q and k of layer l stay unrotated when nope_layers[l]
+     * != 0. Null (as callers that predate it leave it) rotates every layer. */
+    const int32_t *nope_layers;      /* [n_layer], copied; null: every layer rotates */
 } tv_model_params;
 
 typedef struct tv_model tv_model;

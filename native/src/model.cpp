@@ -7,7 +7,7 @@
 // once per layer or step: Qwen2's q/k/v biases; qk_norm (Qwen3, Gemma 3) normalizes every q/k
 // head before RoPE; Gemma 3 adds embd_scale, post_norms (the attention and FFN outputs are
 // normalized before their residual adds), a GELU gate, its own attention scale, and sliding-window
-// layers with their own RoPE frequencies.
+// layers with their own RoPE frequencies; SmolLM3 leaves RoPE out on its NoPE layers (nope_layers).
 // Activations are [n_tokens, features] row-major; every matmul runs the whole batch at once.
 #include "model.h"
 
@@ -69,7 +69,9 @@ Model::Model(const tv_model_params &p) : p_(p) {
     p_.rope_inv_freq_swa = inv_freq_swa_.data();
     swa_.assign((size_t)p.n_layer, 0);
     for (int l = 0; p.sliding_window > 0 && l < p.n_layer; l++) swa_[(size_t)l] = p.swa_layers[l] != 0;
-    p_.swa_layers = nullptr;  // copied into swa_; the caller's array is not kept
+    nope_.assign((size_t)p.n_layer, 0);
+    for (int l = 0; p.nope_layers && l < p.n_layer; l++) nope_[(size_t)l] = p.nope_layers[l] != 0;
+    p_.swa_layers = p_.nope_layers = nullptr;  // copied into swa_ and nope_; the caller's arrays are not kept
     layers_.resize((size_t)p.n_layer);
     pool_ = std::make_unique<ThreadPool>(p.n_threads);
     p_.n_threads = pool_->size();
@@ -254,6 +256,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     // All of the batch's K/V go in before any attention, so tokens of one sequence in this batch
     // see each other (causally, by position).
     const bool swa = swa_[(size_t)l] != 0;
+    const bool nope = nope_[(size_t)l] != 0;
     const float *rope_cos = swa ? s_.rope_cos_swa.data() : s_.rope_cos.data(),
                 *rope_sin = swa ? s_.rope_sin_swa.data() : s_.rope_sin.data();
     per_token(pool, T, [&](int t) {
@@ -272,8 +275,10 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
                         k + (size_t)t * Dkv + (size_t)h * hd, hd, p_.rms_eps);
         }
         const float *c = rope_cos + (size_t)t * half, *s = rope_sin + (size_t)t * half;
-        rope_apply(q + (size_t)t * Dq, p_.n_head, hd, p_.rope_interleaved != 0, c, s);
-        rope_apply(k + (size_t)t * Dkv, p_.n_head_kv, hd, p_.rope_interleaved != 0, c, s);
+        if (!nope) {  // a NoPE layer's keys go to the cache unrotated: decode and prefill read them alike
+            rope_apply(q + (size_t)t * Dq, p_.n_head, hd, p_.rope_interleaved != 0, c, s);
+            rope_apply(k + (size_t)t * Dkv, p_.n_head_kv, hd, p_.rope_interleaved != 0, c, s);
+        }
         const int pos = b.positions[t];  // tokens write distinct slots: no two tasks touch one value
         const int block = b.block_tables[(size_t)b.seq_ids[t] * b.max_blocks + pos / cache.block_size];
         cache.write(l, block, pos % cache.block_size, k + (size_t)t * Dkv, v + (size_t)t * Dkv);

@@ -1,4 +1,4 @@
-"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3)."""
+"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3 / smollm3)."""
 from __future__ import annotations
 
 import math
@@ -11,16 +11,25 @@ from tinyvllm.model.errors import ModelFormatError
 
 # "mistral" is llama with (optionally) sliding-window attention on every layer (from_hf_dict sets it).
 _ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
-                 "gemma3_text": "gemma3"}  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
+                 "gemma3_text": "gemma3",  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
+                 "smollm3": "smollm3"}  # llama with NoPE layers (nope_layers)
 SUPPORTED_ARCHS = tuple(sorted(_ARCH_ALIASES))
 # llama.cpp's default for Gemma 3 when the file gives no pattern: every 6th layer is global.
 GEMMA3_SWA_PATTERN = 6
+# SmolLM3: every 4th layer has no RoPE. llama.cpp hard-codes this step (no GGUF key holds it); HF's
+# config says it as no_rope_layer_interval or lists no_rope_layers (1: the layer uses RoPE).
+SMOLLM3_NOPE_STEP = 4
 
 
 def swa_pattern_layers(n_layers: int, pattern: int) -> tuple[bool, ...]:
     """Sliding-window flags from a period: in each group of `pattern` layers the last one is global
     (llama.cpp set_swa_pattern; HF Gemma 3's `(i + 1) % pattern != 0`). 0: every layer slides."""
     return tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers))
+
+
+def nope_step_layers(n_layers: int, step: int) -> tuple[bool, ...]:
+    """No-RoPE flags from a step: layer i skips RoPE when (i + 1) % step == 0 (llama.cpp, HF SmolLM3)."""
+    return tuple(step > 0 and (i + 1) % step == 0 for i in range(n_layers))
 
 
 def _arch(name: Any) -> str:
@@ -84,6 +93,7 @@ class ModelConfig:
     sliding_window: int = 0        # > 0: the layers flagged in swa_layers see the last sliding_window positions
     swa_layers: tuple[bool, ...] = field(default=())
     rope_theta_swa: float | None = None  # RoPE base of the sliding layers (no scaling); None: rope_theta
+    nope_layers: tuple[bool, ...] = field(default=())  # True: the layer applies no RoPE (smollm3); (): all rotate
 
     def __post_init__(self):
         self.arch = _arch(self.arch)
@@ -112,6 +122,9 @@ class ModelConfig:
         if self.sliding_window and len(self.swa_layers) != self.num_layers:
             raise ModelFormatError(f"sliding-window layer pattern has {len(self.swa_layers)} entries, "
                                    f"expected one per layer ({self.num_layers})")
+        self.nope_layers = tuple(bool(b) for b in self.nope_layers) if any(self.nope_layers) else ()
+        if self.nope_layers and len(self.nope_layers) != self.num_layers:
+            raise ModelFormatError(f"no-RoPE layer list has {len(self.nope_layers)} entries, expected {self.num_layers}")
 
     def rope_inv_freq(self) -> np.ndarray:
         """float32 [head_dim//2]: theta^(-2i/d), with the configured frequency scaling applied.
@@ -173,6 +186,11 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         window = int(cfg.get("sliding_window") or 0) if str(arch).lower() == "mistral" else 0
+        layers = int(req("num_hidden_layers"))
+        nope = ()
+        if _arch(arch) == "smollm3":
+            step = int(cfg.get("no_rope_layer_interval") or SMOLLM3_NOPE_STEP)
+            nope = tuple(not u for u in cfg["no_rope_layers"]) if cfg.get("no_rope_layers") else nope_step_layers(layers, step)
         if window and rope_scaling:  # the sliding layers' RoPE table is never rescaled (rope_inv_freq_swa)
             raise ModelFormatError("config.json: mistral sliding_window together with rope_scaling is not supported")
         return cls(
@@ -185,7 +203,7 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings") or 2048,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=_arch(arch) == "qwen2" or bool(cfg.get("attention_bias", False)),
-            rope_interleaved=False, qk_norm=_arch(arch) == "qwen3",
+            rope_interleaved=False, qk_norm=_arch(arch) == "qwen3", nope_layers=nope,
             bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
             eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
         )
@@ -285,6 +303,8 @@ class ModelConfig:
         extra = {}
         if arch == "qwen3":
             extra = dict(qk_norm=True)
+        elif arch == "smollm3":  # llama.cpp: LLM_ARCH_SMOLLM3, n_no_rope_layer_step = 4 whatever the file says
+            extra = dict(nope_layers=nope_step_layers(int(req(p + "block_count")), SMOLLM3_NOPE_STEP))
         elif arch == "gemma3":
             # llama.cpp's reading (src/models/gemma3.cpp): sliding window from attention.sliding_window, layer
             # pattern from attention.sliding_window_pattern (a period or one bool per layer; default 6), local
@@ -315,6 +335,6 @@ class ModelConfig:
             max_position_embeddings=req(p + "context_length"),
             tie_word_embeddings=False,  # decided by the loader: no output.weight => tied
             attention_bias=arch == "qwen2",
-            rope_interleaved=arch == "llama",
+            rope_interleaved=arch in ("llama", "smollm3"),  # both converted by llama.cpp's LlamaModel (Q/K permuted)
             bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, **extra,
         )
