@@ -1,6 +1,6 @@
-"""llama, qwen2, qwen3, gemma3 and smollm3 through the whole engine (native runner) vs the independent float64
+"""llama, qwen2, qwen3, gemma3, smollm3 and phi3 through the whole engine (native runner) vs the independent float64
 reference (tests/reference_forward.py), on tiny random-weight GGUF files and HF directories written by
-tests/tiny_arch_models.py; smollm3 also vs llama.cpp (llama-cpp-python, which knows the arch) on the same file. gemma3 also through every serving path that touches its sliding-window
+tests/tiny_arch_models.py; smollm3 and phi3 also vs llama.cpp (llama-cpp-python 0.3.36 knows both) on the same file. gemma3 also through every serving path that touches its sliding-window
 layers: chunked prefill, paged decode far past the window, prefix-cache hits, preemption + recompute."""
 import dataclasses
 import json
@@ -110,11 +110,11 @@ def test_hf_dir_matches_reference(tmp_path, arch, dtype, new_style):
     assert ids == ref.greedy(out.prompt_token_ids, 24, eos_ids=[])[0]
 
 
-def llamacpp_greedy(path, prompt_ids, n):
+def llamacpp_greedy(path, prompt_ids, n, n_ctx=256):
     """llama.cpp's own greedy continuation (argmax of its logits, token by token) of prompt_ids, and its
     logits at every prompt position."""
     from llama_cpp_plain import Llama
-    lc = Llama(str(path), n_ctx=256, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
+    lc = Llama(str(path), n_ctx=n_ctx, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
     lc.eval(list(prompt_ids))
     prompt_logits = np.array(lc.scores[:len(prompt_ids)], dtype=np.float64)
     out = []
@@ -124,15 +124,16 @@ def llamacpp_greedy(path, prompt_ids, n):
     return out, prompt_logits
 
 
-@pytest.mark.parametrize("arch", ["smollm3"])
-def test_gguf_matches_llamacpp(gguf_dir, arch):
+@pytest.mark.parametrize("arch,n_ctx", [("smollm3", 256), ("phi3", 256), ("phi3", 512)])
+def test_gguf_matches_llamacpp(gguf_dir, arch, n_ctx):
     """llama.cpp reads the same tiny F32 file (its own reading of the architecture): its logits match the
     float64 reference at every position, and its greedy tokens equal ours (F32 weights: no quantized
-    activations on either side, so no near-ties to excuse)."""
+    activations on either side, so no near-ties to excuse). phi3 at a context of 256 (= its original
+    context: LongRoPE's short factors) and 512 (the long ones), in llama.cpp and in the engine alike."""
     path = ta.write_gguf(gguf_dir / f"{arch}-llamacpp.gguf", arch, "F32")
-    theirs, lc_logits = llamacpp_greedy(path, PROMPT_IDS, 24)
-    assert cosines(lc_logits, ReferenceModel.from_gguf(path).prefill_logits(PROMPT_IDS)).min() > 0.999
-    llm = LLM(path, threads=2)
+    theirs, lc_logits = llamacpp_greedy(path, PROMPT_IDS, 24, n_ctx)
+    assert cosines(lc_logits, ReferenceModel.from_gguf(path, n_ctx=n_ctx).prefill_logits(PROMPT_IDS)).min() > 0.999
+    llm = LLM(path, threads=2, max_model_len=n_ctx)
     assert cosines(prefill_logits(llm, PROMPT_IDS), lc_logits).min() > 0.999  # greedy paths alone may agree by luck
     ours = llm.generate({"prompt_token_ids": PROMPT_IDS}, SamplingParams(
         temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].token_ids
@@ -153,6 +154,38 @@ def test_smollm3_nope_layers(gguf_dir, tmp_path):
     roped = ReferenceModel(dataclasses.replace(ref.cfg, nope=[]), ref.embed, ref.norm, ref.out, ref.layers)
     diff = np.abs(ref.prefill_logits(PROMPT_IDS[:12]) - roped.prefill_logits(PROMPT_IDS[:12])).max(axis=1)
     assert diff[0] < 1e-12 and diff[1:].min() > 1e-3
+
+
+def test_phi3_reading(gguf_dir):
+    """What the loader makes of a Phi-3 file: fused q|k|v and gate|up split into row views of the same
+    (quantized) bytes, partial RoPE, the attn_factor, LongRoPE factors chosen by the served context, the
+    file's sliding window left off as llama.cpp does. Each feature changes the reference's logits, so
+    the reference and llama.cpp checks above can fail on any of them."""
+    from tinyvllm.model import load_model
+    spec = ta.SPECS["phi3"]
+    w = load_model(ta.write_gguf(gguf_dir / "phi3-q4.gguf", "phi3", "Q4_0"))
+    cfg = w.config
+    assert (cfg.rope_dim, cfg.sliding_window, cfg.rope_interleaved) == (12, 0, False)
+    assert cfg.rope_mscale == pytest.approx(1.25 ** 0.5) and cfg.rope_scaling["rope_type"] == "longrope"
+    q, k, v = (w.tensors[f"blk.1.attn_{x}.weight"] for x in "qkv")
+    gate, up = w.tensors["blk.1.ffn_gate.weight"], w.tensors["blk.1.ffn_up.weight"]
+    assert (q.shape, k.shape, gate.shape, up.shape) == ((64, 64), (32, 64), (spec.ffn, 64), (spec.ffn, 64))
+    for a, b in ((q, k), (k, v), (gate, up)):  # consecutive views of the mapped file: no copy, no dequantizing
+        assert b.data.ctypes.data == a.data.ctypes.data + a.data.nbytes and a.data.base is not None
+    short, long = ta.longrope_factors(spec)
+    base = 1.0 / 10000.0 ** (np.arange(0, 12, 2) / 12)
+    for n, f in ((256, short), (257, long)):
+        cfg.serve_len = n
+        np.testing.assert_allclose(cfg.rope_inv_freq(), base / f, rtol=1e-6)
+    path = ta.write_gguf(gguf_dir / "phi3-f32.gguf", "phi3", "F32")
+    ref = ReferenceModel.from_gguf(path, n_ctx=256)
+    want = ref.prefill_logits(PROMPT_IDS)
+    variant = lambda **change: ReferenceModel(dataclasses.replace(ref.cfg, **change), ref.embed, ref.norm, ref.out,
+                                              ref.layers).prefill_logits(PROMPT_IDS)
+    for change in (dict(mscale=1.0), dict(window=8, swa=[True] * spec.layers)):
+        assert cosines(want, variant(**change)).min() < 0.999, change
+    assert cosines(variant(rope_scaling=None), variant(rope_scaling=None, rot=16)).min() < 0.999  # partial RoPE
+    assert cosines(want, ReferenceModel.from_gguf(path, n_ctx=512).prefill_logits(PROMPT_IDS)).min() < 0.999
 
 
 def test_reference_window_is_exercised(gguf_dir):
@@ -262,8 +295,8 @@ def test_unsupported_arch_names_supported(tmp_path):
     d = tmp_path / "hf"
     ta.write_hf_dir(d, "qwen3")
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3"}))
-    with pytest.raises(ModelFormatError, match="unsupported architecture 'phi3'.*gemma3"):
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "falcon"}))
+    with pytest.raises(ModelFormatError, match="unsupported architecture 'falcon'.*gemma3"):
         LLM(str(d))
 
 

@@ -1,4 +1,4 @@
-"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3 / smollm3)."""
+"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3 / smollm3 / phi3)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ from tinyvllm.model.errors import ModelFormatError
 # "mistral" is llama with (optionally) sliding-window attention on every layer (from_hf_dict sets it).
 _ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
                  "gemma3_text": "gemma3",  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
-                 "smollm3": "smollm3"}  # llama with NoPE layers (nope_layers)
+                 "smollm3": "smollm3",  # llama with NoPE layers (nope_layers)
+                 "phi3": "phi3"}  # fused qkv / gate_up (split at load), LongRoPE factors
 SUPPORTED_ARCHS = tuple(sorted(_ARCH_ALIASES))
 # llama.cpp's default for Gemma 3 when the file gives no pattern: every 6th layer is global.
 GEMMA3_SWA_PATTERN = 6
@@ -54,7 +55,8 @@ def _normalize_rope_scaling(rs: Any) -> dict | None:
         return None
     need = {"linear": ("factor",),
             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-            "freq_factors": ("factors",)}.get(kind)
+            "freq_factors": ("factors",),
+            "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}.get(kind)
     if need is None:
         raise ModelFormatError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
     for k in need:
@@ -94,6 +96,9 @@ class ModelConfig:
     swa_layers: tuple[bool, ...] = field(default=())
     rope_theta_swa: float | None = None  # RoPE base of the sliding layers (no scaling); None: rope_theta
     nope_layers: tuple[bool, ...] = field(default=())  # True: the layer applies no RoPE (smollm3); (): all rotate
+    rope_dim: int = 0              # values rotated per q/k head (partial RoPE); 0: head_dim
+    rope_mscale: float = 1.0       # RoPE's cos/sin x this (LongRoPE's attention factor)
+    serve_len: int | None = None   # the context the engine serves (max_model_len): LongRoPE picks its factors by it
 
     def __post_init__(self):
         self.arch = _arch(self.arch)
@@ -108,8 +113,10 @@ class ModelConfig:
             setattr(self, k, int(v))
         if self.num_heads % self.num_kv_heads:
             raise ModelFormatError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ModelFormatError(f"head_dim {self.head_dim} must be even for RoPE")
+        self.rope_dim = int(self.rope_dim or self.head_dim)
+        if self.head_dim % 2 or self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
+            raise ModelFormatError(f"head_dim {self.head_dim} and rope dimension {self.rope_dim} must be even, "
+                                   "the rope dimension at most head_dim")
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
             raise ModelFormatError(f"bad rms_norm_eps {self.rms_norm_eps} / rope_theta {self.rope_theta}")
         self.rms_norm_eps, self.rope_theta = float(self.rms_norm_eps), float(self.rope_theta)
@@ -129,7 +136,7 @@ class ModelConfig:
     def rope_inv_freq(self) -> np.ndarray:
         """float32 [head_dim//2]: theta^(-2i/d), with the configured frequency scaling applied.
         Computed in float64 and rounded once so every backend sees the same table."""
-        d = self.head_dim
+        d = self.rope_dim
         inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
         rs = self.rope_scaling
         kind = rs["rope_type"] if rs else None
@@ -149,12 +156,20 @@ class ModelConfig:
             if f.shape != inv.shape:
                 raise ModelFormatError(f"rope freq factors have shape {f.shape}, expected {inv.shape}")
             inv = inv / f
+        elif kind == "longrope":
+            # Phi-3: per-frequency divisors, the long set when the served context exceeds the original one
+            # (llama.cpp get_rope_factors: n_ctx_per_seq > n_ctx_orig_yarn; HF Phi3: seq_len > original)
+            long = (self.serve_len or self.max_position_embeddings) > int(rs["original_max_position_embeddings"])
+            f = np.asarray(rs["long_factor" if long else "short_factor"], dtype=np.float64)
+            if f.shape != inv.shape:
+                raise ModelFormatError(f"LongRoPE factors have shape {f.shape}, expected {inv.shape}")
+            inv = inv / f
         return inv.astype(np.float32)
 
     def rope_inv_freq_swa(self) -> np.ndarray:
         """float32 [head_dim//2] of the sliding-window layers: their own base, never rescaled (Gemma 3's
         local layers keep rope_local_base_freq; scaling applies to the global layers only)."""
-        d, theta = self.head_dim, self.rope_theta_swa or self.rope_theta
+        d, theta = self.rope_dim, self.rope_theta_swa or self.rope_theta
         return (1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))).astype(np.float32)
 
     @property
@@ -204,6 +219,7 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=_arch(arch) == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_interleaved=False, qk_norm=_arch(arch) == "qwen3", nope_layers=nope,
+            rope_dim=int((cfg.get("head_dim") or hidden // heads) * float(cfg.get("partial_rotary_factor") or 1.0)),
             bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
             eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
         )
@@ -277,10 +293,7 @@ class ModelConfig:
         head_dim = int(md.get(p + "attention.key_length", hidden // heads))
         if int(md.get(p + "attention.value_length", head_dim)) != head_dim:
             raise ModelFormatError("GGUF: attention.key_length != attention.value_length is not supported")
-        rot = int(md.get(p + "rope.dimension_count", head_dim))
-        if rot != head_dim:
-            raise ModelFormatError(f"GGUF: partial rotary (rope.dimension_count {rot} != head_dim {head_dim}) "
-                                   "is not supported")
+        rot = int(md.get(p + "rope.dimension_count", head_dim))  # < head_dim: partial RoPE (Phi-4-mini's 96 of 128)
         if p + "vocab_size" in md:
             vocab = md[p + "vocab_size"]
         elif "tokenizer.ggml.tokens" in md:
@@ -305,6 +318,11 @@ class ModelConfig:
             extra = dict(qk_norm=True)
         elif arch == "smollm3":  # llama.cpp: LLM_ARCH_SMOLLM3, n_no_rope_layer_step = 4 whatever the file says
             extra = dict(nope_layers=nope_step_layers(int(req(p + "block_count")), SMOLLM3_NOPE_STEP))
+        elif arch == "phi3":
+            # llama.cpp (src/models/phi3.cpp): NEOX RoPE, cos/sin x rope.scaling.attn_factor; LongRoPE factors come
+            # from rope_factors_short/long tensors (the loader adds them). attention.sliding_window is read and
+            # then switched off by llama.cpp ("Phi SWA is currently disabled"): every layer attends fully here too.
+            extra = dict(rope_mscale=float(md.get(p + "rope.scaling.attn_factor", 1.0) or 1.0))
         elif arch == "gemma3":
             # llama.cpp's reading (src/models/gemma3.cpp): sliding window from attention.sliding_window, layer
             # pattern from attention.sliding_window_pattern (a period or one bool per layer; default 6), local
@@ -336,5 +354,5 @@ class ModelConfig:
             tie_word_embeddings=False,  # decided by the loader: no output.weight => tied
             attention_bias=arch == "qwen2",
             rope_interleaved=arch in ("llama", "smollm3"),  # both converted by llama.cpp's LlamaModel (Q/K permuted)
-            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, **extra,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, rope_dim=rot, **extra,
         )
