@@ -338,7 +338,9 @@ class ReferenceModel:
         return cls(cfg, embed, W["output_norm.weight"], W.get("output.weight", embed), layers, meta)
 
     @classmethod
-    def from_hf_dir(cls, path: str) -> "ReferenceModel":
+    def from_hf_dir(cls, path: str, n_ctx: int = 512) -> "ReferenceModel":
+        """n_ctx: the context served (phi3's LongRoPE choice: HF's modeling code picks by the current length;
+        a server fixes it by its context, as llama.cpp does)."""
         with open(os.path.join(path, "config.json")) as f:
             c = json.load(f)
         W: dict = {}
@@ -348,7 +350,7 @@ class ReferenceModel:
         for fn in files:
             W.update(read_safetensors(os.path.join(path, fn)))
         mt = c.get("model_type", "")
-        arch = ("gemma3" if mt.startswith("gemma3") else mt if mt in ("qwen3", "smollm3") else
+        arch = ("gemma3" if mt.startswith("gemma3") else mt if mt in ("qwen3", "smollm3", "phi3") else
                 "qwen2" if "qwen2" in mt else "llama")
         n_heads, hidden = c["num_attention_heads"], c["hidden_size"]
         eos = c.get("eos_token_id")
@@ -359,6 +361,22 @@ class ReferenceModel:
             uses = c.get("no_rope_layers") or [int((i + 1) % c.get("no_rope_layer_interval", 4) != 0)
                                                for i in range(c["num_hidden_layers"])]
             extra = dict(nope=[not u for u in uses])
+        elif arch == "phi3":  # HF Phi3: qkv_proj rows q | k | v, gate_up_proj rows gate | up; LongRoPE in rope_scaling
+            hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+            nq, nkv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", c["num_attention_heads"]) * hd
+            for i in range(c["num_hidden_layers"]):
+                p = f"model.layers.{i}."
+                qkv = W.pop(p + "self_attn.qkv_proj.weight")
+                W[p + "self_attn.q_proj.weight"], W[p + "self_attn.k_proj.weight"], W[p + "self_attn.v_proj.weight"] = \
+                    np.split(qkv, [nq, nq + nkv])
+                W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"] = np.split(W.pop(p + "mlp.gate_up_proj.weight"), 2)
+            rs, orig = c.get("rope_scaling"), c.get("original_max_position_embeddings")
+            scale = c["max_position_embeddings"] / orig if orig else 1.0
+            extra = dict(rot=int(hd * c.get("partial_rotary_factor", 1.0)),
+                         mscale=math.sqrt(1 + math.log(scale) / math.log(orig)) if rs and scale > 1 else 1.0)
+            if rs:
+                c = {**c, "rope_scaling": {"type": "freq_factors",
+                                           "factors": rs["long_factor" if n_ctx > orig else "short_factor"]}}
         elif arch == "gemma3":
             names = _HF_GEMMA3_LAYER_NAMES
             n_layers, hd = c["num_hidden_layers"], c.get("head_dim") or 256

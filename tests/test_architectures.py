@@ -92,7 +92,7 @@ def test_gguf_config_reading(gguf_dir):
 
 
 @pytest.mark.parametrize("arch,dtype,new_style", [("qwen3", "float32", False), ("qwen3", "bfloat16", False),
-                                                  ("smollm3", "float32", False),
+                                                  ("smollm3", "float32", False), ("phi3", "float32", False),
                                                   ("gemma3", "float32", False), ("gemma3", "float32", True),
                                                   ("gemma3", "bfloat16", False)])
 def test_hf_dir_matches_reference(tmp_path, arch, dtype, new_style):

@@ -253,6 +253,16 @@ def write_hf_dir(path, arch: str, *, seed: int = 0, tie: bool = True, dtype: str
         else:
             cfg.update(sliding_window_pattern=spec.pattern, rope_local_base_freq=spec.theta_swa, rope_scaling=None)
         W = {k: (v - np.float32(1.0) if k.endswith("norm.weight") else v) for k, v in W.items()}
+    elif arch == "phi3":  # Phi-4-mini's config shape: fused projections, partial_rotary_factor, longrope
+        short, long = longrope_factors(spec)
+        cfg.update(architectures=["Phi3ForCausalLM"], hidden_act="silu", sliding_window=spec.window,
+                   partial_rotary_factor=spec.extra["rope_dim"] / spec.head_dim,
+                   original_max_position_embeddings=spec.extra["orig_ctx"],
+                   rope_scaling={"type": "longrope", "short_factor": short.tolist(), "long_factor": long.tolist()})
+        for i in range(spec.layers):
+            p = f"model.layers.{i}."
+            W[p + "self_attn.qkv_proj.weight"] = np.concatenate([W.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            W[p + "mlp.gate_up_proj.weight"] = np.concatenate([W.pop(p + "mlp.gate_proj.weight"), W.pop(p + "mlp.up_proj.weight")])
     elif arch == "smollm3":  # NoPE layers listed per layer (1: RoPE), as SmolLM3-3B's config.json does
         cfg.update(architectures=["SmolLM3ForCausalLM"], hidden_act="silu", no_rope_layer_interval=4,
                    no_rope_layers=[int((i + 1) % 4 != 0) for i in range(spec.layers)])

@@ -198,6 +198,12 @@ class ModelConfig:
         params = cfg.get("rope_parameters") or {}  # transformers >= 4.56 moved theta + scaling here
         rope_scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
         theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+        mscale = 1.0
+        if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "longrope":  # Phi-3
+            orig = int(rope_scaling.get("original_max_position_embeddings") or req("original_max_position_embeddings"))
+            scale = (cfg.get("max_position_embeddings") or orig) / orig  # HF's attention factor: magnitude of cos/sin
+            mscale = rope_scaling.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+            rope_scaling = {**rope_scaling, "original_max_position_embeddings": orig}
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         window = int(cfg.get("sliding_window") or 0) if str(arch).lower() == "mistral" else 0
@@ -220,6 +226,7 @@ class ModelConfig:
             attention_bias=_arch(arch) == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_interleaved=False, qk_norm=_arch(arch) == "qwen3", nope_layers=nope,
             rope_dim=int((cfg.get("head_dim") or hidden // heads) * float(cfg.get("partial_rotary_factor") or 1.0)),
+            rope_mscale=mscale,
             bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
             eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
         )
