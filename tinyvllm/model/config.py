@@ -117,8 +117,9 @@ class ModelConfig:
         if self.head_dim % 2 or self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
             raise ModelFormatError(f"head_dim {self.head_dim} and rope dimension {self.rope_dim} must be even, "
                                    "the rope dimension at most head_dim")
-        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise ModelFormatError(f"bad rms_norm_eps {self.rms_norm_eps} / rope_theta {self.rope_theta}")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0 and 0 < self.rope_mscale < math.inf):
+            raise ModelFormatError(f"bad rms_norm_eps {self.rms_norm_eps} / rope_theta {self.rope_theta} / "
+                                   f"rope attention factor {self.rope_mscale}")
         self.rms_norm_eps, self.rope_theta = float(self.rms_norm_eps), float(self.rope_theta)
         if self.ffn_act not in ("silu", "gelu_tanh"):
             raise ModelFormatError(f"unsupported FFN activation {self.ffn_act!r} (supported: silu, gelu_tanh)")
