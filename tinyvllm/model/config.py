@@ -1,4 +1,5 @@
-"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3 / smollm3 / phi3)."""
+"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3 / smollm3 /
+phi3)."""
 from __future__ import annotations
 
 import math
@@ -132,7 +133,8 @@ class ModelConfig:
                                    f"expected one per layer ({self.num_layers})")
         self.nope_layers = tuple(bool(b) for b in self.nope_layers) if any(self.nope_layers) else ()
         if self.nope_layers and len(self.nope_layers) != self.num_layers:
-            raise ModelFormatError(f"no-RoPE layer list has {len(self.nope_layers)} entries, expected {self.num_layers}")
+            raise ModelFormatError(f"no-RoPE layer list has {len(self.nope_layers)} entries, "
+                                   f"expected {self.num_layers}")
 
     def rope_inv_freq(self) -> np.ndarray:
         """float32 [head_dim//2]: theta^(-2i/d), with the configured frequency scaling applied.
@@ -203,7 +205,8 @@ class ModelConfig:
         if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "longrope":  # Phi-3
             orig = int(rope_scaling.get("original_max_position_embeddings") or req("original_max_position_embeddings"))
             scale = (cfg.get("max_position_embeddings") or orig) / orig  # HF's attention factor: magnitude of cos/sin
-            mscale = rope_scaling.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+            mscale = rope_scaling.get("attention_factor") or (
+                math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
             rope_scaling = {**rope_scaling, "original_max_position_embeddings": orig}
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -212,7 +215,8 @@ class ModelConfig:
         nope = ()
         if _arch(arch) == "smollm3":
             step = int(cfg.get("no_rope_layer_interval") or SMOLLM3_NOPE_STEP)
-            nope = tuple(not u for u in cfg["no_rope_layers"]) if cfg.get("no_rope_layers") else nope_step_layers(layers, step)
+            nope = (tuple(not u for u in cfg["no_rope_layers"]) if cfg.get("no_rope_layers")
+                    else nope_step_layers(layers, step))
         if window and rope_scaling:  # the sliding layers' RoPE table is never rescaled (rope_inv_freq_swa)
             raise ModelFormatError("config.json: mistral sliding_window together with rope_scaling is not supported")
         return cls(

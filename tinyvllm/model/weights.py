@@ -125,7 +125,7 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], dict[str, tuple
     """(required, optional) tensor name -> (rows, cols) for a llama/qwen2/qwen3/gemma3 decoder."""
     h, ff, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     req = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,)}
-    opt = {n: (cfg.rope_dim // 2,) for n in ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")}
+    opt = {f"{n}.weight": (cfg.rope_dim // 2,) for n in ("rope_freqs", "rope_factors_short", "rope_factors_long")}
     (opt if cfg.tie_word_embeddings else req)["output.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
