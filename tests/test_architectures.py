@@ -268,10 +268,11 @@ def test_gemma3_prefix_hit_equals_recompute(gemma3):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_decode_logits_bit_identical_to_prefill(gemma3):
-    """Batch invariance with sliding layers: the logits of position p decoded one token at a time equal
-    those of one prefill over all positions, bit for bit."""
-    path, _ = gemma3
+@pytest.mark.parametrize("arch", ["gemma3", "smollm3", "phi3"])
+def test_decode_logits_bit_identical_to_prefill(gguf_dir, arch):
+    """Batch invariance with sliding layers, NoPE layers, partial RoPE + LongRoPE: the logits of position p
+    decoded one token at a time equal those of one prefill over all positions, bit for bit."""
+    path = ta.write_gguf(gguf_dir / f"{arch}-serving.gguf", arch, "Q8_0")
     llm = LLM(path, threads=2)
     r, ids = llm.engine.runner, PROMPT_IDS[:30]
     full = prefill_logits(llm, ids)
@@ -331,7 +332,7 @@ def test_gemma3_bad_files(tmp_path):
         LLM(str(tmp_path / "g2.gguf"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "smollm3", "phi3"])
 def test_tinygrad_runner_refuses_new_archs(gguf_dir, arch):
     """device='tinygrad' implements the LLaMA block only: qwen3/gemma3 are refused up front, naming what
     it runs and where these run (checked before tinygrad is imported, so this runs without it)."""
