@@ -50,6 +50,7 @@ def _normalize_rope_scaling(rs: Any) -> dict | None:
         raise ModelFormatError(f"rope_scaling must be a dict, got {rs!r}")
     rs = dict(rs)
     kind = rs.pop("rope_type", None) or rs.pop("type", None) or "default"
+    kind = {"su": "longrope"}.get(kind, kind)  # early Phi-3 128k configs call LongRoPE "su"
     rs.pop("type", None)
     rs.pop("rope_theta", None)  # newer HF "rope_parameters" puts theta in the same dict
     if kind == "default":
@@ -59,7 +60,7 @@ def _normalize_rope_scaling(rs: Any) -> dict | None:
             "freq_factors": ("factors",),
             "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}.get(kind)
     if need is None:
-        raise ModelFormatError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        raise ModelFormatError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, longrope)")
     for k in need:
         if k not in rs:
             raise ModelFormatError(f"rope scaling {kind!r} is missing {k!r}")
@@ -202,7 +203,7 @@ class ModelConfig:
         rope_scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
         theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
         mscale = 1.0
-        if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "longrope":  # Phi-3
+        if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) in ("longrope", "su"):
             orig = int(rope_scaling.get("original_max_position_embeddings") or req("original_max_position_embeddings"))
             scale = (cfg.get("max_position_embeddings") or orig) / orig  # HF's attention factor: magnitude of cos/sin
             mscale = rope_scaling.get("attention_factor") or (
