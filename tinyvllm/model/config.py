@@ -307,6 +307,9 @@ class ModelConfig:
         if int(md.get(p + "attention.value_length", head_dim)) != head_dim:
             raise ModelFormatError("GGUF: attention.key_length != attention.value_length is not supported")
         rot = int(md.get(p + "rope.dimension_count", head_dim))  # < head_dim: partial RoPE (Phi-4-mini's 96 of 128)
+        if rot != head_dim and arch != "phi3":  # llama.cpp asserts n_rot == head_dim in the other graphs
+            raise ModelFormatError(f"GGUF: partial rotary (rope.dimension_count {rot} != head_dim {head_dim}) "
+                                   f"is not supported for {arch} (only phi3)")
         if p + "vocab_size" in md:
             vocab = md[p + "vocab_size"]
         elif "tokenizer.ggml.tokens" in md:
