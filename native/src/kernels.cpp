@@ -20,8 +20,7 @@ const Kernels *lookup(const char *name) {
     if (std::strcmp(name, "auto") == 0 || name[0] == '\0') {
         if (const Kernels *k = kernels_neon_dotprod_table()) return k;  // both nullptr off aarch64
         if (const Kernels *k = kernels_neon_table()) return k;
-        // avx512amx is opt-in (TINYVLLM_KERNEL=avx512amx): its thread-local scratch is not yet fully paid
-        // from the memory budget (a budget property test went ~8 MB over with it).
+        if (cpu_has_amx() && kernels_amx_table()) return kernels_amx_table();
         if (cpu_has_avx512vnni() && kernels_avx512_table()) return kernels_avx512_table();
         return cpu_has_avx2() && kernels_avx2_table() ? kernels_avx2_table() : &kernels_scalar;
     }

@@ -112,17 +112,42 @@ TV_AMX const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
 
 // A group's 16 weight rows unpacked (formats.h through x86_common.h's unpack) into B slices, with
 // the per-slice scales as 16-lane vectors (lane = weight row): the same products as F::scales.
+// A view into the thread's WeightScratch.
 template <class F>
 struct Group {
     static constexpr int NB_ = F::TWO_SCALES ? 2 : 1;
-    std::vector<BSlice> b;           // [nb][NB_]
-    std::vector<float> d, d2, mn;    // [nb][16]
+    BSlice *b;              // [nb][NB_]
+    float *d, *d2, *mn;     // [nb][16]
+};
+
+// Weight groups are unpacked GROUPS_MAX at a time however long the driver's chunk is (a decode-sized
+// chunk can be half a 49,152-row output matrix: 20 MB of unpacked groups), into one buffer per thread
+// that every format shares: a thread's scratch stays GROUPS_MAX * 16 rows x the widest row it met,
+// 2 bytes per weight plus 3 floats per 16-row slice (runner/native_runner.py's _amx_scratch_bytes pays it).
+constexpr int GROUPS_MAX = 4;
+struct WeightScratch {
+    std::vector<BSlice> b;  // [GROUPS_MAX][nb][2]
+    std::vector<float> f;   // [GROUPS_MAX][3][nb][16]
+    int64_t nb = 0;         // the row width (in slices) the buffers are laid out for
 };
 
 template <class F>
+Group<F> group_view(WeightScratch &s, int64_t gi, int64_t nb) {
+    float *f = s.f.data() + gi * 3 * nb * TR;
+    return Group<F>{s.b.data() + gi * nb * 2, f, f + nb * TR, f + 2 * nb * TR};
+}
+
+WeightScratch &weight_scratch(int64_t nb) {
+    thread_local WeightScratch s;
+    if (s.nb < nb) {
+        s.b.resize((size_t)(GROUPS_MAX * nb * 2)), s.f.resize((size_t)(GROUPS_MAX * 3 * nb * TR));
+        s.nb = nb;
+    }
+    return s;
+}
+
+template <class F>
 TV_AMX void unpack_group(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, int64_t nb, Group<F> &g) {
-    constexpr int NB_ = Group<F>::NB_;
-    if (g.b.size() < (size_t)(nb * NB_)) g.b.resize((size_t)(nb * NB_)), g.d.resize(nb * TR), g.d2.resize(nb * TR), g.mn.resize(nb * TR);
     for (int n = 0; n < TR; n++) {
         const uint8_t *row = w + (size_t)(std::min(g0 + n, r1 - 1)) * row_bytes;  // rows past r1 repeat the last
         BlockScales<F::SLICES> sc{};
@@ -209,10 +234,10 @@ TV_AMX void tile_block(const Group<F> &g, const Prep &x, int64_t t, int64_t nb, 
     auto finish = [&](int64_t j) TV_AMX {
         const int64_t b = j / NH;
         const int h = (int)(j % NH);
-        scale_rows(acc, c, (int)(j % 2), _mm512_loadu_ps((h ? g.d2 : g.d).data() + b * TR), xd + b * TR);
+        scale_rows(acc, c, (int)(j % 2), _mm512_loadu_ps((h ? g.d2 : g.d) + b * TR), xd + b * TR);
         if constexpr (F::HAS_MIN) {
             if (h == NH - 1) {
-                const __m512 mn = _mm512_loadu_ps(g.mn.data() + b * TR);
+                const __m512 mn = _mm512_loadu_ps(g.mn + b * TR);
 #pragma GCC unroll 16
                 for (int i = 0; i < TR; i++) acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[b * TR + i]), acc[i]);
             }
@@ -233,17 +258,22 @@ template <class F>
 TV_AMX void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const Prep &x, int64_t m, int64_t nb,
                       float *y, int64_t ldy) {
     configure_tiles();
-    // the chunk's groups unpacked first, then each tile of activation rows meets all of them (the
+    // up to GROUPS_MAX groups unpacked first, then each tile of activation rows meets all of them (the
     // tile's slices stay in L1 while the groups' B slices, ~nb KiB each, stay in L2)
-    thread_local std::vector<Group<F>> groups;
-    const int64_t ng = (r1 - r0 + TR - 1) / TR;
-    if ((int64_t)groups.size() < ng) groups.resize((size_t)ng);
-    for (int64_t gi = 0; gi < ng; gi++) unpack_group<F>(w, row_bytes, r0 + gi * TR, r1, nb, groups[(size_t)gi]);
-    for (int64_t t = 0; t * TR < m; t++) {
-        const int ni = (int)std::min<int64_t>(TR, m - t * TR);
+    WeightScratch &s = weight_scratch(nb);
+    for (int64_t c0 = r0; c0 < r1; c0 += GROUPS_MAX * TR) {
+        const int64_t c1 = std::min<int64_t>(r1, c0 + GROUPS_MAX * TR), ng = (c1 - c0 + TR - 1) / TR;
+        Group<F> groups[GROUPS_MAX];
         for (int64_t gi = 0; gi < ng; gi++) {
-            const int64_t g0 = r0 + gi * TR;
-            tile_block<F>(groups[(size_t)gi], x, t, nb, (int)std::min<int64_t>(TR, r1 - g0), ni, y + g0, ldy);
+            groups[gi] = group_view<F>(s, gi, nb);
+            unpack_group<F>(w, row_bytes, c0 + gi * TR, c1, nb, groups[gi]);
+        }
+        for (int64_t t = 0; t * TR < m; t++) {
+            const int ni = (int)std::min<int64_t>(TR, m - t * TR);
+            for (int64_t gi = 0; gi < ng; gi++) {
+                const int64_t g0 = c0 + gi * TR;
+                tile_block<F>(groups[gi], x, t, nb, (int)std::min<int64_t>(TR, c1 - g0), ni, y + g0, ldy);
+            }
         }
     }
 }

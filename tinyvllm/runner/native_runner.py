@@ -8,18 +8,17 @@ from .._native import NativeError, check, ffi, lib, ptr
 from .kv_cache import canonical_kv_dtype, kv_bytes_per_block
 
 _KV_DTYPE_CODES = {"float16": 1, "float32": 0}  # the native tv_kv_cache_create codes
-_QUANT_FORMATS = 10  # quantized weight formats the native matmul runs (an upper bound on those a model mixes)
 
 
 def _amx_scratch_bytes(cfg, max_tokens: int, threads: int) -> int:
     """kernels_amx.cpp keeps thread-local scratch that grows to its largest use: the calling thread's
-    activation tiles (2 bytes per value, 2 floats per 16-row slice) and, per weight format and thread,
-    one 64-row chunk of unpacked weights (at most 2 bytes per weight with per-half scales, 3 floats per
-    16-row slice). Zero where that path does not run."""
+    activation tiles (2 bytes per value and 2 floats per 32 values, rows rounded up to a tile of 16) and,
+    per thread, one buffer of 64 unpacked weight rows that every format shares (2 bytes per weight with
+    per-half scales, 3 floats per 16-row slice). Zero where that path does not run."""
     if ffi.string(lib.tv_kernel_path()).decode() != "avx512amx":
         return 0
     k = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
-    return max_tokens * k * 9 // 4 + threads * _QUANT_FORMATS * 64 * k * 5 // 2
+    return -(-max_tokens // 16) * 16 * k * 9 // 4 + threads * 64 * k * 19 // 8
 
 
 def default_threads() -> int:
