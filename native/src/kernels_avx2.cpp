@@ -27,14 +27,36 @@
 namespace tv {
 namespace {
 
-// unpack<F> (x86_common.h) with a shorter form for plain 16-byte nibbles (Q4_0, Q4_1): widen the
-// bytes to int16 once, then the low nibble is a mask and the high one a shift (3-4 ops, not 6-8).
+// unpack<F> (x86_common.h) with a shorter form for 16-byte nibbles without a code book (Q4_0,
+// Q4_1, Q5_0, Q5_1): widen the bytes to int16 once, then the low nibble is a mask and the high one
+// a shift. A 32-bit high-bit mask (Q5_0, Q5_1) then selects int16 lanes as on the AVX-512 path
+// (q = low + top * h - OFFSET is linear): bit j of the mask tested in lane j, and top added where
+// h = 1 (Q5_1) or subtracted where h = 0 (Q5_0: OFFSET == top), instead of a byte expansion.
 template <class F>
 TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
-    if constexpr (F::LOW == LOW_NIB16 && F::HIGH == HIGH_NONE && !F::HAS_TABLE) {
+    if constexpr (F::LOW == LOW_NIB16 && F::HIGH != HIGH_BYTES && !F::HAS_TABLE) {
         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + F::src(s).lo)));
         __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(v, 4);
-        if constexpr (F::OFFSET != 0) {
+        if constexpr (F::HIGH == HIGH_MASK32) {
+            constexpr int top = 1 << F::LOW_BITS;
+            static_assert(F::OFFSET == 0 || F::OFFSET == top, "a shape this function knows");
+            uint32_t bits;
+            std::memcpy(&bits, blk + F::src(s).hi, 4);
+            const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                                  (short)0x8000);
+            const __m256i t = _mm256_set1_epi16(top);
+            auto lanes = [&](uint32_t b16) TV_AVX2 {  // 0xFFFF where bit j of b16 is set
+                return _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)b16), sel), sel);
+            };
+            const __m256i hl = lanes(bits & 0xFFFF), hh = lanes(bits >> 16);
+            if constexpr (F::OFFSET == 0) {
+                lo = _mm256_add_epi16(lo, _mm256_and_si256(hl, t));
+                hi = _mm256_add_epi16(hi, _mm256_and_si256(hh, t));
+            } else {
+                lo = _mm256_sub_epi16(lo, _mm256_andnot_si256(hl, t));
+                hi = _mm256_sub_epi16(hi, _mm256_andnot_si256(hh, t));
+            }
+        } else if constexpr (F::OFFSET != 0) {
             lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(F::OFFSET));
             hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(F::OFFSET));
         }
