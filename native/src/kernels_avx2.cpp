@@ -61,6 +61,19 @@ TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
             hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(F::OFFSET));
         }
         return {lo, hi};
+    } else if constexpr (F::LOW != LOW_NIB16 && F::HIGH != HIGH_MASK32 && !F::HAS_TABLE) {
+        // 32 contiguous bytes (Q8_0 and the K formats): each step on one ymm of bytes, then widened
+        const SliceSrc src = F::src(s);
+        auto load = [&](int at) TV_AVX2 { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + at)); };
+        __m256i q = load(src.lo);
+        if constexpr (F::LOW != LOW_I8)  // 16-bit shifts: the mask drops bits of the neighbour byte
+            q = _mm256_and_si256(_mm256_srli_epi16(q, src.lo_shift), _mm256_set1_epi8(F::LOW == LOW_NIB32 ? 0x0F : 0x03));
+        if constexpr (F::HIGH == HIGH_BYTES) {
+            const __m256i h = _mm256_and_si256(_mm256_srli_epi16(load(src.hi), src.hi_shift), _mm256_set1_epi8(F::HIGH_MASK));
+            q = _mm256_or_si256(q, _mm256_slli_epi16(h, F::LOW_BITS));
+        }
+        if constexpr (F::OFFSET != 0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(F::OFFSET));
+        return {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
     } else {
         return unpack<F>(blk, s);
     }
