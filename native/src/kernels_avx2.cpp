@@ -34,7 +34,7 @@ namespace {
 // h = 1 (Q5_1) or subtracted where h = 0 (Q5_0: OFFSET == top), instead of a byte expansion.
 template <class F>
 TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
-    if constexpr (F::LOW == LOW_NIB16 && F::HIGH != HIGH_BYTES && !F::HAS_TABLE) {
+    if constexpr (F::LOW == LOW_NIB16 && (F::HIGH == HIGH_NONE || F::HIGH == HIGH_MASK32) && !F::HAS_TABLE) {
         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + F::src(s).lo)));
         __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(v, 4);
         if constexpr (F::HIGH == HIGH_MASK32) {
@@ -61,7 +61,8 @@ TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
             hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(F::OFFSET));
         }
         return {lo, hi};
-    } else if constexpr (F::LOW != LOW_NIB16 && F::HIGH != HIGH_MASK32 && !F::HAS_TABLE) {
+    } else if constexpr ((F::LOW == LOW_NIB32 || F::LOW == LOW_BIT2 || F::LOW == LOW_I8) &&
+                         (F::HIGH == HIGH_NONE || F::HIGH == HIGH_BYTES) && !F::HAS_TABLE) {
         // 32 contiguous bytes (Q8_0 and the K formats): each step on one ymm of bytes, then widened
         const SliceSrc src = F::src(s);
         auto load = [&](int at) TV_AVX2 { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + at)); };
@@ -74,7 +75,7 @@ TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
         }
         if constexpr (F::OFFSET != 0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(F::OFFSET));
         return {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
-    } else {
+    } else {  // any other shape: x86_common.h's
         return unpack<F>(blk, s);
     }
 }
