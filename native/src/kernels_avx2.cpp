@@ -61,14 +61,14 @@ TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
             hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(F::OFFSET));
         }
         return {lo, hi};
-    } else if constexpr ((F::LOW == LOW_NIB32 || F::LOW == LOW_BIT2 || F::LOW == LOW_I8) &&
-                         (F::HIGH == HIGH_NONE || F::HIGH == HIGH_BYTES) && !F::HAS_TABLE) {
-        // 32 contiguous bytes (Q8_0 and the K formats): each step on one ymm of bytes, then widened
+    } else if constexpr ((F::LOW == LOW_NIB32 || F::LOW == LOW_BIT2) && (F::HIGH == HIGH_NONE || F::HIGH == HIGH_BYTES) &&
+                         !F::HAS_TABLE) {
+        // 32 contiguous bytes of bit fields (the K formats): each step on one ymm of bytes, then
+        // widened (plain int8, Q8_0, is widened straight from memory by x86_common.h's unpack)
         const SliceSrc src = F::src(s);
         auto load = [&](int at) TV_AVX2 { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + at)); };
-        __m256i q = load(src.lo);
-        if constexpr (F::LOW != LOW_I8)  // 16-bit shifts: the mask drops bits of the neighbour byte
-            q = _mm256_and_si256(_mm256_srli_epi16(q, src.lo_shift), _mm256_set1_epi8(F::LOW == LOW_NIB32 ? 0x0F : 0x03));
+        // 16-bit shifts: the mask drops bits of the neighbour byte
+        __m256i q = _mm256_and_si256(_mm256_srli_epi16(load(src.lo), src.lo_shift), _mm256_set1_epi8(F::LOW == LOW_NIB32 ? 0x0F : 0x03));
         if constexpr (F::HIGH == HIGH_BYTES) {
             const __m256i h = _mm256_and_si256(_mm256_srli_epi16(load(src.hi), src.hi_shift), _mm256_set1_epi8(F::HIGH_MASK));
             q = _mm256_or_si256(q, _mm256_slli_epi16(h, F::LOW_BITS));
