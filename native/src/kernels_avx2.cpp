@@ -84,7 +84,6 @@ TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
 // scales by scalar loads, ymm tiles only.
 struct Avx2 {
     static constexpr int TW_MAX = 8;
-    static constexpr bool ROW_DECODE_I8 = false;
     using Wide = Ymm<Avx2>;
     template <class F>
     TV_AVX2 static W16 unpack(const uint8_t *blk, int s) { return unpack2<F>(blk, s); }

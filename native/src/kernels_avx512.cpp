@@ -82,7 +82,6 @@ struct Zmm {
 // x86_gemm.h's ISA traits: VNNI dots, f16 scales of 8 rows in one gather, zmm tiles.
 struct Avx512 {
     static constexpr int TW_MAX = 16;
-    static constexpr bool ROW_DECODE_I8 = true;
     using Wide = Zmm;
     template <class F>
     TV_AVX512 static W16 unpack(const uint8_t *blk, int s) { return unpack512<F>(blk, s); }

@@ -7,7 +7,7 @@
 //                                   (second: also the f16 right after it)
 //   dot_pairs(acc, w, x)            acc + w . x per int16 pair, 8 int32 lanes (for Ymm below)
 //   Wide                            TW_MAX activation rows as vector lanes for micro() (as Ymm)
-//   TW_MAX, ROW_DECODE_I8           widest tile; whether LOW_I8 formats decode one row at a time
+//   TW_MAX                          widest tile (activation rows)
 //
 // Every output, whatever path or tile computes it, is the same float sequence:
 //     acc = 0; per slice: acc = fma(float(idot), d_w * d_x, acc)
@@ -215,34 +215,6 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
     for (int i = 0; i < NR; i++) store_lanes(acc[i], y + i * ldy + g0, nw);
 }
 
-// Decode, one weight row at a time (one memory stream): each slice's exact integer dot reduced to a
-// scalar, then the same fma sequence as every other path (so the same bits). On AVX-512, Q8_0's
-// slices are so cheap to unpack that gemv8's 8 interleaved streams cost more than they save (14 vs
-// 17-21 GB/s streamed, 2 threads); for every other format gemv8 is faster (row decode 10-45% slower).
-template <class I, class F, int NR>
-TV_ISA void gemv_row(const uint8_t *w, const Prep &x, int64_t nb, float *y, int64_t ldy) {
-    float acc[NR] = {};
-    BlockScales<F::SLICES> sc{};
-    for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES, w += F::BYTES) {
-        block_scales<F>(w, sc);
-        for (int s = 0; s < F::SLICES; s++) {
-            const W16 u = I::template unpack<F>(w, s);
-            for (int i = 0; i < NR; i++) {
-                const size_t xb = (size_t)(i * nb + b0 + s);
-                const int16_t *xq = x.qs[xb].v;
-                if constexpr (F::TWO_SCALES) {
-                    acc[i] = std::fma((float)hsum_i32(I::dot_half(u.lo, xq)), sc.d[s][0] * x.d[xb], acc[i]);
-                    acc[i] = std::fma((float)hsum_i32(I::dot_half(u.hi, xq + 16)), sc.d[s][1] * x.d[xb], acc[i]);
-                } else {
-                    acc[i] = std::fma((float)hsum_i32(I::dot8(u.lo, u.hi, xq)), sc.d[s][0] * x.d[xb], acc[i]);
-                }
-                if constexpr (F::HAS_MIN) acc[i] = std::fma(sc.m[s][0], x.s[xb], acc[i]);
-            }
-        }
-    }
-    for (int i = 0; i < NR; i++) y[i * ldy] = acc[i];
-}
-
 // A panel: NW weight rows as int16 pairs [nb][NW][16] plus their scales [nb][NW].
 struct Panel {
     std::vector<Blk16> w;  // one Blk16 = one slice's 16 pair dwords
@@ -315,14 +287,6 @@ template <class I, class F>
 TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const Prep &x, int64_t m, int64_t nb,
                       float *y, int64_t ldy) {
     if (m < GEMM_MIN) {
-        if constexpr (F::LOW == LOW_I8 && I::ROW_DECODE_I8) {  // see gemv_row
-            for (int64_t r = r0; r < r1; r++) switch (m) {
-                    case 1: gemv_row<I, F, 1>(w + (size_t)r * row_bytes, x, nb, y + r, ldy); break;
-                    case 2: gemv_row<I, F, 2>(w + (size_t)r * row_bytes, x, nb, y + r, ldy); break;
-                    default: gemv_row<I, F, 3>(w + (size_t)r * row_bytes, x, nb, y + r, ldy); break;
-                }
-            return;
-        }
         for (int64_t g0 = r0; g0 < r1; g0 += NW) switch (m) {
                 case 1: gemv8<I, F, 1>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
                 case 2: gemv8<I, F, 2>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
