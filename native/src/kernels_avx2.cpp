@@ -1,7 +1,7 @@
 // AVX2 + FMA + F16C kernels. Compiled with per-function target attributes (not -mavx2) so the
 // library still loads and runs the scalar path on CPUs without AVX2.
 //
-// Integer slice dot: a weight slice (formats.h, unpacked by x86_common.h) is 2 x 16 int16 lanes
+// Integer slice dot: a weight slice (formats.h, unpacked by unpack2 below) is 2 x 16 int16 lanes
 // (values 0..15 and 16..31), multiplied with the int16 activations by _mm256_madd_epi16 (pairs ->
 // 8 x int32, exact: |w| <= 128, |x| <= 32767), converted to float and scaled by d_w * d_x with one
 // FMA per slice (per half when the halves have their own scales).
@@ -119,6 +119,7 @@ struct Avx2 {
         return _mm256_cvtph_ps(_mm256_castsi256_si128(t));
     }
 };
+
 TV_AVX2 float dot_f32(const float *w, const float *x, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
