@@ -4,13 +4,17 @@ numbers masked), and every case that raised anything else (a finding), with its 
 
     python benchmarks/fuzz_models.py --cases 100000 --seconds 3600 --json out.json
 
-With --forward, every case that loads also goes through the native engine: `LLM(path)` (the runner packs
-the weights into the C++ core) and one generated token (a forward pass). Run that under the ASan/UBSan
-build of the core to catch memory errors the Python checks miss:
+With --forward, every case that loads also goes through the native engine
+(`gguf_fuzz.check_native_forward`: `LLM(path)`, the runner packs the weights into the C++ core, and two
+generated tokens). Run that under the ASan/UBSan build of the core to catch memory errors the Python
+checks miss:
 
     cmake -S . -B build-asan -G Ninja -DTINYVLLM_SANITIZE=ON && cmake --build build-asan --target tinyvllm_native
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+        ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
         TINYVLLM_LIB=build-asan/native/libtinyvllm.so python benchmarks/fuzz_models.py --forward --cases 5000
+
+CI runs the fixed-seed subset this way (tests/test_fuzz_models.py with TINYVLLM_FUZZ_NATIVE=1, .ci/run).
 """
 from __future__ import annotations
 
@@ -40,26 +44,13 @@ def _shape(msg: str) -> str:
     return re.sub(r"\d+", "N", msg)[:160]
 
 
-def forward(path) -> str:
-    """One generated token through the native engine; "ok", or the ModelFormatError / ValueError message
-    (a budget or shape the engine refuses). Anything else propagates (a finding)."""
-    from tinyvllm import LLM, SamplingParams
-    from tinyvllm.model import ModelFormatError
-    try:
-        llm = LLM(str(path), threads=1, max_model_len=32, kv_cache_bytes="1MB", max_num_seqs=2)
-        llm.generate(["abc a"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
-    except (ModelFormatError, ValueError) as e:
-        return f"engine: {e}"
-    return "ok"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=3600.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--forward", action="store_true", help="cases that load also run one token through the engine")
+    ap.add_argument("--forward", action="store_true", help="cases that load also run two tokens through the engine")
     args = ap.parse_args()
 
     from tiny_models import make_tiny_gguf
@@ -89,7 +80,7 @@ def main():
         try:
             msg = gf.check_model_file(p)
             if args.forward and msg == "ok":
-                msg = forward(p)
+                msg = gf.check_native_forward(p)
                 counts["forward"] += msg == "ok"
             messages[_shape(msg)] += 1
         except Exception as e:  # a finding: anything but a ModelFormatError

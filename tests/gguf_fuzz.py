@@ -301,6 +301,20 @@ def check_model_file(path, *, build_tokenizer: bool = True) -> str:
     return "ok"
 
 
+def check_native_forward(path) -> str:
+    """For a file `check_model_file` passed: `LLM(path)` (the runner packs every weight into the C++ core,
+    tv_model_set_tensor) and two generated tokens (a prefill and a decode step). Returns "ok", or the
+    ModelFormatError / ValueError message of a budget or shape the engine refuses; anything else
+    propagates (a finding). Run against the ASan/UBSan build of the core, a memory error aborts."""
+    from tinyvllm import LLM, SamplingParams
+    try:
+        llm = LLM(str(path), threads=1, max_model_len=32, kv_cache_bytes="1MB", max_num_seqs=2)
+        llm.generate(["abc a"], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)
+    except (ModelFormatError, ValueError) as e:
+        return f"engine: {e}"
+    return "ok"
+
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

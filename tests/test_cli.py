@@ -21,12 +21,13 @@ FLAGS = ["--model", "m.gguf", "--tokenizer", "tok/", "--device", "tinygrad:CPU",
          "--kv-cache-dtype", "float32", "--block-size", "32", "--max-model-len", "1024", "--max-num-seqs", "7",
          "--max-num-batched-tokens", "96", "--long-prefill-token-threshold", "48",
          "--decode-stall-ratio", "2.5", "--no-enable-prefix-caching", "--seed", "11",
-         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']
+         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}', "--no-enable-structured-outputs"]
 EXPECTED = EngineArgs(model="m.gguf", tokenizer="tok/", device="tinygrad:CPU", threads=3, quantization="int8",
                       memory_budget="300MB", kv_cache_memory_bytes="64MB", kv_cache_dtype="float32", block_size=32,
                       max_model_len=1024, max_num_seqs=7, max_num_batched_tokens=96, long_prefill_token_threshold=48,
                       decode_stall_ratio=2.5, enable_prefix_caching=False,
-                      seed=11, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
+                      seed=11, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}',
+                      enable_structured_outputs=False)
 
 
 def parse(*argv):

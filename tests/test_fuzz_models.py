@@ -2,8 +2,14 @@
 naming the problem, never another exception, a hang, or an allocation its size does not justify.
 
 The fuzz tests are Hypothesis runs with a fixed seed (derandomize=True): the same cases every run.
-benchmarks/fuzz_models.py runs the same strategies at benchmark scale."""
+benchmarks/fuzz_models.py runs the same strategies at benchmark scale.
+
+With TINYVLLM_FUZZ_NATIVE=1 the GGUF cases that load also go through the native engine (weights packed
+into the C++ core, a prefill and a decode step): .ci/run does that with the ASan/UBSan build of the core,
+where a memory error or undefined behaviour aborts the run."""
+import collections
 import json
+import os
 import struct
 import tracemalloc
 from functools import lru_cache
@@ -19,6 +25,17 @@ import gguf_fuzz as gf
 from tinyvllm.chat_template import TemplateError, render_chat_template
 from tinyvllm.model import ModelFormatError, load_model
 from tinyvllm.tokenizer import Tokenizer
+
+
+NATIVE = os.environ.get("TINYVLLM_FUZZ_NATIVE", "") not in ("", "0")
+_native_outcomes = collections.Counter()  # "ok" / "refused" per case the fuzz tests sent to the engine
+
+
+def _check(path: Path) -> None:
+    """The fuzz property: the file loads or is refused cleanly; with NATIVE, one that loads also runs in the
+    native engine or is refused there cleanly."""
+    if gf.check_model_file(path) == "ok" and NATIVE:
+        _native_outcomes["ok" if gf.check_native_forward(path) == "ok" else "refused"] += 1
 
 
 def _fuzz_settings(n):
@@ -43,7 +60,7 @@ def test_fuzz_base_gguf_loads():
 @given(gf.gguf_cases())
 def test_fuzz_gguf_structure(case):
     _, data = case
-    gf.check_model_file(gf.write(_workdir() / "s.gguf", data))
+    _check(gf.write(_workdir() / "s.gguf", data))
 
 
 # ---- GGUF, a real tiny model mutated byte-wise ----------------------------------------------------------
@@ -59,7 +76,18 @@ def _tiny_gguf() -> tuple[bytes, int]:
 def test_fuzz_gguf_byte_mutations(muts):
     data, _ = _tiny_gguf()
     muts = [(o % len(data), b) for o, b in muts]
-    gf.check_model_file(gf.write(_workdir() / "b.gguf", gf.apply_mutations(data, muts)))
+    _check(gf.write(_workdir() / "b.gguf", gf.apply_mutations(data, muts)))
+
+
+def test_fuzz_cases_reach_the_native_engine():
+    """The unmutated cases run in the native engine; with NATIVE, after the two GGUF fuzz tests above (pytest
+    runs a file in order), hundreds of fuzz cases reached it, so the sanitizer run checks the core."""
+    base = gf.write(_workdir() / "base-native.gguf", gf.serialize(gf.base_kvs(), gf.base_tensors()))
+    assert gf.check_native_forward(base) == "ok"
+    assert gf.check_native_forward(gf.write(_workdir() / "tiny-native.gguf", _tiny_gguf()[0])) == "ok"
+    if NATIVE:
+        print(f"fuzz cases through the native engine: {dict(_native_outcomes)}")
+        assert _native_outcomes["ok"] >= 100, _native_outcomes
 
 
 def test_fuzz_byte_mutation_hot_region_covers_metadata():

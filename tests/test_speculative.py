@@ -285,6 +285,44 @@ def test_draft_model(tmp_path, reference_gguf_path):
                                                                  "num_speculative_tokens": 2})
 
 
+def test_draft_proposals_are_the_draft_models_own_greedy_continuation(tmp_path):
+    """At every step, the drafts are exactly what the draft model alone proposes for the sequence as it
+    stands: its greedy continuation computed from scratch (a fresh runner, a prefill of every token). So
+    the draft's KV, caught up with what the target ran and after rolled-back and fully accepted steps, is
+    never stale or behind in a way that changes a proposal (acceptance is what the draft model earns)."""
+    from tinyvllm.model import load_model
+    from tinyvllm.runner import NativeModelRunner
+    target = str(tm.make_tiny_gguf(tmp_path / "t.gguf", qtype="Q8_0"))
+    draft = str(tm.make_tiny_gguf(tmp_path / "d.gguf", qtype="Q4_0"))  # the same weights, coarser: agrees often
+    llm = LLM(target, threads=1, max_num_batched_tokens=16,
+              speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+    fresh = NativeModelRunner(load_model(draft), num_blocks=64, threads=1)
+    table = np.arange(64, dtype=np.int32)[None]
+    proposer, checked = llm.engine.spec.proposer, []
+    prepare = proposer.prepare
+
+    def checked_prepare(batch):
+        prepare(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            n_spec = seq.num_computed_tokens + n - len(seq)
+            if n_spec > 0:
+                toks = list(seq.token_ids)
+                for _ in range(n_spec):
+                    row = fresh.forward(toks, np.arange(len(toks)), np.zeros(len(toks)), table, [len(toks) - 1])[0]
+                    toks.append(int(np.argmax(row)))
+                assert list(seq.spec_token_ids[:n_spec]) == toks[len(seq):], (len(seq), n_spec)
+                checked.append(n_spec)
+    proposer.prepare = checked_prepare
+    prompts = ["the quick brown fox jumps over", "Paris is the capital of", "one two three four"]
+    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    want = LLM(target, threads=1).generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    st = llm.engine.stats()["spec_decode"]
+    assert len(checked) == st["num_drafts"] > 10
+    # both paths were taken: fully accepted steps (the draft then catches up two positions) and rejections
+    assert 0 < st["num_accepted_tokens_per_pos"][-1] < st["num_drafts"], st
+
+
 def test_metrics_report_acceptance(reference_gguf_path):
     """Engine stats and the server's /metrics text (vLLM's counter names) carry the acceptance counts."""
     from tinyvllm.server.api import build_app

@@ -28,6 +28,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     speculative_config: str | None = None
+    enable_structured_outputs: bool | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +73,11 @@ class EngineArgs:
                             '"prompt_lookup_max": 4}\' or \'{"method": "draft_model", "model": "<path>", '
                             '"num_speculative_tokens": 3}\' (optional keys: prompt_lookup_min, disable_by_batch_size, '
                             'min_acceptance_rate, draft_quantization) (default: off)')
+        g.add_argument("--enable-structured-outputs", action=argparse.BooleanOptionalAction,
+                       default=d.enable_structured_outputs,
+                       help="constrained outputs (JSON schema, regex, tools). Default: on when llguidance is installed "
+                            "and there is no --memory-budget; under a budget only when given, and then the budget "
+                            "reserves llguidance's tokenizer")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":

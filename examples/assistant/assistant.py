@@ -209,7 +209,8 @@ def main(argv=None, lines=None, out=sys.stdout) -> int:
     try:
         llm = AsyncLLM(a.model, threads=a.threads, memory_budget=a.memory_budget,
                        enable_prefix_caching=not a.no_prefix_caching, max_num_seqs=1,
-                       max_model_len=a.max_model_len)  # one conversation
+                       max_model_len=a.max_model_len,  # one conversation
+                       enable_structured_outputs=True)  # forced tool calls are constrained: the budget pays for it
     except ValueError as e:  # a budget too small for the model says so and by how much
         print(f"error: {e}", file=sys.stderr)
         return 2

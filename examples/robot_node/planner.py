@@ -139,7 +139,8 @@ def make_llm() -> AsyncLLM:
     env = os.environ
     threads = int(env["ROBOT_THREADS"]) if env.get("ROBOT_THREADS") else None
     return AsyncLLM(env.get("ROBOT_MODEL") or DEFAULT_MODEL, threads=threads,
-                    memory_budget=env.get("ROBOT_MEMORY_BUDGET") or None)
+                    memory_budget=env.get("ROBOT_MEMORY_BUDGET") or None,
+                    enable_structured_outputs=True)  # its actions are schema-constrained: a budget reserves for them
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from ..runner import runner_for
 from ..sampler import Sampler, score_tokens
 from ..sampling_params import SamplingParams
 from ..spec import DraftModelProposer, NgramProposer, SpeculativeConfig, SpeculativeDecoder
-from ..structured import StructuredOutputs
+from ..structured import StructuredOutputs, structured_off_reason, structured_outputs_enabled
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .memory import RUNTIME_RESERVE_BYTES, heap_weight_bytes, plan_kv_blocks, rss_bytes
@@ -47,9 +47,11 @@ class LLMEngine:
                  max_model_len: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 512, long_prefill_token_threshold: int = 0,
                  decode_stall_ratio: float = 3.0, enable_prefix_caching: bool = True, seed: int = 0,
-                 speculative_config=None):
+                 speculative_config=None, enable_structured_outputs: bool | None = None):
         runner_cls, runner_kwargs = runner_for(device)  # ValueError / ImportError (with install hint) up front
         spec_cfg = SpeculativeConfig.parse(speculative_config)  # ValueError up front too
+        budget = memory_budget if kv_cache_bytes is None else None  # kv_cache_bytes sizes the pool: no budget in play
+        structured_on = structured_outputs_enabled(enable_structured_outputs, budget)  # ImportError up front
         rss_before = rss_bytes()
         self.model_path = resolve_model(model)
         self.weights = quantize_weights(load_model(self.model_path), quantization)
@@ -74,10 +76,14 @@ class LLMEngine:
                 workspace += runner_cls.workspace_bytes(draft.config, max_num_batched_tokens + max_num_seqs,
                                                         max_num_seqs, threads)
                 wanted_len = min(wanted_len, draft.config.max_position_embeddings)
+        # structured outputs build llguidance's tokenizer on the first constrained request: a budget reserves it now
+        self.structured_reserve_bytes = (StructuredOutputs.memory_bytes(self.tokenizer, cfg.vocab_size, self.weights.metadata)
+                                         if structured_on and budget is not None else 0)
         num_blocks = plan_kv_blocks(
             weight_bytes=weight_bytes, block_bytes=block_bytes, memory_budget=memory_budget,
             workspace=workspace + RUNTIME_RESERVE_BYTES + self.load_overhead_bytes,
             kv_cache_bytes=kv_cache_bytes, extra_blocks=runner_cls.extra_kv_blocks,
+            structured_bytes=self.structured_reserve_bytes,
             default_kv_bytes=min(256 * 2**20, block_bytes * max_num_seqs * -(-wanted_len // block_size)))
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_model_len = min(wanted_len, num_blocks * block_size)
@@ -95,7 +101,8 @@ class LLMEngine:
                         DraftModelProposer(runner_cls(draft, num_blocks, block_size, kv_cache_dtype, threads,
                                                       **runner_kwargs), self.sampler.rng))
             self.spec = SpeculativeDecoder(spec_cfg, proposer, self.max_model_len, self.sampler.rng)
-        self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads)
+        self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, threads, structured_on,
+                                            structured_off_reason(enable_structured_outputs, budget))
         self.requests: dict[str, _Request] = {}
         self._deadlines: dict[str, float] = {}  # request id -> deadline, for the requests that have one
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()

@@ -48,19 +48,22 @@ def heap_weight_bytes(tensors) -> int:
 
 
 def plan_kv_blocks(*, weight_bytes: int, block_bytes: int, workspace: int, memory_budget=None,
-                   kv_cache_bytes=None, default_kv_bytes: int, extra_blocks: int = 0) -> int:
-    """Number of usable KV blocks: from kv_cache_bytes if given, else what the budget leaves after weights
-    and workspace, else a default; the extra_blocks a runner allocates beyond them are paid from the same
-    bytes. Refuses budgets that cannot hold the weights."""
+                   kv_cache_bytes=None, default_kv_bytes: int, extra_blocks: int = 0, structured_bytes: int = 0) -> int:
+    """Number of usable KV blocks: from kv_cache_bytes if given, else what the budget leaves after weights,
+    workspace and structured_bytes (what structured outputs will add: llguidance's tokenizer, built on the
+    first constrained request), else a default; the extra_blocks a runner allocates beyond them are paid
+    from the same bytes. Refuses budgets that cannot hold the weights."""
     if kv_cache_bytes is not None:
         kv = parse_bytes(kv_cache_bytes)
     elif memory_budget is not None:
         budget = parse_bytes(memory_budget)
-        fixed = weight_bytes + workspace
+        fixed = weight_bytes + workspace + structured_bytes
         if budget <= fixed:
+            structured = (f", structured outputs (llguidance's tokenizer) {structured_bytes / 2**20:.1f} MiB "
+                          "(without enable_structured_outputs=True they are not reserved)" if structured_bytes else "")
             raise ValueError(f"memory_budget {budget / 2**20:.1f} MiB is too small: the weights take "
                              f"{weight_bytes / 2**20:.1f} MiB, the step workspace and what loading keeps (metadata, "
-                             f"tokenizer) {workspace / 2**20:.1f} MiB, before any KV cache")
+                             f"tokenizer) {workspace / 2**20:.1f} MiB{structured}, before any KV cache")
         kv = budget - fixed
     else:
         kv = default_kv_bytes

@@ -243,6 +243,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
 
     def check_constraint(params) -> None:
         if params.structured_outputs is not None:  # a schema llguidance rejects: 400 now, not mid-stream
+            aeng.engine.structured.check_enabled()
             compile_grammar(params.structured_outputs)
 
     def admit(num_prompts: int) -> None:

@@ -4,22 +4,50 @@ batched with them pay nothing. The bitmask depends only on the tokens already co
 computed on a worker thread while the forward pass runs (both release the GIL)."""
 from __future__ import annotations
 
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..sampling_params import StructuredOutputsParams
 from ..tokenizer import Tokenizer
-from .grammar import _llguidance, compile_grammar
-from .tokenizer import ll_tokenizer
+from .grammar import _INSTALL_HINT, _llguidance, compile_grammar
+from .tokenizer import ll_tokenizer, ll_tokenizer_bytes, vocab_piece_bytes
+
+
+def structured_outputs_enabled(enable: bool | None, memory_budget) -> bool:
+    """An engine's enable_structured_outputs. None: on when llguidance is installed, except under a
+    memory_budget, which would have to reserve their memory (35 MiB at 49K tokens, 164 MiB at 262K) from
+    the KV cache of every engine: there they are asked for with True. True without llguidance is an
+    ImportError (with the install hint) at engine start."""
+    installed = importlib.util.find_spec("llguidance") is not None
+    if enable and not installed:
+        raise ImportError(_INSTALL_HINT)
+    return installed and memory_budget is None if enable is None else bool(enable)
+
+
+def structured_off_reason(enable: bool | None, memory_budget) -> str:
+    """Why structured_outputs_enabled() said no, as a constrained request's error tells it."""
+    if enable is False:
+        return "the engine was started with enable_structured_outputs=False"
+    if memory_budget is not None:
+        return ("under a memory_budget they need enable_structured_outputs=True (--enable-structured-outputs), "
+                "which reserves llguidance's tokenizer from the budget")
+    return _INSTALL_HINT
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids, threads: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids, threads: int | None = None,
+                 enabled: bool = True, off_reason: str = ""):
         self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, frozenset(eos_token_ids)
-        self._threads = threads
+        self._threads, self.enabled, self._off_reason = threads, enabled, off_reason
         self._ll_tokenizer = self._executor = self._worker = None  # built on the first constrained request
         self._bitmask = np.empty((0, (vocab_size + 31) // 32), dtype=np.int32)
+
+    @staticmethod
+    def memory_bytes(tokenizer: Tokenizer, vocab_size: int, metadata: dict | None = None) -> int:
+        """What the memory budget reserves for structured outputs (see ll_tokenizer_bytes)."""
+        return ll_tokenizer_bytes(vocab_size, vocab_piece_bytes(tokenizer, vocab_size, metadata))
 
     @property
     def ll_tokenizer(self):
@@ -27,8 +55,15 @@ class StructuredOutputs:
             self._ll_tokenizer = ll_tokenizer(self._tokenizer, self.vocab_size, self._eos)
         return self._ll_tokenizer
 
+    def check_enabled(self) -> None:
+        """ValueError (a 400) when this engine takes no constrained requests, e.g. their memory was not
+        reserved from its budget."""
+        if not self.enabled:
+            raise ValueError(f"structured outputs are off in this engine: {self._off_reason}")
+
     def matchers(self, params: StructuredOutputsParams, n: int) -> list:
         """n fresh matchers for one request's completions (ValueError when the constraint is invalid)."""
+        self.check_enabled()
         ll = _llguidance()
         grammar = compile_grammar(params)
         first = ll.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
