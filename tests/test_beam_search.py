@@ -1,7 +1,8 @@
-"""LLM.beam_search against a brute-force beam search over the float64 reference forward
-(tests/reference_forward.py) on a tiny random-weight GGUF model: same beams, same scores; the beams' KV
-shares blocks through native forks (fewer blocks than independent sequences) and every block returns
-to the pool; bad parameters are refused."""
+"""Beam search (engine requests with BeamSearchParams, LLM.beam_search over them) against a brute-force
+beam search over the float64 reference forward (tests/reference_forward.py) on a tiny random-weight GGUF
+model: same beams, same scores, also batched with ordinary requests and under a pool small enough to
+preempt beams; the beams' KV shares blocks through native forks (fewer blocks than independent
+sequences) and every block returns to the pool (finished, aborted, failed); bad parameters are refused."""
 import math
 
 import numpy as np
@@ -158,8 +159,6 @@ def test_one_batched_forward_per_step_and_waves(model_path, ref):
     calls.clear()
     one_at_a_time = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=1)
     assert [o.sequences for o in one_at_a_time] == [o.sequences for o in outs] and len(calls) == 15
-    with pytest.raises(ValueError, match="concurrency_limit"):
-        llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=0)
     assert_pool_empty(llm)
 
 
@@ -174,53 +173,111 @@ def test_context_end_is_the_last_step(model_path, ref):
     assert_pool_empty(llm)
 
 
-def test_small_kv_cache_runs_prompts_in_turn(model_path, ref):
-    """A pool that holds one prompt's worst case but not two: the prompts run one after the other (no
-    preemption), with the same results; a search that cannot fit at all is refused up front."""
+def peak_blocks_used(llm) -> list[int]:
+    """Blocks in use at each forward (after the step's allocation), the peak kept in the returned list."""
+    runner, blocks, peak = llm.engine.runner, llm.engine.scheduler.blocks, [0]
+    forward = runner.forward
+
+    def probed(*a):
+        peak[0] = max(peak[0], blocks.num_blocks - blocks.num_free_blocks)
+        return forward(*a)
+    runner.forward = probed
+    return peak
+
+
+def test_batched_with_an_ordinary_request_and_stats(llm, ref):
+    """A beam search and ordinary requests in the same steps (continuous batching): the beams equal the
+    reference, the greedy request equals its lone run, and the engine's stats count the beam steps."""
+    eng = llm.engine
+    params = BeamSearchParams(beam_width=3, max_tokens=6)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    alone = llm.generate("a long way", greedy)[0].outputs[0].token_ids
+    before = eng.stats()["beam_search"]
+    calls, forward = [], eng.runner.forward
+    eng.runner.forward = lambda *a: calls.append(len(a[0])) or forward(*a)
+    try:
+        other = eng.add_request(None, "a long way", greedy)
+        eng.step()  # the ordinary request is running when the beam searches arrive
+        outs = llm.beam_search(PROMPTS, params)
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.request_id == other and out.finished:
+                    assert out.outputs[0].token_ids == alone
+    finally:
+        eng.runner.forward = forward
+    check_against_reference(llm, ref, outs, 3, 6)
+    assert calls[2] == 1 + 9  # the ordinary decode and 3 prompts x 3 beams in one forward
+    after = eng.stats()["beam_search"]
+    assert after["steps"] - before["steps"] == 6 and after["beam_rows"] - before["beam_rows"] == 3 + 5 * 9
+    assert after["requests"] == 0
+    assert_pool_empty(llm)
+
+
+def test_small_kv_cache_preempts_beams_with_the_same_results(model_path, ref):
+    """A pool that holds one prompt's worst case but not everything at once: beams are preempted and
+    recomputed (an ordinary request runs alongside), with the same results as in a roomy pool; a search
+    that cannot fit at all is refused up front."""
     from tinyvllm.beam_search import blocks_needed
     roomy = LLM(model_path, threads=1, kv_cache_dtype="float32")
     params = BeamSearchParams(beam_width=4, max_tokens=24)
     want = roomy.beam_search(PROMPTS[:2], params)
     need = [blocks_needed(len(o.sequences[0].tokens) - 24, 24, 4, 16) for o in want]
     per_block = roomy.engine.runner.kv_bytes_per_block(roomy.engine.config, 16, "float32")
-    tight = LLM(model_path, threads=1, kv_cache_dtype="float32", kv_cache_bytes=per_block * max(need))
+    tight = LLM(model_path, threads=1, kv_cache_dtype="float32", kv_cache_bytes=per_block * (max(need) + 1))
     assert tight.engine.scheduler.blocks.num_blocks < sum(need)
-    peak, probe = peak_blocks_used(tight)
-    from tinyvllm.beam_search import run_beam_search
-    got = run_beam_search(tight.engine, PROMPTS[:2], params, on_step=probe)
-    assert tight.engine.scheduler.num_preemptions == 0 and peak[0] <= max(need)
-    assert [o.sequences for o in got] == [o.sequences for o in want]
+    eng = tight.engine
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = roomy.generate("once upon a time", greedy)[0].outputs[0].token_ids
+    other = eng.add_request(None, "once upon a time", greedy)
+    got = tight.beam_search(PROMPTS[:2], params)
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.request_id == other and out.finished:
+                assert out.outputs[0].token_ids == alone
+    print(f"preemptions: {eng.scheduler.num_preemptions}")
+    assert eng.scheduler.num_preemptions > 0
+    assert [[(s.tokens, s.finish_reason) for s in o.sequences] for o in got] == \
+        [[(s.tokens, s.finish_reason) for s in o.sequences] for o in want]
+    for g, w in zip(got, want):
+        assert all(abs(a.cum_logprob - b.cum_logprob) < TOL for a, b in zip(g.sequences, w.sequences))
     assert_pool_empty(tight)
     with pytest.raises(ValueError, match="KV blocks"):
         tight.beam_search(PROMPTS[0], BeamSearchParams(beam_width=4, max_tokens=100))
     assert_pool_empty(tight)
 
 
-def peak_blocks_used(llm) -> tuple[list[int], callable]:
-    blocks, peak = llm.engine.scheduler.blocks, [0]
-    return peak, lambda: peak.__setitem__(0, max(peak[0], blocks.num_blocks - blocks.num_free_blocks))
+def test_abort_frees_every_beam(model_path):
+    """An engine-level abort mid-search frees every beam's blocks and ends the request with its live beams
+    (finish_reason "abort")."""
+    llm = LLM(model_path, threads=1)
+    eng = llm.engine
+    rid = eng.add_request(None, PROMPTS[0], BeamSearchParams(beam_width=4, max_tokens=20))
+    keep = eng.add_request(None, PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        assert not [o for o in eng.step() if o.request_id == rid]  # a beam search has output only at its end
+    assert len(eng.scheduler.running) == 5  # four live beams and the ordinary request
+    out = eng.abort(rid)
+    assert out.finished and len(out.outputs) == 4 and {c.finish_reason for c in out.outputs} == {"abort"}
+    assert all(len(c.token_ids) == 4 for c in out.outputs)  # one token chosen per step (the prefill's included)
+    assert eng.stats()["beam_search"]["requests"] == 0
+    eng.abort(keep)
+    assert_pool_empty(llm)
 
 
 def test_forks_use_fewer_blocks_than_independent_sequences(model_path):
     """Width-4 beams on a long prompt hold the prompt's blocks once; four independent sequences (no
     prefix caching, so nothing is shared) hold four copies."""
-    from tinyvllm.beam_search import run_beam_search
     prompt = {"prompt_token_ids": [int(t) for t in np.random.default_rng(3).integers(3, 300, 200)]}
     beams = LLM(model_path, threads=1)
-    peak, probe = peak_blocks_used(beams)
+    peak = peak_blocks_used(beams)
     copies, copy_block = [], beams.engine.runner.copy_block
     beams.engine.runner.copy_block = lambda src, dst: copies.append((src, dst)) or copy_block(src, dst)
-    run_beam_search(beams.engine, [prompt], BeamSearchParams(beam_width=4, max_tokens=20), on_step=probe)
+    beams.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=20))
     assert_pool_empty(beams)
     assert copies  # the prompt's last block is partial: the first forks share it until each beam writes
     independent = LLM(model_path, threads=1, enable_prefix_caching=False)
-    eng = independent.engine
-    for _ in range(4):
-        eng.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    ind_peak, ind_probe = peak_blocks_used(independent)
-    while eng.has_unfinished_requests():
-        eng.step()
-        ind_probe()
+    ind_peak = peak_blocks_used(independent)
+    independent.generate([prompt] * 4, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     prompt_blocks = -(-200 // 16)
     print(f"peak blocks: width-4 beam search {peak[0]}, four independent sequences {ind_peak[0]}")
     assert ind_peak[0] >= 4 * prompt_blocks
@@ -228,7 +285,7 @@ def test_forks_use_fewer_blocks_than_independent_sequences(model_path):
     assert peak[0] < ind_peak[0] / 2
 
 
-def test_bad_params_and_busy_engine(llm):
+def test_bad_params_and_a_busy_engine(llm):
     for kw, word in [(dict(beam_width=0, max_tokens=4), "beam_width"), (dict(beam_width=2, max_tokens=0), "max_tokens"),
                      (dict(beam_width=2.5, max_tokens=4), "beam_width"), (dict(beam_width=True, max_tokens=4), "beam_width"),
                      (dict(beam_width=2, max_tokens=4, temperature=0.7), "temperature"),
@@ -246,10 +303,15 @@ def test_bad_params_and_busy_engine(llm):
         llm.beam_search({"prompt_token_ids": [5] * llm.engine.max_model_len}, params)
     with pytest.raises(TypeError):
         llm.beam_search("the cat", SamplingParams())
+    with pytest.raises(TypeError):
+        llm.engine.add_request(None, "the cat", {"beam_width": 2})
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search("the cat", params, concurrency_limit=0)
+    # an unfinished stream no longer stops a beam search: both run in the same steps
+    want = llm.beam_search("the cat", params)
     stream = llm.stream("the cat", SamplingParams(max_tokens=8))
     next(stream)
-    with pytest.raises(RuntimeError, match="running requests"):
-        llm.beam_search("the cat", params)
+    assert [s.tokens for s in llm.beam_search("the cat", params)[0].sequences] == [s.tokens for s in want[0].sequences]
     stream.close()
     assert_pool_empty(llm)
 
