@@ -213,23 +213,26 @@ def test_batched_with_an_ordinary_request_and_stats(llm, ref):
     assert_pool_empty(llm)
 
 
-def test_small_kv_cache_preempts_beams_with_the_same_results(model_path, ref):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_small_kv_cache_preempts_beams_with_the_same_results(model_path, prefix_caching):
     """A pool that holds one prompt's worst case but not everything at once: beams are preempted and
-    recomputed (an ordinary request runs alongside), with the same results as in a roomy pool; a search
-    that cannot fit at all is refused up front."""
+    recomputed (an ordinary request runs alongside; when only beams waiting for preempted group mates
+    hold the pool, the oldest group goes first), with the same results as in a roomy pool; a search that
+    cannot fit at all is refused up front."""
     from tinyvllm.beam_search import blocks_needed
-    roomy = LLM(model_path, threads=1, kv_cache_dtype="float32")
+    roomy = LLM(model_path, threads=1, kv_cache_dtype="float32", enable_prefix_caching=prefix_caching)
     params = BeamSearchParams(beam_width=4, max_tokens=24)
-    want = roomy.beam_search(PROMPTS[:2], params)
-    need = [blocks_needed(len(o.sequences[0].tokens) - 24, 24, 4, 16) for o in want]
+    want = roomy.beam_search(PROMPTS, params)
+    need = [blocks_needed(len(o.sequences[0].tokens) - 24, 24, 4, 16, prefix_caching) for o in want]
     per_block = roomy.engine.runner.kv_bytes_per_block(roomy.engine.config, 16, "float32")
-    tight = LLM(model_path, threads=1, kv_cache_dtype="float32", kv_cache_bytes=per_block * (max(need) + 1))
+    tight = LLM(model_path, threads=1, kv_cache_dtype="float32", kv_cache_bytes=per_block * max(need),
+                enable_prefix_caching=prefix_caching)
     assert tight.engine.scheduler.blocks.num_blocks < sum(need)
     eng = tight.engine
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     alone = roomy.generate("once upon a time", greedy)[0].outputs[0].token_ids
     other = eng.add_request(None, "once upon a time", greedy)
-    got = tight.beam_search(PROMPTS[:2], params)
+    got = tight.beam_search(PROMPTS, params)
     while eng.has_unfinished_requests():
         for out in eng.step():
             if out.request_id == other and out.finished:

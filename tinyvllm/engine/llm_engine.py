@@ -235,13 +235,20 @@ class LLMEngine:
         return req is not None and req.beam is not None
 
     def _unblock_beams(self):
-        """Nothing could run and the queue's head does not fit: the blocks are held by beams waiting for
-        group mates that were preempted. Those beams are preempted too (to the back of the queue: the
-        head goes first) and the step is planned again. Their full blocks stay in the prefix cache."""
-        idle = [s for s in self.scheduler.running if self._is_beam(s) and s.num_uncomputed_tokens == 0]
-        for seq in idle:
+        """Nothing could run and the queue's head does not fit: every running sequence is a beam waiting
+        for group mates that were preempted (a group steps only once all its beams have proposed). The
+        oldest such group goes first: the other groups' waiting beams are preempted (to the back of the
+        queue; their full blocks stay in the prefix cache) and its preempted beams go to the head. Its
+        worst case fits the pool (add_request checks), so it completes its step."""
+        first = next((r for r in self.requests.values() if r.beam is not None
+                      and any(s.status is SequenceStatus.WAITING for s in r.seqs)), None)
+        if first is None:
+            return None
+        for seq in [s for s in self.scheduler.running if s.request_id != first.request_id and self._is_beam(s)
+                    and s.num_uncomputed_tokens == 0]:
             self.scheduler.preempt(seq, requeue_last=True)
-        return self.scheduler.schedule() if idle else None
+        self.scheduler.requeue_first([s for s in first.seqs if s.status is SequenceStatus.WAITING])
+        return self.scheduler.schedule()
 
     def _run(self, batch) -> list[str]:
         """One scheduled batch: forward, sample, update the sequences; returns the ids of the requests with

@@ -285,6 +285,12 @@ class Scheduler:
         self.waiting.append(seq) if requeue_last else self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def requeue_first(self, seqs: list[Sequence]) -> None:
+        """Move these waiting sequences to the head of the queue, in this order."""
+        for seq in reversed(seqs):
+            self.waiting.remove(seq)
+            self.waiting.appendleft(seq)
+
     def finish(self, seq: Sequence, reason: str | None = None) -> None:
         """Stop a sequence (reason: set it, e.g. "abort"); its blocks are freed with the next list."""
         if reason:
