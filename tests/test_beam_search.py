@@ -361,3 +361,50 @@ def test_real_model_scores_are_the_reference_scores(reference_gguf_path, referen
     best = llm.beam_search(prompt, BeamSearchParams(beam_width=1, max_tokens=12))[0].sequences[0]
     assert best.tokens[n:] == greedy.token_ids and best.finish_reason == greedy.finish_reason == "stop"
     assert_pool_empty(llm)
+
+
+def test_server_equals_offline_api(model_path, llm):
+    """The OpenAI server's use_beam_search (the openai client, n = beam width) returns LLM.beam_search's
+    beams as choices (prompt i's beams at indices i * n ..., best first), streamed or not; widths the
+    engine cannot hold (max_num_seqs, KV blocks) are 400s naming n; afterwards every block is free."""
+    import openai
+    from test_server import LiveServer, idle
+    from tinyvllm.server.api import build_app
+    per_block = llm.engine.runner.kv_bytes_per_block(llm.engine.config, 16, "float32")
+    llm = LLM(model_path, threads=1, kv_cache_dtype="float32", max_num_seqs=8, max_model_len=64,
+              kv_cache_bytes=16 * per_block)  # 16 blocks: width 8 over 60 tokens would need 32
+    params = BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5)
+    prompts = PROMPTS[:2]
+    want = llm.beam_search(prompts, params)
+    expected = []
+    for p, out in zip(prompts, want):
+        n = len(prompt_ids(llm, p))
+        for s in out.sequences:
+            gen = s.tokens[n:]
+            shown = gen[:-1] if s.finish_reason == "stop" else gen
+            expected.append((llm.tokenizer.decode(shown, skip_special_tokens=True), s.finish_reason))
+    server = LiveServer(build_app(llm.engine, "tiny"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        body = dict(model="tiny", prompt=prompts, n=3, max_tokens=6,
+                    extra_body={"use_beam_search": True, "length_penalty": 0.5})
+        r = client.completions.create(**body)
+        assert [(c.index, c.text, c.finish_reason) for c in r.choices] == \
+            [(i, t, f) for i, (t, f) in enumerate(expected)]
+        texts, finish = {}, {}
+        for chunk in client.completions.create(**body, stream=True):
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+                finish[c.index] = c.finish_reason or finish.get(c.index)
+        assert [(texts[i], finish[i]) for i in range(6)] == expected
+        for n, max_tokens in [(9, 6), (8, 60), (0, 6)]:  # over max_num_seqs, over the KV cache, no beam
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model="tiny", prompt="the cat", n=n, max_tokens=max_tokens,
+                                          extra_body={"use_beam_search": True})
+            assert e.value.body["param"] == "n", e.value.body
+        aeng = server.server.config.app.state.async_llm
+        assert aeng.wait_until(idle, timeout=120), aeng.stats
+        assert aeng.stats["beam_search"]["steps"] >= 2 * 6
+    finally:
+        server.stop()
+    assert_pool_empty(llm)

@@ -11,6 +11,7 @@ cum_logprob / len(tokens) ** length_penalty (tokens count the prompt, not a fina
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,13 @@ def beam_search_score(tokens, cum_logprob: float, eos_token_ids, length_penalty:
     """vLLM's (and HF transformers') ranking: cum_logprob / len ** length_penalty, where len counts the
     prompt and every generated token except a final EOS."""
     n = len(tokens) - (1 if tokens and tokens[-1] in eos_token_ids else 0)
-    return cum_logprob / max(n, 1) ** length_penalty
+    try:  # the formula's limits where a huge |length_penalty| leaves floats (any finite one is allowed)
+        scale = float(max(n, 1)) ** length_penalty
+    except OverflowError:
+        scale = math.inf
+    if scale == 0.0:
+        return -math.inf if cum_logprob < 0 else 0.0
+    return cum_logprob / scale
 
 
 def top_candidates(logits: np.ndarray, k: int) -> list[tuple[int, float]]:

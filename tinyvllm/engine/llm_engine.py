@@ -165,13 +165,21 @@ class LLMEngine:
         self.scheduler.add(seqs)
         return request_id
 
-    def _add_beam_search(self, request_id: str, text, ids: list[int], params: BeamSearchParams, arrival_time) -> str:
+    def check_beam_search(self, num_prompt_tokens: int, params: BeamSearchParams) -> None:
+        """ValueError when a search of that prompt length could not fit the KV cache with all its beams
+        (it would never finish): refused up front. Reads only fixed sizes (safe from any thread)."""
         blocks = self.scheduler.blocks
+        steps = min(params.max_tokens, self.max_model_len - num_prompt_tokens)
+        need = blocks_needed(num_prompt_tokens, steps, params.beam_width, blocks.block_size,
+                             blocks.enable_prefix_caching)
+        if need > blocks.num_blocks:
+            raise ValueError(f"beam search of a {num_prompt_tokens}-token prompt with beam_width={params.beam_width} "
+                             f"and max_tokens={params.max_tokens} may need {need} KV blocks; the KV cache has "
+                             f"{blocks.num_blocks}")
+
+    def _add_beam_search(self, request_id: str, text, ids: list[int], params: BeamSearchParams, arrival_time) -> str:
         steps = min(params.max_tokens, self.max_model_len - len(ids))
-        need = blocks_needed(len(ids), steps, params.beam_width, blocks.block_size, blocks.enable_prefix_caching)
-        if need > blocks.num_blocks:  # its beams could never all run: refused now rather than stuck later
-            raise ValueError(f"beam search of a {len(ids)}-token prompt with beam_width={params.beam_width} and "
-                             f"max_tokens={params.max_tokens} may need {need} KV blocks; the KV cache has {blocks.num_blocks}")
+        self.check_beam_search(len(ids), params)
         now = time.monotonic() if arrival_time is None else arrival_time
         seq = self._beam_seq(request_id, ids, params.beam_width, now)
         group = BeamGroup(params, seq, steps, self.eos_token_ids)

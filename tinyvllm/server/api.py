@@ -245,6 +245,14 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
             raise APIError(400, f"n={choices_per_prompt(params)} is more than this server's max_num_seqs "
                            f"({max_seqs}).", param="n")
 
+    def check_kv(num_prompt_tokens: int, params) -> None:
+        """A beam search whose beams could never all fit the KV cache: 400 now, not an error mid-stream."""
+        if isinstance(params, BeamSearchParams):
+            try:
+                aeng.engine.check_beam_search(num_prompt_tokens, params)
+            except ValueError as e:
+                raise APIError(400, str(e), param="n") from e
+
     def check_constraint(params) -> None:
         if params.structured_outputs is not None:  # a schema llguidance rejects: 400 now, not mid-stream
             compile_grammar(params.structured_outputs)
@@ -461,6 +469,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
             check_capacity(params)
         for x in prompts:
             check_prompt(x["prompt_token_ids"], params.max_tokens)
+            check_kv(len(x["prompt_token_ids"]), params)
         return await respond(body, prompts, params, False, request)
 
     @app.post("/v1/chat/completions",
@@ -486,6 +495,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
             params = body.beam_search_params(asked if asked is not None else max(1, max_len - len(ids)))
             check_capacity(params)
         check_prompt(ids, params.max_tokens, "messages")
+        check_kv(len(ids), params)
         return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request,
                              tools if tools is not None and tools.active else None)
 
