@@ -249,6 +249,24 @@ def test_small_kv_cache_preempts_beams_with_the_same_results(model_path, prefix_
     assert_pool_empty(tight)
 
 
+def test_beams_do_not_speculate_beside_requests_that_do(model_path, llm):
+    """With n-gram speculation on, ordinary requests speculate and beams do not (the search scores one
+    position per beam and step): the beams are those of an engine without speculation."""
+    want = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6))
+    spec = LLM(model_path, threads=1, kv_cache_dtype="float32", speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    eng = spec.engine
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    other = eng.add_request(None, {"prompt_token_ids": [5, 6, 7, 8] * 6}, greedy)
+    eng.step()
+    got = spec.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert [[s.tokens for s in o.sequences] for o in got] == [[s.tokens for s in o.sequences] for o in want]
+    assert eng.stats()["spec_decode"]["num_draft_tokens"] > 0, eng.stats()["spec_decode"]
+    assert_pool_empty(spec)
+
+
 def test_abort_frees_every_beam(model_path):
     """An engine-level abort mid-search frees every beam's blocks and ends the request with its live beams
     (finish_reason "abort")."""
