@@ -3,7 +3,10 @@ beam search over the float64 reference forward (tests/reference_forward.py) on a
 model: same beams, same scores, also batched with ordinary requests and under a pool small enough to
 preempt beams; the beams' KV shares blocks through native forks (fewer blocks than independent
 sequences) and every block returns to the pool (finished, aborted, failed); bad parameters are refused."""
+import json
 import math
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -384,7 +387,9 @@ def test_real_model_scores_are_the_reference_scores(reference_gguf_path, referen
 def test_server_equals_offline_api(model_path, llm):
     """The OpenAI server's use_beam_search (the openai client, n = beam width) returns LLM.beam_search's
     beams as choices (prompt i's beams at indices i * n ..., best first), streamed or not; widths the
-    engine cannot hold (max_num_seqs, KV blocks) are 400s naming n; afterwards every block is free."""
+    engine cannot hold (max_num_seqs, KV blocks) are 400s naming n; a client that hangs up mid-search
+    (streaming or not) gets its search aborted; afterwards every block is free."""
+    import httpx
     import openai
     from test_server import LiveServer, idle
     from tinyvllm.server.api import build_app
@@ -423,6 +428,30 @@ def test_server_equals_offline_api(model_path, llm):
         aeng = server.server.config.app.state.async_llm
         assert aeng.wait_until(idle, timeout=120), aeng.stats
         assert aeng.stats["beam_search"]["steps"] >= 2 * 6
+        # clients that hang up mid-search, streaming or not: the search is aborted, every beam freed
+        forward = llm.engine.runner.forward
+        llm.engine.runner.forward = lambda *a: time.sleep(0.05) or forward(*a)  # a search of seconds
+        for stream in (True, False):
+            steps, aborted = aeng.stats["beam_search"]["steps"], len(aeng.aborted)
+            searching = lambda a: a.stats["beam_search"]["steps"] > steps + 2
+            body = {"model": "tiny", "prompt": "the cat", "n": 4, "max_tokens": 60, "ignore_eos": True,
+                    "use_beam_search": True, "stream": stream}
+            if stream:
+                with httpx.Client(timeout=60) as c, c.stream("POST", server.url + "/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    assert aeng.wait_until(searching, timeout=60)
+            else:  # a beam search has no update to notice the hang-up at: the server polls
+                data = json.dumps(body).encode()
+                host, port = server.url.removeprefix("http://").split(":")
+                with socket.create_connection((host, int(port))) as sock:
+                    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                    assert aeng.wait_until(searching, timeout=60)
+            assert aeng.wait_until(idle, timeout=120), aeng.stats
+            assert len(aeng.aborted) == aborted + 1, (stream, aeng.aborted[aborted:])
+            assert aeng.stats["beam_search"]["steps"] - steps < 60
+        llm.engine.runner.forward = forward
     finally:
         server.stop()
     assert_pool_empty(llm)
+
