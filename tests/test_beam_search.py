@@ -156,8 +156,11 @@ def test_one_batched_forward_per_step_and_waves(model_path, ref):
     assert len(calls) == 5 and calls[1:] == [9] * 4  # step 1 prefills the prompts; then 3 prompts x 3 beams
     check_against_reference(llm, ref, outs, 3, 5)
     small = LLM(model_path, threads=1, kv_cache_dtype="float32", max_num_seqs=4)  # one prompt's beams at a time
+    rows, small_forward = [], small.engine.runner.forward  # a group holds its width in slots from admission on
+    small.engine.runner.forward = lambda *a: rows.append(int(a[2].max()) + 1) or small_forward(*a)
     assert [o.sequences for o in small.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5))] == \
         [o.sequences for o in outs]
+    assert max(rows) == 3 and len(rows) == 15  # never two groups at once: 3 prompts x 5 steps
     assert_pool_empty(small)
     calls.clear()
     one_at_a_time = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=1)
