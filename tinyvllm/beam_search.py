@@ -131,6 +131,9 @@ class BeamGroup:
         if self.done:
             self.finished += [BeamSearchSequence(b.seq.token_ids.tolist() + [t], b.logprobs + [lps], cum,
                                                  finish_reason="length") for b, t, cum, lps in survivors]
+        # A finished beam's score is final: only the width best can be returned (a stable sort keeps ties in
+        # the order they finished, as ranking the whole list at the end would)
+        self.finished = self._ranked(self.finished)
         children: dict[int, list] = {}
         for b, t, cum, lps in survivors:
             children.setdefault(id(b), []).append((t, cum, lps))
@@ -139,10 +142,10 @@ class BeamGroup:
     def best(self) -> list[BeamSearchSequence]:
         """The beam_width best beams, best first: the finished ones, and while the search runs (an abort,
         a deadline) the live beams as they are (finish_reason: end_reason)."""
-        done = list(self.finished)
-        if not self.done:
-            done += [BeamSearchSequence(b.seq.token_ids.tolist(), b.logprobs, b.cum_logprob, finish_reason=self.end_reason or "abort")
-                     for b in self.beams]
-        done.sort(key=lambda s: beam_search_score(s.tokens, s.cum_logprob, self.eos, self.length_penalty),
-                  reverse=True)
-        return done[:self.width]
+        live = [] if self.done else [BeamSearchSequence(b.seq.token_ids.tolist(), b.logprobs, b.cum_logprob,
+                                                        finish_reason=self.end_reason or "abort") for b in self.beams]
+        return self._ranked(self.finished + live)
+
+    def _ranked(self, seqs: list[BeamSearchSequence]) -> list[BeamSearchSequence]:
+        score = lambda s: beam_search_score(s.tokens, s.cum_logprob, self.eos, self.length_penalty)
+        return sorted(seqs, key=score, reverse=True)[:self.width]
