@@ -267,7 +267,10 @@ def test_beams_do_not_speculate_beside_requests_that_do(model_path, llm):
     eng.step()
     got = spec.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6))
     while eng.has_unfinished_requests():
-        eng.step()
+        for out in eng.step():
+            if out.request_id == other and out.finished:  # speculation keeps greedy output exact
+                alone = llm.generate({"prompt_token_ids": [5, 6, 7, 8] * 6}, greedy)[0].outputs[0].token_ids
+                assert out.outputs[0].token_ids == alone
     assert [[s.tokens for s in o.sequences] for o in got] == [[s.tokens for s in o.sequences] for o in want]
     assert eng.stats()["spec_decode"]["num_draft_tokens"] > 0, eng.stats()["spec_decode"]
     assert_pool_empty(spec)

@@ -222,7 +222,7 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         expired = self._expire_deadlines()
-        if self.spec is not None:  # draft tokens for the running decodes (not beams), which the scheduler makes room for
+        if self.spec is not None:  # drafts for the running decodes (not beams), which the scheduler makes room for
             self.spec.plan([s for s in self.scheduler.running if not self._is_beam(s)])
         batch = self.scheduler.schedule()
         if batch is None and self.scheduler.waiting:

@@ -465,7 +465,8 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                    {"prompt": None, "prompt_token_ids": list(x)} for x in items]
         if params is None:  # max_tokens None: what the longest prompt leaves of the context
             longest = max(len(x["prompt_token_ids"]) for x in prompts)
-            params = body.beam_search_params(body.max_tokens if body.max_tokens is not None else max(1, max_len - longest))
+            asked = body.max_tokens if body.max_tokens is not None else max(1, max_len - longest)
+            params = body.beam_search_params(asked)
             check_capacity(params)
         for x in prompts:
             check_prompt(x["prompt_token_ids"], params.max_tokens)

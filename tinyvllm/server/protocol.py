@@ -113,9 +113,9 @@ class _Sampling(_Body):
 
 
 # what a beam-search request may set (the rest must keep its default)
-_BEAM_SEARCH_FIELDS = {"model", "user", "n", "temperature", "ignore_eos", "length_penalty", "include_stop_str_in_output",
-                       "stream", "stream_options", "use_beam_search", "prompt", "max_tokens", "max_completion_tokens",
-                       "messages", "add_generation_prompt"}
+_BEAM_SEARCH_FIELDS = {"model", "user", "n", "temperature", "ignore_eos", "length_penalty",
+                       "include_stop_str_in_output", "stream", "stream_options", "use_beam_search", "prompt",
+                       "max_tokens", "max_completion_tokens", "messages", "add_generation_prompt"}
 
 
 class CompletionRequest(_Sampling):
