@@ -238,12 +238,19 @@ def test_small_kv_cache_preempts_beams_with_the_same_results(model_path, prefix_
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     alone = roomy.generate("once upon a time", greedy)[0].outputs[0].token_ids
     other = eng.add_request(None, "once upon a time", greedy)
+    steps, step = [0], eng.step
+
+    def bounded_step():  # a livelock (beams readmitted in turn, forever) fails here instead of hanging
+        steps[0] += 1
+        assert steps[0] < 2000, "no progress: the beam groups keep preempting each other"
+        return step()
+    eng.step = bounded_step
     got = tight.beam_search(PROMPTS, params)
     while eng.has_unfinished_requests():
         for out in eng.step():
             if out.request_id == other and out.finished:
                 assert out.outputs[0].token_ids == alone
-    print(f"preemptions: {eng.scheduler.num_preemptions}")
+    print(f"preemptions: {eng.scheduler.num_preemptions}, steps: {steps[0]}")
     assert eng.scheduler.num_preemptions > 0
     assert [[(s.tokens, s.finish_reason) for s in o.sequences] for o in got] == \
         [[(s.tokens, s.finish_reason) for s in o.sequences] for o in want]
