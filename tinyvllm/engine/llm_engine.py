@@ -222,8 +222,11 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         expired = self._expire_deadlines()
-        if self.spec is not None:  # drafts for the running decodes (not beams), which the scheduler makes room for
-            self.spec.plan([s for s in self.scheduler.running if not self._is_beam(s)])
+        if self.spec is not None:  # draft tokens for the running decodes, which the scheduler makes room for
+            self.spec.plan(self.scheduler.running)  # (the whole batch counts for disable_by_batch_size)
+            for seq in self.scheduler.running:
+                if self._is_beam(seq):  # a beam scores one position per step: it never speculates
+                    seq.spec_token_ids = seq.spec_token_ids[:0]
         batch = self.scheduler.schedule()
         if batch is None and self.scheduler.waiting:
             batch = self._unblock_beams()
