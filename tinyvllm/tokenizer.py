@@ -55,21 +55,6 @@ def _byte_level_alphabet() -> dict[int, str]:
     return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
 
 
-def _scalar(v):
-    """GGUF readers hand scalars as numpy values or 1-element arrays: normalize to Python."""
-    if hasattr(v, "tolist"):
-        v = v.tolist()
-    if isinstance(v, (list, tuple)) and len(v) == 1:
-        v = v[0]
-    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else v
-
-
-def _strings(v) -> list[str]:
-    if isinstance(v, list) and set(map(type, v)) <= {str}:
-        return v
-    return [s.decode("utf-8") if isinstance(s, (bytes, bytearray)) else str(s) for s in v]
-
-
 def _byte_level(pre: str):
     """(normalizer, pre_tokenizer, ignore_merges) for a byte-level BPE `tokenizer.ggml.pre`,
     mirroring the HF tokenizer.json of each family."""
@@ -118,7 +103,7 @@ def _add_gguf_added_tokens(tok: _HFTokenizer, md: dict, tokens, types):
     # normalization (so Gemma's user-defined "  " matches two spaces, never "▁▁"), and splits them out
     # before the model sees the rest. Phi-3 GGUFs get right-stripping special tokens by model name in
     # llama.cpp, as Phi-3's tokenizer.json has them.
-    phi3 = any(n in str(_scalar(md.get("general.name", ""))).lower() for n in ("phi-3", "phi3"))
+    phi3 = any(n in str(md.get("general.name", "")).lower() for n in ("phi-3", "phi3"))
     no_rstrip = ("<unk>", "<s>", "<|endoftext|>")
 
     def added(i, special):
@@ -137,11 +122,9 @@ def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokeni
     # would merge them. A placeholder id keeps the byte in place while merging; encode() drops it.
     missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
     vocab.update({c: len(tokens) + k for k, c in enumerate(sorted(missing))})
-    merges = []
-    for m in _strings(md.get("tokenizer.ggml.merges", [])):
-        k = m.find(" ", 1)  # like llama.cpp: the first part is never empty
-        merges.append((m[:k], m[k + 1:]))
-    normalizer, pre_tokenizer, ignore_merges = _byte_level(str(_scalar(md.get("tokenizer.ggml.pre", "gpt2"))))
+    # split at the first space after the first character, like llama.cpp: the left part is never empty
+    merges = [(m[:k], m[k + 1:]) for m in md.get("tokenizer.ggml.merges", []) for k in (m.find(" ", 1),)]
+    normalizer, pre_tokenizer, ignore_merges = _byte_level(str(md.get("tokenizer.ggml.pre", "gpt2")))
     tok = _HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
     if normalizer is not None:
         tok.normalizer = normalizer
@@ -207,12 +190,12 @@ def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
     scores = [float(s) for s in md.get("tokenizer.ggml.scores", [])] or [-float(i) for i in range(len(tokens))]
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated piece keeps its first id
     merges = _spm_merges(tokens, types, scores, vocab)
-    unk_id = _scalar(md.get("tokenizer.ggml.unknown_token_id", None))
+    unk_id = md.get("tokenizer.ggml.unknown_token_id")
     if unk_id is None:
         unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
     tok = _HFTokenizer(models.BPE(vocab, merges, byte_fallback=True, fuse_unk=True,
                                   unk_token=tokens[unk_id] if unk_id is not None else None))
-    prefix = bool(_scalar(md.get("tokenizer.ggml.add_space_prefix", True)))
+    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
     spaces = normalizers.Replace(" ", "\u2581")
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -366,7 +349,7 @@ class Tokenizer:
     def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
         """Raises ModelFormatError for a vocabulary that is missing, malformed or inconsistent (the
         `tokenizers` library's own errors, e.g. a merge naming a token not in the vocabulary, included)."""
-        kind = str(_scalar(md.get("tokenizer.ggml.model", "")))
+        kind = str(md.get("tokenizer.ggml.model", ""))
         tokens, types = _gguf_vocab_arrays(md)
         placeholders = False
         try:
@@ -380,14 +363,14 @@ class Tokenizer:
             raise
         except Exception as e:  # `tokenizers` raises bare Exception ("Token `x` out of vocabulary", ...)
             raise ModelFormatError(f"GGUF tokenizer metadata is inconsistent: {type(e).__name__}: {e}") from None
-        ids = {k: _scalar(md.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "eot", "eom")}
-        default_bos = kind == "llama" or _scalar(md.get("tokenizer.ggml.pre")) in ("llama-bpe", "llama3")
-        add_bos = bool(_scalar(md.get("tokenizer.ggml.add_bos_token", default_bos))) and ids["bos"] is not None
-        add_eos = bool(_scalar(md.get("tokenizer.ggml.add_eos_token", False))) and ids["eos"] is not None
-        templates = {k[len("tokenizer.chat_template."):]: _scalar(v) for k, v in md.items()
+        ids = {k: md.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom")}
+        default_bos = kind == "llama" or md.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3")
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", default_bos)) and ids["bos"] is not None
+        add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
+        templates = {k[len("tokenizer.chat_template."):]: v for k, v in md.items()
                      if k.startswith("tokenizer.chat_template.")}
         if md.get("tokenizer.chat_template"):
-            templates["default"] = _scalar(md["tokenizer.chat_template"])
+            templates["default"] = md["tokenizer.chat_template"]
         backend = _HFBackend(tok, len(tokens) if placeholders else None)
         return cls(backend, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                    extra_eos_ids=[i for i in (ids["eot"], ids["eom"]) if i is not None],

@@ -1,15 +1,10 @@
-"""GGUF container parsing in bulk: the metadata key/values and the tensor directory of a memory-mapped
-file, without building an object per array element.
-
-The `gguf` package's reader makes a numpy array for every element of every metadata array (a 49K
-vocabulary is ~250K of them, ~1 s; a 262K one several seconds). Here numeric arrays are one
-`np.frombuffer` over the mapping and string arrays one pass collecting (offset, length) pairs, so a
-262,144-token vocabulary parses in tens of milliseconds. Values come out as plain Python, the way
-`gguf.ReaderField.contents()` gives them (tests compare the two on every field), except that strings
-that are not valid UTF-8 decode with "surrogateescape" (byte tokens stay lossless) instead of failing.
-
-Every read is bounds-checked: a corrupt or truncated file raises ModelFormatError, never reads past the
-mapping, and never allocates for a count the file cannot hold.
+"""GGUF container parsing in bulk: the metadata and tensor directory of a memory-mapped file, without an
+object per array element (the `gguf` package's reader makes a numpy array for each: seconds for a 262K
+vocabulary). Numeric arrays are one np.frombuffer, string arrays one pass over (offset, length) pairs.
+Values come out as plain Python, as `gguf.ReaderField.contents()` gives them (tests compare the two),
+except that strings that are not UTF-8 decode with "surrogateescape" (byte tokens stay lossless).
+Every read is bounds-checked: a corrupt or truncated file raises ModelFormatError, never reads past
+the mapping, and never allocates for a count the file cannot hold.
 """
 from __future__ import annotations
 

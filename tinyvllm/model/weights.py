@@ -73,10 +73,6 @@ class WeightTensor:
                                    f"match {GGMLType(self.dtype).name}{list(self.shape)}")
 
     @property
-    def quantized(self) -> bool:
-        return self.dtype in QUANT_BLOCKS
-
-    @property
     def row_bytes(self) -> int:
         return row_bytes_for(self.dtype, self.shape[-1])
 
@@ -86,7 +82,7 @@ class WeightTensor:
 
     def dequantize(self) -> np.ndarray:
         """float32 array of `shape` (a fresh array)."""
-        if not self.quantized:
+        if self.dtype not in QUANT_BLOCKS:
             return self.data.astype(np.float32)  # astype copies, so callers may mutate the result
         # the gguf package's own decoder: independent of our native kernels, which are tested against it
         return dequantize(self.data, GGMLQuantizationType(self.dtype)).astype(np.float32, copy=False).reshape(self.shape)
