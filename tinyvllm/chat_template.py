@@ -1,10 +1,9 @@
 """Chat templates: HF-compatible jinja2 rendering (what `tokenizer.apply_chat_template` does).
 
-Templates are untrusted text shipped with a model, so they run in jinja2's immutable sandbox, under a
-render time limit and an output size limit (a template that loops for ever or renders gigabytes stops
-with a TemplateError instead of hanging or exhausting the process).
-The environment mirrors transformers': trim_blocks/lstrip_blocks, loop controls, `tojson`
-without ASCII escaping, `raise_exception`, `strftime_now` and a no-op `{% generation %}` tag.
+Templates are untrusted text shipped with a model: they run in jinja2's immutable sandbox under a time
+and an output size limit (a TemplateError instead of a hang or gigabytes). The environment mirrors
+transformers': trim/lstrip blocks, loop controls, `tojson` without ASCII escaping, `raise_exception`,
+`strftime_now` and a no-op `{% generation %}` tag.
 """
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """Tokenizer: one API over a GGUF vocab, an HF tokenizer.json, or a sentencepiece tokenizer.model.
 
 GGUF vocabularies are rebuilt as `tokenizers` pipelines equivalent to the HF ones they came from:
-  * `gpt2` (byte-level BPE): BPE(vocab, merges) + the pre-tokenizer regex named by
-    `tokenizer.ggml.pre` + ByteLevel decoder.
-  * `llama` (sentencepiece BPE): BPE whose merges are derived from the piece scores (any adjacent
-    pair whose concatenation is a piece merges, highest score first: sentencepiece's and llama.cpp's
-    rule), byte fallback, "▁" for spaces and a dummy-prefix "▁". Exact for sentencepiece BPE models;
-    a Unigram sentencepiece model converted to GGUF would be tokenized like llama.cpp does (BPE-ish).
-Control (and unknown) tokens become special added tokens, so "<|im_start|>" in text is one id;
-user-defined tokens become plain added tokens.
+`gpt2` as byte-level BPE with the pre-tokenizer named by `tokenizer.ggml.pre`; `llama` (sentencepiece
+BPE) as BPE with merges derived from the piece scores (an adjacent pair whose concatenation is a piece
+merges, best score first: sentencepiece's and llama.cpp's rule), byte fallback and "▁" for spaces.
+Control and unknown tokens become special added tokens ("<|im_start|>" in text is one id),
+user-defined ones plain added tokens.
 """
 from __future__ import annotations
 
