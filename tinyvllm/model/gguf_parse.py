@@ -155,7 +155,11 @@ def parse_gguf(path) -> GGUFContents:
     if version not in SUPPORTED_VERSIONS:
         raise ModelFormatError(f"unsupported GGUF version {version} (supported: 2, 3)")
     n_tensors, n_kv = c.u64("tensor count"), c.u64("metadata count")
-    c.need(n_kv * 13, "the metadata")  # a key length, a value type and a 1-byte value at least
+    # at least: a key length, a type and a 1-byte value per entry; name length, n_dims, a dim, type, offset per tensor
+    need = 24 + n_kv * 13 + n_tensors * 32
+    if need > len(buf):
+        raise ModelFormatError(f"header claims {n_tensors} tensors and {n_kv} metadata entries, which need at "
+                               f"least {need} bytes; the file has {len(buf)}: truncated or corrupt")
     metadata: dict = {}
     for _ in range(n_kv):
         key = c.name("metadata key")
