@@ -2,11 +2,12 @@
 
 One long prompt (a document to summarize, ~400 tokens), 64 new tokens per sequence, EOS ignored so
 every configuration generates the same number of tokens:
-  * beam search, width 4: the beams fork from the prompt and from each other (copy-on-write);
+  * beam search, width 4 (`LLM.beam_search`, an engine request): the beams fork from the prompt and from
+    each other (copy-on-write);
   * four independent sequences (the same prompt as four requests, prefix caching off: nothing shared);
   * the same four requests with prefix caching on (the prompt's full blocks are shared via the cache);
   * n=4 sampling (one request, the prompt prefilled once and forked).
-Peak blocks: blocks in use (pool minus free and evictable) after each step's allocation. Speed: new
+Peak blocks: blocks in use (pool minus free and evictable) at each forward, after the step's allocation. Speed: new
 tokens (4 x 64) per second of wall time, prompt prefill included; min / median / max of --runs runs.
 
     flock /work/bench.lock python benchmarks/bench_beam_search.py [--model PATH] [--threads 2] [--runs 3]
@@ -33,27 +34,29 @@ def document(tokenizer) -> dict:
 
 def run(llm, kind: str, prompt: dict) -> dict:
     from tinyvllm import BeamSearchParams, SamplingParams
-    from tinyvllm.beam_search import run_beam_search
     eng = llm.engine
-    blocks, peak = eng.scheduler.blocks, [0]
+    blocks, peak, forward = eng.scheduler.blocks, [0], eng.runner.forward
 
-    def probe():
+    def probed(*a):  # blocks in use at each forward: after the step's allocation
         peak[0] = max(peak[0], blocks.num_blocks - blocks.num_free_blocks)
+        return forward(*a)
+    eng.runner.forward = probed
     t0 = time.perf_counter()
-    if kind == "beam":
-        run_beam_search(eng, [prompt], BeamSearchParams(beam_width=WIDTH, max_tokens=MAX_TOKENS, ignore_eos=True),
-                        on_step=probe)
-    else:
-        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        if kind == "n4":
-            eng.add_request(None, prompt, SamplingParams(n=WIDTH, temperature=1.0, seed=0, max_tokens=MAX_TOKENS,
-                                                         ignore_eos=True))
+    try:
+        if kind == "beam":
+            llm.beam_search([prompt], BeamSearchParams(beam_width=WIDTH, max_tokens=MAX_TOKENS, ignore_eos=True))
         else:
-            for _ in range(WIDTH):
-                eng.add_request(None, prompt, greedy)
-        while eng.has_unfinished_requests():
-            eng.step()
-            probe()
+            greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+            if kind == "n4":
+                eng.add_request(None, prompt, SamplingParams(n=WIDTH, temperature=1.0, seed=0, max_tokens=MAX_TOKENS,
+                                                             ignore_eos=True))
+            else:
+                for _ in range(WIDTH):
+                    eng.add_request(None, prompt, greedy)
+            while eng.has_unfinished_requests():
+                eng.step()
+    finally:
+        eng.runner.forward = forward
     wall = time.perf_counter() - t0
     assert blocks.num_seqs == 0 and blocks.num_free_blocks == blocks.num_blocks  # everything returned
     return {"wall_s": wall, "tok_s": WIDTH * MAX_TOKENS / wall, "peak_blocks": peak[0]}

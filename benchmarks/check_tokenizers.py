@@ -50,13 +50,8 @@ N_SHOWN = 5  # mismatches recorded per vocabulary
 # ---------------------------------------------------------------------------------------------- reading
 def gguf_metadata(path) -> dict:
     """The metadata exactly as tinyvllm's GGUF loader hands it to Tokenizer.from_gguf_metadata."""
-    import gc
-    from tinyvllm.model.gguf_loader import _CheckedReader, _field_value, _PackedStrings
-    reader = _CheckedReader(str(path), "r")
-    md = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    del reader
-    gc.collect()
-    return {k: v.strings() if isinstance(v, _PackedStrings) else v for k, v in md.items()}
+    from tinyvllm.model.gguf_parse import parse_gguf
+    return {k: v for k, v in parse_gguf(path).metadata.items() if not k.startswith("GGUF.")}
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

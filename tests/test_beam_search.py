@@ -1,8 +1,12 @@
-"""LLM.beam_search against a brute-force beam search over the float64 reference forward
-(tests/reference_forward.py) on a tiny random-weight GGUF model: same beams, same scores; the beams' KV
-shares blocks through native forks (fewer blocks than independent sequences) and every block returns
-to the pool; bad parameters are refused."""
+"""Beam search (engine requests with BeamSearchParams, LLM.beam_search over them) against a brute-force
+beam search over the float64 reference forward (tests/reference_forward.py) on a tiny random-weight GGUF
+model: same beams, same scores, also batched with ordinary requests and under a pool small enough to
+preempt beams; the beams' KV shares blocks through native forks (fewer blocks than independent
+sequences) and every block returns to the pool (finished, aborted, failed); bad parameters are refused."""
+import json
 import math
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -152,14 +156,15 @@ def test_one_batched_forward_per_step_and_waves(model_path, ref):
     assert len(calls) == 5 and calls[1:] == [9] * 4  # step 1 prefills the prompts; then 3 prompts x 3 beams
     check_against_reference(llm, ref, outs, 3, 5)
     small = LLM(model_path, threads=1, kv_cache_dtype="float32", max_num_seqs=4)  # one prompt's beams at a time
+    rows, small_forward = [], small.engine.runner.forward  # a group holds its width in slots from admission on
+    small.engine.runner.forward = lambda *a: rows.append(int(a[2].max()) + 1) or small_forward(*a)
     assert [o.sequences for o in small.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5))] == \
         [o.sequences for o in outs]
+    assert max(rows) == 3 and len(rows) == 15  # never two groups at once: 3 prompts x 5 steps
     assert_pool_empty(small)
     calls.clear()
     one_at_a_time = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=1)
     assert [o.sequences for o in one_at_a_time] == [o.sequences for o in outs] and len(calls) == 15
-    with pytest.raises(ValueError, match="concurrency_limit"):
-        llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=5), concurrency_limit=0)
     assert_pool_empty(llm)
 
 
@@ -174,53 +179,142 @@ def test_context_end_is_the_last_step(model_path, ref):
     assert_pool_empty(llm)
 
 
-def test_small_kv_cache_runs_prompts_in_turn(model_path, ref):
-    """A pool that holds one prompt's worst case but not two: the prompts run one after the other (no
-    preemption), with the same results; a search that cannot fit at all is refused up front."""
+def peak_blocks_used(llm) -> list[int]:
+    """Blocks in use at each forward (after the step's allocation), the peak kept in the returned list."""
+    runner, blocks, peak = llm.engine.runner, llm.engine.scheduler.blocks, [0]
+    forward = runner.forward
+
+    def probed(*a):
+        peak[0] = max(peak[0], blocks.num_blocks - blocks.num_free_blocks)
+        return forward(*a)
+    runner.forward = probed
+    return peak
+
+
+def test_batched_with_an_ordinary_request_and_stats(llm, ref):
+    """A beam search and ordinary requests in the same steps (continuous batching): the beams equal the
+    reference, the greedy request equals its lone run, and the engine's stats count the beam steps."""
+    eng = llm.engine
+    params = BeamSearchParams(beam_width=3, max_tokens=6)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    alone = llm.generate("a long way", greedy)[0].outputs[0].token_ids
+    before = eng.stats()["beam_search"]
+    calls, forward = [], eng.runner.forward
+    eng.runner.forward = lambda *a: calls.append(len(a[0])) or forward(*a)
+    try:
+        other = eng.add_request(None, "a long way", greedy)
+        eng.step()  # the ordinary request is running when the beam searches arrive
+        outs = llm.beam_search(PROMPTS, params)
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.request_id == other and out.finished:
+                    assert out.outputs[0].token_ids == alone
+    finally:
+        eng.runner.forward = forward
+    check_against_reference(llm, ref, outs, 3, 6)
+    assert calls[2] == 1 + 9  # the ordinary decode and 3 prompts x 3 beams in one forward
+    after = eng.stats()["beam_search"]
+    assert after["steps"] - before["steps"] == 6 and after["beam_rows"] - before["beam_rows"] == 3 + 5 * 9
+    assert after["requests"] == 0
+    assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_small_kv_cache_preempts_beams_with_the_same_results(model_path, prefix_caching):
+    """A pool that holds one prompt's worst case but not everything at once: beams are preempted and
+    recomputed (an ordinary request runs alongside; when only beams waiting for preempted group mates
+    hold the pool, the oldest group goes first), with the same results as in a roomy pool; a search that
+    cannot fit at all is refused up front."""
     from tinyvllm.beam_search import blocks_needed
-    roomy = LLM(model_path, threads=1, kv_cache_dtype="float32")
+    roomy = LLM(model_path, threads=1, kv_cache_dtype="float32", enable_prefix_caching=prefix_caching)
     params = BeamSearchParams(beam_width=4, max_tokens=24)
-    want = roomy.beam_search(PROMPTS[:2], params)
-    need = [blocks_needed(len(o.sequences[0].tokens) - 24, 24, 4, 16) for o in want]
+    want = roomy.beam_search(PROMPTS, params)
+    need = [blocks_needed(len(o.sequences[0].tokens) - 24, 24, 4, 16, prefix_caching) for o in want]
     per_block = roomy.engine.runner.kv_bytes_per_block(roomy.engine.config, 16, "float32")
-    tight = LLM(model_path, threads=1, kv_cache_dtype="float32", kv_cache_bytes=per_block * max(need))
+    tight = LLM(model_path, threads=1, kv_cache_dtype="float32", kv_cache_bytes=per_block * max(need),
+                enable_prefix_caching=prefix_caching)
     assert tight.engine.scheduler.blocks.num_blocks < sum(need)
-    peak, probe = peak_blocks_used(tight)
-    from tinyvllm.beam_search import run_beam_search
-    got = run_beam_search(tight.engine, PROMPTS[:2], params, on_step=probe)
-    assert tight.engine.scheduler.num_preemptions == 0 and peak[0] <= max(need)
-    assert [o.sequences for o in got] == [o.sequences for o in want]
+    eng = tight.engine
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = roomy.generate("once upon a time", greedy)[0].outputs[0].token_ids
+    other = eng.add_request(None, "once upon a time", greedy)
+    steps, step = [0], eng.step
+
+    def bounded_step():  # a livelock (beams readmitted in turn, forever) fails here instead of hanging
+        steps[0] += 1
+        assert steps[0] < 2000, "no progress: the beam groups keep preempting each other"
+        return step()
+    eng.step = bounded_step
+    got = tight.beam_search(PROMPTS, params)
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.request_id == other and out.finished:
+                assert out.outputs[0].token_ids == alone
+    print(f"preemptions: {eng.scheduler.num_preemptions}, steps: {steps[0]}")
+    assert eng.scheduler.num_preemptions > 0
+    assert [[(s.tokens, s.finish_reason) for s in o.sequences] for o in got] == \
+        [[(s.tokens, s.finish_reason) for s in o.sequences] for o in want]
+    for g, w in zip(got, want):
+        assert all(abs(a.cum_logprob - b.cum_logprob) < TOL for a, b in zip(g.sequences, w.sequences))
     assert_pool_empty(tight)
     with pytest.raises(ValueError, match="KV blocks"):
         tight.beam_search(PROMPTS[0], BeamSearchParams(beam_width=4, max_tokens=100))
     assert_pool_empty(tight)
 
 
-def peak_blocks_used(llm) -> tuple[list[int], callable]:
-    blocks, peak = llm.engine.scheduler.blocks, [0]
-    return peak, lambda: peak.__setitem__(0, max(peak[0], blocks.num_blocks - blocks.num_free_blocks))
+def test_beams_do_not_speculate_beside_requests_that_do(model_path, llm):
+    """With n-gram speculation on, ordinary requests speculate and beams do not (the search scores one
+    position per beam and step): the beams are those of an engine without speculation."""
+    want = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6))
+    spec = LLM(model_path, threads=1, kv_cache_dtype="float32", speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    eng = spec.engine
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    other = eng.add_request(None, {"prompt_token_ids": [5, 6, 7, 8] * 6}, greedy)
+    eng.step()
+    got = spec.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6))
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.request_id == other and out.finished:  # speculation keeps greedy output exact
+                alone = llm.generate({"prompt_token_ids": [5, 6, 7, 8] * 6}, greedy)[0].outputs[0].token_ids
+                assert out.outputs[0].token_ids == alone
+    assert [[s.tokens for s in o.sequences] for o in got] == [[s.tokens for s in o.sequences] for o in want]
+    assert eng.stats()["spec_decode"]["num_draft_tokens"] > 0, eng.stats()["spec_decode"]
+    assert_pool_empty(spec)
+
+
+def test_abort_frees_every_beam(model_path):
+    """An engine-level abort mid-search frees every beam's blocks and ends the request with its live beams
+    (finish_reason "abort")."""
+    llm = LLM(model_path, threads=1)
+    eng = llm.engine
+    rid = eng.add_request(None, PROMPTS[0], BeamSearchParams(beam_width=4, max_tokens=20))
+    keep = eng.add_request(None, PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        assert not [o for o in eng.step() if o.request_id == rid]  # a beam search has output only at its end
+    assert len(eng.scheduler.running) == 5  # four live beams and the ordinary request
+    out = eng.abort(rid)
+    assert out.finished and len(out.outputs) == 4 and {c.finish_reason for c in out.outputs} == {"abort"}
+    assert all(len(c.token_ids) == 4 for c in out.outputs)  # one token chosen per step (the prefill's included)
+    assert eng.stats()["beam_search"]["requests"] == 0
+    eng.abort(keep)
+    assert_pool_empty(llm)
 
 
 def test_forks_use_fewer_blocks_than_independent_sequences(model_path):
     """Width-4 beams on a long prompt hold the prompt's blocks once; four independent sequences (no
     prefix caching, so nothing is shared) hold four copies."""
-    from tinyvllm.beam_search import run_beam_search
     prompt = {"prompt_token_ids": [int(t) for t in np.random.default_rng(3).integers(3, 300, 200)]}
     beams = LLM(model_path, threads=1)
-    peak, probe = peak_blocks_used(beams)
+    peak = peak_blocks_used(beams)
     copies, copy_block = [], beams.engine.runner.copy_block
     beams.engine.runner.copy_block = lambda src, dst: copies.append((src, dst)) or copy_block(src, dst)
-    run_beam_search(beams.engine, [prompt], BeamSearchParams(beam_width=4, max_tokens=20), on_step=probe)
+    beams.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=20))
     assert_pool_empty(beams)
     assert copies  # the prompt's last block is partial: the first forks share it until each beam writes
     independent = LLM(model_path, threads=1, enable_prefix_caching=False)
-    eng = independent.engine
-    for _ in range(4):
-        eng.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    ind_peak, ind_probe = peak_blocks_used(independent)
-    while eng.has_unfinished_requests():
-        eng.step()
-        ind_probe()
+    ind_peak = peak_blocks_used(independent)
+    independent.generate([prompt] * 4, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     prompt_blocks = -(-200 // 16)
     print(f"peak blocks: width-4 beam search {peak[0]}, four independent sequences {ind_peak[0]}")
     assert ind_peak[0] >= 4 * prompt_blocks
@@ -228,7 +322,7 @@ def test_forks_use_fewer_blocks_than_independent_sequences(model_path):
     assert peak[0] < ind_peak[0] / 2
 
 
-def test_bad_params_and_busy_engine(llm):
+def test_bad_params_and_a_busy_engine(llm):
     for kw, word in [(dict(beam_width=0, max_tokens=4), "beam_width"), (dict(beam_width=2, max_tokens=0), "max_tokens"),
                      (dict(beam_width=2.5, max_tokens=4), "beam_width"), (dict(beam_width=True, max_tokens=4), "beam_width"),
                      (dict(beam_width=2, max_tokens=4, temperature=0.7), "temperature"),
@@ -246,10 +340,15 @@ def test_bad_params_and_busy_engine(llm):
         llm.beam_search({"prompt_token_ids": [5] * llm.engine.max_model_len}, params)
     with pytest.raises(TypeError):
         llm.beam_search("the cat", SamplingParams())
+    with pytest.raises(TypeError):
+        llm.engine.add_request(None, "the cat", {"beam_width": 2})
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search("the cat", params, concurrency_limit=0)
+    # an unfinished stream no longer stops a beam search: both run in the same steps
+    want = llm.beam_search("the cat", params)
     stream = llm.stream("the cat", SamplingParams(max_tokens=8))
     next(stream)
-    with pytest.raises(RuntimeError, match="running requests"):
-        llm.beam_search("the cat", params)
+    assert [s.tokens for s in llm.beam_search("the cat", params)[0].sequences] == [s.tokens for s in want[0].sequences]
     stream.close()
     assert_pool_empty(llm)
 
@@ -296,3 +395,76 @@ def test_real_model_scores_are_the_reference_scores(reference_gguf_path, referen
     best = llm.beam_search(prompt, BeamSearchParams(beam_width=1, max_tokens=12))[0].sequences[0]
     assert best.tokens[n:] == greedy.token_ids and best.finish_reason == greedy.finish_reason == "stop"
     assert_pool_empty(llm)
+
+
+def test_server_equals_offline_api(model_path, llm):
+    """The OpenAI server's use_beam_search (the openai client, n = beam width) returns LLM.beam_search's
+    beams as choices (prompt i's beams at indices i * n ..., best first), streamed or not; widths the
+    engine cannot hold (max_num_seqs, KV blocks) are 400s naming n; a client that hangs up mid-search
+    (streaming or not) gets its search aborted; afterwards every block is free."""
+    import httpx
+    import openai
+    from test_server import LiveServer, idle
+    from tinyvllm.server.api import build_app
+    per_block = llm.engine.runner.kv_bytes_per_block(llm.engine.config, 16, "float32")
+    llm = LLM(model_path, threads=1, kv_cache_dtype="float32", max_num_seqs=8, max_model_len=64,
+              kv_cache_bytes=16 * per_block)  # 16 blocks: width 8 over 60 tokens would need 32
+    params = BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5)
+    prompts = PROMPTS[:2]
+    want = llm.beam_search(prompts, params)
+    expected = []
+    for p, out in zip(prompts, want):
+        n = len(prompt_ids(llm, p))
+        for s in out.sequences:
+            gen = s.tokens[n:]
+            shown = gen[:-1] if s.finish_reason == "stop" else gen
+            expected.append((llm.tokenizer.decode(shown, skip_special_tokens=True), s.finish_reason))
+    server = LiveServer(build_app(llm.engine, "tiny"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        body = dict(model="tiny", prompt=prompts, n=3, max_tokens=6,
+                    extra_body={"use_beam_search": True, "length_penalty": 0.5})
+        r = client.completions.create(**body)
+        assert [(c.index, c.text, c.finish_reason) for c in r.choices] == \
+            [(i, t, f) for i, (t, f) in enumerate(expected)]
+        texts, finish = {}, {}
+        for chunk in client.completions.create(**body, stream=True):
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+                finish[c.index] = c.finish_reason or finish.get(c.index)
+        assert [(texts[i], finish[i]) for i in range(6)] == expected
+        for n, max_tokens in [(9, 6), (8, 60), (0, 6)]:  # over max_num_seqs, over the KV cache, no beam
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model="tiny", prompt="the cat", n=n, max_tokens=max_tokens,
+                                          extra_body={"use_beam_search": True})
+            assert e.value.body["param"] == "n", e.value.body
+        aeng = server.server.config.app.state.async_llm
+        assert aeng.wait_until(idle, timeout=120), aeng.stats
+        assert aeng.stats["beam_search"]["steps"] >= 2 * 6
+        # clients that hang up mid-search, streaming or not: the search is aborted, every beam freed
+        forward = llm.engine.runner.forward
+        llm.engine.runner.forward = lambda *a: time.sleep(0.05) or forward(*a)  # a search of seconds
+        for stream in (True, False):
+            steps, aborted = aeng.stats["beam_search"]["steps"], len(aeng.aborted)
+            searching = lambda a: a.stats["beam_search"]["steps"] > steps + 2
+            body = {"model": "tiny", "prompt": "the cat", "n": 4, "max_tokens": 60, "ignore_eos": True,
+                    "use_beam_search": True, "stream": stream}
+            if stream:
+                with httpx.Client(timeout=60) as c, c.stream("POST", server.url + "/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    assert aeng.wait_until(searching, timeout=60)
+            else:  # a beam search has no update to notice the hang-up at: the server polls
+                data = json.dumps(body).encode()
+                host, port = server.url.removeprefix("http://").split(":")
+                with socket.create_connection((host, int(port))) as sock:
+                    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                    assert aeng.wait_until(searching, timeout=60)
+            assert aeng.wait_until(idle, timeout=120), aeng.stats
+            assert len(aeng.aborted) == aborted + 1, (stream, aeng.aborted[aborted:])
+            assert aeng.stats["beam_search"]["steps"] - steps < 60
+        llm.engine.runner.forward = forward
+    finally:
+        server.stop()
+    assert_pool_empty(llm)
+

@@ -124,7 +124,8 @@ def test_body_over_max_request_bytes_is_413_before_reading(aeng):
 # ---- fields the server does not honour ------------------------------------------------------------
 UNHONOURED = [
     (C, {"prompt": "Hi", "logit_bias": {"5": 100}}, "logit_bias"),
-    (C, {"prompt": "Hi", "use_beam_search": True, "length_penalty": 0.5}, "use_beam_search"),
+    (C, {"prompt": "Hi", "use_beam_search": True, "top_p": 0.5}, "top_p"),  # a beam search would ignore it
+    (C, {"prompt": "Hi", "length_penalty": 0.5}, "length_penalty"),  # beam search only
     (C, {"prompt": "Hi", "max_token": 3}, "max_token"),  # a misspelling is not silently the default
     (CHAT, {"messages": HI, "functions": [{"name": "f"}]}, "functions"),
     (CHAT, {"messages": HI, "function_call": "auto"}, "function_call"),

@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 import tinyvllm
-from tinyvllm import LLMEngine, SamplingParams, _native
+from tinyvllm import BeamSearchParams, LLMEngine, SamplingParams, _native
 from tinyvllm.runner import NativeModelRunner
 from tinyvllm.server.api import build_app
 from tinyvllm.async_llm import AsyncLLM
@@ -71,7 +71,10 @@ def ref(engine):
         logprobs=offline(engine, "The capital of France is", SamplingParams(temperature=0, max_tokens=16, logprobs=2)),
         chat=offline(engine, {"prompt": chat_text, "prompt_token_ids": chat_ids},
                      SamplingParams(temperature=0, max_tokens=24)),
-        n3=offline(engine, "Once upon a time", SamplingParams(n=3, temperature=0.8, seed=7, max_tokens=10)))
+        n3=offline(engine, "Once upon a time", SamplingParams(n=3, temperature=0.8, seed=7, max_tokens=10)),
+        beam=offline(engine, "The capital of France is", BeamSearchParams(beam_width=3, max_tokens=8)),
+        beam_chat=offline(engine, {"prompt": chat_text, "prompt_token_ids": chat_ids},
+                          BeamSearchParams(beam_width=2, max_tokens=12, length_penalty=0.5)))
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +285,14 @@ BAD = [
     (C, {"prompt": 5}, 400, "prompt"),
     (C, {"max_tokens": 3}, 400, "prompt"),
     (C, {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),
-    (C, {"prompt": "x", "use_beam_search": True, "n": 2}, 400, "use_beam_search"),  # offline only: LLM.beam_search  # echo is answered whole, not streamed
+    (C, {"prompt": "x", "use_beam_search": True, "n": 0}, 400, "n"),  # beam width n
+    (C, {"prompt": "x", "use_beam_search": True, "n": 33}, 400, "n"),  # more beams than max_num_seqs
+    (C, {"prompt": "x", "use_beam_search": True, "n": 2.5}, 400, "n"),
+    (C, {"prompt": "x", "use_beam_search": True, "max_tokens": 0}, 400, "max_tokens"),
+    (C, {"prompt": "x", "use_beam_search": True, "temperature": 0.7}, 400, "temperature"),
+    (C, {"prompt": "x", "use_beam_search": True, "logprobs": 2}, 400, "logprobs"),  # ignored by a search: refused
+    (C, {"prompt": "x", "length_penalty": 0.5}, 400, "length_penalty"),  # beam search only
+    (CHAT, {"messages": FRANCE, "use_beam_search": True, "n": 2, "top_p": 0.5}, 400, "top_p"),
     (C, b'{"prompt": "x", "max_tokens": ', 400, None),
     (C, b'["prompt"]', 400, None),
     (C, {"model": "gpt-4", "prompt": "x"}, 404, "model"),
@@ -317,6 +327,49 @@ def test_still_serving_after_bad_input(client, server, ref):
                                   extra_body={"unknown_field": 1})
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0)
     assert r.choices[0].text == ref["completion"].outputs[0].text
+
+
+def test_beam_search_equals_offline(client, ref, engine, aeng):
+    """use_beam_search with n (the beam width), vLLM's extra body: the n best beams are the choices, best
+    first, as the engine's offline beam search (LLM.beam_search's path) returns them; streamed, each
+    beam arrives whole when the search ends. The engine counts the beam steps."""
+    steps = aeng.stats["beam_search"]["steps"]
+    want = ref["beam"].outputs
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, n=3,
+                                  extra_body={"use_beam_search": True})
+    assert [(c.index, c.text, c.finish_reason) for c in r.choices] == \
+        [(i, o.text, o.finish_reason) for i, o in enumerate(want)]
+    assert len({tuple(o.token_ids) for o in want}) == 3
+    assert r.usage.completion_tokens == sum(len(o.token_ids) for o in want)
+    want = ref["beam_chat"].outputs
+    body = dict(model=MODEL, messages=FRANCE, max_tokens=12, n=2, extra_body={"use_beam_search": True,
+                                                                              "length_penalty": 0.5})
+    r = client.chat.completions.create(**body)
+    assert [(c.message.content, c.finish_reason) for c in r.choices] == [(o.text, o.finish_reason) for o in want]
+    texts, finish = {}, {}
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert [(texts[i], finish[i]) for i in range(2)] == [(o.text, o.finish_reason) for o in want]
+    assert aeng.stats["beam_search"]["steps"] - steps >= 8 + 12 + 12
+
+
+def test_beam_search_client_that_hangs_up_is_aborted(server, engine, aeng):
+    """A non-streaming beam search has no output until it ends: the server still notices the client left
+    (it polls) and aborts the search; every beam's blocks go back."""
+    wait_idle(engine, aeng)
+    steps, aborted = aeng.stats["beam_search"]["steps"], len(aeng.aborted)
+    body = json.dumps({"prompt": "Tell me a story", "max_tokens": 400, "n": 4, "use_beam_search": True,
+                       "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert aeng.wait_until(lambda a: a.stats["beam_search"]["steps"] > steps + 2)  # it is searching
+    wait_idle(engine, aeng)
+    (n,) = [n for _, n in aeng.aborted[aborted:]]  # aborted, not finished
+    assert 0 < n < 4 * 400 and aeng.stats["beam_search"]["steps"] - steps < 400
 
 
 # ---- 4. clients that hang up ----------------------------------------------------------------------

@@ -1,14 +1,8 @@
-"""AsyncLLM: one LLMEngine shared by every caller, stepped by a dedicated engine thread.
-
-asyncio code streams with `async for out in llm.generate(prompt, params, request_id)` and stops a
-request with `await llm.abort(request_id)`; plain threads call `llm.submit(prompt, params)` and get a
-RequestHandle (a concurrent.futures.Future). The OpenAI server is built on this class too.
-
-The engine is not thread-safe, so only the engine thread touches it: callers hand requests and aborts
-over through a locked inbox, and the engine thread hands each step's RequestOutputs to the request's
-sink (an asyncio queue, through loop.call_soon_threadsafe, or a RequestHandle). New requests join the
-running batch at the next step: every caller is batched with every other. The native forward releases
-the GIL, so event loops and other threads keep running while a step runs.
+"""AsyncLLM: one LLMEngine shared by every caller (asyncio streams, plain threads, the OpenAI server),
+stepped by a dedicated engine thread, the only one that touches the engine: callers hand requests and
+aborts over through a locked inbox; each step's outputs go to the request's sink (an asyncio queue via
+call_soon_threadsafe, or a RequestHandle). New requests join the running batch at the next step. The
+native forward releases the GIL, so event loops and other threads run while a step runs.
 """
 from __future__ import annotations
 
@@ -28,10 +22,8 @@ Sink = Callable[[RequestOutput | BaseException], None]  # called on the engine t
 
 
 class RequestHandle(Future):
-    """One request submitted from any thread (no event loop needed). A concurrent.futures.Future of the
-    final RequestOutput: result(timeout), done(), cancel(), add_done_callback(), and it works with
-    concurrent.futures.wait / as_completed. Iterating it yields the request's outputs as steps produce
-    them (each one cumulative, like the stream of generate(); a slow reader skips to the newest).
+    """One request submitted from any thread: a concurrent.futures.Future of the final RequestOutput.
+    Iterating it yields the cumulative outputs as steps produce them (a slow reader skips to the newest).
     Done callbacks run on the engine thread: keep them short."""
 
     def __init__(self, llm: AsyncLLM, request_id: str):
@@ -84,9 +76,8 @@ class RequestHandle(Future):
 
 
 class AsyncLLM:
-    """The engine behind one thread. Construct it like LLM (model, memory_budget, engine args), or over
-    an engine you made with AsyncLLM.from_engine(engine). It starts at once unless start=False; use it
-    as a context manager, or call shutdown(), to stop the engine thread."""
+    """Constructed like LLM, or over an engine with from_engine(); starts at once unless start=False.
+    A context manager; shutdown() stops the engine thread."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, threads: int | None = None, device: str = "cpu",
                  quantization: str | None = None, memory_budget=None, enable_prefix_caching: bool = True,
@@ -149,11 +140,9 @@ class AsyncLLM:
     # ---- asyncio callers -------------------------------------------------------------------------
     def generate(self, prompt, sampling_params: SamplingParams | None = None,
                  request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue one request now (call it inside a running event loop); the returned iterator yields its
-        RequestOutput after every step that changed it, the last one finished (each one cumulative: a
-        reader that falls behind skips to the newest). Leaving the loop early
-        (break, cancellation) aborts the request and frees its blocks. Raises ValueError at once when
-        request_id is already in use."""
+        """Queue one request now (inside a running event loop); yields its cumulative RequestOutput after
+        every step that changed it (a reader that falls behind skips to the newest). Leaving the loop early
+        aborts the request and frees its blocks. ValueError at once when request_id is in use."""
         return self._submit_async([prompt], sampling_params, [request_id], tagged=False)
 
     def generate_batch(self, prompts: list, sampling_params: SamplingParams | None = None,
@@ -246,22 +235,20 @@ class AsyncLLM:
         self._wake.set()
         return rids
 
-    def _request_abort(self, request_ids: list[str], *, notify: bool, on_done=None, wait: bool = False) -> None:
+    def _request_abort(self, request_ids: list[str], *, notify: bool, on_done=lambda: None,
+                       wait: bool = False) -> None:
         """notify: hand each request's final "abort" output to its sink. on_done runs (on the engine
         thread) once the blocks are free; wait blocks until then (not on the engine thread itself)."""
+        event = None
         if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
             event = threading.Event()
             on_done = event.set
-        else:
-            event = None
         with self._lock:
             closed = self._closed
             if not closed:
                 self._aborts.append((list(request_ids), notify, on_done))
         if closed:  # the engine thread is gone: nothing runs any more
-            if on_done:
-                on_done()
-            return
+            return on_done()
         self._wake.set()
         if event is not None:
             event.wait()
@@ -328,9 +315,8 @@ class AsyncLLM:
             self._streams.pop(rid)(error)
         for _, _, _, _, sink in adds:
             sink(error)
-        for _, _, on_done in aborts:
-            if on_done:
-                on_done()
+        for *_, on_done in aborts:
+            on_done()
 
     def _run(self) -> None:
         eng, aborts = self.engine, []
@@ -359,9 +345,8 @@ class AsyncLLM:
                     for rid in list(self._streams):
                         self._abort_in_engine(rid)
                 self._publish()
-                for _, _, on_done in aborts:  # after the publish: stats show the freed blocks
-                    if on_done:
-                        on_done()
+                for *_, on_done in aborts:  # after the publish: stats show the freed blocks
+                    on_done()
                 if stopping:
                     self._close_inbox(RuntimeError("the engine is shut down"))
                     return
@@ -388,7 +373,6 @@ class AsyncLLM:
         except BaseException as e:  # a broken step must not leave every caller waiting forever
             self.error = e
             self._close_inbox(RuntimeError(f"the engine failed: {e!r}"))
-            for _, _, on_done in aborts:  # taken from the inbox before the failure (a second call is harmless)
-                if on_done:
-                    on_done()
+            for *_, on_done in aborts:  # taken from the inbox before the failure (a second call is harmless)
+                on_done()
             raise

@@ -1,10 +1,9 @@
 """Chat templates: HF-compatible jinja2 rendering (what `tokenizer.apply_chat_template` does).
 
-Templates are untrusted text shipped with a model, so they run in jinja2's immutable sandbox, under a
-render time limit and an output size limit (a template that loops for ever or renders gigabytes stops
-with a TemplateError instead of hanging or exhausting the process).
-The environment mirrors transformers': trim_blocks/lstrip_blocks, loop controls, `tojson`
-without ASCII escaping, `raise_exception`, `strftime_now` and a no-op `{% generation %}` tag.
+Templates are untrusted text shipped with a model: they run in jinja2's immutable sandbox under a time
+and an output size limit (a TemplateError instead of a hang or gigabytes). The environment mirrors
+transformers': trim/lstrip blocks, loop controls, `tojson` without ASCII escaping, `raise_exception`,
+`strftime_now` and a no-op `{% generation %}` tag.
 """
 from __future__ import annotations
 
@@ -55,10 +54,6 @@ def _width_checked(f):
     return checked
 
 
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
 class _GenerationTag(Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for HF's training masks;
     for rendering it is a plain block."""
@@ -94,16 +89,11 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
-def check_template(template) -> None:
-    """Raises TemplateError naming the problem when `template` is not jinja2 text that compiles (what a
-    model loader calls on every template it ships, so a damaged one fails at load, not at the first chat)."""
+def check_template(template) -> jinja2.Template:
+    """The compiled template; TemplateError naming the problem (with the line) when it is not jinja2 text
+    that compiles (loaders check every template a model ships: a damaged one fails at load)."""
     if not isinstance(template, str):
         raise TemplateError(f"chat template is a {type(template).__name__}, not text")
-    compile_template(template)
-
-
-def compile_template(template: str) -> jinja2.Template:
-    """The compiled template; TemplateError (with the line) when jinja2 cannot compile it."""
     try:
         return _compile_template(template)
     except jinja2.TemplateSyntaxError as e:
@@ -120,7 +110,7 @@ def _compile_template(template: str) -> jinja2.Template:
     for name in ("center", "indent"):  # width arguments make big strings from small ones
         env.filters[name] = _width_checked(env.filters[name])
     env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
@@ -129,7 +119,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
                          time_limit: float = MAX_RENDER_SECONDS, max_chars: int = MAX_OUTPUT_CHARS, **kwargs) -> str:
     """Render; raises TemplateError when the template runs past `time_limit` seconds or its output
     passes `max_chars` characters."""
-    chunks = compile_template(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
+    chunks = check_template(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
                                                  bos_token=bos_token or "", eos_token=eos_token or "", **kwargs)
     out, n = [], 0
     try:

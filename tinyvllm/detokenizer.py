@@ -35,15 +35,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one generated token and return the new text it completes (maybe "")."""
         self.ids.append(int(token_id))
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
-            return ""  # nothing visible yet (special token skipped) or half a character
-        delta = new_text[len(prefix_text):]
-        del self.ids[:self.read_offset]  # what is left of the window is the new context
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
-        self._text.append(delta)
-        return delta
+        return self._emit(final=False)
 
     def add_many(self, token_ids) -> str:
         return "".join(self.add(t) for t in token_ids)
@@ -51,10 +43,15 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """At the end of generation: emit held-back text even if it is an unfinished character
         (as U+FFFD), so that `text` equals decoding the generated tokens."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         delta = new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
-        del self.ids[:self.read_offset]
+        if not final and (not delta or new_text.endswith(_REPLACEMENT)):
+            return ""  # nothing visible yet (special token skipped) or half a character
+        del self.ids[:self.read_offset]  # what is left of the window is the new context
         self.prefix_offset, self.read_offset = 0, len(self.ids)
         if delta:
             self._text.append(delta)

@@ -1,7 +1,7 @@
 """LLM: the offline entry point (vLLM's shape): generate, chat and stream over an LLMEngine."""
 from collections.abc import Iterator
 
-from .beam_search import BeamSearchOutput, run_beam_search
+from .beam_search import BeamSearchOutput, BeamSearchSequence
 from .engine import LLMEngine
 from .model.fetch import DEFAULT_MODEL
 from .outputs import RequestOutput
@@ -46,10 +46,39 @@ class LLM:
     def beam_search(self, prompts, params: BeamSearchParams,
                     concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """Beam search (vLLM's shape): per prompt, a BeamSearchOutput with the beam_width best sequences,
-        best first; at most concurrency_limit prompts run at once. The beams share KV blocks through native
-        forks (tinyvllm/beam_search.py). Runs on an idle engine: RuntimeError while stream() or other
-        requests are unfinished."""
-        return run_beam_search(self.engine, prompts, params, concurrency_limit)
+        best first; at most concurrency_limit prompts run at once. Each prompt is one engine request
+        (BeamSearchParams), batched with whatever else the engine runs; the beams share KV blocks through
+        native forks (tinyvllm/beam_search.py)."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError("params must be a BeamSearchParams")
+        if concurrency_limit is not None and not (isinstance(concurrency_limit, int) and concurrency_limit >= 1):
+            raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        limit = concurrency_limit or len(prompts)
+        ids: list[str] = []
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(prompts):
+                while len(ids) < len(prompts) and len(ids) - len(done) < limit:
+                    ids.append(self.engine.add_request(None, prompts[len(ids)], params))
+                wanted = set(ids)
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in ids:  # refused or interrupted: free the blocks of every beam still queued or running
+                self.engine.abort(rid)
+            raise
+        return [self._beams(done[rid]) for rid in ids]
+
+    def _beams(self, out: RequestOutput) -> BeamSearchOutput:
+        seqs = []
+        for c in out.outputs:
+            tokens = list(out.prompt_token_ids) + list(c.token_ids)
+            seqs.append(BeamSearchSequence(tokens, c.logprobs, c.cumulative_logprob,
+                                           self.tokenizer.decode(tokens, skip_special_tokens=False),
+                                           c.finish_reason, c.stop_reason))
+        return BeamSearchOutput(seqs)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, *,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:

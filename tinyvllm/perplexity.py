@@ -29,10 +29,6 @@ class PerplexityResult:
     num_windows: int
     nll: np.ndarray        # per scored token, in window order
 
-    def __str__(self) -> str:
-        return (f"PPL = {self.ppl:.4f} +/- {self.stderr:.5f} over {self.tokens_scored} tokens "
-                f"({self.num_windows} windows)")
-
 
 def windows(ids: list[int], ctx: int, stride: int = 0, bos: int | None = None) -> list[tuple[list[int], int]]:
     """(window tokens, index of the first scored position) per window, as llama-perplexity cuts them."""

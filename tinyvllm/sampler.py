@@ -31,9 +31,8 @@ class SamplingState(Protocol):
 
 
 def make_generator(params: SamplingParams, index: int = 0) -> np.random.Generator | None:
-    """The private generator of completion `index` of a seeded request: default_rng(seed + index), so
-    a seeded request reproduces the same tokens whatever else is in the batch (seed=s, index=1 and
-    seed=s+1, index=0 therefore coincide). None without a seed."""
+    """Completion `index` of a seeded request draws from default_rng(seed + index): the same tokens
+    whatever else is in the batch. None without a seed."""
     return None if params.seed is None else np.random.default_rng((params.seed + index) % 2**64)
 
 
@@ -114,14 +113,11 @@ def filter_probs(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float
 
 def filtered_candidates(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                         total: float | None = None, vocab: int | None = None, cuts=_CANDIDATE_CUTS):
-    """The tokens filter_probs(w, ...) keeps, as (ids ascending, their weights), found without looking
-    at the whole vocabulary: top-k, top-p and min-p are decided on a candidate set (every token with
-    w >= cut), which holds every survivor when the checks below pass; the arithmetic is filter_probs'
-    on the same values in the same order, so the survivors (and a draw from them) are identical.
-    w: the row's exp weights, all > 0 (no underflow), max 1; total: w.sum() if known.
-    None: no filter applies, or no candidate set could decide (the caller falls back to filter_probs).
-    vocab: w holds only some tokens of a vocabulary this big (every one with w >= cuts[0] among them; it
-    works when top-k applies, as it needs no total)."""
+    """What filter_probs(w, ...) keeps, as (ids ascending, weights), decided on a candidate set (every
+    token with w >= cut) when it provably holds every survivor, with filter_probs' arithmetic in the same
+    order: the same survivors. w: exp weights, all > 0, max 1; total: w.sum() if known; vocab: w holds
+    only the tokens with w >= cuts[0] of a vocabulary this big (top-k only: it needs no total).
+    None: no filter applies, or no candidate set decides (the caller falls back to filter_probs)."""
     vocab = len(w) if vocab is None else vocab
     if not (0 < top_k < vocab or top_p < 1.0 or min_p > 0.0):
         return None
@@ -161,11 +157,16 @@ def draw(cdf: np.ndarray, u: float) -> int:
     return j if j < len(cdf) else int(np.searchsorted(cdf, cdf[-1]))  # u*total rounded up to total
 
 
+def _best(row: np.ndarray, k: int) -> list[int]:
+    """The k highest-scoring ids of row, best first (ties: lower ids first)."""
+    best = np.flatnonzero(row >= np.partition(row, -k)[-k])  # >= the k-th: every tie is in
+    return best[np.argsort(-row[best], kind="stable")[:k]].tolist()
+
+
 def score_tokens(logits: np.ndarray, token_ids, k: int, rows_at_once: int = 4):
-    """Per row of raw logits [n, V]: (ids, logprobs, ranks) of token_ids[i] first, then the k best
-    (ties: lower ids first; the token itself appears once). A token's rank is the number of tokens at
-    least as likely (vLLM's rule: 1 is the most likely). Rows are scored a few at a time, so the
-    temporaries stay a few vocabulary rows whatever n is."""
+    """Per row of raw logits [n, V]: (ids, logprobs, ranks) of token_ids[i], then the k best others.
+    Rank: the number of tokens at least as likely (vLLM's: 1 is the best). A few rows at a time, so
+    temporaries stay a few vocabulary rows."""
     out = []
     k = min(k, logits.shape[1])
     for lo in range(0, len(logits), rows_at_once):
@@ -174,11 +175,7 @@ def score_tokens(logits: np.ndarray, token_ids, k: int, rows_at_once: int = 4):
         lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=1, dtype=np.float64))
         for row, lse_i, tok in zip(x, lse, token_ids[lo:lo + rows_at_once]):
             tok = int(tok)
-            best = []
-            if k > 0:
-                best = np.flatnonzero(row >= np.partition(row, -k)[-k])  # >= k on ties
-                best = best[np.argsort(-row[best], kind="stable")[:k]].tolist()
-            ids = [tok] + [t for t in best if t != tok]
+            ids = [tok] + [t for t in (_best(row, k) if k > 0 else []) if t != tok]
             out.append((ids, [float(row[t] - lse_i) for t in ids],
                         [int(np.count_nonzero(row >= row[t])) for t in ids]))
     return out
@@ -259,10 +256,7 @@ class Sampler:
             if s.params.logprobs is not None:
                 top = {tok: lp}
                 k = min(s.params.logprobs, logits.shape[1])
-                if k > 0:
-                    best = np.flatnonzero(logits[i] >= np.partition(logits[i], -k)[-k])  # >= k on ties
-                    best = best[np.argsort(-logits[i, best], kind="stable")[:k]]  # ties: lower ids
-                    for t in best.tolist():
-                        top.setdefault(t, float(logits[i, t] - lse[i]))
+                for t in (_best(logits[i], k) if k > 0 else []):
+                    top.setdefault(t, float(logits[i, t] - lse[i]))
             results.append(SampleResult(tok, lp, top))
         return results

@@ -19,12 +19,11 @@ class SamplingType(IntEnum):
 
 @dataclass
 class StructuredOutputsParams:
-    """One constraint on what a completion may be (vLLM's shape): a JSON schema (a dict or its JSON
-    text), any JSON object, a regular expression, one of a list of strings, or a grammar (Lark or
-    GBNF). The engine compiles it with llguidance when the request is added (ValueError if the library
-    rejects it). JSON is written compact by default (", " and ": " separators, no other whitespace: a
-    small model can otherwise spend its tokens on whitespace); `whitespace_pattern` (a regex) allows
-    more. disable_any_whitespace is accepted for vLLM compatibility (it is what tinyvllm does anyway)."""
+    """One constraint on a completion (vLLM's shape): a JSON schema (dict or text), any JSON object, a
+    regex, one of a list of strings, or a Lark/GBNF grammar, compiled by llguidance when the request is
+    added (ValueError if it refuses). JSON is compact (", " and ": " only: a small model would otherwise
+    spend tokens on whitespace) unless `whitespace_pattern` allows more; disable_any_whitespace is
+    accepted for vLLM compatibility (tinyvllm does that anyway)."""
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None

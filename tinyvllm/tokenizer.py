@@ -1,20 +1,21 @@
 """Tokenizer: one API over a GGUF vocab, an HF tokenizer.json, or a sentencepiece tokenizer.model.
 
 GGUF vocabularies are rebuilt as `tokenizers` pipelines equivalent to the HF ones they came from:
-  * `gpt2` (byte-level BPE): BPE(vocab, merges) + the pre-tokenizer regex named by
-    `tokenizer.ggml.pre` + ByteLevel decoder.
-  * `llama` (sentencepiece BPE): BPE whose merges are derived from the piece scores (any adjacent
-    pair whose concatenation is a piece merges, highest score first: sentencepiece's and llama.cpp's
-    rule), byte fallback, "▁" for spaces and a dummy-prefix "▁". Exact for sentencepiece BPE models;
-    a Unigram sentencepiece model converted to GGUF would be tokenized like llama.cpp does (BPE-ish).
-Control (and unknown) tokens become special added tokens, so "<|im_start|>" in text is one id;
-user-defined tokens become plain added tokens.
+`gpt2` as byte-level BPE with the pre-tokenizer named by `tokenizer.ggml.pre`; `llama` (sentencepiece
+BPE) as BPE with merges derived from the piece scores (an adjacent pair whose concatenation is a piece
+merges, best score first: sentencepiece's and llama.cpp's rule), byte fallback and "▁" for spaces.
+Control and unknown tokens become special added tokens ("<|im_start|>" in text is one id),
+user-defined ones plain added tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import re
 import warnings
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from .chat_template import TemplateError, check_template, render_chat_template, select_template
 from .model.errors import ModelFormatError
+from .model.fetch import cache_dir
 from .detokenizer import IncrementalDetokenizer  # noqa: F401  (re-exported: streaming goes with the tokenizer)
 
 # llama.cpp token types
@@ -38,6 +40,7 @@ _GPT2_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 _LLAMA3_RE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
+_CACHE_MERGES_FROM = 65536  # vocabulary size from which derived sentencepiece merges are cached
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -47,21 +50,6 @@ def _byte_level_alphabet() -> dict[int, str]:
     printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
     shifted = iter(range(256, 512))
     return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
-
-
-def _scalar(v):
-    """GGUF readers hand scalars as numpy values or 1-element arrays: normalize to Python."""
-    if hasattr(v, "tolist"):
-        v = v.tolist()
-    if isinstance(v, (list, tuple)) and len(v) == 1:
-        v = v[0]
-    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else v
-
-
-def _strings(v) -> list[str]:
-    if isinstance(v, list) and set(map(type, v)) <= {str}:
-        return v
-    return [s.decode("utf-8") if isinstance(s, (bytes, bytearray)) else str(s) for s in v]
 
 
 def _byte_level(pre: str):
@@ -112,7 +100,7 @@ def _add_gguf_added_tokens(tok: _HFTokenizer, md: dict, tokens, types):
     # normalization (so Gemma's user-defined "  " matches two spaces, never "▁▁"), and splits them out
     # before the model sees the rest. Phi-3 GGUFs get right-stripping special tokens by model name in
     # llama.cpp, as Phi-3's tokenizer.json has them.
-    phi3 = any(n in str(_scalar(md.get("general.name", ""))).lower() for n in ("phi-3", "phi3"))
+    phi3 = any(n in str(md.get("general.name", "")).lower() for n in ("phi-3", "phi3"))
     no_rstrip = ("<unk>", "<s>", "<|endoftext|>")
 
     def added(i, special):
@@ -131,11 +119,9 @@ def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokeni
     # would merge them. A placeholder id keeps the byte in place while merging; encode() drops it.
     missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
     vocab.update({c: len(tokens) + k for k, c in enumerate(sorted(missing))})
-    merges = []
-    for m in _strings(md.get("tokenizer.ggml.merges", [])):
-        k = m.find(" ", 1)  # like llama.cpp: the first part is never empty
-        merges.append((m[:k], m[k + 1:]))
-    normalizer, pre_tokenizer, ignore_merges = _byte_level(str(_scalar(md.get("tokenizer.ggml.pre", "gpt2"))))
+    # split at the first space after the first character, like llama.cpp: the left part is never empty
+    merges = [(m[:k], m[k + 1:]) for m in md.get("tokenizer.ggml.merges", []) for k in (m.find(" ", 1),)]
+    normalizer, pre_tokenizer, ignore_merges = _byte_level(str(md.get("tokenizer.ggml.pre", "gpt2")))
     tok = _HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
     if normalizer is not None:
         tok.normalizer = normalizer
@@ -145,92 +131,68 @@ def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokeni
     return tok, bool(missing)
 
 
-def _spm_merges(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]):
-    """Every split of a normal piece into two mergeable pieces, as a merge, highest piece score first (ties:
-    piece id, left id, right id). Mergeable: normal or user-defined pieces (sentencepiece only merges into
-    those), first occurrence of their text."""
+def _spm_merge_ids(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]) -> np.ndarray:
+    """(2, n) left and right ids of every split of a normal piece into two mergeable pieces (normal or
+    user-defined: sentencepiece only merges into those; the first id of a repeated text), highest piece
+    score first (ties: piece id, left id, right id). Split k of every piece at once, one length at a time."""
     kinds = np.asarray(types)
     first = np.fromiter(map(vocab.__getitem__, tokens), np.int64, len(tokens)) == np.arange(len(tokens))
     ids = np.flatnonzero(first & ((kinds == _NORMAL) | (kinds == _USER_DEFINED)))
-    found = _spm_splits_hashed(tokens, kinds, scores, ids)
-    if found is None:  # the plain loop: ~1.1M splits of 262K pieces take seconds in Python
-        mergeable = {tokens[i]: i for i in ids.tolist()}
-        ranked = []
-        for t, i in mergeable.items():
-            if types[i] != _NORMAL:
-                continue
-            for k in range(1, len(t)):
-                left, right = t[:k], t[k:]
-                if left in mergeable and right in mergeable:
-                    ranked.append((-scores[i], i, mergeable[left], mergeable[right]))
-        ranked.sort()
-        found = [r[2] for r in ranked], [r[3] for r in ranked]
-    return list(zip(map(tokens.__getitem__, found[0]), map(tokens.__getitem__, found[1])))
+    get = dict(zip(map(tokens.__getitem__, ids.tolist()), ids.tolist())).get
+    normal = ids[kinds[ids] == _NORMAL]
+    lens = np.fromiter(map(len, map(tokens.__getitem__, normal.tolist())), np.int64, len(normal))
+    order = np.argsort(-lens, kind="stable")  # pieces longer than k are a prefix of the list
+    normal, lens = normal[order], lens[order]
+    pieces = list(map(tokens.__getitem__, normal.tolist()))
+    found = [np.zeros((3, 0), np.int64)]
+    for k in range(1, int(lens.max(initial=0))):
+        n = int(np.count_nonzero(lens > k))
+        left = np.fromiter(map(get, [p[:k] for p in pieces[:n]], repeat(-1)), np.int64, n)
+        at = np.flatnonzero(left >= 0)
+        right = np.fromiter(map(get, [pieces[j][k:] for j in at.tolist()], repeat(-1)), np.int64, len(at))
+        at, right = at[right >= 0], right[right >= 0]
+        found.append(np.stack([normal[at], left[at], right]))
+    piece, left, right = np.concatenate(found, axis=1)
+    rank = np.lexsort((right, left, piece, -np.asarray(scores, np.float64)[piece]))
+    return np.stack([left[rank], right[rank]]).astype(np.int32)
 
 
-def _spm_splits_hashed(tokens, kinds: np.ndarray, scores, ids: np.ndarray, max_len: int = 64):
-    """_spm_merges' (left ids, right ids) for the mergeable pieces `ids`, in numpy: a polynomial hash of every prefix of every piece (mod
-    2^64) gives the hash of each split's left and right part, looked up among the mergeable pieces' hashes
-    (with their lengths); every hit is then compared code point by code point. None (the caller takes the
-    plain loop) where two mergeable pieces share a key, for pieces longer than max_len, and for text numpy
-    cannot hold (lone surrogates)."""
-    n = len(tokens)
-    lens = np.fromiter(map(len, tokens), np.int64, n)
-    width = int(lens.max())
-    if width > max_len or width == 0:
-        return None
-    try:  # code points, zero-padded (a piece's own NULs are told apart by its length)
-        cps = np.array(tokens, dtype=f"<U{width}").view(np.uint32).reshape(n, width)
-    except (UnicodeError, ValueError):
-        return None
-    base = np.uint64(0x100000001B3)
-    pre = np.zeros((width + 1, n), np.uint64)  # pre[k, i]: hash of tokens[i][:k]; rows contiguous
-    cols = np.ascontiguousarray(cps.T).astype(np.uint64) + np.uint64(1)
-    with np.errstate(over="ignore"):
-        for k in range(width):
-            np.multiply(pre[k], base, out=pre[k + 1])
-            pre[k + 1] += cols[k]
-        powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(width, base, np.uint64))])
-        keys = pre[lens[ids], ids] * base + lens[ids].astype(np.uint64)
-        order = np.argsort(keys)
-        keys, ids = keys[order], ids[order]
-        if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
-            return None
-        norm = ids[(kinds[ids] == _NORMAL) & (lens[ids] >= 2)]
-        nsplit = lens[norm] - 1
-        t = np.repeat(norm, nsplit)
-        k = np.arange(len(t)) - np.repeat(np.cumsum(nsplit) - nsplit, nsplit) + 1
-        tl = lens[t]
-        pk = pre[k, t]
-        left = pk * base + k.astype(np.uint64)
-        right = (pre[tl, t] - pk * powers[tl - k]) * base + (tl - k).astype(np.uint64)
-    lpos = np.minimum(np.searchsorted(keys, left), len(keys) - 1)
-    rpos = np.minimum(np.searchsorted(keys, right), len(keys) - 1)
-    hit = (keys[lpos] == left) & (keys[rpos] == right)
-    t, k, li, ri = t[hit], k[hit], ids[lpos[hit]], ids[rpos[hit]]
-    j = np.arange(width)
-    for s in range(0, len(t), 1 << 16):  # the strings themselves, in chunks (bounded scratch)
-        ts, ks = t[s:s + (1 << 16)], k[s:s + (1 << 16), None]
-        piece = cps[ts]
-        same_left = (piece == cps[li[s:s + (1 << 16)]]) | (j >= ks)
-        shifted = np.take_along_axis(piece, np.minimum(ks + j, width - 1), axis=1)
-        same_right = (shifted == cps[ri[s:s + (1 << 16)]]) | (j >= lens[ts, None] - ks)
-        if not (same_left.all() and same_right.all()):
-            return None  # a collision: not the piece's own parts
-    rank = np.lexsort((ri, li, t, -np.asarray(scores, dtype=np.float64)[t]))
-    return li[rank].tolist(), ri[rank].tolist()
+def _spm_merges(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]):
+    """The merges as text pairs. Large vocabularies take seconds to derive: their merge ids are kept in
+    the cache dir (tokenizer/<sha256 of the pieces, types and scores>.npy) and read back next time."""
+    if len(tokens) < _CACHE_MERGES_FROM:
+        merges = _spm_merge_ids(tokens, types, scores, vocab)
+    else:
+        h = hashlib.sha256(b"spm-merges-1")
+        h.update("\0".join(tokens).encode("utf-8", "surrogatepass"))
+        h.update(np.asarray(types, np.int64).tobytes() + np.asarray(scores, np.float64).tobytes())
+        path = cache_dir() / "tokenizer" / f"{h.hexdigest()}.npy"
+        try:
+            merges = np.load(path, allow_pickle=False)
+            if merges.ndim != 2 or len(merges) != 2 or merges.dtype != np.int32 or not (
+                    merges.size == 0 or 0 <= merges.min() <= merges.max() < len(tokens)):
+                raise ValueError("damaged")
+        except (OSError, ValueError, EOFError):  # absent or damaged: derive and (try to) store
+            merges = _spm_merge_ids(tokens, types, scores, vocab)
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, merges)
+                os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return list(zip(map(tokens.__getitem__, merges[0].tolist()), map(tokens.__getitem__, merges[1].tolist())))
 
 
 def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> _HFTokenizer:
-    scores = [float(s) for s in md.get("tokenizer.ggml.scores", [])] or [-float(i) for i in range(len(tokens))]
+    scores = md.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]  # numbers: checked
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated piece keeps its first id
     merges = _spm_merges(tokens, types, scores, vocab)
-    unk_id = _scalar(md.get("tokenizer.ggml.unknown_token_id", None))
+    unk_id = md.get("tokenizer.ggml.unknown_token_id")
     if unk_id is None:
         unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
     tok = _HFTokenizer(models.BPE(vocab, merges, byte_fallback=True, fuse_unk=True,
                                   unk_token=tokens[unk_id] if unk_id is not None else None))
-    prefix = bool(_scalar(md.get("tokenizer.ggml.add_space_prefix", True)))
+    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
     spaces = normalizers.Replace(" ", "\u2581")
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -384,7 +346,7 @@ class Tokenizer:
     def from_gguf_metadata(cls, md: dict) -> "Tokenizer":
         """Raises ModelFormatError for a vocabulary that is missing, malformed or inconsistent (the
         `tokenizers` library's own errors, e.g. a merge naming a token not in the vocabulary, included)."""
-        kind = str(_scalar(md.get("tokenizer.ggml.model", "")))
+        kind = str(md.get("tokenizer.ggml.model", ""))
         tokens, types = _gguf_vocab_arrays(md)
         placeholders = False
         try:
@@ -398,14 +360,14 @@ class Tokenizer:
             raise
         except Exception as e:  # `tokenizers` raises bare Exception ("Token `x` out of vocabulary", ...)
             raise ModelFormatError(f"GGUF tokenizer metadata is inconsistent: {type(e).__name__}: {e}") from None
-        ids = {k: _scalar(md.get(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "eot", "eom")}
-        default_bos = kind == "llama" or _scalar(md.get("tokenizer.ggml.pre")) in ("llama-bpe", "llama3")
-        add_bos = bool(_scalar(md.get("tokenizer.ggml.add_bos_token", default_bos))) and ids["bos"] is not None
-        add_eos = bool(_scalar(md.get("tokenizer.ggml.add_eos_token", False))) and ids["eos"] is not None
-        templates = {k[len("tokenizer.chat_template."):]: _scalar(v) for k, v in md.items()
+        ids = {k: md.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom")}
+        default_bos = kind == "llama" or md.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3")
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", default_bos)) and ids["bos"] is not None
+        add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
+        templates = {k[len("tokenizer.chat_template."):]: v for k, v in md.items()
                      if k.startswith("tokenizer.chat_template.")}
         if md.get("tokenizer.chat_template"):
-            templates["default"] = _scalar(md["tokenizer.chat_template"])
+            templates["default"] = md["tokenizer.chat_template"]
         backend = _HFBackend(tok, len(tokens) if placeholders else None)
         return cls(backend, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                    extra_eos_ids=[i for i in (ids["eot"], ids["eom"]) if i is not None],

@@ -208,6 +208,18 @@ struct FmtQ2_K : FmtK {
 #define TV_QUANT_FORMATS(X) X(FmtQ4_0) X(FmtQ4_1) X(FmtQ5_0) X(FmtQ5_1) X(FmtQ8_0) X(FmtIQ4_NL) \
     X(FmtQ2_K) X(FmtQ3_K) X(FmtQ4_K) X(FmtQ5_K) X(FmtQ6_K)
 
+// fn(F()) for the format whose DTYPE is dtype, and its result; false for any other dtype.
+template <class Fn>
+inline bool with_format(int dtype, Fn &&fn) {
+    switch (dtype) {
+#define TV_FORMAT_CASE(F) \
+    case F::DTYPE: return fn(F());
+        TV_QUANT_FORMATS(TV_FORMAT_CASE)
+#undef TV_FORMAT_CASE
+        default: return false;
+    }
+}
+
 // The reference unpacking of slice s (the scalar kernels and the dequantizer use it; SIMD paths
 // implement the same shapes with vector ops).
 template <class F>

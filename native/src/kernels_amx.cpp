@@ -106,8 +106,7 @@ TV_AMX const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
     const size_t n = (size_t)(tiles * nb);
     if (p.a.size() < n) p.a.resize(n), p.xd.resize(n * TR), p.xs.resize(n * TR);
     Prep *mine = &p;  // inside the lambda `p` would name each worker's own thread_local
-    if (tiles > 1) pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
-    else prepare_tile(p, x, m, nb, 0);
+    pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
     return &p;
 }
 
@@ -283,15 +282,11 @@ TV_AMX bool gemm_run(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, 
                      int64_t m, int64_t nb, float *y, int64_t ldy) {
     const Prep &x = *static_cast<const Prep *>(prep);
     if (!x.tiles) return vnni_gemm()->run(dtype, w, row_bytes, r0, r1, x.vnni, m, nb, y, ldy);
-    switch (dtype) {
-#define TV_GEMM(F)                                                           \
-    case F::DTYPE:                                                           \
-        if constexpr (F::TWO_MINS) return false;                             \
+    return with_format(dtype, [&](auto f) TV_AMX {
+        using F = decltype(f);
+        if constexpr (F::TWO_MINS) return false;
         else return gemm_rows<F>(w, row_bytes, r0, r1, x, m, nb, y, ldy), true;
-        TV_QUANT_FORMATS(TV_GEMM)
-#undef TV_GEMM
-        default: return false;
-    }
+    });
 }
 
 // Linux hands out AMX tile state only on request (once per process); without it the first tile

@@ -212,8 +212,6 @@ struct Scales {
                 }
         }
     }
-    TV_INLINE float d(int sl) const { return s.d[sl][0]; }
-    TV_INLINE float m(int sl) const { return s.m[sl][0]; }
     // {h0, h0, h1, h1}: per-half values in the lane layout of a TWO_SCALES integer dot
     TV_INLINE static float32x4_t halves(const float *h) { return vcombine_f32(vdup_n_f32(h[0]), vdup_n_f32(h[1])); }
 };
@@ -262,30 +260,6 @@ struct NeonDot {
             return vaddq_s32(a0, a1);
         }
     }
-    template <class F>
-    TV_INLINE static int32x4_t dot(const Prep &p, const int16_t *x) {
-        if constexpr (F::TWO_SCALES) {  // one chain pair per half, kept apart
-            int32x4_t h[2];
-            for (int k = 0; k < 2; k++) {
-                const int16x8_t x0 = vld1q_s16(x + 16 * k), x1 = vld1q_s16(x + 16 * k + 8);
-                int32x4_t a0 = vmull_s16(vget_low_s16(p.w[2 * k]), vget_low_s16(x0)), a1 = vmull_high_s16(p.w[2 * k], x0);
-                a0 = vmlal_s16(a0, vget_low_s16(p.w[2 * k + 1]), vget_low_s16(x1));
-                a1 = vmlal_high_s16(a1, p.w[2 * k + 1], x1);
-                h[k] = vaddq_s32(a0, a1);
-            }
-            return vpaddq_s32(h[0], h[1]);
-        } else {
-            // two chains of 4 (low / high halves): in-order cores (A53/A55) do not overlap one chain of 8
-            int16x8_t xv = vld1q_s16(x);
-            int32x4_t a0 = vmull_s16(vget_low_s16(p.w[0]), vget_low_s16(xv)), a1 = vmull_high_s16(p.w[0], xv);
-            for (int k = 1; k < 4; k++) {
-                xv = vld1q_s16(x + 8 * k);
-                a0 = vmlal_s16(a0, vget_low_s16(p.w[k]), vget_low_s16(xv));
-                a1 = vmlal_high_s16(a1, p.w[k], xv);
-            }
-            return vaddq_s32(a0, a1);
-        }
-    }
 };
 
 #if TV_HAVE_DOTPROD
@@ -294,7 +268,7 @@ struct NeonDot {
 struct DotprodDot {
     struct Prep {
         W8 w;
-        int32x4_t corr;  // 128 * sum(w), in the lane layout of dot() (zero for unsigned weights)
+        int32x4_t corr;  // 128 * sum(w), in the lane layout of dot_x() (zero for unsigned weights)
     };
     template <class F>
     TV_DOTPROD TV_INLINE static Prep prep(const W8 &w) {
@@ -343,74 +317,41 @@ struct DotprodDot {
         }
         return vaddq_s32(vshlq_n_s32(hi, 8), lo);
     }
-    template <class F>
-    TV_DOTPROD TV_INLINE static int32x4_t dot(const Prep &p, const int16_t *x) {
-        const int8_t *xb = reinterpret_cast<const int8_t *>(x);  // bytes lo0 hi0 lo1 hi1 ...
-        const int8x16_t xa0 = vld1q_s8(xb), xa1 = vld1q_s8(xb + 16);  // values 0..15
-        const int8x16_t xb0 = vld1q_s8(xb + 32), xb1 = vld1q_s8(xb + 48);  // values 16..31
-        const int8x16_t ha = vuzp2q_s8(xa0, xa1), hb = vuzp2q_s8(xb0, xb1);  // x >> 8
-        const int32x4_t hi = sdot2<F>(p.w.a, ha, p.w.b, hb);
-        int32x4_t lo;
-        if constexpr (kUnsigned<F>) {  // x & 255 as uint8 against weights >= 0
-            lo = udot2<F>(vreinterpretq_u8_s8(p.w.a), vreinterpretq_u8_s8(vuzp1q_s8(xa0, xa1)),
-                          vreinterpretq_u8_s8(p.w.b), vreinterpretq_u8_s8(vuzp1q_s8(xb0, xb1)));
-        } else {  // (x & 255) - 128: flipping bit 7 of the low byte
-            const int8x16_t flip = vdupq_n_s8(-128);
-            lo = vaddq_s32(sdot2<F>(p.w.a, veorq_s8(vuzp1q_s8(xa0, xa1), flip), p.w.b, veorq_s8(vuzp1q_s8(xb0, xb1), flip)),
-                           p.corr);
-        }
-        return vaddq_s32(vshlq_n_s32(hi, 8), lo);
-    }
 };
 #endif
 
-// The row kernels, per Dot. One slice against NX activation rows: the weights are unpacked once,
-// then per row an exact integer dot and the float work of that slice. A row's float operations
-// are the same for every NX (explicit FMAs, fixed order), so results are batch invariant.
-// Slices alternate between two accumulator sets (even / odd) to hide the FMA latency; for
-// 32-value blocks that is even / odd blocks, as rows_nx swaps the sets every other block.
+// The row kernels, per Dot, for the one case the QuantGemm below leaves to rows[]: per-half mins
+// (Q2_K). One slice against NX activation rows: the weights are unpacked once, then per row an
+// exact integer dot per half and the float work of that slice. A row's float operations are the
+// same for every NX (explicit FMAs, fixed order), so results are batch invariant. Slices alternate
+// between two accumulator sets (even / odd) to hide the FMA latency.
 #define TV_ROWS(ATTR, Dot)                                                                               \
     template <class F, int NX, int S>                                                                    \
     ATTR TV_INLINE void slice_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, const Scales<F> &sc, \
-                                    float32x4_t *acc, float *macc) {                                     \
+                                    float32x4_t *acc) {                                                  \
+        static_assert(F::TWO_SCALES && F::TWO_MINS, "the QuantGemm runs every other format");             \
         const auto p = Dot::template prep<F>(unpack<F, S>(w));                                           \
-        float32x4_t dv, mv;                                                                              \
-        if constexpr (F::TWO_SCALES) dv = Scales<F>::halves(sc.s.d[S]);                                  \
-        if constexpr (F::TWO_MINS) mv = Scales<F>::halves(sc.s.m[S]);                                    \
+        const float32x4_t dv = Scales<F>::halves(sc.s.d[S]), mv = Scales<F>::halves(sc.s.m[S]);          \
         for (int i = 0; i < NX; i++) {                                                                   \
             const ActBlock &xb = x[i * nb + S];                                                          \
-            const float32x4_t isum = vcvtq_f32_s32(Dot::template dot<F>(p, xb.qs));                      \
-            if constexpr (F::TWO_SCALES) acc[i] = vfmaq_f32(acc[i], isum, vmulq_n_f32(dv, xb.d));        \
-            else acc[i] = vfmaq_f32(acc[i], isum, vdupq_n_f32(sc.d(S) * xb.d));                          \
-            if constexpr (F::TWO_MINS)                                                                   \
-                acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(xsum_halves(xb.qs)), vmulq_n_f32(mv, xb.d));    \
-            else if constexpr (F::HAS_MIN)                                                               \
-                macc[i] = std::fma(sc.m(S), xb.s, macc[i]); /* sum_j m x_j = m * d_x * sum(q_x) */       \
+            const float32x4_t isum = vcvtq_f32_s32(Dot::template dot_x<F>(p, Dot::load_x(xb.qs)));       \
+            acc[i] = vfmaq_f32(acc[i], isum, vmulq_n_f32(dv, xb.d));                                     \
+            acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(xsum_halves(xb.qs)), vmulq_n_f32(mv, xb.d));        \
         }                                                                                                \
     }                                                                                                    \
     template <class F, int NX, int... S>                                                                 \
     ATTR TV_INLINE void block_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, float32x4_t *acc0,  \
-                                    float32x4_t *acc1, float *macc, std::integer_sequence<int, S...>) {  \
+                                    float32x4_t *acc1, std::integer_sequence<int, S...>) {               \
         const Scales<F> sc(w);                                                                           \
-        (slice_##Dot<F, NX, S>(w, x, nb, sc, S % 2 ? acc1 : acc0, macc), ...);                           \
+        (slice_##Dot<F, NX, S>(w, x, nb, sc, S % 2 ? acc1 : acc0), ...);                                 \
     }                                                                                                    \
     template <class F, int NX>                                                                           \
     ATTR void rows_nx_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, float *out, int64_t out_stride) { \
-        constexpr auto slices = std::make_integer_sequence<int, F::SLICES>();                            \
         float32x4_t acc0[NX], acc1[NX];                                                                  \
-        float macc[NX];                                                                                  \
-        for (int i = 0; i < NX; i++) acc0[i] = acc1[i] = vdupq_n_f32(0), macc[i] = 0.0f;                \
-        int64_t b = 0;                                                                                   \
-        if constexpr (F::SLICES == 1) {                                                                  \
-            for (; b + 2 <= nb; b += 2, w += 2 * F::BYTES) {                                             \
-                block_##Dot<F, NX>(w, x + b, nb, acc0, acc1, macc, slices);                              \
-                block_##Dot<F, NX>(w + F::BYTES, x + b + 1, nb, acc1, acc0, macc, slices);               \
-            }                                                                                            \
-            if (b < nb) block_##Dot<F, NX>(w, x + b, nb, acc0, acc1, macc, slices);                      \
-        } else {                                                                                         \
-            for (; b < nb; b += F::SLICES, w += F::BYTES) block_##Dot<F, NX>(w, x + b, nb, acc0, acc1, macc, slices); \
-        }                                                                                                \
-        for (int i = 0; i < NX; i++) out[i * out_stride] = vaddvq_f32(vaddq_f32(acc0[i], acc1[i])) + macc[i]; \
+        for (int i = 0; i < NX; i++) acc0[i] = acc1[i] = vdupq_n_f32(0);                                 \
+        for (int64_t b = 0; b < nb; b += F::SLICES, w += F::BYTES)                                       \
+            block_##Dot<F, NX>(w, x + b, nb, acc0, acc1, std::make_integer_sequence<int, F::SLICES>());  \
+        for (int i = 0; i < NX; i++) out[i * out_stride] = vaddvq_f32(vaddq_f32(acc0[i], acc1[i]));     \
     }                                                                                                    \
     template <class F>                                                                                   \
     ATTR void rows_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, int nx, float *out, int64_t out_stride) { \
@@ -430,7 +371,7 @@ TV_ROWS(TV_NOATTR, NeonDot)
 //                         [HAS_MIN: acc = fma(m_w, s_x, acc)]
 // with idot the slice's exact integer dot, so a token's row gets the same bits from the decode and
 // the panel kernel, whatever its batch.
-//   - m < GEMM_MIN (decode): NW = 4 weight rows at a time, each slice's dots (Dot::dot above)
+//   - m < GEMM_MIN (decode): NW = 4 weight rows at a time, each slice's dots (Dot::dot_x above)
 //     reduced into one 4-lane vector (lane = weight row): float work once per slice for 4 rows;
 //   - m >= GEMM_MIN: NW weight rows unpacked once into an L1 panel of int8 weights, then run against
 //     tiles of TW = 4 activation rows (lane = activation row): the weight is the by-element operand,
@@ -485,8 +426,7 @@ const void *gemm_prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &p
     if (!DP && p.x16.size() < n * 128) p.x16.resize(n * 128);
     if (p.xd.size() < n * TW) p.xd.resize(n * TW), p.xs.resize(n * TW);
     GemmPrep *mine = &p;  // inside the lambda `p` would name each worker's own thread_local
-    if (tiles > 1) pool.run(tiles, [&](int64_t t, int) { prepare_tile<DP>(*mine, x, m, nb, t); });
-    else prepare_tile<DP>(p, x, m, nb, 0);
+    pool.run(tiles, [&](int64_t t, int) { prepare_tile<DP>(*mine, x, m, nb, t); });  // one tile: inline
     return &p;
 }
 
@@ -770,18 +710,13 @@ TV_INLINE void group_scales4(const uint8_t *w0, const size_t *off, float (*d)[2]
     ATTR bool gemm_run_##Dot(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1,      \
                              const void *prep, int64_t m, int64_t nb, float *y, int64_t ldy) {            \
         const GemmPrep &x = *static_cast<const GemmPrep *>(prep);                                         \
-        switch (dtype) {                                                                                  \
-            TV_QUANT_FORMATS(TV_GEMM_CASE_##Dot)                                                          \
-            default: return false;                                                                        \
-        }                                                                                                 \
+        return with_format(dtype, [&](auto f) ATTR {                                                      \
+            using F = decltype(f);                                                                        \
+            if constexpr (F::TWO_MINS) return false;                                                      \
+            else return gemm_rows_##Dot<F>(w, row_bytes, r0, r1, x, m, nb, y, ldy), true;                 \
+        });                                                                                               \
     }                                                                                                     \
     const QuantGemm gemm_##Dot = {NW, gemm_prepare<DP>, gemm_run_##Dot};
-#define TV_GEMM_CASE(F, Dot)                                                                              \
-    case F::DTYPE:                                                                                        \
-        if constexpr (F::TWO_MINS) return false;                                                          \
-        else return gemm_rows_##Dot<F>(w, row_bytes, r0, r1, x, m, nb, y, ldy), true;
-#define TV_GEMM_CASE_NeonDot(F) TV_GEMM_CASE(F, NeonDot)
-#define TV_GEMM_CASE_DotprodDot(F) TV_GEMM_CASE(F, DotprodDot)
 TV_GEMM(TV_NOATTR, NeonDot, false, micro_neon)
 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any count
     if (f16) {
@@ -796,10 +731,8 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row, exp_in_place_libm)
 Kernels make_neon_table() {
     Kernels k = make_kernels("neon", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
-#define TV_SET_ROWS(F) k.rows[F::DTYPE] = rows_NeonDot<F>;
-    TV_QUANT_FORMATS(TV_SET_ROWS)
-#undef TV_SET_ROWS
-    k.gemm = &gemm_NeonDot;  // every format but per-half mins (Q2_K keeps rows[])
+    k.rows[FmtQ2_K::DTYPE] = rows_NeonDot<FmtQ2_K>;  // per-half mins: the one format its QuantGemm leaves to rows[]
+    k.gemm = &gemm_NeonDot;
     return k;
 }
 const Kernels neon_table = make_neon_table();
@@ -809,9 +742,7 @@ TV_GEMM(TV_DOTPROD, DotprodDot, true, micro_dotprod)
 Kernels make_dotprod_table() {
     Kernels k = make_neon_table();
     k.name = "neon_dotprod";
-#define TV_SET_ROWS(F) k.rows[F::DTYPE] = rows_DotprodDot<F>;
-    TV_QUANT_FORMATS(TV_SET_ROWS)
-#undef TV_SET_ROWS
+    k.rows[FmtQ2_K::DTYPE] = rows_DotprodDot<FmtQ2_K>;
     k.gemm = &gemm_DotprodDot;
     return k;
 }

@@ -1,16 +1,18 @@
 """LLMEngine: requests in, one batched forward per step(), RequestOutputs out (vLLM's shape)."""
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..beam_search import Beam, BeamGroup, NoText, blocks_needed
 from ..model import load_model, resolve_model
 from ..model.quantize import quantize_weights
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..runner import runner_for
-from ..sampler import Sampler, score_tokens
-from ..sampling_params import SamplingParams
+from ..sampler import Sampler, SampleResult, score_tokens
+from ..sampling_params import BeamSearchParams, SamplingParams
 from ..spec import DraftModelProposer, NgramProposer, SpeculativeConfig, SpeculativeDecoder
 from ..structured import StructuredOutputs, structured_off_reason, structured_outputs_enabled
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -18,6 +20,9 @@ from .block_manager import BlockManager
 from .memory import RUNTIME_RESERVE_BYTES, heap_weight_bytes, plan_kv_blocks, rss_bytes
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
+
+# A beam's sequence only carries tokens and KV: its BeamGroup decides every token and when it ends.
+_BEAM_SEQ_PARAMS = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
 
 
 @dataclass
@@ -28,6 +33,7 @@ class _Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     deadline: float | None = None  # time.monotonic() after which the request ends with what it has
+    beam: BeamGroup | None = None  # a beam-search request: seqs are its live beams
 
 
 class RequestsFailed(RuntimeError):
@@ -109,6 +115,7 @@ class LLMEngine:
         self._seq_ids, self._request_ids = itertools.count(), itertools.count()
         # cumulative counters for serving metrics; last_batch_size = sequences in the latest step
         self.num_steps = self.num_scheduled_tokens = self.num_generated_tokens = self.last_batch_size = 0
+        self.num_beam_steps = self.num_beam_rows = 0  # steps that ran beams; beam logits rows scored
 
     def _load_draft(self, spec_cfg: SpeculativeConfig):
         draft = quantize_weights(load_model(resolve_model(spec_cfg.model)), spec_cfg.draft_quantization)
@@ -128,9 +135,14 @@ class LLMEngine:
             return self._prompt_ids(prompt["prompt"])
         raise TypeError("a prompt is a string or a dict with 'prompt_token_ids' (or 'prompt')")
 
-    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | BeamSearchParams | None = None,
                     arrival_time: float | None = None) -> str:
+        """params: SamplingParams, or BeamSearchParams for a beam search (its output, when finished, holds the
+        beam_width best beams as completions, best first, as vLLM's beam search returns them)."""
         params = params or SamplingParams()
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise TypeError("params must be a SamplingParams or a BeamSearchParams")
+        beam = isinstance(params, BeamSearchParams)
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -139,11 +151,14 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        if params.n > self.scheduler.max_num_seqs:  # its sequences run together: it could never be admitted
-            raise ValueError(f"n={params.n} is more than this engine's max_num_seqs ({self.scheduler.max_num_seqs})")
+        width, name = (params.beam_width, "beam_width") if beam else (params.n, "n")
+        if width > self.scheduler.max_num_seqs:  # its sequences run together: it could never be admitted
+            raise ValueError(f"{name}={width} is more than this engine's max_num_seqs ({self.scheduler.max_num_seqs})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_model_len is "
                              f"{self.max_model_len}, which leaves no room to generate")
+        if beam:
+            return self._add_beam_search(request_id, text, ids, params, arrival_time)
         matchers = ([None] * params.n if params.structured_outputs is None else  # ValueError if invalid
                     self.structured.matchers(params.structured_outputs, params.n))
         now = time.monotonic() if arrival_time is None else arrival_time
@@ -158,6 +173,33 @@ class LLMEngine:
         self.scheduler.add(seqs)
         return request_id
 
+    def check_beam_search(self, num_prompt_tokens: int, params: BeamSearchParams) -> None:
+        """ValueError when a search of that prompt length could not fit the KV cache with all its beams
+        (it would never finish): refused up front. Reads only fixed sizes (safe from any thread)."""
+        blocks = self.scheduler.blocks
+        steps = min(params.max_tokens, self.max_model_len - num_prompt_tokens)
+        need = blocks_needed(num_prompt_tokens, steps, params.beam_width, blocks.block_size,
+                             blocks.enable_prefix_caching)
+        if need > blocks.num_blocks:
+            raise ValueError(f"beam search of a {num_prompt_tokens}-token prompt with beam_width={params.beam_width} "
+                             f"and max_tokens={params.max_tokens} may need {need} KV blocks; the KV cache has "
+                             f"{blocks.num_blocks}")
+
+    def _add_beam_search(self, request_id: str, text, ids: list[int], params: BeamSearchParams, arrival_time) -> str:
+        steps = min(params.max_tokens, self.max_model_len - len(ids))
+        self.check_beam_search(len(ids), params)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seq = self._beam_seq(request_id, ids, params.beam_width, now)
+        group = BeamGroup(params, seq, steps, self.eos_token_ids)
+        self.requests[request_id] = _Request(request_id, text, ids, [seq], RequestMetrics(arrival_time=now), beam=group)
+        self.scheduler.add([seq])
+        return request_id
+
+    def _beam_seq(self, request_id: str, tokens, width: int, now: float) -> Sequence:
+        seq = Sequence(next(self._seq_ids), request_id, 0, tokens, _BEAM_SEQ_PARAMS, NoText(), now)
+        seq.seats = width  # the group's sequence slots are held from its admission (its forks need no room)
+        return seq
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks. Returns its final output (finish_reason "abort" on
         the completions that were still running); None when it is unknown or already done."""
@@ -166,6 +208,8 @@ class LLMEngine:
     def _end(self, request_id: str, reason: str) -> RequestOutput:
         req = self.requests.pop(request_id)
         self._deadlines.pop(request_id, None)
+        if req.beam is not None:
+            req.beam.end_reason = reason
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, reason)
@@ -187,37 +231,100 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         expired = self._expire_deadlines()
         if self.spec is not None:  # draft tokens for the running decodes, which the scheduler makes room for
-            self.spec.plan(self.scheduler.running)
+            self.spec.plan(self.scheduler.running)  # (the whole batch counts for disable_by_batch_size)
+            for seq in self.scheduler.running:
+                if self._is_beam(seq):  # a beam scores one position per step: it never speculates
+                    seq.spec_token_ids = seq.spec_token_ids[:0]
         batch = self.scheduler.schedule()
+        if batch is None and self.scheduler.waiting:
+            batch = self._unblock_beams()
         if batch is None:
             return expired
         try:
-            sampled = self._run(batch)
+            changed = self._run(batch)
         except Exception as e:  # fail this batch's requests, not the engine
             failed = list(dict.fromkeys(s.request_id for s in batch.seqs if s.request_id in self.requests))
             for rid in failed:
                 self._end(rid, "abort")
             raise RequestsFailed(failed, e, expired) from e
-        return expired + [self._output(self._pop(rid) if self._done(rid) else self.requests[rid])
-                          for rid in dict.fromkeys(s.request_id for s in sampled)]
+        return expired + [self._output(self._pop(rid) if self._done(rid) else self.requests[rid]) for rid in changed]
 
-    def _run(self, batch) -> list[Sequence]:
-        """One scheduled batch: forward, sample, update the sequences; returns those that got a token."""
+    def _is_beam(self, seq: Sequence) -> bool:
+        req = self.requests.get(seq.request_id)
+        return req is not None and req.beam is not None
+
+    def _unblock_beams(self):
+        """Nothing could run and the queue's head does not fit: every running sequence is a beam waiting
+        for group mates that were preempted (a group steps only once all its beams have proposed). The
+        oldest such group goes first: the other groups' waiting beams are preempted (to the back of the
+        queue; their full blocks stay in the prefix cache) and its preempted beams go to the head. Its
+        worst case fits the pool (add_request checks), so it completes its step."""
+        first = next((r for r in self.requests.values() if r.beam is not None
+                      and any(s.status is SequenceStatus.WAITING for s in r.seqs)), None)
+        if first is None:
+            return None
+        for seq in [s for s in self.scheduler.running if s.request_id != first.request_id and self._is_beam(s)
+                    and s.num_uncomputed_tokens == 0]:
+            self.scheduler.preempt(seq, requeue_last=True)
+        self.scheduler.requeue_first([s for s in first.seqs if s.status is SequenceStatus.WAITING])
+        return self.scheduler.schedule()
+
+    def _run(self, batch) -> list[str]:
+        """One scheduled batch: forward, sample, update the sequences; returns the ids of the requests with
+        new output (a beam search: when it finished)."""
         for src, dst in batch.block_copies:  # copy-on-write: split shared blocks first
             self.runner.copy_block(src, dst)
+        beam_rows = [(s, r) for s, r in zip(batch.sampled, batch.sample_rows) if self._is_beam(s)]
+        if beam_rows:  # beams are not sampled: their groups read their logits rows
+            rows = [(s, r) for s, r in zip(batch.sampled, batch.sample_rows) if not self._is_beam(s)]
+            batch = dataclasses.replace(batch, sampled=[s for s, _ in rows], sample_rows=[r for _, r in rows])
         if self.spec is not None:
             self.spec.prepare(batch)  # a draft model drafts now that the drafts have slots
         bitmask = self.structured.start_bitmask(batch.sampled)  # structured outputs: overlaps the forward
         logits = self.runner.forward(*batch.model_inputs())
         for seq, row, n in batch.prompt_rows:
             self._score_prompt(seq, logits[row:row + n], seq.num_computed_tokens)
+        for seq, row in beam_rows:
+            self.requests[seq.request_id].beam.propose(seq, logits[row])
         verified = self.spec.verify(logits, batch, self.eos_token_ids) if batch.spec_rows else []
         if batch.sample_rows != list(range(len(logits))):  # n > 1 forks share a row; prompt rows are not sampled
             logits = logits[batch.sample_rows]
         results = self.sampler.sample(logits, batch.sampled, self.eos_token_ids, bitmask()) if batch.sampled else []
         sampled = self.scheduler.postprocess(batch, results, verified)
-        self._record(batch, sampled)
-        return sampled
+        beams_done = self._advance_beams(dict.fromkeys(s.request_id for s, _ in beam_rows)) if beam_rows else []
+        self._record(batch, sampled, len(beam_rows))
+        return list(dict.fromkeys(s.request_id for s in sampled)) + beams_done
+
+    def _advance_beams(self, request_ids) -> list[str]:
+        """Beam groups whose beams have all proposed take their step: surviving children fork from their
+        parent (the first child continues the parent's sequence), parents without one are freed. Returns
+        the groups that finished."""
+        done, now = [], time.monotonic()
+        current = lambda s: s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens == 0
+        for rid in request_ids:
+            req = self.requests[rid]
+            group = req.beam
+            if not group.ready(current):
+                continue
+            beams = []
+            for parent, children in group.select():
+                if group.done or not children:
+                    self.scheduler.finish(parent.seq)  # its blocks go back (those shared live on in its children)
+                    continue
+                seqs = [parent.seq] + [self._beam_seq(rid, parent.seq.token_ids, group.width, now)
+                                       for _ in children[1:]]
+                for child in seqs[1:]:  # forked before the parent takes its token: they share every block so far
+                    self.scheduler.fork(parent.seq, child)
+                for seq, (token, cum, lps) in zip(seqs, children):  # (no stop: steps_left ends the search first)
+                    seq.append_token(SampleResult(token, lps[token].logprob, None), (), self.max_model_len)
+                    beams.append(Beam(seq, cum, parent.logprobs + [lps]))
+            group.beams, req.seqs = beams, [b.seq for b in beams]
+            req.metrics.on_token(now)
+            if group.done:
+                done.append(rid)
+        if not self.scheduler.has_work():
+            self.scheduler.flush()  # the last beams' blocks go back now
+        return done
 
     def _pop(self, request_id: str) -> _Request:
         self._deadlines.pop(request_id, None)
@@ -235,11 +342,13 @@ class LLMEngine:
             seq.prompt_logprobs.append({t: Logprob(lp, r, self.tokenizer.decode([t], skip_special_tokens=False))
                                         for t, lp, r in zip(ids, lps, ranks)})
 
-    def _record(self, batch, sampled) -> None:
+    def _record(self, batch, sampled, num_beam_rows: int) -> None:
         now = time.monotonic()
         self.num_steps, self.last_batch_size = self.num_steps + 1, len(batch.seqs)
         self.num_scheduled_tokens += sum(batch.num_tokens)
         self.num_generated_tokens += len(sampled)
+        if num_beam_rows:
+            self.num_beam_steps, self.num_beam_rows = self.num_beam_steps + 1, self.num_beam_rows + num_beam_rows
         for seq in batch.seqs:
             metrics = self.requests[seq.request_id].metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
@@ -247,9 +356,12 @@ class LLMEngine:
             self.requests[seq.request_id].metrics.on_token(now)
 
     def _done(self, request_id: str) -> bool:
-        return all(s.is_finished for s in self.requests[request_id].seqs)
+        req = self.requests[request_id]
+        return req.beam.done if req.beam is not None else all(s.is_finished for s in req.seqs)
 
     def _output(self, req: _Request) -> RequestOutput:
+        if req.beam is not None:
+            return self._beam_output(req)
         finished = all(s.is_finished for s in req.seqs)
         if finished:
             req.metrics.finished_time = time.monotonic()
@@ -259,6 +371,21 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics,
                              req.seqs[0].prompt_logprobs)
 
+    def _beam_output(self, req: _Request) -> RequestOutput:
+        """A beam search's output (vLLM's shape): once it ends, one completion per returned beam, best first
+        (token ids: the generated ones; text: without a final EOS; logprobs: each step's candidates)."""
+        group, n = req.beam, len(req.prompt_token_ids)
+        finished = group.done or group.end_reason is not None
+        outs = []
+        if finished:
+            req.metrics.finished_time = time.monotonic()
+            for i, b in enumerate(group.best()):
+                gen = b.tokens[n:]
+                shown = gen[:-1] if gen and gen[-1] in group.eos else gen
+                outs.append(CompletionOutput(i, self.tokenizer.decode(shown), gen, b.cum_logprob, b.logprobs,
+                                             b.finish_reason, b.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics, None)
+
     # ---- stats ----------------------------------------------------------------------------
     def stats(self) -> dict:
         sched, blocks = self.scheduler, self.scheduler.blocks
@@ -267,7 +394,9 @@ class LLMEngine:
                 "preemptions": sched.num_preemptions, "prefix_cache": blocks.prefix_cache_stats,
                 "steps": self.num_steps, "last_batch_size": self.last_batch_size,
                 "scheduled_tokens": self.num_scheduled_tokens, "generated_tokens": self.num_generated_tokens,
-                "spec_decode": self.spec.stats() if self.spec is not None else None}
+                "spec_decode": self.spec.stats() if self.spec is not None else None,
+                "beam_search": {"requests": sum(r.beam is not None for r in self.requests.values()),
+                                "steps": self.num_beam_steps, "beam_rows": self.num_beam_rows}}
 
 
 __all__ = ["LLMEngine", "RequestsFailed", "SequenceStatus"]

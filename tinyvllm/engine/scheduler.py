@@ -118,7 +118,7 @@ class Scheduler:
                 break
             # An APPEND found no free block: free the latest admitted sequence and send the rest again.
             victim, head = self.running[-1], None  # no admissions in a step that preempts
-            self._preempt(victim)
+            self.preempt(victim)
             plan = [e for e in plan if e[0] is not victim]
             todo = [(op, e) for op, e in todo[done:] if e is not None and e[0] is not victim]
         if admitted:
@@ -175,10 +175,14 @@ class Scheduler:
                 seq.tokens_address)
 
     def _has_room(self, seq: Sequence) -> bool:
-        """Admitting seq keeps at most max_num_seqs running once every fork has joined: the running
-        sequences, the siblings still to fork from them, and seq's own group."""
-        group = lambda s: 1 + len(self._forks.get(s.seq_id, ()))
-        return sum(map(group, self.running)) + group(seq) <= self.max_num_seqs
+        """Admitting seq keeps at most max_num_seqs running once every fork has joined: per request, its
+        running sequences and the siblings still to fork from them, or the seats it holds (a beam search
+        holds its width from admission on) where that is more."""
+        held, seats = {}, {}
+        for s in self.running + [seq]:
+            held[s.request_id] = held.get(s.request_id, 0) + 1 + len(self._forks.get(s.seq_id, ()))
+            seats[s.request_id] = s.seats
+        return sum(max(n, seats[r]) for r, n in held.items()) <= self.max_num_seqs
 
     def _admit_more(self, plan: list, tables: np.ndarray, budget: int) -> np.ndarray:
         """Admit further waiting sequences, one call each (their cached prefixes decide the budget left)."""
@@ -272,14 +276,20 @@ class Scheduler:
         # marks what it computed (full blocks become cache entries), then frees its blocks
         self._pending.append(((FREE, 0, seq.num_computed_tokens, -1, seq.seq_id, 0, seq.tokens_address), seq))
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Free the sequence's blocks and queue it first in line; it is recomputed on readmission
-        (cheaply where its full blocks are still in the prefix cache)."""
+    def preempt(self, seq: Sequence, requeue_last: bool = False) -> None:
+        """Free the sequence's blocks and queue it first in line (last: requeue_last); it is recomputed on
+        readmission (cheaply where its full blocks are still in the prefix cache)."""
         self.running.remove(seq)
         self._free_op(seq)
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq) if requeue_last else self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def requeue_first(self, seqs: list[Sequence]) -> None:
+        """Move these waiting sequences to the head of the queue, in this order."""
+        for seq in reversed(seqs):
+            self.waiting.remove(seq)
+            self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str | None = None) -> None:
         """Stop a sequence (reason: set it, e.g. "abort"); its blocks are freed with the next list."""

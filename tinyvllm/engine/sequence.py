@@ -30,6 +30,7 @@ class Sequence:
         self.params, self.detokenizer, self.arrival_time = params, detokenizer, arrival_time
         self.generator = make_generator(params, index)  # None: the sampler's shared rng
         self.matcher = matcher  # structured outputs: an llguidance matcher fed every sampled token
+        self.seats = 1  # sequence slots its request holds while it runs (a beam search: its width)
         # speculative decoding: draft tokens proposed for the positions after the last one (set before
         # each step by the speculative decoder, verified by the step that runs them; never part of len)
         self.spec_token_ids = _NO_DRAFTS

@@ -15,7 +15,6 @@ _ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "gemma3_text": "gemma3",  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
                  "smollm3": "smollm3",  # llama with NoPE layers (nope_layers)
                  "phi3": "phi3"}  # fused qkv / gate_up (split at load), LongRoPE factors
-SUPPORTED_ARCHS = tuple(sorted(_ARCH_ALIASES))
 # llama.cpp's default for Gemma 3 when the file gives no pattern: every 6th layer is global.
 GEMMA3_SWA_PATTERN = 6
 # SmolLM3: every 4th layer has no RoPE. llama.cpp hard-codes this step (no GGUF key holds it); HF's
@@ -37,8 +36,15 @@ def nope_step_layers(n_layers: int, step: int) -> tuple[bool, ...]:
 def _arch(name: Any) -> str:
     arch = _ARCH_ALIASES.get(str(name).lower())
     if arch is None:
-        raise ModelFormatError(f"unsupported architecture {name!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise ModelFormatError(f"unsupported architecture {name!r} (supported: {', '.join(sorted(_ARCH_ALIASES))})")
     return arch
+
+
+def _hf_special_ids(cfg: dict) -> dict:
+    eos, bos = cfg.get("eos_token_id"), cfg.get("bos_token_id")
+    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    return dict(bos_token_id=bos if isinstance(bos, int) else None, eos_token_id=eos_ids[0] if eos_ids else None,
+                eos_token_ids=eos_ids)
 
 
 def _normalize_rope_scaling(rs: Any) -> dict | None:
@@ -209,8 +215,6 @@ class ModelConfig:
             mscale = rope_scaling.get("attention_factor") or (
                 math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
             rope_scaling = {**rope_scaling, "original_max_position_embeddings": orig}
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         window = int(cfg.get("sliding_window") or 0) if str(arch).lower() == "mistral" else 0
         layers = int(req("num_hidden_layers"))
         nope = ()
@@ -230,12 +234,9 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings") or 2048,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=_arch(arch) == "qwen2" or bool(cfg.get("attention_bias", False)),
-            rope_interleaved=False, qk_norm=_arch(arch) == "qwen3", nope_layers=nope,
+            rope_interleaved=False, qk_norm=_arch(arch) == "qwen3", nope_layers=nope, rope_mscale=mscale,
             rope_dim=int((cfg.get("head_dim") or hidden // heads) * float(cfg.get("partial_rotary_factor") or 1.0)),
-            rope_mscale=mscale,
-            bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
-            eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
-        )
+            **_hf_special_ids(cfg))
 
     @classmethod
     def _from_hf_gemma3(cls, cfg: dict, req) -> "ModelConfig":
@@ -275,17 +276,13 @@ class ModelConfig:
         if not window or not any(swa):
             window, swa = 0, ()
         qpas = float(cfg.get("query_pre_attn_scalar") or head_dim)
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         return cls(
             arch="gemma3", vocab_size=req("vocab_size"), hidden_size=hidden, intermediate_size=req("intermediate_size"),
             num_layers=layers, num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps") or 1e-6, rope_theta=theta, rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings") or 131072,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            attention_bias=bool(cfg.get("attention_bias", False)), rope_interleaved=False,
-            bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
-            eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids,
+            attention_bias=bool(cfg.get("attention_bias", False)), rope_interleaved=False, **_hf_special_ids(cfg),
             qk_norm=True, post_norms=True, ffn_act="gelu_tanh", embed_scale=math.sqrt(hidden),
             attn_scale=qpas ** -0.5, final_logit_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
             sliding_window=window, swa_layers=swa, rope_theta_swa=theta_swa)

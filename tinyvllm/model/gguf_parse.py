@@ -1,15 +1,10 @@
-"""GGUF container parsing in bulk: the metadata key/values and the tensor directory of a memory-mapped
-file, without building an object per array element.
-
-The `gguf` package's reader makes a numpy array for every element of every metadata array (a 49K
-vocabulary is ~250K of them, ~1 s; a 262K one several seconds). Here numeric arrays are one
-`np.frombuffer` over the mapping and string arrays one pass collecting (offset, length) pairs, so a
-262,144-token vocabulary parses in tens of milliseconds. Values come out as plain Python, the way
-`gguf.ReaderField.contents()` gives them (tests compare the two on every field), except that strings
-that are not valid UTF-8 decode with "surrogateescape" (byte tokens stay lossless) instead of failing.
-
-Every read is bounds-checked: a corrupt or truncated file raises ModelFormatError, never reads past the
-mapping, and never allocates for a count the file cannot hold.
+"""GGUF container parsing in bulk: the metadata and tensor directory of a memory-mapped file, without an
+object per array element (the `gguf` package's reader makes a numpy array for each: seconds for a 262K
+vocabulary). Numeric arrays are one np.frombuffer, string arrays one pass over (offset, length) pairs.
+Values come out as plain Python, as `gguf.ReaderField.contents()` gives them (tests compare the two),
+except that strings that are not UTF-8 decode with "surrogateescape" (byte tokens stay lossless).
+Every read is bounds-checked: a corrupt or truncated file raises ModelFormatError, never reads past
+the mapping, and never allocates for a count the file cannot hold.
 """
 from __future__ import annotations
 
@@ -160,7 +155,11 @@ def parse_gguf(path) -> GGUFContents:
     if version not in SUPPORTED_VERSIONS:
         raise ModelFormatError(f"unsupported GGUF version {version} (supported: 2, 3)")
     n_tensors, n_kv = c.u64("tensor count"), c.u64("metadata count")
-    c.need(n_kv * 13, "the metadata")  # a key length, a value type and a 1-byte value at least
+    # at least: a key length, a type and a 1-byte value per entry; name length, n_dims, a dim, type, offset per tensor
+    need = 24 + n_kv * 13 + n_tensors * 32
+    if need > len(buf):
+        raise ModelFormatError(f"header claims {n_tensors} tensors and {n_kv} metadata entries, which need at "
+                               f"least {need} bytes; the file has {len(buf)}: truncated or corrupt")
     metadata: dict = {}
     for _ in range(n_kv):
         key = c.name("metadata key")

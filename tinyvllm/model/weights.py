@@ -14,23 +14,10 @@ from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.errors import ModelFormatError
 
 
-class GGMLType(IntEnum):
-    """GGML's dtype ids (the ones we run; native/src/formats.h defines their blocks). BF16 only exists on
-    disk: it is converted to F32 at load."""
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    IQ4_NL = 20
-    BF16 = 30
+# GGML's dtype ids of the formats we run (native/src/formats.h defines their blocks). BF16 only exists on
+# disk: it is converted to F32 at load.
+GGMLType = IntEnum("GGMLType", {n: int(GGMLQuantizationType[n]) for n in (
+    "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "BF16")})
 
 
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (int(GGMLType[n]) for n in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "BF16"))
@@ -38,7 +25,6 @@ F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (int(GGMLType[n]) for n in ("F32", "F16", "Q4
 QUANT_BLOCKS = {int(t): GGML_QUANT_SIZES[GGMLQuantizationType(int(t))] for t in GGMLType
                 if t not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)}
 FLOAT_DTYPES = {F32: np.dtype(np.float32), F16: np.dtype(np.float16)}
-SUPPORTED_DTYPE_NAMES = ", ".join(t.name for t in GGMLType)
 
 
 def row_bytes_for(dtype: int, cols: int) -> int:
@@ -73,10 +59,6 @@ class WeightTensor:
                                    f"match {GGMLType(self.dtype).name}{list(self.shape)}")
 
     @property
-    def quantized(self) -> bool:
-        return self.dtype in QUANT_BLOCKS
-
-    @property
     def row_bytes(self) -> int:
         return row_bytes_for(self.dtype, self.shape[-1])
 
@@ -86,7 +68,7 @@ class WeightTensor:
 
     def dequantize(self) -> np.ndarray:
         """float32 array of `shape` (a fresh array)."""
-        if not self.quantized:
+        if self.dtype not in QUANT_BLOCKS:
             return self.data.astype(np.float32)  # astype copies, so callers may mutate the result
         # the gguf package's own decoder: independent of our native kernels, which are tested against it
         return dequantize(self.data, GGMLQuantizationType(self.dtype)).astype(np.float32, copy=False).reshape(self.shape)
@@ -189,7 +171,7 @@ def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: 
         if t.shape != shape:
             raise ModelFormatError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
         if len(shape) == 1 and t.dtype != GGMLType.F32:  # loaders widen F16/BF16 ones; runners take only F32
-            kind = GGMLType(t.dtype).name if t.dtype in GGMLType._value2member_map_ else f"type id {t.dtype}"
-            raise ModelFormatError(f"{where}: tensor {name!r} (a norm or bias) is stored as {kind}; norms and "
+            raise ModelFormatError(f"{where}: tensor {name!r} (a norm or bias) is stored as "
+                                   f"{GGMLType(t.dtype).name}; norms and "
                                    "biases must be F32, F16 or BF16")
     return {name: t for name, t in tensors.items() if name in req or name == "output.weight"}

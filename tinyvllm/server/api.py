@@ -9,6 +9,7 @@ bytes (max_request_bytes), the prompt's size in characters before it is tokenize
 n against the engine's max_num_seqs, max_tokens against the context (a 400, not a clamp, like vLLM),
 logprobs within SamplingParams' bounds. Outputs reach each request through its own queue, so a client
 that reads slowly (or not at all) never holds up the engine thread."""
+import asyncio
 import json
 import secrets
 import time
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException
 from ..async_llm import AsyncLLM
 from ..chat_template import select_template
 from ..engine import LLMEngine
+from ..sampling_params import BeamSearchParams
 from ..structured import compile_grammar
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, CompletionRequest,
@@ -36,6 +38,7 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 # A prompt longer than this many characters per token of context is refused before it is tokenized:
 # BPE tokens of real text average 3-5 characters, so a prompt that long could not fit the context anyway.
 PROMPT_CHARS_PER_TOKEN = 32
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks its client is still there
 
 
 # One server-sent event of a stream: a JSON chunk, an in-band error after the status line went out, or [DONE].
@@ -236,10 +239,19 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                            "(see --max-prompt-chars).", param=field, code="context_length_exceeded")
 
     def check_capacity(params) -> None:
-        """What the engine can hold, before admitting: its sequences run together, so n > max_num_seqs
-        could never be scheduled."""
-        if params.n > max_seqs:
-            raise APIError(400, f"n={params.n} is more than this server's max_num_seqs ({max_seqs}).", param="n")
+        """What the engine can hold, before admitting: its sequences (a beam search's beams) run together,
+        so n > max_num_seqs could never be scheduled."""
+        if choices_per_prompt(params) > max_seqs:
+            raise APIError(400, f"n={choices_per_prompt(params)} is more than this server's max_num_seqs "
+                           f"({max_seqs}).", param="n")
+
+    def check_kv(num_prompt_tokens: int, params) -> None:
+        """A beam search whose beams could never all fit the KV cache: 400 now, not an error mid-stream."""
+        if isinstance(params, BeamSearchParams):
+            try:
+                aeng.engine.check_beam_search(num_prompt_tokens, params)
+            except ValueError as e:
+                raise APIError(400, str(e), param="n") from e
 
     def check_constraint(params) -> None:
         if params.structured_outputs is not None:  # a schema llguidance rejects: 400 now, not mid-stream
@@ -254,6 +266,9 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                            f"(at most {max_waiting}). Retry later.", "rate_limit_exceeded")
 
     # ---- generation --------------------------------------------------------------------------
+    def choices_per_prompt(params) -> int:
+        return params.beam_width if isinstance(params, BeamSearchParams) else params.n
+
     def token_str(t: int) -> str:
         return tok.decode([t], skip_special_tokens=False)
 
@@ -315,7 +330,11 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         return msg, finish
 
     async def respond(body, prompts: list[dict], params, chat: bool, request: Request, tools=None):
+        """params: SamplingParams, or BeamSearchParams (use_beam_search: the n best beams of each prompt
+        are its choices, all sent when the search ends, streamed or not)."""
         admit(len(prompts))
+        n = choices_per_prompt(params)
+        logprobs = None if isinstance(params, BeamSearchParams) else params.logprobs
         try:
             outputs = aeng.generate_batch(prompts, params)  # queued now: the next admit() counts these
         except RuntimeError as e:  # shutting down, or the engine thread died
@@ -325,27 +344,47 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                 "model": served_model_name}
         top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
         if body.stream:
-            return StreamingResponse(sse(body, outputs, len(prompts), params, chat, head, top, usage, tools),
+            return StreamingResponse(sse(body, outputs, len(prompts), n, logprobs, chat, head, top, usage, tools),
                                      media_type="text/event-stream")
         choices = {}  # choice index -> [text, token ids, logprobs, finish, stop_reason]
         finished = {}  # prompt index -> its final RequestOutput
-        async with aclosing(deltas(outputs, params.n, usage, finished)) as updates:
-            async for i, text, toks, lps, finish, stop in updates:
-                ch = choices.setdefault(i, ["", [], [], None, None])
-                ch[0] += text
-                ch[1] += toks
-                ch[2] += lps or []
-                ch[3], ch[4] = finish, stop
-                if await request.is_disconnected():  # nobody will read the answer: stop generating
-                    return Response(status_code=499)
+
+        async def collect() -> bool:
+            async with aclosing(deltas(outputs, n, usage, finished)) as updates:
+                async for i, text, toks, lps, finish, stop in updates:
+                    ch = choices.setdefault(i, ["", [], [], None, None])
+                    ch[0] += text
+                    ch[1] += toks
+                    ch[2] += lps or []
+                    ch[3], ch[4] = finish, stop
+                    if await request.is_disconnected():
+                        return False
+            return True
+        # A client that hangs up is noticed at its next update, or within DISCONNECT_POLL_S where updates
+        # are rare (a beam search has none until it ends): nobody will read the answer, so stop generating
+        # (cancelling the collection aborts the requests and frees their blocks).
+        collecting = asyncio.ensure_future(collect())
+        try:
+            while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    break
+        except BaseException:  # this handler was cancelled (shutdown): the requests go too
+            collecting.cancel()
+            raise
+        if not collecting.done():  # the client left
+            collecting.cancel()
+            await asyncio.wait({collecting})
+            return Response(status_code=499)
+        if not collecting.result():
+            return Response(status_code=499)
         echo = not chat and body.echo
         if echo and body.scores_prompt_only:  # the one token generated to get there is dropped
             choices = {i: ["", [], [], finish, stop] for i, (_, _, _, finish, stop) in choices.items()}
             usage["completion_tokens"], usage["total_tokens"] = 0, usage["prompt_tokens"]
         out = []
         for i, (text, toks, lps, finish, stop) in sorted(choices.items()):
-            request_out = finished[i // params.n]
-            lp = logprobs_json(chat, toks, lps, top, 0) if params.logprobs is not None else None
+            request_out = finished[i // n]
+            lp = logprobs_json(chat, toks, lps, top, 0) if logprobs is not None else None
             if echo:
                 prompt_text = request_out.prompt if request_out.prompt is not None else \
                     tok.decode(request_out.prompt_token_ids, skip_special_tokens=False)
@@ -366,7 +405,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
             out.append(choice)
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out, "usage": usage}
 
-    async def sse(body, outputs, num_prompts, params, chat, head, top, usage, tools=None):
+    async def sse(body, outputs, num_prompts, n, logprobs, chat, head, top, usage, tools=None):
         """With tools, an answer that may be a tool call is held back and sent whole when it finishes
         (as tool_calls or as content); one that starts like text is streamed. Logprobs are not streamed
         with tools."""
@@ -374,10 +413,10 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         event = lambda choices, **extra: f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
         if chat:  # the role first, like OpenAI
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(num_prompts * params.n)])
+                          "finish_reason": None} for i in range(num_prompts * n)])
         offsets, held, plain = {}, {}, set()  # plain: answers known to be text, streamed as they come
         try:
-            async with aclosing(deltas(outputs, params.n, usage)) as updates:
+            async with aclosing(deltas(outputs, n, usage)) as updates:
                 async for i, text, toks, lps, finish, stop in updates:
                     if tools is not None and i not in plain:
                         held[i] = held.get(i, "") + text
@@ -392,7 +431,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                             continue
                         plain.add(i)  # text after all: what was held goes out now, the rest as it comes
                         text = held.pop(i)
-                    if tools is not None:
+                    if tools is not None or logprobs is None:  # (a beam search's outputs carry its candidates)
                         lps = None
                     lp = None
                     if lps is not None:
@@ -414,9 +453,10 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
     @app.post("/v1/completions", responses=_responses(CompletionResponse, **generation))
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        params = body.to_params()
-        check_capacity(params)
-        check_constraint(params)
+        params = None if body.use_beam_search else body.to_params()
+        if params is not None:
+            check_capacity(params)
+            check_constraint(params)
         p = body.prompt
         items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not items:
@@ -424,8 +464,14 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         check_prompt_chars(sum(len(x) for x in items if isinstance(x, str)), "prompt")
         prompts = [{"prompt": x, "prompt_token_ids": tok.encode(x)} if isinstance(x, str) else
                    {"prompt": None, "prompt_token_ids": list(x)} for x in items]
+        if params is None:  # max_tokens None: what the longest prompt leaves of the context
+            longest = max(len(x["prompt_token_ids"]) for x in prompts)
+            asked = body.max_tokens if body.max_tokens is not None else max(1, max_len - longest)
+            params = body.beam_search_params(asked)
+            check_capacity(params)
         for x in prompts:
             check_prompt(x["prompt_token_ids"], params.max_tokens)
+            check_kv(len(x["prompt_token_ids"]), params)
         return await respond(body, prompts, params, False, request)
 
     @app.post("/v1/chat/completions",
@@ -433,9 +479,10 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         tools = body.tool_calling()
-        params = body.to_params(tools)
-        check_capacity(params)
-        check_constraint(params)
+        params = None if body.use_beam_search else body.to_params(tools)
+        if params is not None:
+            check_capacity(params)
+            check_constraint(params)
         conversation, extra = _conversation(body.messages), {}
         check_prompt_chars(sum(len(m["content"]) for m in conversation), "messages")
         if tools is not None and tools.active:
@@ -445,7 +492,12 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
         text = tok.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt, **extra)
         check_prompt_chars(len(text), "messages")  # the template may add a lot (tools)
         ids = tok.encode(text, add_special_tokens=False)  # the template already wrote any BOS it wants
+        if params is None:
+            asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            params = body.beam_search_params(asked if asked is not None else max(1, max_len - len(ids)))
+            check_capacity(params)
         check_prompt(ids, params.max_tokens, "messages")
+        check_kv(len(ids), params)
         return await respond(body, [{"prompt": text, "prompt_token_ids": ids}], params, True, request,
                              tools if tools is not None and tools.active else None)
 

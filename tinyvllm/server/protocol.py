@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling_params import SamplingParams, StructuredOutputsParams
+from ..sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 from .tools import ToolCalling
 
 
@@ -64,6 +64,8 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra body: StructuredOutputsParams' fields
+    use_beam_search: bool = False  # vLLM's extra body: beam search, beam width n, the n best beams as choices
+    length_penalty: float = 1.0    # vLLM's extra body, beam search only
 
     def constraint(self) -> StructuredOutputsParams | None:
         from_format = self.response_format.structured_outputs() if self.response_format else None
@@ -76,6 +78,8 @@ class _Sampling(_Body):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                         constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams validates every value; its ValueError becomes a 400."""
+        if self.length_penalty != 1.0:
+            raise ValueError("length_penalty is not supported without use_beam_search.")
         asked = self.constraint()
         if asked is not None and constraint is not None:
             raise ValueError("tool_choice already constrains the output: drop response_format / structured_outputs")
@@ -87,9 +91,31 @@ class _Sampling(_Body):
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
             max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """use_beam_search (vLLM's mapping: beam_width = n). A sampling field set to anything but its
+        default would be ignored by a beam search: refused, naming it. temperature must be 0 when given."""
+        for name in sorted(self.model_fields_set - _BEAM_SEARCH_FIELDS):
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{name} is not supported with use_beam_search (it takes n, max_tokens, "
+                                 "length_penalty, ignore_eos).")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1 (the beam width), got {self.n}.")
+        if "temperature" in self.model_fields_set and self.temperature != 0:
+            raise ValueError(f"temperature must be 0 with use_beam_search (the search is deterministic), "
+                             f"got {self.temperature}.")
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                length_penalty=self.length_penalty,
+                                include_stop_str_in_output=self.include_stop_str_in_output)
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+# what a beam-search request may set (the rest must keep its default)
+_BEAM_SEARCH_FIELDS = {"model", "user", "n", "temperature", "ignore_eos", "length_penalty",
+                       "include_stop_str_in_output", "stream", "stream_options", "use_beam_search", "prompt",
+                       "max_tokens", "max_completion_tokens", "messages", "add_generation_prompt"}
 
 
 class CompletionRequest(_Sampling):

@@ -1,0 +1,350 @@
+// The x86 paths' QuantGemm (kernels.h), written once for every vector width: kernels_avx2.cpp and
+// kernels_avx512.cpp each define TV_ISA (their target attribute) and an ISA traits struct, include
+// this file, and instantiate `x86_gemm<Isa>`. What a traits struct `I` holds:
+//   unpack<F>(blk, s) -> W16        a slice as int16 lanes (x86_common.h's unpack, or a faster form)
+//   dot_half(w, x), dot8(lo, hi, x) 16 / 32 weights against int16 activations as 8 int32 lanes
+//   halves<AT, BYTES>(w0, off, voff, second)  the f16 at byte AT of 8 rows' blocks as 8 float lanes
+//                                   (second: also the f16 right after it)
+//   dot_pairs(acc, w, x)            acc + w . x per int16 pair, 8 int32 lanes (for Ymm below)
+//   Wide                            TW_MAX activation rows as vector lanes for micro() (as Ymm)
+//   TW_MAX                          widest tile (activation rows)
+//
+// Every output, whatever path or tile computes it, is the same float sequence:
+//     acc = 0; per slice: acc = fma(float(idot), d_w * d_x, acc)
+//                         [TWO_SCALES: idot of values 0..15 with d_w[0], then 16..31 with d_w[1]]
+//                         [HAS_MIN: acc = fma(m_w, s_x, acc)]
+// where idot is the slice's exact integer dot (so the order of its int32 partial sums does not
+// matter). Rows of a batch therefore get the same bits whichever x86 path (and tile) ran them.
+//   - m < GEMM_MIN (decode): 8 weight rows at a time, unpacked in registers, their slice dots
+//     reduced into one 8-lane vector (lane = weight row): float work once per slice for 8 rows;
+//   - m >= GEMM_MIN: 8 weight rows unpacked once into an L1 panel of int16 pairs, then run against
+//     tiles of 8 (ymm) or 16 (zmm) activation rows (lane = activation row): per pair one broadcast
+//     weight dword meets the tile in one vpdpwssd (AVX2: vpmaddwd + vpaddd). AVX2 has 16 ymm
+//     registers: the micro kernel keeps its 8 int32 accumulators in registers (one set, folded
+//     after each scale's half); the float ones, touched once per slice, may spill.
+// Pairs are neighbours (values 2j, 2j + 1): dwords 0..7 hold values 0..15, 8..15 values 16..31.
+// Per-half mins (Q2_K) are not run here: the driver falls back to the rows kernels for them.
+#pragma once
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+#include "x86_common.h"
+
+#ifndef TV_ISA
+#error "define TV_ISA (the including path's target attribute) before including x86_gemm.h"
+#endif
+
+namespace tv {
+namespace {
+
+constexpr int GEMM_MIN = 4;  // activation rows from which the panel path runs
+constexpr int NW = 8;        // weight rows per group (decode lanes, panel rows)
+
+// One slice of int16, 64-aligned (std::vector<__m256i> would drop the vector attributes).
+struct alignas(64) Blk16 {
+    int16_t v[QK];
+};
+
+struct Prep {
+    std::vector<Blk16> qs;       // [m][nb] (decode path)
+    std::vector<float> d, s;     // [m][nb]
+    int64_t tw = 8;              // panel path: activation rows per tile (8: ymm lanes, 16: zmm)
+    std::vector<int32_t> xt;     // [tile][nb][16 pairs][tw rows], padded rows 0
+    std::vector<float> xd, xs;   // [tile][nb][tw]
+};
+
+// One tile of the panel path's activation layout (rows [t * tw, t * tw + tw), zero-padded).
+TV_ISA void prepare_tile(Prep &p, const ActBlock *x, int64_t m, int64_t nb, int64_t t) {
+    const int64_t tw = p.tw;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t *xt = p.xt.data() + ((t * nb + b) * 16) * tw;
+        float *xd = p.xd.data() + (t * nb + b) * tw, *xs = p.xs.data() + (t * nb + b) * tw;
+        for (int i = 0; i < tw; i++) {
+            const int64_t row = t * tw + i;
+            int32_t pairs[16] = {};  // the activations' int16 pairs, in memory order
+            if (row < m) {
+                const ActBlock &a = x[row * nb + b];
+                std::memcpy(pairs, a.qs, sizeof pairs);
+                xd[i] = a.d, xs[i] = a.s;
+            } else {
+                xd[i] = xs[i] = 0.0f;
+            }
+            for (int j = 0; j < 16; j++) xt[j * tw + i] = pairs[j];
+        }
+    }
+}
+
+template <class I>
+TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool) {
+    thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
+    const size_t n = (size_t)(m * nb);
+    if (m < GEMM_MIN) {
+        if (p.qs.size() < n) p.qs.resize(n), p.d.resize(n), p.s.resize(n);
+        for (size_t i = 0; i < n; i++) {
+            std::memcpy(p.qs[i].v, x[i].qs, sizeof p.qs[i].v);
+            p.d[i] = x[i].d;
+            p.s[i] = x[i].s;
+        }
+        return &p;
+    }
+    const int64_t tw = p.tw = m <= 8 ? 8 : I::TW_MAX, tiles = (m + tw - 1) / tw;
+    if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
+    if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
+    // tiles are disjoint: a prefill's prep (2% of it) runs on every thread (one tile runs inline);
+    // through a pointer: inside the lambda `p` would name each worker's own thread_local
+    Prep *mine = &p;
+    pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
+    return &p;
+}
+
+// The scales of one stored block of each of a group's 8 rows, lanes = rows: fixed f16 fields
+// (F::D_AT, the min right after it) 8 at a time; K formats' integer scales transposed from the
+// rows' bytes, times their super-scales. Same products as F::scales: the same bits.
+template <class F>
+struct GroupScales {
+    alignas(32) float d[F::SLICES][2][NW], m[F::SLICES][NW];
+};
+template <class I, class F>
+TV_ISA inline void group_scales(const uint8_t *w0, const int32_t *off, __m256i voff, GroupScales<F> &g) {
+    if constexpr (F::D_AT >= 0) {
+        static_assert(F::SLICES == 1 && (!F::HAS_MIN || F::M_AT == F::D_AT + 2), "d and m read together");
+        __m256 m;
+        const __m256 d = I::template halves<F::D_AT, F::BYTES>(w0, off, voff, F::HAS_MIN ? &m : nullptr);
+        _mm256_store_ps(g.d[0][0], d);
+        _mm256_store_ps(g.d[0][1], d);
+        if constexpr (F::HAS_MIN) _mm256_store_ps(g.m[0], m);
+    } else {
+        static_assert(nsc<F>() + (F::HAS_MIN ? F::SLICES : 0) <= 16 && !F::TWO_MINS, "one 16-byte row of integers");
+        alignas(16) int8_t v[NW][32];
+        __m128i rows[NW], cols[NW];
+        for (int r = 0; r < NW; r++) {
+            F::scale_ints(w0 + off[r], v[r]);
+            rows[r] = _mm_load_si128(reinterpret_cast<const __m128i *>(v[r]));
+        }
+        transpose8x16(rows, cols);  // integer c of every row: cols[c / 2], low (c even) or high 8 bytes
+        auto col = [&](int c) TV_ISA { return int8_lanes(c % 2 ? _mm_srli_si128(cols[c / 2], 8) : cols[c / 2]); };
+        const __m256 d = I::template halves<F::SD_AT, F::BYTES>(w0, off, voff, nullptr);
+        for (int s = 0; s < F::SLICES; s++) {
+            _mm256_store_ps(g.d[s][0], _mm256_mul_ps(d, col(sc_index<F>(s, 0))));
+            _mm256_store_ps(g.d[s][1], _mm256_mul_ps(d, col(sc_index<F>(s, 1))));
+        }
+        if constexpr (F::HAS_MIN) {
+            const __m256 nd = _mm256_sub_ps(_mm256_setzero_ps(), I::template halves<F::SDMIN_AT, F::BYTES>(w0, off, voff, nullptr));
+            for (int s = 0; s < F::SLICES; s++) _mm256_store_ps(g.m[s], _mm256_mul_ps(nd, col(mn_index<F>(s, 0))));
+        }
+    }
+}
+
+// Row offsets of a group: rows past r1 repeat the last one (computed, never stored).
+TV_ISA inline __m256i group_offsets(int64_t g0, int64_t r1, size_t row_bytes, int32_t *off) {
+    for (int r = 0; r < NW; r++) off[r] = (int32_t)((size_t)(std::min(g0 + r, r1 - 1) - g0) * row_bytes);
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(off));
+}
+
+// 4 x (two rows' 8-lane dots, hadd-ed) -> one vector, lane r = row r's whole dot.
+TV_ISA inline __m256i reduce8(const __m256i h[4]) {
+    const __m256i A = _mm256_hadd_epi32(h[0], h[1]), B = _mm256_hadd_epi32(h[2], h[3]);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
+}
+
+// Weight rows past a chunk's end compute and are not stored.
+TV_ISA inline void store_lanes(__m256 v, float *y, int n) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    for (int i = 0; i < n; i++) y[i] = t[i];
+}
+
+// Decode: weight rows [g0, g0 + 8) (clamped to r1 - 1; extra lanes are not stored) x NR rows.
+template <class I, class F, int NR>
+TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, const Prep &x, int64_t nb, float *y,
+                  int64_t ldy) {
+    alignas(32) int32_t off[NW];
+    const __m256i voff = group_offsets(g0, r1, row_bytes, off);
+    const uint8_t *w0 = w + (size_t)g0 * row_bytes;
+    constexpr int PF_LINES = (NW * F::BYTES / F::SLICES + 63) / 64;  // per slice
+    const uint8_t *next = w + (size_t)(g0 + NW) * row_bytes;
+    __m256 acc[NR];
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
+    GroupScales<F> gs;
+    for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
+        const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
+        if constexpr (F::D_AT < 0) group_scales<I, F>(w0 + o, off, voff, gs);
+        for (int s = 0; s < F::SLICES; s++) {
+            const int64_t b = b0 + s;
+            // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
+            // rows are contiguous) a few lines per slice, so it is in cache when its turn comes (a
+            // burst of a whole K block's lines fills the miss buffers and stalls)
+            for (int c = 0; c < PF_LINES; c++)
+                _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
+            __m256i h[NR][4], h2[NR][4];
+            for (int p = 0; p < 4; p++) {
+                const W16 a = I::template unpack<F>(w0 + off[2 * p] + o, s), c = I::template unpack<F>(w0 + off[2 * p + 1] + o, s);
+                for (int i = 0; i < NR; i++) {
+                    const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
+                    if constexpr (F::TWO_SCALES) {
+                        h[i][p] = _mm256_hadd_epi32(I::dot_half(a.lo, xq), I::dot_half(c.lo, xq));
+                        h2[i][p] = _mm256_hadd_epi32(I::dot_half(a.hi, xq + 16), I::dot_half(c.hi, xq + 16));
+                    } else {
+                        h[i][p] = _mm256_hadd_epi32(I::dot8(a.lo, a.hi, xq), I::dot8(c.lo, c.hi, xq));
+                    }
+                }
+            }
+            __m256 d0, d1, mn;  // the 8 rows' scales of this slice (fixed f16 fields: read here)
+            if constexpr (F::D_AT >= 0) {
+                d0 = d1 = I::template halves<F::D_AT, F::BYTES>(w0 + o, off, voff, F::HAS_MIN ? &mn : nullptr);
+            } else {
+                d0 = _mm256_load_ps(gs.d[s][0]), d1 = _mm256_load_ps(gs.d[s][1]), mn = _mm256_load_ps(gs.m[s]);
+            }
+            for (int i = 0; i < NR; i++) {
+                const size_t xb = (size_t)(i * nb + b);
+                const __m256 dx = _mm256_set1_ps(x.d[xb]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h[i])), _mm256_mul_ps(d0, dx), acc[i]);
+                if constexpr (F::TWO_SCALES)
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h2[i])), _mm256_mul_ps(d1, dx), acc[i]);
+                if constexpr (F::HAS_MIN) acc[i] = _mm256_fmadd_ps(mn, _mm256_set1_ps(x.s[xb]), acc[i]);
+            }
+        }
+    }
+    const int nw = (int)std::min<int64_t>(NW, r1 - g0);
+    for (int i = 0; i < NR; i++) store_lanes(acc[i], y + i * ldy + g0, nw);
+}
+
+// A panel: NW weight rows as int16 pairs [nb][NW][16] plus their scales [nb][NW].
+struct Panel {
+    std::vector<Blk16> w;  // one Blk16 = one slice's 16 pair dwords
+    std::vector<float> d, d2, mn;
+};
+
+// 8 activation rows as ymm lanes, for micro() (X::dot_pairs: acc + the products of int16 pairs).
+template <class X>
+struct Ymm {
+    using I = __m256i;
+    using F = __m256;
+    TV_ISA static I zero_i() { return _mm256_setzero_si256(); }
+    TV_ISA static F zero_f() { return _mm256_setzero_ps(); }
+    TV_ISA static I load_i(const int32_t *p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+    TV_ISA static F load_f(const float *p) { return _mm256_loadu_ps(p); }
+    TV_ISA static I dot(I acc, int32_t w, I x) { return X::dot_pairs(acc, _mm256_set1_epi32(w), x); }
+    // acc + float(id) * (d * dx)
+    TV_ISA static F scale(F acc, I id, float d, F dx) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(id), _mm256_mul_ps(_mm256_set1_ps(d), dx), acc); }
+    TV_ISA static F fma1(float a, F b, F acc) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, acc); }
+    TV_ISA static void store(F v, float *t) { _mm256_storeu_ps(t, v); }
+};
+
+// Per pair j in [J0, J0 + 8): one weight dword of each panel row broadcast against the tile's pairs.
+template <class L, int J0>
+TV_ISA inline void pairs8(typename L::I *id, const int32_t *pw, const int32_t *xt) {
+    constexpr int TW = sizeof(typename L::F) / 4;
+#pragma GCC unroll 8
+    for (int j = J0; j < J0 + 8; j++) {
+        const typename L::I xv = L::load_i(xt + j * TW);
+        for (int r = 0; r < NW; r++) id[r] = L::dot(id[r], pw[r * 16 + j], xv);
+    }
+}
+
+// Panel (the group's NW weight rows) x one tile of TW activation rows (the vector lanes); float
+// work once per slice (and half, for per-half scales).
+template <class L, class Fmt>
+TV_ISA void micro(const Panel &P, const Prep &x, int64_t t, int64_t nb, int nw, int ni, float *y, int64_t ldy) {
+    constexpr int TW = sizeof(typename L::F) / 4;
+    typename L::F acc[NW];
+    for (int r = 0; r < NW; r++) acc[r] = L::zero_f();
+    const int32_t *pw = reinterpret_cast<const int32_t *>(P.w.data()), *xt = x.xt.data() + t * nb * 16 * TW;
+    const float *xd = x.xd.data() + t * nb * TW, *xs = x.xs.data() + t * nb * TW;
+    for (int64_t b = 0; b < nb; b++, pw += NW * 16, xt += 16 * TW) {
+        const typename L::F dx = L::load_f(xd + b * TW);
+        const float *pd = P.d.data() + b * NW, *pd2 = P.d2.data() + b * NW, *pm = P.mn.data() + b * NW;
+        typename L::I id[NW];
+        for (int r = 0; r < NW; r++) id[r] = L::zero_i();
+        pairs8<L, 0>(id, pw, xt);
+        if constexpr (Fmt::TWO_SCALES) {  // values 16..31 have their own scale: fold the first half now
+            for (int r = 0; r < NW; r++) acc[r] = L::scale(acc[r], id[r], pd[r], dx), id[r] = L::zero_i();
+            pairs8<L, 8>(id, pw, xt);
+            for (int r = 0; r < NW; r++) acc[r] = L::scale(acc[r], id[r], pd2[r], dx);
+        } else {
+            pairs8<L, 8>(id, pw, xt);
+            for (int r = 0; r < NW; r++) acc[r] = L::scale(acc[r], id[r], pd[r], dx);
+        }
+        if constexpr (Fmt::HAS_MIN) {
+            const typename L::F sx = L::load_f(xs + b * TW);
+            for (int r = 0; r < NW; r++) acc[r] = L::fma1(pm[r], sx, acc[r]);
+        }
+    }
+    alignas(64) float tmp[TW];
+    for (int r = 0; r < nw; r++) {
+        L::store(acc[r], tmp);
+        for (int i = 0; i < ni; i++) y[(t * TW + i) * ldy + r] = tmp[i];
+    }
+}
+
+template <class I, class F>
+TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const Prep &x, int64_t m, int64_t nb,
+                      float *y, int64_t ldy) {
+    if (m < GEMM_MIN) {
+        for (int64_t g0 = r0; g0 < r1; g0 += NW) switch (m) {
+                case 1: gemv8<I, F, 1>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+                case 2: gemv8<I, F, 2>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+                default: gemv8<I, F, 3>(w, row_bytes, g0, r1, x, nb, y, ldy); break;
+            }
+        return;
+    }
+    static thread_local Panel P;
+    const size_t np = (size_t)(nb * NW);
+    if (P.w.size() < np) P.w.resize(np), P.d.resize(np), P.d2.resize(np), P.mn.resize(np);
+    GroupScales<F> gs;
+    for (int64_t g0 = r0; g0 < r1; g0 += NW) {
+        const int nw = (int)std::min<int64_t>(NW, r1 - g0);
+        alignas(32) int32_t off[NW];
+        const __m256i voff = group_offsets(g0, r1, row_bytes, off);
+        const uint8_t *w0 = w + (size_t)g0 * row_bytes, *next = w0 + NW * row_bytes;
+        constexpr int PF_LINES = (NW * F::BYTES / F::SLICES + 63) / 64;  // per slice: see gemv8
+        for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
+            const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
+            group_scales<I, F>(w0 + o, off, voff, gs);
+            for (int s = 0; s < F::SLICES; s++) {
+                const int64_t b = b0 + s;
+                for (int c = 0; c < PF_LINES; c++)
+                    _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T1);
+                for (int r = 0; r < NW; r++) {
+                    const W16 u = I::template unpack<F>(w0 + off[r] + o, s);
+                    int16_t *dst = P.w[(size_t)(b * NW + r)].v;
+                    _mm256_store_si256(reinterpret_cast<__m256i *>(dst), u.lo);
+                    _mm256_store_si256(reinterpret_cast<__m256i *>(dst + 16), u.hi);
+                }
+                std::memcpy(P.d.data() + b * NW, gs.d[s][0], sizeof(float) * NW);
+                if (F::TWO_SCALES) std::memcpy(P.d2.data() + b * NW, gs.d[s][1], sizeof(float) * NW);
+                if (F::HAS_MIN) std::memcpy(P.mn.data() + b * NW, gs.m[s], sizeof(float) * NW);
+            }
+        }
+        for (int64_t t = 0; t * x.tw < m; t++) {
+            const int ni = (int)std::min<int64_t>(x.tw, m - t * x.tw);
+            if (x.tw == 8) micro<Ymm<I>, F>(P, x, t, nb, nw, ni, y + g0, ldy);
+            else micro<typename I::Wide, F>(P, x, t, nb, nw, ni, y + g0, ldy);
+        }
+    }
+}
+
+template <class I>
+TV_ISA bool gemm_run(int dtype, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const void *prep, int64_t m,
+                     int64_t nb, float *y, int64_t ldy) {
+    const Prep &x = *static_cast<const Prep *>(prep);
+    return with_format(dtype, [&](auto f) TV_ISA {
+        using F = decltype(f);
+        if constexpr (F::TWO_MINS) return false;
+        else return gemm_rows<I, F>(w, row_bytes, r0, r1, x, m, nb, y, ldy), true;
+    });
+}
+
+template <class I>
+const QuantGemm x86_gemm = {NW, prepare<I>, gemm_run<I>};
+
+}  // namespace
+}  // namespace tv
+
+#endif
