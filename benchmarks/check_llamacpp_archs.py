@@ -1,5 +1,6 @@
 """llama.cpp as the independent check of our reading of each architecture: the tiny random-weight GGUF
-files of tests/tiny_arch_models.py (llama, qwen2, qwen3, gemma3 with sliding-window layers) run through
+files of tests/tiny_arch_models.py (llama, qwen2, qwen3, gemma3 with sliding-window layers, smollm3 with a
+NoPE layer, phi3 with fused projections, partial RoPE and LongRoPE) run through
 llama.cpp (llama-cpp-python) and through tinyvllm; greedy tokens are compared, and where they part, the
 float64 reference (tests/reference_forward.py) says who is right (its top-2 logit gap at that step).
 
@@ -30,13 +31,14 @@ from reference_forward import ReferenceModel  # noqa: E402
 # so a split where tinyvllm took the reference's argmax and the top-2 gap is below that is llama.cpp's noise.
 NEAR_TIE = 0.25
 N_NEW = 32
+N_CTX = 256  # = phi3's original context in the tiny files: LongRoPE's short factors on both sides
 PROMPTS = [[int(t) for t in np.random.default_rng(100 + i).integers(3, 350, n)] for i, n in enumerate([5, 12, 30])]
 
 
 def llamacpp_run(path: str, prompt: list[int], n_new: int):
     """(prefill logits [len(prompt), V], greedy tokens) from llama.cpp."""
-    from llama_cpp import Llama
-    llm = Llama(model_path=path, n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False, seed=0)
+    from llama_cpp_plain import Llama  # ggml's AMX path off: it segfaults on this machine
+    llm = Llama(path, n_ctx=N_CTX, n_batch=256, n_threads=2, logits_all=True, verbose=False, seed=0)
     llm.eval(prompt)
     prefill = np.array(llm.scores[:len(prompt)], dtype=np.float64)
     out = []
@@ -50,7 +52,7 @@ def llamacpp_run(path: str, prompt: list[int], n_new: int):
 
 def tinyvllm_run(path: str, prompt: list[int], n_new: int):
     from tinyvllm import LLM, SamplingParams
-    llm = LLM(path, threads=2)
+    llm = LLM(path, threads=2, max_model_len=N_CTX)  # the context llama.cpp gets (phi3's LongRoPE picks by it)
     r, n = llm.engine.runner, len(prompt)
     table = np.arange(-(-n // r.block_size), dtype=np.int32)[None]
     prefill = r.forward(prompt, np.arange(n), np.zeros(n), table, np.arange(n)).astype(np.float64)
@@ -89,14 +91,16 @@ def main() -> int:
     for arch in args.archs.split(","):
         for qtype in args.qtypes.split(","):
             path = ta.write_gguf(out_dir / f"{arch}-{qtype}.gguf", arch, qtype)
-            ref = ReferenceModel.from_gguf(path)
+            ref = ReferenceModel.from_gguf(path, n_ctx=N_CTX)
             for k, prompt in enumerate(PROMPTS):
                 lp, lt = llamacpp_run(path, prompt, N_NEW)
                 tp, tt = tinyvllm_run(path, prompt, N_NEW)
                 rp = ref.prefill_logits(prompt)
                 same = lt == tt
                 split = None if same else first_split(ref, prompt, tt, lt)
-                ok = same or (split[2] == "tinyvllm" and split[1] < NEAR_TIE)
+                # a split is llama.cpp's noise when tinyvllm kept the reference's argmax and the gap is below
+                # NEAR_TIE or below llama.cpp's own measured logit error on this very run
+                ok = same or (split[2] == "tinyvllm" and split[1] < max(NEAR_TIE, np.abs(lp - rp).max()))
                 bad += not ok
                 rows.append(dict(arch=arch, qtype=qtype, prompt=len(prompt), same=same, split=split, ok=ok,
                                  cos_lt=cos_min(lp, tp), cos_lr=cos_min(lp, rp), cos_tr=cos_min(tp, rp),
@@ -121,7 +125,7 @@ def main() -> int:
     if args.md:
         write_md(Path(args.md), rows, llama_cpp.__version__, control)
     print(f"{len(rows) - bad}/{len(rows)} agree (equal, or parted where tinyvllm kept the reference's argmax "
-          f"and the gap is < {NEAR_TIE})")
+          f"and the gap is < {NEAR_TIE} or < llama.cpp's own error on that run)")
     return 1 if bad else 0
 
 
@@ -133,7 +137,10 @@ def write_md(path: Path, rows, version: str, control=None) -> None:
         "its vendored llama.cpp). The files come from `tests/tiny_arch_models.py`: hidden 64, 4 heads; qwen3 and "
         "gemma3 with head_dim 32 (q/k norms, q_size 128 != hidden); gemma3 with 3 layers, sliding window 8, "
         "pattern 3 (layers 0-1 local with RoPE base 10000, layer 2 global with base 1e6), post norms, GELU, "
-        "embedding scale, tied embeddings. Prompts of 5, 12 and 30 token ids (30 > the window), then "
+        "embedding scale, tied embeddings; smollm3 with 4 layers, the 4th without RoPE; phi3 with fused "
+        "attn_qkv / gate|up ffn_up, RoPE on 12 of 16 values per head, LongRoPE short factors (context 256 = its "
+        "original context) and attn_factor, and a sliding window in the file that llama.cpp ignores. "
+        "Prompts of 5, 12 and 30 token ids (30 > the window), then "
         f"{N_NEW} greedy tokens, so decoding runs far past the window.",
         "",
         "Columns: tokens equal (or the first step where they part, the float64 reference's gap there between "
@@ -152,8 +159,9 @@ def write_md(path: Path, rows, version: str, control=None) -> None:
                      f"| {r['cos_tr']:.6f} | {r['err_l']:.3f} | {r['err_t']:.3f} |")
     n_ok = sum(r["ok"] for r in rows)
     lines += ["", f"{n_ok}/{len(rows)} runs agree: equal greedy tokens, or parted where tinyvllm kept the float64 "
-              f"reference's argmax and the reference's gap is below {NEAR_TIE} (llama.cpp's own error on these "
-              "files, from its 8-bit activations against quantized weights: see the last two columns). Float "
+              f"reference's argmax and the reference's gap is below {NEAR_TIE} or below llama.cpp's own largest prefill "
+              "logit error on that run (its 8-bit activations against quantized weights: the 'max |llama.cpp - ref|' "
+              "column). Float "
               "weights (F32, F16) agree everywhere, so the architectures are read the same way; every split "
               "is on quantized weights, and at every one tinyvllm is the engine that matches the reference.", ""]
     if control:

@@ -11,6 +11,7 @@ RoPE layouts (the classic trap):
     rotate the *two halves* (x[i], x[i + d/2]).                          -> rope_style "half"
   Both use the angle pos * inv_freq[i], inv_freq[i] = theta^(-2i/d) (optionally rescaled).
   * qwen3 / gemma3 GGUF files are not permuted either (llama.cpp runs both with NEOX rope).
+  * smollm3 GGUF files are permuted like llama's (llama.cpp's converter treats SmolLM3 as a LlamaModel).
 
 Architecture facts used here (llama.cpp src/models/{qwen3,gemma3}.cpp, HF transformers modeling code):
   * qwen3: RMSNorm over each q and k head (weights [head_dim]) after the projections, before RoPE.
@@ -22,6 +23,14 @@ Architecture facts used here (llama.cpp src/models/{qwen3,gemma3}.cpp, HF transf
     their own RoPE base (rope_local_base_freq / rope.freq_base_swa, never rescaled); global layers use
     rope_theta with the rope scaling; every 6th layer is global unless the file says otherwise. HF stores
     norm weights w and multiplies by (1 + w); GGUF stores w + 1 (llama.cpp's converter adds the 1).
+  * smollm3: the llama block, but layers with (i + 1) % 4 == 0 apply no RoPE to q and k at all
+    (llama.cpp src/models/smollm3.cpp: n_no_rope_layer_step = 4, fixed; HF: config no_rope_layers, 1 = RoPE).
+  * phi3 (llama.cpp src/models/phi3.cpp): the llama block with q, k, v in one attn_qkv matrix (rows q | k | v)
+    and gate, up in one ffn_up matrix (rows gate | up: ggml_swiglu's silu(first half) * second half);
+    NEOX rotation of the first rope.dimension_count values of each head only (partial RoPE), the
+    rest passing through; LongRoPE: inv_freq divided by rope_factors_short, or rope_factors_long when
+    the context n_ctx exceeds rope.scaling.original_context_length; cos and sin (the rotated values
+    only) times rope.scaling.attn_factor; the file's sliding window is ignored, as llama.cpp does.
 """
 from __future__ import annotations
 
@@ -63,6 +72,9 @@ class Config:
     window: int = 0                 # sliding window of the layers flagged in swa
     swa: list = field(default_factory=list)
     theta_swa: float = 10000.0
+    nope: list = field(default_factory=list)  # per layer: True = no RoPE (smollm3)
+    rot: int = 0                    # rotated values per head (partial RoPE); 0: head_dim
+    mscale: float = 1.0             # RoPE cos/sin magnitude (phi3 LongRoPE attn_factor)
 
 
 # ----------------------------------------------------------------------------- Q/K permutation
@@ -104,10 +116,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
     raise NotImplementedError(f"rope scaling {kind!r}")
 
 
-def apply_rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray, style: str) -> np.ndarray:
-    """x: [T, H, d]; pos: [T] absolute positions. Returns the rotated copy."""
+def apply_rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray, style: str, mscale: float = 1.0) -> np.ndarray:
+    """x: [T, H, d]; pos: [T] absolute positions. Returns the rotated copy. Only the first 2 * len(inv_freq)
+    values of each head rotate (partial RoPE); the rest are copied."""
+    rot = 2 * len(inv_freq)
+    if rot < x.shape[-1]:
+        return np.concatenate([apply_rope(x[..., :rot], pos, inv_freq, style, mscale), x[..., rot:]], axis=-1)
     ang = pos.astype(F64)[:, None] * inv_freq[None, :]                 # [T, d/2]
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]         # [T, 1, d/2]
+    cos, sin = mscale * np.cos(ang)[:, None, :], mscale * np.sin(ang)[:, None, :]  # [T, 1, d/2]
     out = np.empty_like(x)
     if style == "interleaved":
         a, b = x[..., 0::2], x[..., 1::2]
@@ -257,18 +273,19 @@ class ReferenceModel:
     def __init__(self, cfg: Config, embed, norm, out, layers, metadata=None):
         self.cfg, self.embed, self.norm, self.out, self.layers = cfg, embed, norm, out, layers
         self.metadata = metadata or {}
-        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.theta, cfg.rope_scaling)
-        self.inv_freq_swa = rope_inv_freq(cfg.head_dim, cfg.theta_swa, None)
+        self.inv_freq = rope_inv_freq(cfg.rot or cfg.head_dim, cfg.theta, cfg.rope_scaling)
+        self.inv_freq_swa = rope_inv_freq(cfg.rot or cfg.head_dim, cfg.theta_swa, None)
 
     # ---- constructors
 
     @classmethod
-    def from_gguf(cls, path: str) -> "ReferenceModel":
+    def from_gguf(cls, path: str, n_ctx: int = 512) -> "ReferenceModel":
+        """n_ctx: the context the model serves (phi3's LongRoPE factor choice)."""
         import gguf
         r = gguf.GGUFReader(path)
         meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
         arch = meta["general.architecture"]
-        if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma3", "smollm3", "phi3"):
             raise NotImplementedError(arch)
         g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
         W = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=F64).reshape(
@@ -285,6 +302,22 @@ class ReferenceModel:
         extra = {}
         if arch == "qwen3":
             extra = dict(qk_norm=True)
+        elif arch == "smollm3":
+            extra = dict(nope=[(i + 1) % 4 == 0 for i in range(n_layers)])
+        elif arch == "phi3":
+            n_kv = int(g("attention.head_count_kv", n_heads))
+            for i in range(n_layers):
+                b = f"blk.{i}."
+                if b + "attn_qkv.weight" in W:
+                    W[b + "attn_q.weight"], W[b + "attn_k.weight"], W[b + "attn_v.weight"] = np.split(
+                        W.pop(b + "attn_qkv.weight"), [n_heads * head_dim, (n_heads + n_kv) * head_dim])
+                if b + "ffn_gate.weight" not in W:
+                    W[b + "ffn_gate.weight"], W[b + "ffn_up.weight"] = np.split(W[b + "ffn_up.weight"], 2)
+            extra = dict(mscale=float(g("rope.scaling.attn_factor", 1.0)))
+            if "rope_factors_short.weight" in W:
+                orig = int(g("rope.scaling.original_context_length", g("context_length")))
+                which = "long" if n_ctx > orig else "short"
+                scaling = {"type": "freq_factors", "factors": W[f"rope_factors_{which}.weight"]}
         elif arch == "gemma3":
             window = int(g("attention.sliding_window", 0) or 0)
             swa = _swa_flags(n_layers, g("attention.sliding_window_pattern", 6)) if window else []
@@ -297,15 +330,17 @@ class ReferenceModel:
             n_heads=n_heads, n_kv_heads=int(g("attention.head_count_kv", n_heads)), head_dim=head_dim,
             vocab=W["token_embd.weight"].shape[0], eps=float(g("attention.layer_norm_rms_epsilon")),
             theta=float(g("rope.freq_base", 10000.0)),
-            rope_style="interleaved" if arch == "llama" else "half", rope_scaling=scaling,
+            rope_style="interleaved" if arch in ("llama", "smollm3") else "half", rope_scaling=scaling,
             tied="output.weight" not in W, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_ids=[] if eos is None else [int(eos)], **extra)
+            eos_ids=[] if eos is None else [int(eos)], rot=int(g("rope.dimension_count", head_dim)), **extra)
         layers = [{k: W.get(f"blk.{i}.{s}") for k, s in _GGUF_LAYER_NAMES.items()} for i in range(cfg.n_layers)]
         embed = W["token_embd.weight"]
         return cls(cfg, embed, W["output_norm.weight"], W.get("output.weight", embed), layers, meta)
 
     @classmethod
-    def from_hf_dir(cls, path: str) -> "ReferenceModel":
+    def from_hf_dir(cls, path: str, n_ctx: int = 512) -> "ReferenceModel":
+        """n_ctx: the context served (phi3's LongRoPE choice: HF's modeling code picks by the current length;
+        a server fixes it by its context, as llama.cpp does)."""
         with open(os.path.join(path, "config.json")) as f:
             c = json.load(f)
         W: dict = {}
@@ -315,13 +350,33 @@ class ReferenceModel:
         for fn in files:
             W.update(read_safetensors(os.path.join(path, fn)))
         mt = c.get("model_type", "")
-        arch = ("gemma3" if mt.startswith("gemma3") else "qwen3" if mt == "qwen3" else
+        arch = ("gemma3" if mt.startswith("gemma3") else mt if mt in ("qwen3", "smollm3", "phi3") else
                 "qwen2" if "qwen2" in mt else "llama")
         n_heads, hidden = c["num_attention_heads"], c["hidden_size"]
         eos = c.get("eos_token_id")
         extra, names = {}, _HF_LAYER_NAMES
         if arch == "qwen3":
             extra = dict(qk_norm=True)
+        elif arch == "smollm3":
+            uses = c.get("no_rope_layers") or [int((i + 1) % c.get("no_rope_layer_interval", 4) != 0)
+                                               for i in range(c["num_hidden_layers"])]
+            extra = dict(nope=[not u for u in uses])
+        elif arch == "phi3":  # HF Phi3: qkv_proj rows q | k | v, gate_up_proj rows gate | up; LongRoPE in rope_scaling
+            hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+            nq, nkv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", c["num_attention_heads"]) * hd
+            for i in range(c["num_hidden_layers"]):
+                p = f"model.layers.{i}."
+                qkv = W.pop(p + "self_attn.qkv_proj.weight")
+                W[p + "self_attn.q_proj.weight"], W[p + "self_attn.k_proj.weight"], W[p + "self_attn.v_proj.weight"] = \
+                    np.split(qkv, [nq, nq + nkv])
+                W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"] = np.split(W.pop(p + "mlp.gate_up_proj.weight"), 2)
+            rs, orig = c.get("rope_scaling"), c.get("original_max_position_embeddings")
+            scale = c["max_position_embeddings"] / orig if orig else 1.0
+            extra = dict(rot=int(hd * c.get("partial_rotary_factor", 1.0)),
+                         mscale=math.sqrt(1 + math.log(scale) / math.log(orig)) if rs and scale > 1 else 1.0)
+            if rs:
+                c = {**c, "rope_scaling": {"type": "freq_factors",
+                                           "factors": rs["long_factor" if n_ctx > orig else "short_factor"]}}
         elif arch == "gemma3":
             names = _HF_GEMMA3_LAYER_NAMES
             n_layers, hd = c["num_hidden_layers"], c.get("head_dim") or 256
@@ -396,8 +451,9 @@ class ReferenceModel:
             q, k = q.reshape(T, H, hd), k.reshape(T, KVH, hd)
             if c.qk_norm:
                 q, k = norm(q, L["q_norm"]), norm(k, L["k_norm"])
-            q = apply_rope(q, pos, inv_freq, c.rope_style)
-            k = apply_rope(k, pos, inv_freq, c.rope_style)
+            if not (c.nope and c.nope[i]):
+                q = apply_rope(q, pos, inv_freq, c.rope_style, c.mscale)
+                k = apply_rope(k, pos, inv_freq, c.rope_style, c.mscale)
             K, V = cache.append(i, k, v.reshape(T, KVH, hd))                # [S, KVH, hd]
             att = np.empty((T, H, hd), dtype=F64)
             group = H // KVH

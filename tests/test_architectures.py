@@ -1,6 +1,6 @@
-"""llama, qwen2, qwen3 and gemma3 through the whole engine (native runner) vs the independent float64
+"""llama, qwen2, qwen3, gemma3, smollm3 and phi3 through the whole engine (native runner) vs the independent float64
 reference (tests/reference_forward.py), on tiny random-weight GGUF files and HF directories written by
-tests/tiny_arch_models.py. gemma3 also through every serving path that touches its sliding-window
+tests/tiny_arch_models.py; smollm3 and phi3 also vs llama.cpp (llama-cpp-python 0.3.36 knows both) on the same file. gemma3 also through every serving path that touches its sliding-window
 layers: chunked prefill, paged decode far past the window, prefix-cache hits, preemption + recompute."""
 import dataclasses
 import json
@@ -92,6 +92,7 @@ def test_gguf_config_reading(gguf_dir):
 
 
 @pytest.mark.parametrize("arch,dtype,new_style", [("qwen3", "float32", False), ("qwen3", "bfloat16", False),
+                                                  ("smollm3", "float32", False), ("phi3", "float32", False),
                                                   ("gemma3", "float32", False), ("gemma3", "float32", True),
                                                   ("gemma3", "bfloat16", False)])
 def test_hf_dir_matches_reference(tmp_path, arch, dtype, new_style):
@@ -107,6 +108,84 @@ def test_hf_dir_matches_reference(tmp_path, arch, dtype, new_style):
     ids = out.outputs[0].token_ids
     assert not teacher_forced(ref, out.prompt_token_ids, ids, f"{arch} hf {dtype}")  # float weights: no flips
     assert ids == ref.greedy(out.prompt_token_ids, 24, eos_ids=[])[0]
+
+
+def llamacpp_greedy(path, prompt_ids, n, n_ctx=256):
+    """llama.cpp's own greedy continuation (argmax of its logits, token by token) of prompt_ids, and its
+    logits at every prompt position."""
+    from llama_cpp_plain import Llama
+    lc = Llama(str(path), n_ctx=n_ctx, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
+    lc.eval(list(prompt_ids))
+    prompt_logits = np.array(lc.scores[:len(prompt_ids)], dtype=np.float64)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(lc.scores[lc.n_tokens - 1])))
+        lc.eval([out[-1]])
+    return out, prompt_logits
+
+
+@pytest.mark.parametrize("arch,n_ctx", [("smollm3", 256), ("phi3", 256), ("phi3", 512)])
+def test_gguf_matches_llamacpp(gguf_dir, arch, n_ctx):
+    """llama.cpp reads the same tiny F32 file (its own reading of the architecture): its logits match the
+    float64 reference at every position, and its greedy tokens equal ours (F32 weights: no quantized
+    activations on either side, so no near-ties to excuse). phi3 at a context of 256 (= its original
+    context: LongRoPE's short factors) and 512 (the long ones), in llama.cpp and in the engine alike."""
+    path = ta.write_gguf(gguf_dir / f"{arch}-llamacpp.gguf", arch, "F32")
+    theirs, lc_logits = llamacpp_greedy(path, PROMPT_IDS, 24, n_ctx)
+    assert cosines(lc_logits, ReferenceModel.from_gguf(path, n_ctx=n_ctx).prefill_logits(PROMPT_IDS)).min() > 0.999
+    llm = LLM(path, threads=2, max_model_len=n_ctx)
+    assert cosines(prefill_logits(llm, PROMPT_IDS), lc_logits).min() > 0.999  # greedy paths alone may agree by luck
+    ours = llm.generate({"prompt_token_ids": PROMPT_IDS}, SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].token_ids
+    assert ours == theirs
+
+
+def test_smollm3_nope_layers(gguf_dir, tmp_path):
+    """What the loaders read (every 4th layer without RoPE, llama's permuted Q/K in GGUF; no_rope_layers
+    in HF), and that the NoPE layer matters: rotating it too changes the reference's logits from position
+    1 on (position 0's rotation is the identity), so the reference checks above can fail."""
+    from tinyvllm.model import load_model
+    path = ta.write_gguf(gguf_dir / "smollm3-nope.gguf", "smollm3", "F32")
+    cfg = load_model(path).config
+    assert cfg.nope_layers == (False, False, False, True) and cfg.rope_interleaved
+    hf = load_model(ta.write_hf_dir(tmp_path / "s3", "smollm3")).config
+    assert hf.nope_layers == (False, False, False, True) and not hf.rope_interleaved
+    ref = ReferenceModel.from_gguf(path)
+    roped = ReferenceModel(dataclasses.replace(ref.cfg, nope=[]), ref.embed, ref.norm, ref.out, ref.layers)
+    diff = np.abs(ref.prefill_logits(PROMPT_IDS[:12]) - roped.prefill_logits(PROMPT_IDS[:12])).max(axis=1)
+    assert diff[0] < 1e-12 and diff[1:].min() > 1e-3
+
+
+def test_phi3_reading(gguf_dir):
+    """What the loader makes of a Phi-3 file: fused q|k|v and gate|up split into row views of the same
+    (quantized) bytes, partial RoPE, the attn_factor, LongRoPE factors chosen by the served context, the
+    file's sliding window left off as llama.cpp does. Each feature changes the reference's logits, so
+    the reference and llama.cpp checks above can fail on any of them."""
+    from tinyvllm.model import load_model
+    spec = ta.SPECS["phi3"]
+    w = load_model(ta.write_gguf(gguf_dir / "phi3-q4.gguf", "phi3", "Q4_0"))
+    cfg = w.config
+    assert (cfg.rope_dim, cfg.sliding_window, cfg.rope_interleaved) == (12, 0, False)
+    assert cfg.rope_mscale == pytest.approx(1.25 ** 0.5) and cfg.rope_scaling["rope_type"] == "longrope"
+    q, k, v = (w.tensors[f"blk.1.attn_{x}.weight"] for x in "qkv")
+    gate, up = w.tensors["blk.1.ffn_gate.weight"], w.tensors["blk.1.ffn_up.weight"]
+    assert (q.shape, k.shape, gate.shape, up.shape) == ((64, 64), (32, 64), (spec.ffn, 64), (spec.ffn, 64))
+    for a, b in ((q, k), (k, v), (gate, up)):  # consecutive views of the mapped file: no copy, no dequantizing
+        assert b.data.ctypes.data == a.data.ctypes.data + a.data.nbytes and a.data.base is not None
+    short, long = ta.longrope_factors(spec)
+    base = 1.0 / 10000.0 ** (np.arange(0, 12, 2) / 12)
+    for n, f in ((256, short), (257, long)):
+        cfg.serve_len = n
+        np.testing.assert_allclose(cfg.rope_inv_freq(), base / f, rtol=1e-6)
+    path = ta.write_gguf(gguf_dir / "phi3-f32.gguf", "phi3", "F32")
+    ref = ReferenceModel.from_gguf(path, n_ctx=256)
+    want = ref.prefill_logits(PROMPT_IDS)
+    variant = lambda **change: ReferenceModel(dataclasses.replace(ref.cfg, **change), ref.embed, ref.norm, ref.out,
+                                              ref.layers).prefill_logits(PROMPT_IDS)
+    for change in (dict(mscale=1.0), dict(window=8, swa=[True] * spec.layers)):
+        assert cosines(want, variant(**change)).min() < 0.999, change
+    assert cosines(variant(rope_scaling=None), variant(rope_scaling=None, rot=16)).min() < 0.999  # partial RoPE
+    assert cosines(want, ReferenceModel.from_gguf(path, n_ctx=512).prefill_logits(PROMPT_IDS)).min() < 0.999
 
 
 def test_reference_window_is_exercised(gguf_dir):
@@ -189,10 +268,11 @@ def test_gemma3_prefix_hit_equals_recompute(gemma3):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_decode_logits_bit_identical_to_prefill(gemma3):
-    """Batch invariance with sliding layers: the logits of position p decoded one token at a time equal
-    those of one prefill over all positions, bit for bit."""
-    path, _ = gemma3
+@pytest.mark.parametrize("arch", ["gemma3", "smollm3", "phi3"])
+def test_decode_logits_bit_identical_to_prefill(gguf_dir, arch):
+    """Batch invariance with sliding layers, NoPE layers, partial RoPE + LongRoPE: the logits of position p
+    decoded one token at a time equal those of one prefill over all positions, bit for bit."""
+    path = ta.write_gguf(gguf_dir / f"{arch}-serving.gguf", arch, "Q8_0")
     llm = LLM(path, threads=2)
     r, ids = llm.engine.runner, PROMPT_IDS[:30]
     full = prefill_logits(llm, ids)
@@ -216,8 +296,8 @@ def test_unsupported_arch_names_supported(tmp_path):
     d = tmp_path / "hf"
     ta.write_hf_dir(d, "qwen3")
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3"}))
-    with pytest.raises(ModelFormatError, match="unsupported architecture 'phi3'.*gemma3"):
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "falcon"}))
+    with pytest.raises(ModelFormatError, match="unsupported architecture 'falcon'.*gemma3"):
         LLM(str(d))
 
 
@@ -252,7 +332,7 @@ def test_gemma3_bad_files(tmp_path):
         LLM(str(tmp_path / "g2.gguf"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "smollm3", "phi3"])
 def test_tinygrad_runner_refuses_new_archs(gguf_dir, arch):
     """device='tinygrad' implements the LLaMA block only: qwen3/gemma3 are refused up front, naming what
     it runs and where these run (checked before tinygrad is imported, so this runs without it)."""

@@ -1,4 +1,4 @@
-"""Tiny random-weight models of every supported architecture (llama, qwen2, qwen3, gemma3), as GGUF files
+"""Tiny random-weight models of every supported architecture (llama, qwen2, qwen3, gemma3, smollm3, phi3), as GGUF files
 (gguf's GGUFWriter, with the trained BPE vocabulary of tiny_models and its tokenizer metadata, so the
 whole engine loads them) and as HF directories (config.json + safetensors + tokenizer.json).
 
@@ -22,7 +22,7 @@ import numpy as np
 
 import tiny_models as tm
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "smollm3", "phi3")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,19 @@ SPECS = {
     "qwen3": Spec("qwen3", head_dim=32, theta=1_000_000.0, eps=1e-6),
     "gemma3": Spec("gemma3", layers=3, head_dim=32, kv_heads=1, theta=1_000_000.0, eps=1e-6, window=8, pattern=3,
                    theta_swa=10000.0),
+    # 4 layers: layer 3 is SmolLM3's NoPE layer ((i + 1) % 4 == 0)
+    "smollm3": Spec("smollm3", layers=4, theta=2_000_000.0, eps=1e-6),
+    # Phi-4-mini-like: partial RoPE (12 of 16 values per head), LongRoPE factors past an original context of
+    # 256 (of 1024), and a sliding window in the file that llama.cpp (and so we) ignore
+    "phi3": Spec("phi3", max_pos=1024, window=8, extra=dict(rope_dim=12, orig_ctx=256)),
 }
+
+
+def longrope_factors(spec: Spec) -> tuple[np.ndarray, np.ndarray]:
+    """(short, long) per-frequency divisors for phi3's rope_factors_short / rope_factors_long."""
+    rng = np.random.default_rng(99)
+    n = spec.extra["rope_dim"] // 2
+    return (1.0 + rng.uniform(0, 1.5, n)).astype(np.float32), np.linspace(1.0, 16.0, n, dtype=np.float32)
 
 
 def swa_layers(spec: Spec) -> list[bool]:
@@ -146,7 +158,9 @@ def write_gguf(path, arch: str, qtype: str = "Q8_0", *, seed: int = 0, tie: bool
     types = ([gguf.TokenType.CONTROL] * len(tm.BPE_SPECIALS)
              + [gguf.TokenType.NORMAL] * (len(tokens) - len(tm.BPE_SPECIALS))
              + [gguf.TokenType.UNUSED] * (vocab - len(tokens)))
-    tokens = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab)]
+    # llama.cpp sets attributes of these by name in models named "phi3" (llama_vocab load: token_to_id.at)
+    pad = ["<unk>", "<s>", "</s>"] if arch == "phi3" else []
+    tokens = tokens + [pad[i - len(tokens)] if i - len(tokens) < len(pad) else f"[PAD{i}]" for i in range(len(tokens), vocab)]
 
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"tiny-{arch}-test")
@@ -158,25 +172,38 @@ def write_gguf(path, arch: str, qtype: str = "Q8_0", *, seed: int = 0, tie: bool
     w.add_head_count_kv(spec.kv_heads)
     w.add_key_length(spec.head_dim)
     w.add_value_length(spec.head_dim)
-    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_dimension_count(spec.extra.get("rope_dim", spec.head_dim))
     w.add_rope_freq_base(spec.theta)
     w.add_layer_norm_rms_eps(spec.eps)
     w.add_vocab_size(vocab)
     w.add_file_type(_file_type(qtype))
-    if spec.window:
+    if spec.window and arch == "phi3":
+        w.add_sliding_window(spec.window)
+    elif spec.window:
         w.add_sliding_window(spec.window)
         w.add_sliding_window_pattern(spec.pattern)
         w.add_rope_freq_base_swa(spec.theta_swa)
+    if arch == "phi3":  # the converter's LongRoPE keys: attn_factor = sqrt(1 + ln(scale) / ln(original context))
+        orig = spec.extra["orig_ctx"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(spec.max_pos / orig) / math.log(orig)))
+        for kind, f in zip(("short", "long"), longrope_factors(spec)):
+            w.add_tensor(f"rope_factors_{kind}.weight", f)
     tm.add_bpe_tokenizer(w, tokens, types, merges)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
 
-    for hf, a in arch_weights(spec, vocab, seed=seed, tie=tie).items():
-        name = gguf_name(hf, arch)
+    tie = tie and arch != "phi3"  # llama.cpp's phi3 requires output.weight
+    named = {gguf_name(hf, arch): a for hf, a in arch_weights(spec, vocab, seed=seed, tie=tie).items()}
+    for i in range(spec.layers if arch == "phi3" else 0):  # llama.cpp's Phi-3 layout: fused q|k|v, gate|up
+        b = f"blk.{i}."
+        named[b + "attn_qkv.weight"] = np.concatenate([named.pop(b + f"attn_{x}.weight") for x in "qkv"])
+        named[b + "ffn_up.weight"] = np.concatenate([named.pop(b + "ffn_gate.weight"), named.pop(b + "ffn_up.weight")])
+    for name, a in named.items():
         if a.ndim == 1:
             w.add_tensor(name, a.astype(np.float32))
             continue
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's Q/K permutation
+        if arch in ("llama", "smollm3") and name.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's Q/K permutation
             a = tm.permute_qk(a, spec.heads if name.endswith("attn_q.weight") else spec.kv_heads)
         data, raw = _quantize(a, (embd_qtype or qtype) if name == "token_embd.weight" else qtype)
         w.add_tensor(name, data, raw_dtype=raw)
@@ -226,6 +253,19 @@ def write_hf_dir(path, arch: str, *, seed: int = 0, tie: bool = True, dtype: str
         else:
             cfg.update(sliding_window_pattern=spec.pattern, rope_local_base_freq=spec.theta_swa, rope_scaling=None)
         W = {k: (v - np.float32(1.0) if k.endswith("norm.weight") else v) for k, v in W.items()}
+    elif arch == "phi3":  # Phi-4-mini's config shape: fused projections, partial_rotary_factor, longrope
+        short, long = longrope_factors(spec)
+        cfg.update(architectures=["Phi3ForCausalLM"], hidden_act="silu", sliding_window=spec.window,
+                   partial_rotary_factor=spec.extra["rope_dim"] / spec.head_dim,
+                   original_max_position_embeddings=spec.extra["orig_ctx"],
+                   rope_scaling={"type": "longrope", "short_factor": short.tolist(), "long_factor": long.tolist()})
+        for i in range(spec.layers):
+            p = f"model.layers.{i}."
+            W[p + "self_attn.qkv_proj.weight"] = np.concatenate([W.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            W[p + "mlp.gate_up_proj.weight"] = np.concatenate([W.pop(p + "mlp.gate_proj.weight"), W.pop(p + "mlp.up_proj.weight")])
+    elif arch == "smollm3":  # NoPE layers listed per layer (1: RoPE), as SmolLM3-3B's config.json does
+        cfg.update(architectures=["SmolLM3ForCausalLM"], hidden_act="silu", no_rope_layer_interval=4,
+                   no_rope_layers=[int((i + 1) % 4 != 0) for i in range(spec.layers)])
     else:
         cfg.update(architectures=["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"], hidden_act="silu")
     with open(os.path.join(path, "config.json"), "w") as f:

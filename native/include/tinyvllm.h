@@ -88,6 +88,14 @@ typedef struct tv_model_params {
     const int32_t *swa_layers;       /* [n_layer], copied; may be null when sliding_window is 0 */
     const float *rope_inv_freq_swa;  /* head_dim/2, copied: the sliding layers' own RoPE frequencies;
                                       * null: rope_inv_freq */
+    /* Layers without RoPE (SmolLM3's NoPE layers): q and k of layer l stay unrotated when nope_layers[l]
+     * != 0. Null (as callers that predate it leave it) rotates every layer. */
+    const int32_t *nope_layers;      /* [n_layer], copied; null: every layer rotates */
+    /* Partial RoPE: only the first n_rot values of each q/k head rotate (pairs as rope_interleaved says,
+     * within those n_rot); rope_inv_freq(_swa) then hold n_rot/2 values. 0: head_dim. Even, <= head_dim. */
+    int32_t n_rot;
+    float rope_mscale; /* RoPE's cos and sin are multiplied by this (LongRoPE's attention factor, as
+                        * llama.cpp's rope attn_factor: the rotated values only); 0: 1 */
 } tv_model_params;
 
 typedef struct tv_model tv_model;

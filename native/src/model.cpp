@@ -7,7 +7,7 @@
 // once per layer or step: Qwen2's q/k/v biases; qk_norm (Qwen3, Gemma 3) normalizes every q/k
 // head before RoPE; Gemma 3 adds embd_scale, post_norms (the attention and FFN outputs are
 // normalized before their residual adds), a GELU gate, its own attention scale, and sliding-window
-// layers with their own RoPE frequencies.
+// layers with their own RoPE frequencies; SmolLM3 leaves RoPE out on its NoPE layers (nope_layers).
 // Activations are [n_tokens, features] row-major; every matmul runs the whole batch at once.
 #include "model.h"
 
@@ -62,14 +62,20 @@ Model::Model(const tv_model_params &p) : p_(p) {
         if (!(v >= 0.0f) || !std::isfinite(v)) fail("%s: embd_scale, attn_scale and final_logit_softcap must be finite and >= 0", f);
     if (p.sliding_window < 0) fail("%s: sliding_window must be >= 0 (got %d)", f, p.sliding_window);
     if (p.sliding_window > 0 && !p.swa_layers) fail("%s: sliding_window is set but swa_layers is null", f);
-    inv_freq_.assign(p.rope_inv_freq, p.rope_inv_freq + p.head_dim / 2);
+    if (p.n_rot < 0 || p.n_rot > p.head_dim || p.n_rot % 2 != 0)
+        fail("%s: n_rot (%d) must be even and in [0, head_dim %d]", f, p.n_rot, p.head_dim);
+    p_.n_rot = p.n_rot > 0 ? p.n_rot : p.head_dim;
+    if (!(p.rope_mscale >= 0.0f) || !std::isfinite(p.rope_mscale)) fail("%s: rope_mscale must be finite and >= 0", f);
+    inv_freq_.assign(p.rope_inv_freq, p.rope_inv_freq + p_.n_rot / 2);
     p_.rope_inv_freq = inv_freq_.data();
     const float *fs = p.rope_inv_freq_swa ? p.rope_inv_freq_swa : p.rope_inv_freq;
-    inv_freq_swa_.assign(fs, fs + p.head_dim / 2);
+    inv_freq_swa_.assign(fs, fs + p_.n_rot / 2);
     p_.rope_inv_freq_swa = inv_freq_swa_.data();
     swa_.assign((size_t)p.n_layer, 0);
     for (int l = 0; p.sliding_window > 0 && l < p.n_layer; l++) swa_[(size_t)l] = p.swa_layers[l] != 0;
-    p_.swa_layers = nullptr;  // copied into swa_; the caller's array is not kept
+    nope_.assign((size_t)p.n_layer, 0);
+    for (int l = 0; p.nope_layers && l < p.n_layer; l++) nope_[(size_t)l] = p.nope_layers[l] != 0;
+    p_.swa_layers = p_.nope_layers = nullptr;  // copied into swa_ and nope_; the caller's arrays are not kept
     layers_.resize((size_t)p.n_layer);
     pool_ = std::make_unique<ThreadPool>(p.n_threads);
     p_.n_threads = pool_->size();
@@ -186,7 +192,7 @@ void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
     if (cache.n_layer != p_.n_layer || cache.n_head_kv != p_.n_head_kv || cache.head_dim != p_.head_dim)
         fail("%s: KV cache was made for a different model shape", f);
     check_batch(f, cache, &b, p_.n_vocab, logits, s_.last_pos);
-    const int T = b.n_tokens, E = p_.n_embd, half = p_.head_dim / 2;
+    const int T = b.n_tokens, E = p_.n_embd, half = p_.n_rot / 2;
 
     float *x = grow(s_.x, (size_t)T * E);
     for (int t = 0; t < T; t++) dequantize_row(g_.token_embd.dtype, g_.token_embd.row(b.tokens[t]), x + (size_t)t * E, E);
@@ -201,6 +207,8 @@ void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
         for (int t = 0; t < T; t++)
             rope_angles(b.positions[t], inv_freq_swa_.data(), half, c + (size_t)t * half, s + (size_t)t * half);
     }
+    if (p_.rope_mscale != 0.0f && p_.rope_mscale != 1.0f)  // LongRoPE scales the global layers' table (no SWA there)
+        for (size_t i = 0; i < (size_t)T * half; i++) rc[i] *= p_.rope_mscale, rs[i] *= p_.rope_mscale;
 
     for (int l = 0; l < p_.n_layer; l++) run_layer(l, cache, b);
 
@@ -216,7 +224,7 @@ void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
 
 void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     const LayerWeights &L = layers_[(size_t)l];
-    const int T = b.n_tokens, E = p_.n_embd, F = p_.n_ff, hd = p_.head_dim, half = hd / 2;
+    const int T = b.n_tokens, E = p_.n_embd, F = p_.n_ff, hd = p_.head_dim, half = p_.n_rot / 2;
     const int Dq = p_.n_head * hd, Dkv = p_.n_head_kv * hd;
     ThreadPool &pool = *pool_;
     float *x = s_.x.data();
@@ -254,6 +262,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     // All of the batch's K/V go in before any attention, so tokens of one sequence in this batch
     // see each other (causally, by position).
     const bool swa = swa_[(size_t)l] != 0;
+    const bool nope = nope_[(size_t)l] != 0;
     const float *rope_cos = swa ? s_.rope_cos_swa.data() : s_.rope_cos.data(),
                 *rope_sin = swa ? s_.rope_sin_swa.data() : s_.rope_sin.data();
     per_token(pool, T, [&](int t) {
@@ -272,8 +281,10 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
                         k + (size_t)t * Dkv + (size_t)h * hd, hd, p_.rms_eps);
         }
         const float *c = rope_cos + (size_t)t * half, *s = rope_sin + (size_t)t * half;
-        rope_apply(q + (size_t)t * Dq, p_.n_head, hd, p_.rope_interleaved != 0, c, s);
-        rope_apply(k + (size_t)t * Dkv, p_.n_head_kv, hd, p_.rope_interleaved != 0, c, s);
+        if (!nope) {  // a NoPE layer's keys go to the cache unrotated: decode and prefill read them alike
+            rope_apply(q + (size_t)t * Dq, p_.n_head, hd, p_.rope_interleaved != 0, c, s, p_.n_rot);
+            rope_apply(k + (size_t)t * Dkv, p_.n_head_kv, hd, p_.rope_interleaved != 0, c, s, p_.n_rot);
+        }
         const int pos = b.positions[t];  // tokens write distinct slots: no two tasks touch one value
         const int block = b.block_tables[(size_t)b.seq_ids[t] * b.max_blocks + pos / cache.block_size];
         cache.write(l, block, pos % cache.block_size, k + (size_t)t * Dkv, v + (size_t)t * Dkv);

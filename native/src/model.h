@@ -43,6 +43,7 @@ class Model {
     tv_model_params p_;
     std::vector<float> inv_freq_, inv_freq_swa_;
     std::vector<uint8_t> swa_;  // [n_layer]: 1 = sliding-window layer
+    std::vector<uint8_t> nope_;  // [n_layer]: 1 = no RoPE on this layer (SmolLM3)
     GlobalWeights g_;
     std::vector<LayerWeights> layers_;
     bool finalized_ = false;

@@ -19,8 +19,8 @@ void rope_angles(int32_t pos, const float *inv_freq, int half, float *cos_out, f
     }
 }
 
-void rope_apply(float *x, int n_heads, int head_dim, bool interleaved, const float *c, const float *s) {
-    const int half = head_dim / 2;
+void rope_apply(float *x, int n_heads, int head_dim, bool interleaved, const float *c, const float *s, int rot) {
+    const int half = (rot > 0 ? rot : head_dim) / 2;
     for (int h = 0; h < n_heads; h++, x += head_dim) {
         for (int i = 0; i < half; i++) {
             float *a = interleaved ? x + 2 * i : x + i;

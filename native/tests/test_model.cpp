@@ -424,6 +424,12 @@ TEST(model_errors) {
     CHECK(invalid(tv_model_create(&p, &m)));
     p = tm->p, p.qk_norm = 2;
     CHECK(invalid(tv_model_create(&p, &m)));
+    for (int rot : {-2, 3, tm->p.head_dim + 2}) {  // partial RoPE: even, within the head
+        p = tm->p, p.n_rot = rot;
+        CHECK(invalid(tv_model_create(&p, &m))) << rot;
+    }
+    p = tm->p, p.rope_mscale = -1.0f;
+    CHECK(invalid(tv_model_create(&p, &m)));
     CHECK(m == nullptr);
     {  // q/k norms only with qk_norm, and then required
         HostTensor hn = random_tensor(TV_F32, 1, 16);

@@ -1,4 +1,5 @@
-"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3)."""
+"""ModelConfig: one config for GGUF metadata and HF config.json (llama / mistral / qwen2 / qwen3 / gemma3 / smollm3 /
+phi3)."""
 from __future__ import annotations
 
 import math
@@ -11,15 +12,25 @@ from tinyvllm.model.errors import ModelFormatError
 
 # "mistral" is llama with (optionally) sliding-window attention on every layer (from_hf_dict sets it).
 _ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
-                 "gemma3_text": "gemma3"}  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
+                 "gemma3_text": "gemma3",  # gemma3_text: HF's text-only Gemma 3 (Gemma3ForCausalLM)
+                 "smollm3": "smollm3",  # llama with NoPE layers (nope_layers)
+                 "phi3": "phi3"}  # fused qkv / gate_up (split at load), LongRoPE factors
 # llama.cpp's default for Gemma 3 when the file gives no pattern: every 6th layer is global.
 GEMMA3_SWA_PATTERN = 6
+# SmolLM3: every 4th layer has no RoPE. llama.cpp hard-codes this step (no GGUF key holds it); HF's
+# config says it as no_rope_layer_interval or lists no_rope_layers (1: the layer uses RoPE).
+SMOLLM3_NOPE_STEP = 4
 
 
 def swa_pattern_layers(n_layers: int, pattern: int) -> tuple[bool, ...]:
     """Sliding-window flags from a period: in each group of `pattern` layers the last one is global
     (llama.cpp set_swa_pattern; HF Gemma 3's `(i + 1) % pattern != 0`). 0: every layer slides."""
     return tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers))
+
+
+def nope_step_layers(n_layers: int, step: int) -> tuple[bool, ...]:
+    """No-RoPE flags from a step: layer i skips RoPE when (i + 1) % step == 0 (llama.cpp, HF SmolLM3)."""
+    return tuple(step > 0 and (i + 1) % step == 0 for i in range(n_layers))
 
 
 def _arch(name: Any) -> str:
@@ -45,15 +56,17 @@ def _normalize_rope_scaling(rs: Any) -> dict | None:
         raise ModelFormatError(f"rope_scaling must be a dict, got {rs!r}")
     rs = dict(rs)
     kind = rs.pop("rope_type", None) or rs.pop("type", None) or "default"
+    kind = {"su": "longrope"}.get(kind, kind)  # early Phi-3 128k configs call LongRoPE "su"
     rs.pop("type", None)
     rs.pop("rope_theta", None)  # newer HF "rope_parameters" puts theta in the same dict
     if kind == "default":
         return None
     need = {"linear": ("factor",),
             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-            "freq_factors": ("factors",)}.get(kind)
+            "freq_factors": ("factors",),
+            "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}.get(kind)
     if need is None:
-        raise ModelFormatError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        raise ModelFormatError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, longrope)")
     for k in need:
         if k not in rs:
             raise ModelFormatError(f"rope scaling {kind!r} is missing {k!r}")
@@ -90,6 +103,10 @@ class ModelConfig:
     sliding_window: int = 0        # > 0: the layers flagged in swa_layers see the last sliding_window positions
     swa_layers: tuple[bool, ...] = field(default=())
     rope_theta_swa: float | None = None  # RoPE base of the sliding layers (no scaling); None: rope_theta
+    nope_layers: tuple[bool, ...] = field(default=())  # True: the layer applies no RoPE (smollm3); (): all rotate
+    rope_dim: int = 0              # values rotated per q/k head (partial RoPE); 0: head_dim
+    rope_mscale: float = 1.0       # RoPE's cos/sin x this (LongRoPE's attention factor)
+    serve_len: int | None = None   # the context the engine serves (max_model_len): LongRoPE picks its factors by it
 
     def __post_init__(self):
         self.arch = _arch(self.arch)
@@ -104,10 +121,13 @@ class ModelConfig:
             setattr(self, k, int(v))
         if self.num_heads % self.num_kv_heads:
             raise ModelFormatError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ModelFormatError(f"head_dim {self.head_dim} must be even for RoPE")
-        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise ModelFormatError(f"bad rms_norm_eps {self.rms_norm_eps} / rope_theta {self.rope_theta}")
+        self.rope_dim = int(self.rope_dim or self.head_dim)
+        if self.head_dim % 2 or self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
+            raise ModelFormatError(f"head_dim {self.head_dim} and rope dimension {self.rope_dim} must be even, "
+                                   "the rope dimension at most head_dim")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0 and 0 < self.rope_mscale < math.inf):
+            raise ModelFormatError(f"bad rms_norm_eps {self.rms_norm_eps} / rope_theta {self.rope_theta} / "
+                                   f"rope attention factor {self.rope_mscale}")
         self.rms_norm_eps, self.rope_theta = float(self.rms_norm_eps), float(self.rope_theta)
         if self.ffn_act not in ("silu", "gelu_tanh"):
             raise ModelFormatError(f"unsupported FFN activation {self.ffn_act!r} (supported: silu, gelu_tanh)")
@@ -118,11 +138,15 @@ class ModelConfig:
         if self.sliding_window and len(self.swa_layers) != self.num_layers:
             raise ModelFormatError(f"sliding-window layer pattern has {len(self.swa_layers)} entries, "
                                    f"expected one per layer ({self.num_layers})")
+        self.nope_layers = tuple(bool(b) for b in self.nope_layers) if any(self.nope_layers) else ()
+        if self.nope_layers and len(self.nope_layers) != self.num_layers:
+            raise ModelFormatError(f"no-RoPE layer list has {len(self.nope_layers)} entries, "
+                                   f"expected {self.num_layers}")
 
     def rope_inv_freq(self) -> np.ndarray:
         """float32 [head_dim//2]: theta^(-2i/d), with the configured frequency scaling applied.
         Computed in float64 and rounded once so every backend sees the same table."""
-        d = self.head_dim
+        d = self.rope_dim
         inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
         rs = self.rope_scaling
         kind = rs["rope_type"] if rs else None
@@ -142,12 +166,20 @@ class ModelConfig:
             if f.shape != inv.shape:
                 raise ModelFormatError(f"rope freq factors have shape {f.shape}, expected {inv.shape}")
             inv = inv / f
+        elif kind == "longrope":
+            # Phi-3: per-frequency divisors, the long set when the served context exceeds the original one
+            # (llama.cpp get_rope_factors: n_ctx_per_seq > n_ctx_orig_yarn; HF Phi3: seq_len > original)
+            long = (self.serve_len or self.max_position_embeddings) > int(rs["original_max_position_embeddings"])
+            f = np.asarray(rs["long_factor" if long else "short_factor"], dtype=np.float64)
+            if f.shape != inv.shape:
+                raise ModelFormatError(f"LongRoPE factors have shape {f.shape}, expected {inv.shape}")
+            inv = inv / f
         return inv.astype(np.float32)
 
     def rope_inv_freq_swa(self) -> np.ndarray:
         """float32 [head_dim//2] of the sliding-window layers: their own base, never rescaled (Gemma 3's
         local layers keep rope_local_base_freq; scaling applies to the global layers only)."""
-        d, theta = self.head_dim, self.rope_theta_swa or self.rope_theta
+        d, theta = self.rope_dim, self.rope_theta_swa or self.rope_theta
         return (1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))).astype(np.float32)
 
     @property
@@ -176,7 +208,20 @@ class ModelConfig:
         params = cfg.get("rope_parameters") or {}  # transformers >= 4.56 moved theta + scaling here
         rope_scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
         theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+        mscale = 1.0
+        if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) in ("longrope", "su"):
+            orig = int(rope_scaling.get("original_max_position_embeddings") or req("original_max_position_embeddings"))
+            scale = (cfg.get("max_position_embeddings") or orig) / orig  # HF's attention factor: magnitude of cos/sin
+            mscale = rope_scaling.get("attention_factor") or (
+                math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+            rope_scaling = {**rope_scaling, "original_max_position_embeddings": orig}
         window = int(cfg.get("sliding_window") or 0) if str(arch).lower() == "mistral" else 0
+        layers = int(req("num_hidden_layers"))
+        nope = ()
+        if _arch(arch) == "smollm3":
+            step = int(cfg.get("no_rope_layer_interval") or SMOLLM3_NOPE_STEP)
+            nope = (tuple(not u for u in cfg["no_rope_layers"]) if cfg.get("no_rope_layers")
+                    else nope_step_layers(layers, step))
         if window and rope_scaling:  # the sliding layers' RoPE table is never rescaled (rope_inv_freq_swa)
             raise ModelFormatError("config.json: mistral sliding_window together with rope_scaling is not supported")
         return cls(
@@ -189,7 +234,9 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings") or 2048,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=_arch(arch) == "qwen2" or bool(cfg.get("attention_bias", False)),
-            rope_interleaved=False, qk_norm=_arch(arch) == "qwen3", **_hf_special_ids(cfg))
+            rope_interleaved=False, qk_norm=_arch(arch) == "qwen3", nope_layers=nope, rope_mscale=mscale,
+            rope_dim=int((cfg.get("head_dim") or hidden // heads) * float(cfg.get("partial_rotary_factor") or 1.0)),
+            **_hf_special_ids(cfg))
 
     @classmethod
     def _from_hf_gemma3(cls, cfg: dict, req) -> "ModelConfig":
@@ -256,10 +303,10 @@ class ModelConfig:
         head_dim = int(md.get(p + "attention.key_length", hidden // heads))
         if int(md.get(p + "attention.value_length", head_dim)) != head_dim:
             raise ModelFormatError("GGUF: attention.key_length != attention.value_length is not supported")
-        rot = int(md.get(p + "rope.dimension_count", head_dim))
-        if rot != head_dim:
+        rot = int(md.get(p + "rope.dimension_count", head_dim))  # < head_dim: partial RoPE (Phi-4-mini's 96 of 128)
+        if rot != head_dim and arch != "phi3":  # llama.cpp asserts n_rot == head_dim in the other graphs
             raise ModelFormatError(f"GGUF: partial rotary (rope.dimension_count {rot} != head_dim {head_dim}) "
-                                   "is not supported")
+                                   f"is not supported for {arch} (only phi3)")
         if p + "vocab_size" in md:
             vocab = md[p + "vocab_size"]
         elif "tokenizer.ggml.tokens" in md:
@@ -282,6 +329,13 @@ class ModelConfig:
         extra = {}
         if arch == "qwen3":
             extra = dict(qk_norm=True)
+        elif arch == "smollm3":  # llama.cpp: LLM_ARCH_SMOLLM3, n_no_rope_layer_step = 4 whatever the file says
+            extra = dict(nope_layers=nope_step_layers(int(req(p + "block_count")), SMOLLM3_NOPE_STEP))
+        elif arch == "phi3":
+            # llama.cpp (src/models/phi3.cpp): NEOX RoPE, cos/sin x rope.scaling.attn_factor; LongRoPE factors come
+            # from rope_factors_short/long tensors (the loader adds them). attention.sliding_window is read and
+            # then switched off by llama.cpp ("Phi SWA is currently disabled"): every layer attends fully here too.
+            extra = dict(rope_mscale=float(md.get(p + "rope.scaling.attn_factor", 1.0) or 1.0))
         elif arch == "gemma3":
             # llama.cpp's reading (src/models/gemma3.cpp): sliding window from attention.sliding_window, layer
             # pattern from attention.sliding_window_pattern (a period or one bool per layer; default 6), local
@@ -312,6 +366,6 @@ class ModelConfig:
             max_position_embeddings=req(p + "context_length"),
             tie_word_embeddings=False,  # decided by the loader: no output.weight => tied
             attention_bias=arch == "qwen2",
-            rope_interleaved=arch == "llama",
-            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, **extra,
+            rope_interleaved=arch in ("llama", "smollm3"),  # both converted by llama.cpp's LlamaModel (Q/K permuted)
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, rope_dim=rot, **extra,
         )

@@ -13,7 +13,7 @@ from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.errors import ModelFormatError
 from tinyvllm.model.gguf_parse import TensorInfo, parse_gguf
 from tinyvllm.model.weights import (BF16, F16, F32, FLOAT_DTYPES, QUANT_BLOCKS, GGMLType, ModelWeights,
-                                    WeightTensor, row_bytes_for, validate_weights)
+                                    WeightTensor, row_bytes_for, split_fused, validate_weights)
 
 _SUPPORTED = {int(t) for t in GGMLType}
 
@@ -90,10 +90,17 @@ def _load(path: Path) -> ModelWeights:
     # models converted from checkpoints with q/k/v biases keep them as blk.N.attn_q.bias.
     cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in tensors,
                               attention_bias=cfg.attention_bias or "blk.0.attn_q.bias" in tensors)
+    tensors = split_fused(cfg, tensors)
     forward_tensors = validate_weights(cfg, tensors, where="GGUF")
     if "rope_freqs.weight" in tensors:  # llama.cpp's form of Llama-3 rope scaling: per-frequency divisors
         cfg.rope_scaling = {"rope_type": "freq_factors",
                             "factors": tensors["rope_freqs.weight"].dequantize().tolist()}
+    elif {"rope_factors_short.weight", "rope_factors_long.weight"} & tensors.keys():  # Phi-3 LongRoPE (one set: both)
+        short, long = (tensors.get(f"rope_factors_{k}.weight") for k in ("short", "long"))
+        cfg.rope_scaling = {"rope_type": "longrope", "short_factor": (short or long).dequantize().tolist(),
+                            "long_factor": (long or short).dequantize().tolist(), "original_max_position_embeddings":
+                            int(md.get(f"{md['general.architecture']}.rope.scaling.original_context_length",
+                                       cfg.max_position_embeddings))}
     tensors = forward_tensors
     return ModelWeights(config=cfg, tensors=tensors, metadata=md, source=str(md.get("general.name") or path.stem),
                         kind="gguf", path=path)

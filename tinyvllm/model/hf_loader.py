@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.errors import ModelFormatError
-from tinyvllm.model.weights import F16, F32, ModelWeights, WeightTensor, validate_weights
+from tinyvllm.model.weights import F16, F32, ModelWeights, WeightTensor, split_fused, validate_weights
 
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
@@ -27,7 +27,8 @@ _LAYER_QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_
 _LAYER_GEMMA3 = {**_LAYER, **_LAYER_QK_NORM, "post_attention_layernorm.weight": "post_attention_norm.weight",
                  "pre_feedforward_layernorm.weight": "ffn_norm.weight",
                  "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
-_LAYER_BY_ARCH = {"qwen3": {**_LAYER, **_LAYER_QK_NORM}, "gemma3": _LAYER_GEMMA3}
+_LAYER_BY_ARCH = {"qwen3": {**_LAYER, **_LAYER_QK_NORM}, "gemma3": _LAYER_GEMMA3,  # phi3: fused, split_fused splits
+                  "phi3": {**_LAYER, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 
 
@@ -161,5 +162,5 @@ def load_hf_dir(path) -> ModelWeights:
     if cfg.tie_word_embeddings or "output.weight" not in tensors:
         tensors.pop("output.weight", None)
         cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
-    tensors = validate_weights(cfg, tensors, where=str(d))
+    tensors = validate_weights(cfg, split_fused(cfg, tensors), where=str(d))
     return ModelWeights(config=cfg, tensors=tensors, metadata={}, source=d.name, kind="hf", path=d)

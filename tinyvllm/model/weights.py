@@ -107,7 +107,7 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], dict[str, tuple
     """(required, optional) tensor name -> (rows, cols) for a llama/qwen2/qwen3/gemma3 decoder."""
     h, ff, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     req = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,)}
-    opt = {"rope_freqs.weight": (cfg.head_dim // 2,)}
+    opt = {f"{n}.weight": (cfg.rope_dim // 2,) for n in ("rope_freqs", "rope_factors_short", "rope_factors_long")}
     (opt if cfg.tie_word_embeddings else req)["output.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
@@ -124,6 +124,29 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], dict[str, tuple
 
 
 _BLOCK_RE = re.compile(r"blk\.\d+\.")
+
+
+def split_fused(cfg: ModelConfig, tensors: dict[str, WeightTensor]) -> dict[str, WeightTensor]:
+    """Phi-3's fused blk.N.attn_qkv ([q; k; v] rows) and ffn_up ([gate; up] rows) as the separate tensors
+    the forward takes. Rows are split, not values: a quantized row's blocks run along it, so each part is
+    a view of the same bytes (no dequantizing, no copy)."""
+    def split(name, parts):
+        t, start = tensors.pop(name), 0
+        if t.shape[0] != sum(n for _, n in parts):
+            raise ModelFormatError(f"tensor {name!r} has {t.shape[0]} rows, expected {sum(n for _, n in parts)}")
+        for part, n in parts:
+            tensors[part] = WeightTensor(part, t.dtype, (n,) + t.shape[1:], t.data[start:start + n])
+            start += n
+    tensors = dict(tensors)
+    for i in range(cfg.num_layers):
+        b = f"blk.{i}."
+        if b + "attn_qkv.weight" in tensors:
+            split(b + "attn_qkv.weight", [(b + "attn_q.weight", cfg.q_size), (b + "attn_k.weight", cfg.kv_size),
+                                          (b + "attn_v.weight", cfg.kv_size)])
+        if b + "ffn_gate.weight" not in tensors and b + "ffn_up.weight" in tensors and cfg.arch == "phi3":
+            split(b + "ffn_up.weight", [(b + "ffn_gate.weight", cfg.intermediate_size),
+                                        (b + "ffn_up.weight", cfg.intermediate_size)])
+    return tensors
 
 
 def validate_weights(cfg: ModelConfig, tensors: dict[str, WeightTensor], where: str = "model") -> dict[str, WeightTensor]:

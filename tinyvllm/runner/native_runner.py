@@ -62,6 +62,10 @@ class NativeModelRunner:
             self._inv_freq_swa = np.ascontiguousarray(cfg.rope_inv_freq_swa(), dtype=np.float32)
             fields.update(sliding_window=cfg.sliding_window, swa_layers=ptr(self._swa, "int32_t *"),
                           rope_inv_freq_swa=ptr(self._inv_freq_swa))
+        fields.update(n_rot=cfg.rope_dim, rope_mscale=cfg.rope_mscale)
+        if cfg.nope_layers:  # copied at create, like the two above
+            self._nope = np.ascontiguousarray(cfg.nope_layers, dtype=np.int32)
+            fields.update(nope_layers=ptr(self._nope, "int32_t *"))
         params = ffi.new("tv_model_params *", fields)
         out = ffi.new("tv_model **")
         check(lib.tv_model_create(params, out))

@@ -41,6 +41,9 @@ def check_supported(cfg) -> None:
     if cfg.sliding_window:
         raise NotImplementedError(f"device='tinygrad' has no sliding-window attention (this model's window is "
                                   f"{cfg.sliding_window}); it runs on device='cpu' (the native core)")
+    if cfg.rope_dim != cfg.head_dim:
+        raise NotImplementedError(f"device='tinygrad' has no partial RoPE (this model rotates {cfg.rope_dim} of "
+                                  f"{cfg.head_dim} values per head); it runs on device='cpu' (the native core)")
 
 
 def import_tinygrad():
