@@ -27,21 +27,7 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        ids: list[str] = []
-        done: dict[str, RequestOutput] = {}
-        try:
-            for p, sp in zip(prompts, params):  # one bad prompt: none of the batch stays queued (below)
-                ids.append(self.engine.add_request(None, p, sp))
-            wanted = set(ids)  # the engine may run others' requests too (an unfinished stream())
-            while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in wanted:
-                        done[out.request_id] = out
-        except BaseException:
-            for rid in ids:  # refused or interrupted: free the blocks of whatever is still queued or running
-                self.engine.abort(rid)
-            raise
-        return [done[rid] for rid in ids]
+        return self._run(prompts, params, len(prompts))
 
     def beam_search(self, prompts, params: BeamSearchParams,
                     concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
@@ -54,22 +40,28 @@ class LLM:
         if concurrency_limit is not None and not (isinstance(concurrency_limit, int) and concurrency_limit >= 1):
             raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        limit = concurrency_limit or len(prompts)
+        outs = self._run(prompts, [params] * len(prompts), concurrency_limit or len(prompts))
+        return [self._beams(out) for out in outs]
+
+    def _run(self, prompts: list, params: list, limit: int) -> list[RequestOutput]:
+        """Step the engine until every prompt's request has finished, at most `limit` of them in flight;
+        outputs in prompt order. With limit = len(prompts) all are added before the first step, so one
+        refused prompt leaves none of the batch queued."""
         ids: list[str] = []
         done: dict[str, RequestOutput] = {}
         try:
             while len(done) < len(prompts):
                 while len(ids) < len(prompts) and len(ids) - len(done) < limit:
-                    ids.append(self.engine.add_request(None, prompts[len(ids)], params))
-                wanted = set(ids)
+                    ids.append(self.engine.add_request(None, prompts[len(ids)], params[len(ids)]))
+                wanted = set(ids)  # the engine may run others' requests too (an unfinished stream())
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
         except BaseException:
-            for rid in ids:  # refused or interrupted: free the blocks of every beam still queued or running
+            for rid in ids:  # refused or interrupted: free the blocks of whatever is still queued or running
                 self.engine.abort(rid)
             raise
-        return [self._beams(done[rid]) for rid in ids]
+        return [done[rid] for rid in ids]
 
     def _beams(self, out: RequestOutput) -> BeamSearchOutput:
         seqs = []
