@@ -84,10 +84,10 @@ def test_matmul_every_path_matches_gguf(qtype):
     bv = FORMATS[qtype][0]
     restore = ffi.string(lib.tv_kernel_path()).decode()
     paths = runnable_paths()
-    # ragged shapes: 1-3 rows (decode), 4-20 (panels, partial tiles), odd weight-row counts; m = 4 with 300
-    # rows: the driver's decode-sized chunks (75 rows per task on 2 threads) are longer than one AMX unpack
+    # ragged shapes: 1-3 rows (decode), 4-20 (panels, partial tiles), odd weight-row counts; 64+ rows: the
+    # AMX tile path (kernels_amx.cpp's AMX_MIN), m = 64 with 300 rows: chunks longer than one AMX unpack
     for m, n, nblk in ((1, 1, 1), (1, 37, 3), (2, 9, 2), (3, 17, 5), (4, 300, 2), (5, 23, 2), (8, 8, 1), (13, 19, 4),
-                       (20, 41, 3)):
+                       (20, 41, 3), (64, 300, 2), (71, 23, 3)):
         k = nblk * max(bv, 64)
         w = random_blocks(qtype, n, k, rng)
         wd = dequantize(w, qtype).astype(np.float64)

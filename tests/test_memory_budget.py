@@ -67,7 +67,7 @@ y = np.empty((64, n), np.float32)
 
 def run(path):
     check(lib.tv_select_kernel_path(path.encode()))
-    for m in (1, 4, 5, 16, 64):  # decode, the first AMX row count (decode-sized chunks), prefill
+    for m in (1, 4, 5, 16, 64):  # decode batches (avx512vnni's code), the first AMX row count (prefill)
         check(lib.tv_matmul(desc, ptr(x), m, ptr(y), threads))
 
 run("avx512vnni")  # the pool's threads, the activation buffer and every shape's output pages exist now
