@@ -264,7 +264,18 @@ def main():
         if "smooth" in parts:
             for name, kw in POLICIES.items():
                 runs["smooth"][name].append(run_child(args, "smooth", here, kw))
+    carried = {}
+    old_path = args.out_dir / "load.json"
+    if set(parts) != {"chat", "sweep", "smooth"} and old_path.exists():  # a rerun of some parts keeps the others
+        old = json.loads(old_path.read_text())
+        for part, keys in (("chat", ["chat"]), ("sweep", ["sweep", "sweep_before"]), ("smooth", ["smooth"])):
+            if part not in parts:
+                for k in keys:
+                    runs[k] = old["runs"][k]
+                carried[part] = old.get("carried", {}).get(part) or \
+                    f"{old['machine']['date']}, git {old['machine']['git_commit']}"
     data = {"machine": info, "threads": args.threads, "seed": args.seed, "repeats": args.repeats, "quick": args.quick,
+            "carried": carried,
             "model": MODEL, "chat_workload": CHAT, "smooth_workload": SMOOTH, "policies": POLICIES,
             "before": str(args.before) if args.before else None,
             "before_commit": args.before_label or None,
@@ -315,7 +326,9 @@ def markdown(d) -> str:
              + f"{d['machine']['date']} · {cpu.get('model')} · {d['threads']} threads · git {d['machine']['git_commit']} · "
              f"other processes' CPU share during the run {other} · `benchmarks/bench_load.py`, model {d['model']}. "
              f"Every figure: median (min-max) of {d['repeats']} runs, each in its own child process; the load "
-             "average before each run is listed.", ""]
+             "average before each run is listed."
+             + "".join(f" Section {part} is carried over from the run of {when}." for part, when in d.get("carried", {}).items()),
+             ""]
     if "chat" in s:
         c = s["chat"]
         lines += ["## 1. Continuous batching vs one request at a time (same engine)", "",
