@@ -164,6 +164,8 @@ def child(args) -> dict:
     res = {"engine": eng.name, "load_s": time.perf_counter() - t, "rss_base": rss0, "rss_loaded": rss_now(),
            "info": eng.info, "prefill_s": {}, "decode_s": []}
     ids = token_ids(eng.n_vocab, max(PREFILL_LENS))  # the same ids in both engines: they share the vocabulary
+    # What a user waits for after loading: the first token of a short prompt, cold (no warm-up).
+    res["first_token_s"] = eng.prefill(ids[:DECODE_PROMPT])
     for n in PREFILL_LENS:
         eng.prefill(ids[:n])  # warm-up: thread pool, pages, workspace
         res["prefill_s"][n] = [eng.prefill(ids[:n]) for _ in range(args.inner)]
@@ -224,8 +226,14 @@ def main():
     engines = args.engines.split(",")
     models = [resolve(m) for m in args.models.split(",")]
     print(f"models {models}\nthreads {args.threads}, reps {args.reps} x inner {args.inner}, load {info['loadavg_at_start']}")
-    bw = machine.read_bandwidth(args.threads, reps=3 if args.quick else 7)
-    print(f"read bandwidth ({args.threads} threads): {bw['bytes_per_s'] / 1e9:.1f} GB/s")
+    bw_reps = 3 if args.quick else 7
+    # The decode roofline: re-reading a model's weights every token runs at the bandwidth of a buffer
+    # that size (on a CPU whose last-level cache holds the model, that is the cache's, not DRAM's).
+    ws_mib = {m: -(-machine.decode_weight_bytes(m)["bytes_per_token"] // 2**20) for m in models}
+    bw = machine.read_bandwidth(args.threads, reps=bw_reps)
+    bw_ws = {m: machine.read_bandwidth(args.threads, mib=ws_mib[m], reps=bw_reps) for m in models}
+    print(f"read bandwidth ({args.threads} threads): {bw['bytes_per_s'] / 1e9:.1f} GB/s at 1 GiB; "
+          + ", ".join(f"{b['bytes_per_s'] / 1e9:.1f} GB/s at {ws_mib[m]} MiB" for m, b in bw_ws.items()))
     runs = {(m, e): [] for m in models for e in engines}
     for rep in range(args.reps):
         for m in models:
@@ -235,10 +243,17 @@ def main():
                 print(f"  rep {rep} {m.name[:40]:40s} {e:9s} prefill128 {128 / min(r['prefill_s']['128']):7.1f}  "
                       f"prefill512 {512 / min(r['prefill_s']['512']):7.1f}  "
                       f"decode {args.decode_tokens / min(r['decode_s']):6.1f} tok/s  peak RSS {r['rss_peak'] / 2**20:.0f} MiB")
-    bw_end = machine.read_bandwidth(args.threads, reps=3 if args.quick else 7)
+    # The curve over buffer sizes shows which level of the memory hierarchy each figure is.
+    bw["by_buffer_mib"] = {mib: machine.read_bandwidth(args.threads, mib=mib, reps=3)["bytes_per_s"]
+                           for mib in (8, 32, 64, 128, 256, 512, 1024)}
+    bw_end = machine.read_bandwidth(args.threads, reps=bw_reps)
     bw["bytes_per_s_start_end"] = [bw["bytes_per_s"], bw_end["bytes_per_s"]]
     bw["bytes_per_s"] = max(bw["bytes_per_s_start_end"])  # the ceiling: best of the two
-    per_model = [summarize(m, engines, {e: runs[m, e] for e in engines}, bw) for m in models]
+    for m in models:
+        end = machine.read_bandwidth(args.threads, mib=ws_mib[m], reps=bw_reps)
+        bw_ws[m]["bytes_per_s_start_end"] = [bw_ws[m]["bytes_per_s"], end["bytes_per_s"]]
+        bw_ws[m]["bytes_per_s"] = max(bw_ws[m]["bytes_per_s_start_end"])
+    per_model = [summarize(m, engines, {e: runs[m, e] for e in engines}, bw, bw_ws[m]) for m in models]
     data = {"models": per_model, "threads": args.threads, "reps": args.reps, "inner": args.inner, "quick": args.quick,
             "decode_prompt_tokens": DECODE_PROMPT, "decode_tokens": args.decode_tokens, "machine": info,
             "read_bandwidth": bw, "loadavg_at_end": os.getloadavg(), "other_cpu_share": load.share()}
@@ -263,15 +278,22 @@ def resolve(name: str) -> Path:
     return dst
 
 
-def summarize(model_path: Path, engines, runs, bw) -> dict:
+def summarize(model_path: Path, engines, runs, bw, bw_ws) -> dict:
+    """`bw`: read bandwidth over 1 GiB (DRAM); `bw_ws`: over a buffer the size of the model's weights,
+    the roofline (the larger where the weights stay in the last-level cache between tokens)."""
     wb = machine.decode_weight_bytes(model_path)
-    roof = bw["bytes_per_s"] / wb["bytes_per_token"]
+    roof = bw_ws["bytes_per_s"] / wb["bytes_per_token"]
+    roof_dram = bw["bytes_per_s"] / wb["bytes_per_token"]
     res = {}
     for e, rs in runs.items():
         res[e] = {f"prefill{n}": stats([s for r in rs for s in r["prefill_s"][str(n)]], n) for n in PREFILL_LENS}
         res[e]["decode"] = stats([s for r in rs for s in r["decode_s"]], len(rs[0]["decode_tokens"]) - 1)
         res[e]["decode"]["roofline_fraction"] = res[e]["decode"]["median_tok_s"] / roof
+        res[e]["decode"]["dram_roofline_fraction"] = res[e]["decode"]["median_tok_s"] / roof_dram
         res[e].update(load_s=statistics.median(r["load_s"] for r in rs),
+                      load_s_min_max=[min(r["load_s"] for r in rs), max(r["load_s"] for r in rs)],
+                      first_token_s=statistics.median(r["first_token_s"] for r in rs),
+                      first_token_s_min_max=[min(r["first_token_s"] for r in rs), max(r["first_token_s"] for r in rs)],
                       rss_peak_bytes=max(r["rss_peak"] for r in rs), rss_base_bytes=min(r["rss_base"] for r in rs),
                       info=rs[0]["info"], decode_tokens=rs[0]["decode_tokens"])
         if all("step_overhead_s" in r for r in rs):  # median over runs of each run's median over steps
@@ -281,6 +303,7 @@ def summarize(model_path: Path, engines, runs, bw) -> dict:
         a, b = (res[e]["decode_tokens"] for e in engines)
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return {"model": str(model_path), "decode_weight_bytes": wb, "roofline_decode_tok_s": roof,
+            "dram_roofline_decode_tok_s": roof_dram, "read_bandwidth_working_set": bw_ws,
             "greedy_tokens_agree_prefix": agree, "engines": res}
 
 
@@ -305,10 +328,13 @@ def markdown(d, engines) -> str:
         f"tinyvllm {tv.get('version', '?')} (kernels `{tv.get('kernel_path', '?')}`), llama-cpp-python "
         f"{lc.get('version', '?')}{'' if lc.get('extra_buffer_types', True) else ' (extra buffer types off: its AMX path crashes on this CPU)'}"
         f". Ratio = tinyvllm / llama.cpp (higher is better for tinyvllm, except for memory "
-        f"and load time). Measured read bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['threads']} threads, "
+        f"and load time). Measured read bandwidth over a 1 GiB buffer {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['threads']} threads, "
         f"{bw['method']}; best of the runs before and after the engines: "
         f"{' / '.join(f'{x / 1e9:.1f}' for x in bw['bytes_per_s_start_end'])} GB/s).",
     ]
+    if bw.get("by_buffer_mib"):
+        lines += ["", "Read bandwidth by buffer size (best of 3; a buffer the caches hold reads faster): "
+                  + ", ".join(f"{mib} MiB {b / 1e9:.1f} GB/s" for mib, b in bw["by_buffer_mib"].items()) + "."]
     for md in d["models"]:
         lines += ["", model_table(md, d, engines)]
     return "\n".join(lines)
@@ -331,7 +357,10 @@ def model_table(md, d, engines) -> str:
         rows.append(row(f"{label}, tok/s median", lambda r: r[key]["median_tok_s"]))
         rows.append([f"{label}, tok/s min / max"] + [f"{min_rate(e[x][key]):.1f} / {e[x][key]['best_tok_s']:.1f}"
                                                       for x in engines] + ([""] if ratio else []))
-    rows.append(row("decode, fraction of roofline", lambda r: r["decode"]["roofline_fraction"], "{:.0%}"))
+    rows.append(row("decode, fraction of roofline (bandwidth over a buffer the size of the weights)",
+                    lambda r: r["decode"]["roofline_fraction"], "{:.0%}"))
+    rows.append(row("decode, fraction of the DRAM roofline (bandwidth over 1 GiB)",
+                    lambda r: r["decode"]["dram_roofline_fraction"], "{:.0%}"))
     if "decode_step_overhead_s" in e.get("tinyvllm", {}):
         ov = e["tinyvllm"]["decode_step_overhead_s"]
         step = 1 / e["tinyvllm"]["decode"]["median_tok_s"]
@@ -340,15 +369,25 @@ def model_table(md, d, engines) -> str:
     rows.append(row("peak RSS, MiB", lambda r: r["rss_peak_bytes"] / 2**20, "{:.0f}"))
     rows.append(row("peak RSS above the interpreter before loading, MiB",
                     lambda r: (r["rss_peak_bytes"] - r["rss_base_bytes"]) / 2**20, "{:.0f}"))
-    rows.append(row("load, s", lambda r: r["load_s"], "{:.2f}"))
+    rows.append(row("load, s median", lambda r: r["load_s"], "{:.2f}"))
+    rows.append(["load, s min / max"] + [f"{e[x]['load_s_min_max'][0]:.2f} / {e[x]['load_s_min_max'][1]:.2f}"
+                                         for x in engines] + ([""] if ratio else []))
+    rows.append(row(f"first token after load ({d['decode_prompt_tokens']}-token prompt, cold), s median",
+                    lambda r: r["first_token_s"], "{:.3f}"))
+    rows.append(["first token after load, s min / max"] + [
+        f"{e[x]['first_token_s_min_max'][0]:.3f} / {e[x]['first_token_s_min_max'][1]:.3f}" for x in engines]
+        + ([""] if ratio else []))
     wb = md["decode_weight_bytes"]
     mix = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(wb["bytes_by_type"].items(), key=lambda kv: -kv[1]))
     head = ["metric"] + engines + (["ratio"] if ratio else [])
     lines = [f"## `{Path(md['model']).name}`", "", f"Weights by type: {mix}.", "",
              machine.md_table(head, rows), "",
              f"**Roofline**: a decoded token reads {wb['bytes_per_token'] / 1e6:.1f} MB of weights "
-             f"(all GGUF tensors{', token_embd whole as the tied output matrix' if wb['tied_output'] else ''}) "
-             f"=> at most **{md['roofline_decode_tok_s']:.0f} tok/s** at batch 1."]
+             f"(all GGUF tensors{', token_embd whole as the tied output matrix' if wb['tied_output'] else ''}); "
+             f"re-reading a buffer that size runs at {md['read_bandwidth_working_set']['bytes_per_s'] / 1e9:.1f} GB/s "
+             f"(best of before / after: {' / '.join(f'{x / 1e9:.1f}' for x in md['read_bandwidth_working_set']['bytes_per_s_start_end'])}) "
+             f"=> at most **{md['roofline_decode_tok_s']:.0f} tok/s** at batch 1 "
+             f"({md['dram_roofline_decode_tok_s']:.0f} tok/s at the 1 GiB bandwidth)."]
     if md["greedy_tokens_agree_prefix"] is not None:
         lines += ["", f"Greedy decode: the two engines' first {md['greedy_tokens_agree_prefix']} of "
                       f"{d['decode_tokens'] + 1} tokens agree (different quantized arithmetic may diverge later)."]

@@ -136,7 +136,7 @@ def read_bandwidth(threads: int, mib: int = 1024, reps: int = 5) -> dict:
         out = json.loads(subprocess.run([str(exe), "read", str(mib), str(threads), str(reps)],
                                         capture_output=True, text=True, check=True).stdout)
         return {"bytes_per_s": out["read_bytes_per_s"], "threads": threads, "buffer_bytes": out["bytes"],
-                "reps": reps, "method": "benchmarks/membw.c: threads XOR-reduce their slices, best of reps"}
+                "reps": reps, "method": "benchmarks/membw.c: threads sum their slices (several passes), best of reps"}
     import numpy as np
     a = np.ones(mib << 18, dtype=np.float32)
     best = min(_timed(a.sum) for _ in range(reps))
