@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import gguf
 import numpy as np
@@ -226,3 +227,24 @@ def test_malformed_files_do_not_crash_the_process(tmp_path, reference_gguf_path,
     lines = r.stdout.splitlines()
     assert len(lines) == len(cases) and all(line.startswith("ERR") for line in lines), r.stdout
     print(r.stdout)
+
+
+def test_fused_split_walks_the_files_layers_not_the_claimed_count():
+    """A header claiming 2^40 layers once made the Phi-3 fused-tensor split loop over every claimed layer
+    before validation could refuse the count (the CI fuzz subset hung there). The split now visits only
+    the layers the file names; validation then rejects the count."""
+    from types import SimpleNamespace
+    from tinyvllm.model.weights import WeightTensor, split_fused
+    cfg = SimpleNamespace(num_layers=2**40, q_size=4, kv_size=2, intermediate_size=3, arch="phi3")
+    qkv = WeightTensor("blk.0.attn_qkv.weight", 0, (8, 4), np.zeros((8, 4), np.float32))
+    up = WeightTensor("blk.0.ffn_up.weight", 0, (6, 4), np.zeros((6, 4), np.float32))
+    tensors = {"blk.0.attn_qkv.weight": qkv, "blk.0.ffn_up.weight": up,
+               "blk.99999999999999.ffn_up.weight": up}  # a name past any real layer count
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=split_fused(cfg, tensors)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)  # the old loop would run for days: fail, don't hang the suite
+    assert "out" in result, "split_fused walked the claimed layer count"
+    out = result["out"]
+    assert [out[f"blk.0.attn_{p}.weight"].shape[0] for p in "qkv"] == [4, 2, 2]
+    assert out["blk.0.ffn_gate.weight"].shape[0] == out["blk.0.ffn_up.weight"].shape[0] == 3

@@ -138,7 +138,9 @@ def split_fused(cfg: ModelConfig, tensors: dict[str, WeightTensor]) -> dict[str,
             tensors[part] = WeightTensor(part, t.dtype, (n,) + t.shape[1:], t.data[start:start + n])
             start += n
     tensors = dict(tensors)
-    for i in range(cfg.num_layers):
+    # the layers the file names, not range(num_layers): a damaged header may claim 2^40 layers
+    layers = {n.split(".")[1] for n in tensors if _BLOCK_RE.match(n)}
+    for i in sorted(int(d) for d in layers if len(d) < 10 and int(d) < cfg.num_layers):
         b = f"blk.{i}."
         if b + "attn_qkv.weight" in tensors:
             split(b + "attn_qkv.weight", [(b + "attn_q.weight", cfg.q_size), (b + "attn_k.weight", cfg.kv_size),
