@@ -445,7 +445,7 @@ def test_server_equals_offline_api(model_path, llm):
         forward = llm.engine.runner.forward
         llm.engine.runner.forward = lambda *a: time.sleep(0.05) or forward(*a)  # a search of seconds
         for stream in (True, False):
-            steps, aborted = aeng.stats["beam_search"]["steps"], len(aeng.aborted)
+            steps, aborted = aeng.stats["beam_search"]["steps"], aeng.num_aborted
             searching = lambda a: a.stats["beam_search"]["steps"] > steps + 2
             body = {"model": "tiny", "prompt": "the cat", "n": 4, "max_tokens": 60, "ignore_eos": True,
                     "use_beam_search": True, "stream": stream}
@@ -461,7 +461,7 @@ def test_server_equals_offline_api(model_path, llm):
                                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
                     assert aeng.wait_until(searching, timeout=60)
             assert aeng.wait_until(idle, timeout=120), aeng.stats
-            assert len(aeng.aborted) == aborted + 1, (stream, aeng.aborted[aborted:])
+            assert aeng.num_aborted == aborted + 1, (stream, aeng.aborts_since(aborted))
             assert aeng.stats["beam_search"]["steps"] - steps < 60
         llm.engine.runner.forward = forward
     finally:

@@ -292,6 +292,12 @@ BAD = [
     (C, {"prompt": "x", "use_beam_search": True, "temperature": 0.7}, 400, "temperature"),
     (C, {"prompt": "x", "use_beam_search": True, "logprobs": 2}, 400, "logprobs"),  # ignored by a search: refused
     (C, {"prompt": "x", "length_penalty": 0.5}, 400, "length_penalty"),  # beam search only
+    (C, {"prompt": "x", "deadline_s": -1}, 400, "deadline_s"),
+    (C, {"prompt": "x", "deadline_s": 0}, 400, "deadline_s"),
+    (C, {"prompt": "x", "deadline_s": "soon"}, 400, "deadline_s"),
+    (C, {"prompt": "x", "deadline_s": "nan"}, 400, "deadline_s"),
+    (CHAT, {"messages": FRANCE, "deadline_s": "inf"}, 400, "deadline_s"),
+    (C, {"prompt": "x", "use_beam_search": True, "deadline_s": 5}, 400, "deadline_s"),
     (CHAT, {"messages": FRANCE, "use_beam_search": True, "n": 2, "top_p": 0.5}, 400, "top_p"),
     (C, b'{"prompt": "x", "max_tokens": ', 400, None),
     (C, b'["prompt"]', 400, None),
@@ -329,6 +335,30 @@ def test_still_serving_after_bad_input(client, server, ref):
     assert r.choices[0].text == ref["completion"].outputs[0].text
 
 
+def test_deadline_s_extra_body_ends_requests_at_their_deadline(client, server, engine, aeng):
+    """deadline_s (tinyvllm's extra body, SamplingParams.deadline_s): both requests wait in the paused
+    engine's inbox past their deadline, so the first step ends them with nothing generated; OpenAI's
+    schema has no "deadline" reason: they finish with "length", streamed or not."""
+    wait_idle(engine, aeng)
+    body = dict(model=MODEL, prompt="The capital of France is", max_tokens=64, temperature=0)
+    aeng.pause()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(client.completions.create, **body, extra_body={"deadline_s": 0.01, "ignore_eos": True})
+            streamed = pool.submit(sse_completion, server.url, {**body, "deadline_s": 0.01, "ignore_eos": True})
+            queued(aeng, 2)
+            time.sleep(0.05)  # past both deadlines before any step runs
+            aeng.resume()
+            r, (status, text, finish) = plain.result(), streamed.result()
+    finally:
+        aeng.resume()
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text == "" and r.usage.completion_tokens == 0
+    assert (status, text, finish) == (200, "", "length")
+    r = client.completions.create(**body, extra_body={"deadline_s": 300, "ignore_eos": True})  # a far deadline changes nothing
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 64
+    wait_idle(engine, aeng)
+
+
 def test_beam_search_equals_offline(client, ref, engine, aeng):
     """use_beam_search with n (the beam width), vLLM's extra body: the n best beams are the choices, best
     first, as the engine's offline beam search (LLM.beam_search's path) returns them; streamed, each
@@ -359,7 +389,7 @@ def test_beam_search_client_that_hangs_up_is_aborted(server, engine, aeng):
     """A non-streaming beam search has no output until it ends: the server still notices the client left
     (it polls) and aborts the search; every beam's blocks go back."""
     wait_idle(engine, aeng)
-    steps, aborted = aeng.stats["beam_search"]["steps"], len(aeng.aborted)
+    steps, aborted = aeng.stats["beam_search"]["steps"], aeng.num_aborted
     body = json.dumps({"prompt": "Tell me a story", "max_tokens": 400, "n": 4, "use_beam_search": True,
                        "ignore_eos": True}).encode()
     host, port = server.url.removeprefix("http://").split(":")
@@ -368,7 +398,7 @@ def test_beam_search_client_that_hangs_up_is_aborted(server, engine, aeng):
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert aeng.wait_until(lambda a: a.stats["beam_search"]["steps"] > steps + 2)  # it is searching
     wait_idle(engine, aeng)
-    (n,) = [n for _, n in aeng.aborted[aborted:]]  # aborted, not finished
+    (n,) = [n for _, n in aeng.aborts_since(aborted)]  # aborted, not finished
     assert 0 < n < 4 * 400 and aeng.stats["beam_search"]["steps"] - steps < 400
 
 
@@ -380,7 +410,7 @@ def test_disconnect_storm_frees_everything(server, engine, aeng, ref):
     """200 streaming clients at once, 30% of them hanging up mid-stream: afterwards the KV pool is back to
     full, and every client that stayed got the text its prompt gets alone (greedy)."""
     wait_idle(engine, aeng)
-    generated, aborted = aeng.stats["generated_tokens"], len(aeng.aborted)
+    generated, aborted = aeng.stats["generated_tokens"], aeng.num_aborted
     drops = {i for i in range(STORM_CLIENTS) if i % 10 in (0, 3, 7)}  # 30%
 
     def one(i):
@@ -396,7 +426,7 @@ def test_disconnect_storm_frees_everything(server, engine, aeng, ref):
     assert [r for _, r in kept] == [(200, ref["alone"][PROMPTS[i % len(PROMPTS)]].text, "length") for i, _ in kept]
     wait_idle(engine, aeng)
     # each dropped request was aborted before its 64 tokens (one that ran on would finish, not abort)...
-    dropped = [n for _, n in aeng.aborted[aborted:]]
+    dropped = [n for _, n in aeng.aborts_since(aborted)]
     assert len(dropped) == len(drops) and all(n < 64 for n in dropped), dropped
     # ...and nothing else was generated: the kept requests' tokens plus what the dropped ones had
     assert aeng.stats["generated_tokens"] - generated == len(kept) * GEN + sum(dropped)
@@ -405,7 +435,7 @@ def test_disconnect_storm_frees_everything(server, engine, aeng, ref):
 
 def test_non_streaming_client_that_hangs_up_is_aborted(server, engine, aeng):
     wait_idle(engine, aeng)
-    before, aborted = aeng.stats["generated_tokens"], len(aeng.aborted)
+    before, aborted = aeng.stats["generated_tokens"], aeng.num_aborted
     body = json.dumps({"prompt": "Tell me a story", "max_tokens": 400, **GREEDY}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
@@ -413,7 +443,7 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server, engine, aeng):
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert aeng.wait_until(lambda a: a.stats["generated_tokens"] > before)  # it is generating
     wait_idle(engine, aeng)
-    (n,) = [n for _, n in aeng.aborted[aborted:]]  # aborted, not finished
+    (n,) = [n for _, n in aeng.aborts_since(aborted)]  # aborted, not finished
     assert 0 < n < 400 and aeng.stats["generated_tokens"] - before == n
 
 

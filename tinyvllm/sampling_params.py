@@ -125,8 +125,8 @@ class SamplingParams:
         need(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and
                                              0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
              f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs}.")
-        need(self.deadline_s is None or (isinstance(self.deadline_s, (int, float)) and self.deadline_s > 0),
-             f"deadline_s must be a positive number of seconds or None, got {self.deadline_s!r}.")
+        need(self.deadline_s is None or (isinstance(self.deadline_s, (int, float)) and 0 < self.deadline_s < math.inf),
+             f"deadline_s must be a positive, finite number of seconds or None, got {self.deadline_s!r}.")
         need(all(isinstance(s, str) and s for s in self.stop), "stop cannot contain an empty string.")
         need(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
         # n identical greedy completions are pointless; vLLM rejects them too

@@ -66,6 +66,7 @@ class _Sampling(_Body):
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra body: StructuredOutputsParams' fields
     use_beam_search: bool = False  # vLLM's extra body: beam search, beam width n, the n best beams as choices
     length_penalty: float = 1.0    # vLLM's extra body, beam search only
+    deadline_s: float | None = None  # extra body (SamplingParams.deadline_s): ends with what it has by then
 
     def constraint(self) -> StructuredOutputsParams | None:
         from_format = self.response_format.structured_outputs() if self.response_format else None
@@ -89,7 +90,7 @@ class _Sampling(_Body):
             include_stop_str_in_output=self.include_stop_str_in_output, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
-            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, deadline_s=self.deadline_s)
 
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
         """use_beam_search (vLLM's mapping: beam_width = n). A sampling field set to anything but its
