@@ -289,7 +289,7 @@ BAD = [
     (C, {"prompt": "x", "use_beam_search": True, "n": 33}, 400, "n"),  # more beams than max_num_seqs
     (C, {"prompt": "x", "use_beam_search": True, "n": 2.5}, 400, "n"),
     (C, {"prompt": "x", "use_beam_search": True, "max_tokens": 0}, 400, "max_tokens"),
-    (C, {"prompt": "x", "use_beam_search": True, "temperature": 0.7}, 400, "temperature"),
+    (C, {"prompt": "x", "use_beam_search": True, "temperature": -0.7}, 400, "temperature"),
     (C, {"prompt": "x", "use_beam_search": True, "logprobs": 2}, 400, "logprobs"),  # ignored by a search: refused
     (C, {"prompt": "x", "length_penalty": 0.5}, 400, "length_penalty"),  # beam search only
     (C, {"prompt": "x", "deadline_s": -1}, 400, "deadline_s"),
@@ -359,11 +359,12 @@ def test_deadline_s_extra_body_ends_requests_at_their_deadline(client, server, e
     wait_idle(engine, aeng)
 
 
-def test_beam_search_equals_offline(client, ref, engine, aeng):
+def test_beam_search_equals_offline(client, server, ref, engine, aeng):
     """use_beam_search with n (the beam width), vLLM's extra body: the n best beams are the choices, best
     first, as the engine's offline beam search (LLM.beam_search's path) returns them; streamed, each
-    beam arrives whole when the search ends. The engine counts the beam steps."""
-    steps = aeng.stats["beam_search"]["steps"]
+    beam arrives whole when the search ends. The engine counts the beam steps, and /metrics shows them.
+    A temperature is taken, as vLLM takes it (the sampled token joins each beam's candidates)."""
+    steps, before = aeng.stats["beam_search"]["steps"], httpx.get(server.url + "/metrics").text
     want = ref["beam"].outputs
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, n=3,
                                   extra_body={"use_beam_search": True})
@@ -382,7 +383,14 @@ def test_beam_search_equals_offline(client, ref, engine, aeng):
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
             finish[c.index] = c.finish_reason or finish.get(c.index)
     assert [(texts[i], finish[i]) for i in range(2)] == [(o.text, o.finish_reason) for o in want]
-    assert aeng.stats["beam_search"]["steps"] - steps >= 8 + 12 + 12
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, n=2,
+                                  temperature=1.0, extra_body={"use_beam_search": True})
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens > 0
+    assert aeng.stats["beam_search"]["steps"] - steps >= 8 + 12 + 12 + 4
+    m = httpx.get(server.url + "/metrics").text
+    assert metric(m, "tinyvllm:beam_search_steps_total") - metric(before, "tinyvllm:beam_search_steps_total") \
+        == aeng.stats["beam_search"]["steps"] - steps
+    assert metric(m, "tinyvllm:beam_search_rows_total") == aeng.stats["beam_search"]["beam_rows"]
 
 
 def test_beam_search_client_that_hangs_up_is_aborted(server, engine, aeng):
@@ -482,6 +490,7 @@ def test_queue_full_is_429(aeng, engine, ref):
 METRICS = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv_blocks_used": "gauge",
            "kv_blocks_free": "gauge", "kv_cache_usage_perc": "gauge", "num_preemptions": "counter",
            "prefix_cache_queries": "counter", "prefix_cache_hits": "counter", "engine_steps": "counter",
+           "beam_search_steps": "counter", "beam_search_rows": "counter",
            "time_to_first_token_seconds": "histogram", "time_per_output_token_seconds": "histogram",
            "e2e_request_latency_seconds": "histogram", "batch_size": "histogram", "prompt_tokens": "counter",
            "generation_tokens": "counter", "request_success": "counter"}
@@ -531,6 +540,7 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
         want = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 12,
                 "kv_cache_usage_perc": 0, "num_preemptions_total": eng.scheduler.num_preemptions,
                 "engine_steps_total": eng.num_steps, "batch_size_count": eng.num_steps,
+                "beam_search_steps_total": 0, "beam_search_rows_total": 0,
                 "time_to_first_token_seconds_count": 8, "time_per_output_token_seconds_count": 8,
                 "e2e_request_latency_seconds_count": 8, 'request_success_total{finished_reason="length"}': 8,
                 "prompt_tokens_total": 2 * 40 + 6 * 8, "generation_tokens_total": 2 * 4 + 6 * 40}

@@ -152,7 +152,9 @@ class BeamSearchParams:
     likeliest next tokens; candidates ending in EOS (unless ignore_eos) are set aside as finished, and
     the beam_width best of the rest live on. After max_tokens steps the beam_width best of the finished
     and live beams are returned, ranked by cum_logprob / len(tokens) ** length_penalty (tokens count the
-    prompt, and not a final EOS). tinyvllm's search is deterministic: temperature must be 0.
+    prompt, and not a final EOS). temperature > 0 (vLLM's semantics: its beam search samples each beam's
+    next token at that temperature and asks for 2 * beam_width logprobs): the sampled token joins each
+    beam's candidates, so the search may explore one token beyond the likeliest; 0 is deterministic.
     include_stop_str_in_output is accepted for vLLM compatibility; beam search has no stop strings."""
     beam_width: int
     max_tokens: int
@@ -168,8 +170,8 @@ class BeamSearchParams:
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
         need(integer(self.beam_width) and self.beam_width >= 1, f"beam_width must be at least 1, got {self.beam_width!r}.")
         need(integer(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens!r}.")
-        need(isinstance(self.temperature, (int, float)) and self.temperature == 0,
-             f"beam search here is deterministic: temperature must be 0, got {self.temperature!r}.")
+        need(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+             and 0 <= self.temperature < math.inf, f"temperature must be a non-negative number, got {self.temperature!r}.")
         need(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool)
              and math.isfinite(self.length_penalty),
              f"length_penalty must be a finite number, got {self.length_penalty!r}.")

@@ -190,7 +190,7 @@ class LLMEngine:
         self.check_beam_search(len(ids), params)
         now = time.monotonic() if arrival_time is None else arrival_time
         seq = self._beam_seq(request_id, ids, params.beam_width, now)
-        group = BeamGroup(params, seq, steps, self.eos_token_ids)
+        group = BeamGroup(params, seq, steps, self.eos_token_ids, self.sampler.rng)
         self.requests[request_id] = _Request(request_id, text, ids, [seq], RequestMetrics(arrival_time=now), beam=group)
         self.scheduler.add([seq])
         return request_id
