@@ -23,7 +23,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -218,11 +217,7 @@ def run_child(args, part: str, checkout: Path, policy: dict | None = None) -> di
            "--decode-steps", str(args.decode_steps), "--policy", json.dumps(policy or {})]
     cmd += ["--quick"] if args.quick else []
     load = os.getloadavg()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=checkout)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    if r.returncode or not lines:
-        sys.exit(f"{part} child failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = machine.child_result(cmd, f"{part} child", env=env, cwd=checkout)
     res["loadavg_before"] = load
     return res
 
@@ -247,7 +242,7 @@ def main():
     args = ap.parse_args()
     if args.child:  # tinyvllm comes from PYTHONPATH (the checkout under test), the library from TINYVLLM_LIB
         res = {"chat": child_chat, "sweep": child_sweep, "smooth": child_smooth}[args.child](args)
-        print("RESULT " + json.dumps(res))
+        machine.print_result(res)
         return
     machine.use_source_tree(False)
     here, parts = machine.ROOT, args.parts.split(",")
