@@ -18,6 +18,7 @@ import numpy as np
 
 from .outputs import Logprob
 from .sampling_params import BeamSearchParams
+from .spec.rejection import draw
 
 
 @dataclass
@@ -65,8 +66,7 @@ def top_candidates(logits: np.ndarray, k: int, temperature: float = 0.0,
     ids = ids[np.lexsort((ids, -lsm[ids]))]
     cands = [(t, lp, rank) for rank, (t, lp) in enumerate(zip(ids.tolist(), lsm[ids].tolist()), 1)]
     if temperature > 0:
-        p = np.exp((x - m) / temperature)
-        drawn = min(int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right")), len(x) - 1)
+        drawn = draw(np.exp((x - m) / temperature), rng)
         if drawn not in ids:
             cands.append((drawn, float(lsm[drawn]), 1 + int((lsm > lsm[drawn]).sum())))
     return cands
