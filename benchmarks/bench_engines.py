@@ -313,8 +313,7 @@ def markdown(d, engines) -> str:
     lc = first.get("llama.cpp", {}).get("info", {})
     lines = [
         "# tinyvllm vs llama.cpp", "",
-        ("**Smoke test (--quick): 1 repetition, not a measurement.**\n\n" if d["quick"] else "") +
-        machine.busy_warning(d["other_cpu_share"]) +
+        machine.caveats(d["other_cpu_share"], d["quick"] and "1 repetition") +
         f"{m['date']} · {cpu.get('model')} · {cpu.get('usable_cpus')} CPUs usable · "
         f"{d['threads']} threads per engine · {d['reps']} child processes per engine and model x {d['inner']} timed "
         f"runs, engines alternating · other processes' CPU share during the run {_pct(d['other_cpu_share'])} · "

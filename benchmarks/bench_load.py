@@ -316,8 +316,7 @@ def markdown(d) -> str:
     s, cpu = d["summary"], d["machine"]["cpu"]
     other = "?" if d["other_cpu_share"] is None else f"{d['other_cpu_share']:.0%}"
     lines = ["# Throughput and latency under load", "",
-             ("**Smoke test (--quick): shrunken workload, not a measurement.**\n\n" if d["quick"] else "")
-             + machine.busy_warning(d["other_cpu_share"])
+             machine.caveats(d["other_cpu_share"], d["quick"] and "shrunken workload")
              + f"{d['machine']['date']} · {cpu.get('model')} · {d['threads']} threads · git {d['machine']['git_commit']} · "
              f"other processes' CPU share during the run {other} · `benchmarks/bench_load.py`, model {d['model']}. "
              f"Every figure: median (min-max) of {d['repeats']} runs, each in its own child process; the load "

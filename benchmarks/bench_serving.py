@@ -470,8 +470,7 @@ def markdown(d) -> str:
     ]
     lines = [
         "# Serving: paged KV, continuous batching, llama.cpp", "",
-        ("**Smoke test (--quick): shrunken workload, not a measurement.**\n\n" if d["quick"] else "") +
-        machine.busy_warning(d["other_cpu_share"]) +
+        machine.caveats(d["other_cpu_share"], d["quick"] and "shrunken workload") +
         f"{d['machine']['date']} · {cpu.get('model')} · {cpu.get('usable_cpus')} CPUs usable · {d['threads']} threads · "
         f"other processes' CPU share during the run {other} · "
         f"git {d['machine']['git_commit']} · tinyvllm {tv.get('version', '?')} (kernels `{tv.get('kernel_path', '?')}`)", "",

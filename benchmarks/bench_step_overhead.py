@@ -156,9 +156,7 @@ def main():
                      f"{statistics.median(b['overhead_s']) / statistics.median(a['overhead_s']):.2f}x",
                      f"{statistics.median(b['bm_calls']):.0f}", f"{statistics.median(a['bm_calls']):.0f}",
                      f"{statistics.median(b['wall_s']) * 1e3:.1f}", f"{statistics.median(a['wall_s']) * 1e3:.1f}"])
-    md = ("# Python overhead per decode step\n\n"
-          + ("**Smoke test (--quick), not a measurement.**\n\n" if args.quick else "")
-          + f"{machine.busy_warning(data['other_load_share'])}"
+    md = ("# Python overhead per decode step\n\n" + machine.caveats(data["other_load_share"], args.quick) +
           f"`benchmarks/bench_step_overhead.py`: {args.model}, {args.threads} threads, temperature 0.8 / top-p "
           f"0.95, {args.steps} decode steps x {args.repeats} child runs per cell, before = {commits['before']}, "
           f"after = {commits['after']}, children alternating. Overhead = step wall time minus time inside the "

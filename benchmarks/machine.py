@@ -130,6 +130,13 @@ def busy_warning(other_share) -> str:
     return ""
 
 
+def caveats(other_share, quick: bool | str = False) -> str:
+    """A report's opening warnings: a --quick run is a smoke test (quick: True, or what it shrank), and
+    busy_warning's."""
+    detail = f": {quick}" if isinstance(quick, str) else ""
+    return (f"**Smoke test (--quick){detail}, not a measurement.**\n\n" if quick else "") + busy_warning(other_share)
+
+
 # ---- measured ceilings (benchmarks/membw.c) ------------------------------------------------------
 def _membw() -> Path | None:
     src = Path(__file__).with_name("membw.c")
