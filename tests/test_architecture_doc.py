@@ -14,10 +14,10 @@ TICKED = re.compile(r"`([^`]+)`")
 
 def tracked_files() -> set[str]:
     """The files the table must list: every tracked file under LISTED_TREES, tests/ without its test
-    files (the helpers only)."""
+    files (the helpers only), packages without their __init__.py."""
     out = subprocess.run(["git", "ls-files", *LISTED_TREES], cwd=ROOT, capture_output=True, text=True, check=True)
     return {f for f in out.stdout.splitlines()
-            if not (f.startswith(("tests/test_", "native/tests/test_")) or f.endswith("__init__.py"))}
+            if not (f.startswith("tests/test_") or f.endswith("__init__.py"))}
 
 
 def table_files(text: str) -> set[str]:
