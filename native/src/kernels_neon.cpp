@@ -69,47 +69,35 @@ namespace tv {
 namespace {
 
 // Block scales: one FCVT (ACLE __fp16 is baseline on aarch64) instead of the portable bit twiddling.
-inline float half(const uint8_t *p) {
+inline float half(const uint8_t *b, int off = 0) {
     __fp16 h;
-    std::memcpy(&h, p, 2);
+    std::memcpy(&h, b + off, 2);
     return (float)h;
 }
 
 // ---- float dots (both paths) ----------------------------------------------------------------
 
-float dot_f32(const float *w, const float *x, int64_t n) {
+// FCVTL (half -> float) is baseline ARMv8 Advanced SIMD: no +fp16 extension needed.
+inline float32x4_t load4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+inline float32x4_t load4(const float *p) { return vld1q_f32(p); }
+inline float to_f32(uint16_t v) { return fp16_to_fp32(v); }
+inline float to_f32(float v) { return v; }
+
+template <class T>  // float or f16 weights
+float dot(const T *w, const float *x, int64_t n) {
     float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;  // 4 chains hide FMA latency
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
-        a1 = vfmaq_f32(a1, vld1q_f32(w + i + 4), vld1q_f32(x + i + 4));
-        a2 = vfmaq_f32(a2, vld1q_f32(w + i + 8), vld1q_f32(x + i + 8));
-        a3 = vfmaq_f32(a3, vld1q_f32(w + i + 12), vld1q_f32(x + i + 12));
+        a0 = vfmaq_f32(a0, load4(w + i), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, load4(w + i + 4), vld1q_f32(x + i + 4));
+        a2 = vfmaq_f32(a2, load4(w + i + 8), vld1q_f32(x + i + 8));
+        a3 = vfmaq_f32(a3, load4(w + i + 12), vld1q_f32(x + i + 12));
     }
-    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
+    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, load4(w + i), vld1q_f32(x + i));
     float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
-    for (; i < n; i++) s = std::fma(w[i], x[i], s);
+    for (; i < n; i++) s = std::fma(to_f32(w[i]), x[i], s);
     return s;
 }
-
-// FCVTL (half -> float) is baseline ARMv8 Advanced SIMD: no +fp16 extension needed.
-inline float32x4_t load_h4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-
-float dot_f16(const uint16_t *w, const float *x, int64_t n) {
-    float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = vfmaq_f32(a0, load_h4(w + i), vld1q_f32(x + i));
-        a1 = vfmaq_f32(a1, load_h4(w + i + 4), vld1q_f32(x + i + 4));
-        a2 = vfmaq_f32(a2, load_h4(w + i + 8), vld1q_f32(x + i + 8));
-        a3 = vfmaq_f32(a3, load_h4(w + i + 12), vld1q_f32(x + i + 12));
-    }
-    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, load_h4(w + i), vld1q_f32(x + i));
-    float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
-    for (; i < n; i++) s = std::fma(fp16_to_fp32(w[i]), x[i], s);
-    return s;
-}
-
 
 // ---- weight slices (formats.h shapes) as int8: a = values 0..15, b = values 16..31 ------------
 
@@ -199,17 +187,8 @@ struct Scales {
         if constexpr (F::D_AT >= 0) {
             s.d[0][0] = half(w + F::D_AT);
             if constexpr (F::HAS_MIN) s.m[0][0] = half(w + F::M_AT);
-        } else {  // F::scales with FCVT for the f16 super-scales (same products: the same bits)
-            int8_t v[32] = {};
-            F::scale_ints(w, v);
-            const float d = half(w + F::SD_AT);
-            float nd = 0.0f;
-            if constexpr (F::HAS_MIN) nd = -half(w + F::SDMIN_AT);
-            for (int j = 0; j < F::SLICES; j++)
-                for (int h = 0; h < 2; h++) {
-                    s.d[j][h] = d * (float)v[sc_index<F>(j, h)];
-                    if constexpr (F::HAS_MIN) s.m[j][h] = nd * (float)v[mn_index<F>(j, h)];
-                }
+        } else {
+            k_scales<F, half>(w, s);  // F::scales with FCVT for the f16 super-scales: the same bits
         }
     }
     // {h0, h0, h1, h1}: per-half values in the lane layout of a TWO_SCALES integer dot
@@ -722,7 +701,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
     if (f16) {
         const uint16_t *h = reinterpret_cast<const uint16_t *>(src);
         int i = 0;
-        for (; i + 4 <= hd; i += 4) vst1q_f32(dst + i, load_h4(h + i));
+        for (; i + 4 <= hd; i += 4) vst1q_f32(dst + i, load4(h + i));
         for (; i < hd; i++) dst[i] = fp16_to_fp32(h[i]);
     } else {
         std::memcpy(dst, src, sizeof(float) * hd);
@@ -730,7 +709,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 }
 TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row, exp_in_place_libm)
 Kernels make_neon_table() {
-    Kernels k = make_kernels("neon", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
+    Kernels k = make_kernels("neon", dot<float>, dot<uint16_t>, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
     k.rows[FmtQ2_K::DTYPE] = rows_NeonDot<FmtQ2_K>;  // per-half mins: the one format its QuantGemm leaves to rows[]
     k.gemm = &gemm_NeonDot;
     return k;
