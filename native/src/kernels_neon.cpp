@@ -506,15 +506,12 @@ TV_NOINLINE void micro_neon(const Panel &P, const GemmPrep &x, int64_t t, int64_
         int32x4_t id[NW];
         for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
         mlal8(id, pw, 0, xt, eight), mlal8(id, pw, 1, xt, eight);
-        if constexpr (F::TWO_SCALES) {
+        if constexpr (F::TWO_SCALES) {  // the first half's dots with its own scale
             fold(acc, id, P.d.data() + b * NW, dx);
             for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
-            mlal8(id, pw, 2, xt, eight), mlal8(id, pw, 3, xt, eight);
-            fold(acc, id, P.d2.data() + b * NW, dx);
-        } else {
-            mlal8(id, pw, 2, xt, eight), mlal8(id, pw, 3, xt, eight);
-            fold(acc, id, P.d.data() + b * NW, dx);
         }
+        mlal8(id, pw, 2, xt, eight), mlal8(id, pw, 3, xt, eight);
+        fold(acc, id, (F::TWO_SCALES ? P.d2 : P.d).data() + b * NW, dx);
         fold_min<F>(acc, P.mn.data() + b * NW, x.xs.data() + tb * TW);
     }
     store_tile(acc, nw, ni, t * TW, y, ldy);
@@ -567,15 +564,12 @@ TV_DOTPROD TV_NOINLINE void micro_dotprod(const Panel &P, const GemmPrep &x, int
         int32x4_t id[NW];
         for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
         sdot_half<F>(id, wv, xh, xl, corr, 0, q0);
-        if constexpr (F::TWO_SCALES) {
+        if constexpr (F::TWO_SCALES) {  // the first half's dots with its own scale
             fold(acc, id, P.d.data() + b * NW, dx);
             for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
-            sdot_half<F>(id, wv, xh, xl, corr, 1, q1);
-            fold(acc, id, P.d2.data() + b * NW, dx);
-        } else {
-            sdot_half<F>(id, wv, xh, xl, corr, 1, q1);
-            fold(acc, id, P.d.data() + b * NW, dx);
         }
+        sdot_half<F>(id, wv, xh, xl, corr, 1, q1);
+        fold(acc, id, (F::TWO_SCALES ? P.d2 : P.d).data() + b * NW, dx);
         fold_min<F>(acc, P.mn.data() + b * NW, x.xs.data() + tb * TW);
     }
     store_tile(acc, nw, ni, t * TW, y, ldy);
