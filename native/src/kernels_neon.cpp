@@ -181,19 +181,18 @@ TV_INLINE W8 unpack(const uint8_t *blk) {
 // (as fast as before the traits); K super-blocks convert F::scale_ints, once per block of a
 // weight row (shared by its NX activation rows).
 template <class F>
-struct Scales {
+TV_INLINE BlockScales<F::SLICES> scales(const uint8_t *w) {
     BlockScales<F::SLICES> s;
-    TV_INLINE explicit Scales(const uint8_t *w) {
-        if constexpr (F::D_AT >= 0) {
-            s.d[0][0] = half(w + F::D_AT);
-            if constexpr (F::HAS_MIN) s.m[0][0] = half(w + F::M_AT);
-        } else {
-            k_scales<F, half>(w, s);  // F::scales with FCVT for the f16 super-scales: the same bits
-        }
+    if constexpr (F::D_AT < 0) {
+        k_scales<F, half>(w, s);  // F::scales with FCVT for the f16 super-scales: the same bits
+    } else {
+        s.d[0][0] = half(w + F::D_AT);
+        if constexpr (F::HAS_MIN) s.m[0][0] = half(w + F::M_AT);
     }
-    // {h0, h0, h1, h1}: per-half values in the lane layout of a TWO_SCALES integer dot
-    TV_INLINE static float32x4_t halves(const float *h) { return vcombine_f32(vdup_n_f32(h[0]), vdup_n_f32(h[1])); }
-};
+    return s;
+}
+// {h0, h0, h1, h1}: per-half values in the lane layout of a TWO_SCALES integer dot
+TV_INLINE float32x4_t halves(const float *h) { return vcombine_f32(vdup_n_f32(h[0]), vdup_n_f32(h[1])); }
 
 // Sum of x per 16-value half, lanes {a, a, b, b} (Q2_K's per-half mins: sum_j m_h x_j).
 TV_INLINE int32x4_t xsum_halves(const int16_t *x) {
@@ -306,11 +305,11 @@ struct DotprodDot {
 // between two accumulator sets (even / odd) to hide the FMA latency.
 #define TV_ROWS(ATTR, Dot)                                                                               \
     template <class F, int NX, int S>                                                                    \
-    ATTR TV_INLINE void slice_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, const Scales<F> &sc, \
-                                    float32x4_t *acc) {                                                  \
+    ATTR TV_INLINE void slice_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb,                      \
+                                    const BlockScales<F::SLICES> &sc, float32x4_t *acc) {                \
         static_assert(F::TWO_SCALES && F::TWO_MINS, "the QuantGemm runs every other format");             \
         const auto p = Dot::template prep<F>(unpack<F, S>(w));                                           \
-        const float32x4_t dv = Scales<F>::halves(sc.s.d[S]), mv = Scales<F>::halves(sc.s.m[S]);          \
+        const float32x4_t dv = halves(sc.d[S]), mv = halves(sc.m[S]);                                  \
         for (int i = 0; i < NX; i++) {                                                                   \
             const ActBlock &xb = x[i * nb + S];                                                          \
             const float32x4_t isum = vcvtq_f32_s32(Dot::template dot_x<F>(p, Dot::load_x(xb.qs)));       \
@@ -321,7 +320,7 @@ struct DotprodDot {
     template <class F, int NX, int... S>                                                                 \
     ATTR TV_INLINE void block_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, float32x4_t *acc0,  \
                                     float32x4_t *acc1, std::integer_sequence<int, S...>) {               \
-        const Scales<F> sc(w);                                                                           \
+        const auto sc = scales<F>(w);                                                                    \
         (slice_##Dot<F, NX, S>(w, x, nb, sc, S % 2 ? acc1 : acc0), ...);                                 \
     }                                                                                                    \
     template <class F, int NX>                                                                           \
@@ -433,7 +432,7 @@ struct Panel {
 template <class F, int... S>
 TV_INLINE void fill_block(Panel &P, const uint8_t *w0, const size_t *off, int64_t b0, std::integer_sequence<int, S...>) {
     BlockScales<F::SLICES> sc[NW];
-    for (int r = 0; r < NW; r++) sc[r] = Scales<F>(w0 + off[r]).s;
+    for (int r = 0; r < NW; r++) sc[r] = scales<F>(w0 + off[r]);
     auto slice = [&](auto s_) {
         constexpr int s = decltype(s_)::value;
         const size_t b = (size_t)(b0 + s);
@@ -583,9 +582,9 @@ template <class F>
 TV_INLINE void group_scales4(const uint8_t *w0, const size_t *off, float (*d)[2][NW], float (*mn)[NW]) {
     if constexpr (F::D_AT >= 0) {
         for (int r = 0; r < NW; r++) {
-            const Scales<F> sc(w0 + off[r]);
-            d[0][0][r] = d[0][1][r] = sc.s.d[0][0];
-            mn[0][r] = F::HAS_MIN ? sc.s.m[0][0] : 0.0f;
+            const auto sc = scales<F>(w0 + off[r]);
+            d[0][0][r] = d[0][1][r] = sc.d[0][0];
+            mn[0][r] = F::HAS_MIN ? sc.m[0][0] : 0.0f;
         }
     } else {
         static_assert(nsc<F>() + (F::HAS_MIN ? F::SLICES : 0) <= 16 && !F::TWO_MINS, "one 16-byte row of integers");
