@@ -72,3 +72,13 @@ def test_spm_merges_gemma3_262k(tmp_path, monkeypatch):
     fast = T._spm_merges(tokens, types, scores, vocab)
     assert len(fast) > 500_000 and fast == _loop_merges(tokens, types, scores, vocab)
     assert T._spm_merges(tokens, types, scores, vocab) == fast  # from the cache
+
+
+def test_merge_pairs_split_like_llamacpp(reference_gguf_path):
+    """Byte-level merges split at the first space after the first character (llama.cpp's rule), on the
+    reference vocabulary and on texts that start with a space, lack one or hold several."""
+    odd = [" a b", "ab", "a  b", "  ", "a b c", " ", "x ", "Ġ Ġ", "é ñ"]
+    texts = odd + parse_gguf(reference_gguf_path).metadata["tokenizer.ggml.merges"]
+    assert T._merge_pairs(texts) == [T._split_merge(m) for m in texts]
+    assert T._merge_pairs(odd) == [(" a", "b"), ("a", "ab"), ("a", " b"), (" ", ""), ("a", "b c"), ("", " "),
+                                   ("x", ""), ("Ġ", "Ġ"), ("é", "ñ")]

@@ -112,6 +112,18 @@ def _add_gguf_added_tokens(tok: _HFTokenizer, md: dict, tokens, types):
     tok.add_tokens([added(i, False) for i in np.flatnonzero(kinds == _USER_DEFINED).tolist() if tokens[i]])
 
 
+def _split_merge(m: str) -> tuple[str, str]:
+    """Split at the first space after the first character, like llama.cpp: the left part is never empty."""
+    k = m.find(" ", 1)
+    return m[:k], m[k + 1:]
+
+
+def _merge_pairs(texts: list[str]) -> list[tuple[str, str]]:
+    """_split_merge of every merge text; str.partition does it in C for those that neither start with
+    a space nor lack one (all of a real vocabulary's)."""
+    return [(a, b) if a and sep else _split_merge(m) for m, (a, sep, b) in zip(texts, map(str.partition, texts, repeat(" ")))]
+
+
 def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokenizer, bool]:
     """The tokenizer, and whether it has placeholder ids (>= len(tokens)) to drop from its output."""
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated token keeps its first id
@@ -120,8 +132,7 @@ def _gguf_gpt2(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokeni
     # would merge them. A placeholder id keeps the byte in place while merging; encode() drops it.
     missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
     vocab.update({c: len(tokens) + k for k, c in enumerate(sorted(missing))})
-    # split at the first space after the first character, like llama.cpp: the left part is never empty
-    merges = [(m[:k], m[k + 1:]) for m in md.get("tokenizer.ggml.merges", []) for k in (m.find(" ", 1),)]
+    merges = _merge_pairs(md.get("tokenizer.ggml.merges", []))
     normalizer, pre_tokenizer, ignore_merges = _byte_level(str(md.get("tokenizer.ggml.pre", "gpt2")))
     tok = _HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
     if normalizer is not None:
