@@ -23,15 +23,21 @@ def _child(code: str, *args) -> str:
     return r.stdout
 
 
+# Packages a plain LLM() on a GGUF has no use for: each costs tens of milliseconds to import.
+_NOT_AT_LOAD = ("gguf", "llguidance", "fastapi", "uvicorn", "tinygrad", "sentencepiece", "huggingface_hub", "safetensors.torch")
+
+
 def test_load_does_not_import_gguf(tiny_gguf):
     """LLM() on a GGUF runs without the `gguf` package's ~60 ms import (the loader's own parser and the
-    format table in model/weights.py do its work); dequantize() still reaches for it when asked."""
+    format table in model/weights.py do its work), nor the server's, structured outputs', tinygrad's or
+    the downloaders' packages; dequantize() still reaches for gguf when asked."""
     out = _child("import sys\nfrom tinyvllm import LLM\n"
                  "llm = LLM(sys.argv[1], threads=1, max_model_len=64, max_num_seqs=1)\n"
+                 f"print('after load', sorted(set({_NOT_AT_LOAD!r}) & sys.modules.keys()))\n"
                  "print('after load', 'gguf' in sys.modules)\n"
                  "next(iter(llm.engine.weights.tensors.values())).dequantize()\n"
                  "print('after dequantize', 'gguf' in sys.modules)\n", tiny_gguf)
-    assert "after load False" in out and "after dequantize True" in out, out
+    assert "after load []" in out and "after load False" in out and "after dequantize True" in out, out
 
 
 def test_model_without_template_does_not_import_jinja2(tiny_gguf):
