@@ -93,7 +93,7 @@ def _both_paths(md, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(T, "_SP_ENCODER_FROM", 0)
         sp = T.Tokenizer.from_gguf_metadata(md)
-    assert bpe._backend.encoder is None and sp._backend.encoder is not None
+    assert isinstance(bpe._backend, T._HFBackend) and isinstance(sp._backend, T._SPBackendGGUF)
     return bpe, sp
 
 
@@ -107,9 +107,11 @@ def _special_mixes(tok, n: int = 200, seed: int = 0) -> list[str]:
             for _ in range(n)]
 
 
-def test_sentencepiece_encoder_equals_bpe(tmp_path, monkeypatch):
-    """The sentencepiece encoder gives the BPE's ids on every check string and on texts full of control and
-    user-defined token texts; decoding (the same `tokenizers` pipeline) and token bytes are unchanged."""
+def test_sentencepiece_backend_equals_bpe(tmp_path, monkeypatch):
+    """The sentencepiece backend gives the BPE pipeline's ids on every check string and on texts full of
+    control and user-defined token texts, and decodes as that pipeline does (byte runs that are not UTF-8,
+    specials skipped or kept, ids past the vocabulary, incremental detokenizing), with the same pieces,
+    ids, special ids and token bytes."""
     import random
     from tiny_models import spm_vocab_metadata, tokenizer_check_strings
     monkeypatch.setenv("TINYVLLM_CACHE", str(tmp_path))
@@ -120,11 +122,25 @@ def test_sentencepiece_encoder_equals_bpe(tmp_path, monkeypatch):
     for s in texts:
         assert sp.encode(s) == bpe.encode(s), s
         assert sp.encode(s, add_special_tokens=False) == bpe.encode(s, add_special_tokens=False), s
-    rng = random.Random(1)
-    for _ in range(300):
-        ids = [rng.randrange(len(bpe)) for _ in range(rng.randint(1, 20))]
-        assert sp.decode(ids) == bpe.decode(ids) and sp.decode(ids, False) == bpe.decode(ids, False)
+    n, rng = len(bpe), random.Random(1)
+    byte_ids = [i for i in range(n) if bpe.convert_ids_to_tokens(i).startswith("<0x")]
+    assert len(byte_ids) == 256
+    for _ in range(2000):
+        ids = [rng.choice(byte_ids) if rng.random() < 0.4 else rng.randrange(n + 5) for _ in range(rng.randint(0, 16))]
+        for skip in (True, False):
+            assert sp.decode(ids, skip) == bpe.decode(ids, skip), ids
+        d_sp, d_bpe = sp.detokenizer(ids[:2]), bpe.detokenizer(ids[:2])
+        assert [d_sp.add(i) for i in ids[2:]] + [d_sp.flush()] == [d_bpe.add(i) for i in ids[2:]] + [d_bpe.flush()]
+    for bad in (-1, 2**32):
+        for tok in (sp, bpe):
+            with pytest.raises(OverflowError):
+                tok.decode([bad])
+    assert sp.convert_ids_to_tokens(list(range(n + 3))) == bpe.convert_ids_to_tokens(list(range(n + 3)))
+    pieces = [bpe.convert_ids_to_tokens(i) for i in range(n)] + ["no such piece", "", "\u2581x\u2581"]
+    assert sp.convert_tokens_to_ids(pieces) == bpe.convert_tokens_to_ids(pieces)
     assert sp.token_bytes() == bpe.token_bytes() and sp.eos_token_ids == bpe.eos_token_ids
+    assert (sp.all_special_ids, len(sp), sp.bos_token, sp.eos_token) == (bpe.all_special_ids, len(bpe), bpe.bos_token,
+                                                                         bpe.eos_token)
     assert len(list((tmp_path / "tokenizer").glob("*.model"))) == 1  # the model proto, cached
 
 
@@ -158,7 +174,7 @@ def test_sentencepiece_encoder_only_where_equal(tmp_path, monkeypatch, change):
     monkeypatch.setenv("TINYVLLM_CACHE", str(tmp_path))
     md = {k: v for k, v in {**spm_vocab_metadata("gemma3"), **change}.items() if v is not None}
     monkeypatch.setattr(T, "_SP_ENCODER_FROM", 0)
-    assert T.Tokenizer.from_gguf_metadata(md)._backend.encoder is None
+    assert isinstance(T.Tokenizer.from_gguf_metadata(md)._backend, T._HFBackend)
 
 
 @pytest.mark.skipif(not GEMMA.exists(), reason="gemma3-270m not downloaded")

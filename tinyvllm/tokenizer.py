@@ -282,6 +282,10 @@ class _SPEncoder:
                 or unk_id is None or len(vocab) != len(tokens) or kinds.min() < _NORMAL or kinds.max() > _BYTE
                 or any("\u2581" in t for t in user_defined)):  # sentencepiece would match those after escaping spaces
             return None
+        try:
+            "\0".join(tokens).encode("utf-8")
+        except UnicodeEncodeError:  # a piece that is not UTF-8 (surrogate-escaped bytes): `tokenizers` refuses it too
+            return None
         path = cache_dir() / "tokenizer" / f"{_vocab_digest(b'spm-proto-1', tokens, types, scores)}.model"
         with contextlib.suppress(OSError):
             sp = _load_spm(path.read_bytes(), tokens)
@@ -332,13 +336,94 @@ class _SPEncoder:
         return out
 
 
-def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokenizer, _SPEncoder | None]:
-    """The `tokenizers` pipeline, and the sentencepiece encoder that replaces its encode() where there is
-    one: then the pipeline decodes only, and its BPE needs no merges."""
+class _SPBackendGGUF:
+    """A GGUF sentencepiece vocabulary that _SPEncoder encodes. Decoding is the `tokenizers` pipeline's
+    rule, written out (building that pipeline only to decode costs ~0.2 s and ~60 MiB at 262K pieces):
+    special (control, unknown) ids are skipped when asked, every piece has "▁" turned into a space, runs
+    of byte pieces "<0xNN>" become their bytes, or one U+FFFD per byte where they are not UTF-8, and the
+    pieces are joined. Ids out of range decode to nothing; negative or >= 2**32 ones raise OverflowError.
+    tests/test_tokenizer_build.py compares every method with that pipeline."""
+
+    def __init__(self, encoder: _SPEncoder, tokens: list[str], types: list[int]):
+        self.encoder, self.pieces = encoder, tokens
+        kinds = np.asarray(types)
+        self.special_ids = {i for i in np.flatnonzero((kinds == _CONTROL) | (kinds == _UNKNOWN)).tolist() if tokens[i]}
+        self.added_ids = self.special_ids | {i for i in np.flatnonzero(kinds == _USER_DEFINED).tolist() if tokens[i]}
+        self.vocab_size = len(tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoder.encode(text)
+
+    @staticmethod
+    def _byte(piece: str):
+        """The byte a piece "<0xNN>" stands for (as `tokenizers`' ByteFallback reads it: six bytes, two hex
+        digits or '+' and one), else None."""
+        if len(piece) == 6 and piece.startswith("<0x") and piece[5] == ">" and piece.isascii():
+            h = piece[3:5]
+            if all(c in "0123456789abcdefABCDEF" for c in h.lstrip("+")) and h.lstrip("+") and h[1] != "+":
+                return int(h, 16)
+        return None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        out, run = [], bytearray()
+        n, special, pieces = len(self.pieces), self.special_ids, self.pieces
+        for i in ids:
+            if not 0 <= i < 2**32:
+                raise OverflowError(f"token id {i} does not fit in an unsigned 32-bit integer")
+            if i >= n or (skip_special_tokens and i in special):
+                continue
+            piece = pieces[i].replace("\u2581", " ")
+            b = self._byte(piece)
+            if b is not None:
+                run.append(b)
+                continue
+            if run:
+                out.append(self._flush(run))
+            out.append(piece)
+        if run:
+            out.append(self._flush(run))
+        return "".join(out)
+
+    @staticmethod
+    def _flush(run: bytearray) -> str:
+        try:
+            text = run.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "\ufffd" * len(run)
+        run.clear()
+        return text
+
+    def id_to_token(self, i: int):
+        if not 0 <= i < 2**32:
+            raise OverflowError(f"token id {i} does not fit in an unsigned 32-bit integer")
+        return self.pieces[i] if i < len(self.pieces) else None
+
+    def token_to_id(self, t: str):
+        try:
+            i = self.encoder.sp.piece_to_id(t)  # the unknown piece's id for text that is no piece
+        except (TypeError, UnicodeError, RuntimeError):
+            return None
+        return i if self.pieces[i] == t else None
+
+    def token_bytes(self) -> list[bytes]:
+        """As _HFBackend.token_bytes reads a ByteFallback pipeline: byte pieces are their byte, added
+        tokens their own text, other pieces their text with "▁" as a space."""
+        out = [bytes([int(p[3:5], 16)]) if p.startswith("<0x") and _BYTE_PIECE.fullmatch(p)
+               else p.replace("\u2581", " ").encode() for p in self.pieces]
+        for i in self.added_ids:
+            out[i] = self.pieces[i].encode()
+        return out
+
+
+def _gguf_spm(md: dict, tokens: list[str], types: list[int]):
+    """The backend of a sentencepiece vocabulary: _SPBackendGGUF where sentencepiece encodes it exactly
+    (Gemma 3), else the `tokenizers` pipeline over derived merges."""
     scores = md.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]  # numbers: checked
     vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated piece keeps its first id
     encoder = _SPEncoder.for_gguf(md, tokens, types, scores, vocab)
-    merges = [] if encoder is not None else _spm_merges(tokens, types, scores, vocab)
+    if encoder is not None:
+        return _SPBackendGGUF(encoder, tokens, types)
+    merges = _spm_merges(tokens, types, scores, vocab)
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
     if unk_id is None:
         unk_id = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
@@ -350,7 +435,7 @@ def _gguf_spm(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokeniz
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     _add_gguf_added_tokens(tok, md, tokens, types)
-    return tok, encoder
+    return _HFBackend(tok)
 
 
 @contextlib.contextmanager
@@ -370,15 +455,13 @@ def _gc_paused():
 class _HFBackend:
     """A `tokenizers.Tokenizer` (from tokenizer.json or rebuilt from a GGUF vocab)."""
 
-    def __init__(self, tok: _HFTokenizer, placeholders_from: int | None = None, encoder: _SPEncoder | None = None):
-        self.tok, self.encoder = tok, encoder  # encoder: encodes instead of tok (tok decodes)
+    def __init__(self, tok: _HFTokenizer, placeholders_from: int | None = None):
+        self.tok = tok
         self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._cut = placeholders_from  # ids from here on are placeholders, never output
 
     def encode(self, text: str) -> list[int]:
-        if self.encoder is not None:
-            return self.encoder.encode(text)
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return ids if self._cut is None else [i for i in ids if i < self._cut]
 
@@ -516,13 +599,13 @@ class Tokenizer:
         `tokenizers` library's own errors, e.g. a merge naming a token not in the vocabulary, included)."""
         kind = str(md.get("tokenizer.ggml.model", ""))
         tokens, types = _gguf_vocab_arrays(md)
-        placeholders, encoder = False, None
         try:
             with _gc_paused():
                 if kind == "gpt2":
                     tok, placeholders = _gguf_gpt2(md, tokens, types)
+                    backend = _HFBackend(tok, len(tokens) if placeholders else None)
                 elif kind == "llama":
-                    tok, encoder = _gguf_spm(md, tokens, types)
+                    backend = _gguf_spm(md, tokens, types)
                 else:
                     raise ModelFormatError(f"unsupported GGUF tokenizer.ggml.model {kind!r} (supported: gpt2, llama)")
         except ModelFormatError:
@@ -537,7 +620,6 @@ class Tokenizer:
                      if k.startswith("tokenizer.chat_template.")}
         if md.get("tokenizer.chat_template"):
             templates["default"] = md["tokenizer.chat_template"]
-        backend = _HFBackend(tok, len(tokens) if placeholders else None, encoder)
         return cls(backend, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                    extra_eos_ids=[i for i in (ids["eot"], ids["eom"]) if i is not None],
                    prefix_ids=[ids["bos"]] if add_bos else [], suffix_ids=[ids["eos"]] if add_eos else [],
