@@ -6,9 +6,9 @@ BPE) as BPE with merges derived from the piece scores (an adjacent pair whose co
 merges, best score first: sentencepiece's and llama.cpp's rule), byte fallback and "▁" for spaces.
 Control and unknown tokens become special added tokens ("<|im_start|>" in text is one id),
 user-defined ones plain added tokens. Large sentencepiece vocabularies without a dummy prefix (Gemma 3's
-262K) encode through the sentencepiece library over a model proto written from the GGUF arrays (same ids,
-~10x cheaper to load than the `tokenizers` BPE over 513K derived merges; see _SPEncoder); the `tokenizers`
-pipeline, then without merges, still decodes.
+262K) are the exception: the sentencepiece library encodes them over a model proto written from the GGUF
+arrays (same ids, ~10x cheaper to load than the `tokenizers` BPE over 513K derived merges; _SPEncoder),
+and _SPBackendGGUF decodes them by that pipeline's rule, written out.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ _LLAMA3_RE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
 _CACHE_MERGES_FROM = 65536  # vocabulary size from which derived sentencepiece merges are cached
-_SP_ENCODER_FROM = 65536  # ... and from which the sentencepiece library encodes instead (see _SPEncoder)
+_SP_ENCODER_FROM = 65536  # ... and from which sentencepiece encodes those without a dummy prefix (_SPEncoder)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
