@@ -245,9 +245,11 @@ def _load_spm(proto: bytes, tokens: list[str]):
     """The sentencepiece processor of a serialized model if it loads and holds these pieces (every
     4096th checked: a cached file is named by its content's hash), else None."""
     import sentencepiece
+    if not proto:
+        return None
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
-    except (RuntimeError, OSError, ValueError):
+    except Exception:  # noqa: BLE001  whatever sentencepiece makes of a damaged file: the caller rebuilds it
         return None
     if sp.get_piece_size() != len(tokens) or any(sp.id_to_piece(i) != tokens[i] for i in range(0, len(tokens), 4096)):
         return None
