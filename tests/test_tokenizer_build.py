@@ -154,9 +154,10 @@ def test_sentencepiece_encoder_cache(tmp_path, monkeypatch):
     bpe, sp = _both_paths(md, monkeypatch)
     (cached,) = (tmp_path / "tokenizer").glob("*.model")
     good = cached.read_bytes()
-    cached.write_bytes(good[: len(good) // 2])  # truncated
-    _, sp = _both_paths(md, monkeypatch)
-    assert cached.read_bytes() == good and [sp.encode(s) for s in texts] == [bpe.encode(s) for s in texts]
+    for damaged in (good[: len(good) // 2], b"", b"\x0a\x05other"):  # truncated, empty, another proto
+        cached.write_bytes(damaged)
+        _, sp = _both_paths(md, monkeypatch)
+        assert cached.read_bytes() == good and [sp.encode(s) for s in texts] == [bpe.encode(s) for s in texts]
     scores = list(md["tokenizer.ggml.scores"])
     scores[300], scores[301] = scores[301], scores[300]
     md2 = dict(md, **{"tokenizer.ggml.scores": scores})
