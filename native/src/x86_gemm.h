@@ -2,7 +2,10 @@
 // kernels_avx512.cpp each define TV_ISA (their target attribute) and an ISA traits struct, include
 // this file, and instantiate `x86_gemm<Isa>`. What a traits struct `I` holds:
 //   unpack<F>(blk, s) -> W16        a slice as int16 lanes (x86_common.h's unpack, or a faster form)
-//   dot_half(w, x), dot8(lo, hi, x) 16 / 32 weights against int16 activations as 8 int32 lanes
+//   decode_act(qs, out)             one activation slice's int16 values in the order slice_dots reads
+//   slice_dots<F, NR>(blk, off, s, x, nb, b, d0, d1)  decode: slice s of 8 rows' blocks (blk + off[r])
+//                                   against NR activation rows: per row i, lane r = row r's exact
+//                                   integer dot (TWO_SCALES: d0 values 0..15, d1 values 16..31)
 //   halves<AT, BYTES>(w0, off, voff, second)  the f16 at byte AT of 8 rows' blocks as 8 float lanes
 //                                   (second: also the f16 right after it)
 //   dot_pairs(acc, w, x)            acc + w . x per int16 pair, 8 int32 lanes (for Ymm below)
@@ -52,7 +55,8 @@ struct alignas(64) Blk16 {
 };
 
 struct Prep {
-    std::vector<Blk16> qs;       // [m][nb] (decode path)
+    std::vector<Blk16> qs;       // [m][nb] (decode path, in I::decode_act's order)
+    std::vector<int32_t> sum;    // [m][nb][2]: the integer sums of values 0..15 and 16..31 (decode)
     std::vector<float> d, s;     // [m][nb]
     int64_t tw = 8;              // panel path: activation rows per tile (8: ymm lanes, 16: zmm)
     std::vector<int32_t> xt;     // [tile][nb][16 pairs][tw rows], padded rows 0
@@ -85,9 +89,12 @@ TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
     thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
     const size_t n = (size_t)(m * nb);
     if (m < GEMM_MIN) {
-        if (p.qs.size() < n) p.qs.resize(n), p.d.resize(n), p.s.resize(n);
+        if (p.qs.size() < n) p.qs.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
         for (size_t i = 0; i < n; i++) {
-            std::memcpy(p.qs[i].v, x[i].qs, sizeof p.qs[i].v);
+            I::decode_act(x[i].qs, p.qs[i].v);
+            int32_t s0 = 0, s1 = 0;
+            for (int j = 0; j < QK / 2; j++) s0 += x[i].qs[j], s1 += x[i].qs[j + QK / 2];
+            p.sum[2 * i] = s0, p.sum[2 * i + 1] = s1;
             p.d[i] = x[i].d;
             p.s[i] = x[i].s;
         }
@@ -147,12 +154,6 @@ TV_ISA inline __m256i group_offsets(int64_t g0, int64_t r1, size_t row_bytes, in
     return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(off));
 }
 
-// 4 x (two rows' 8-lane dots, hadd-ed) -> one vector, lane r = row r's whole dot.
-TV_ISA inline __m256i reduce8(const __m256i h[4]) {
-    const __m256i A = _mm256_hadd_epi32(h[0], h[1]), B = _mm256_hadd_epi32(h[2], h[3]);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
-}
-
 // Weight rows past a chunk's end compute and are not stored.
 TV_ISA inline void store_lanes(__m256 v, float *y, int n) {
     alignas(32) float t[8];
@@ -182,19 +183,8 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
             // burst of a whole K block's lines fills the miss buffers and stalls)
             for (int c = 0; c < PF_LINES; c++)
                 _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
-            __m256i h[NR][4], h2[NR][4];
-            for (int p = 0; p < 4; p++) {
-                const W16 a = I::template unpack<F>(w0 + off[2 * p] + o, s), c = I::template unpack<F>(w0 + off[2 * p + 1] + o, s);
-                for (int i = 0; i < NR; i++) {
-                    const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
-                    if constexpr (F::TWO_SCALES) {
-                        h[i][p] = _mm256_hadd_epi32(I::dot_half(a.lo, xq), I::dot_half(c.lo, xq));
-                        h2[i][p] = _mm256_hadd_epi32(I::dot_half(a.hi, xq + 16), I::dot_half(c.hi, xq + 16));
-                    } else {
-                        h[i][p] = _mm256_hadd_epi32(I::dot8(a.lo, a.hi, xq), I::dot8(c.lo, c.hi, xq));
-                    }
-                }
-            }
+            __m256i h[NR], h2[NR];
+            I::template slice_dots<F, NR>(w0 + o, off, s, x, nb, b, h, h2);
             __m256 d0, d1, mn;  // the 8 rows' scales of this slice (fixed f16 fields: read here)
             if constexpr (F::D_AT >= 0) {
                 d0 = d1 = I::template halves<F::D_AT, F::BYTES>(w0 + o, off, voff, F::HAS_MIN ? &mn : nullptr);
@@ -204,9 +194,9 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
             for (int i = 0; i < NR; i++) {
                 const size_t xb = (size_t)(i * nb + b);
                 const __m256 dx = _mm256_set1_ps(x.d[xb]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h[i])), _mm256_mul_ps(d0, dx), acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]), _mm256_mul_ps(d0, dx), acc[i]);
                 if constexpr (F::TWO_SCALES)
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h2[i])), _mm256_mul_ps(d1, dx), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h2[i]), _mm256_mul_ps(d1, dx), acc[i]);
                 if constexpr (F::HAS_MIN) acc[i] = _mm256_fmadd_ps(mn, _mm256_set1_ps(x.s[xb]), acc[i]);
             }
         }
