@@ -80,46 +80,17 @@ TV_AVX2 inline W16 unpack2(const uint8_t *blk, int s) {
     }
 }
 
-// Decode: rows r and r + 4 of a group share one ymm of slice bytes (one 128-bit half each), and no
-// byte is widened by a shuffle: an int16 lane's low byte (even value) is split off by a mask or a
-// shift pair and its high byte (odd value) by one shift, against activations stored even values
-// first (decode_act). Port 5, which runs AVX2's widening (vpmovsxbw) and the hadds of a per-row
-// layout, is then used only by the reduction (6 shuffles per 8 rows instead of 14). Unsigned fields
-// (every format but int8 and code books) stay unsigned: their offset leaves the integer dot as
-// OFFSET * (the activations' integer sum), once per 8 rows instead of a subtraction per byte.
-
-// 16 bytes at p, then 16 at q.
-TV_AVX2 inline __m256i load2(const uint8_t *p, const uint8_t *q) {
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))),
-                                   _mm_loadu_si128(reinterpret_cast<const __m128i *>(q)), 1);
-}
-
-// Whether pair_bytes leaves the values as signed bytes (int8, code book) or unsigned, offset not applied.
-template <class F>
-constexpr bool signed_bytes() { return F::LOW == LOW_I8 || F::HAS_TABLE; }
-
-// Slice s of rows a and c as bytes: z1 = values 0..15 of a, then of c; z2 = values 16..31.
-template <class F>
-TV_AVX2 inline void pair_bytes(const uint8_t *a, const uint8_t *c, int s, __m256i &z1, __m256i &z2) {
-    const SliceSrc src = F::src(s);
-    if constexpr (F::LOW == LOW_NIB16) {
-        const __m256i q = load2(a + src.lo, c + src.lo), m = _mm256_set1_epi8(0x0F);
-        z1 = _mm256_and_si256(q, m);
-        z2 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
-    } else if constexpr (F::LOW == LOW_NIB32 || F::LOW == LOW_BIT2) {
-        const __m256i m = _mm256_set1_epi8(F::LOW == LOW_NIB32 ? 0x0F : 0x03);
-        z1 = _mm256_and_si256(_mm256_srli_epi16(load2(a + src.lo, c + src.lo), src.lo_shift), m);
-        z2 = _mm256_and_si256(_mm256_srli_epi16(load2(a + src.lo + 16, c + src.lo + 16), src.lo_shift), m);
-    } else {
-        z1 = load2(a + src.lo, c + src.lo);
-        z2 = load2(a + src.lo + 16, c + src.lo + 16);
-    }
-    if constexpr (F::HIGH == HIGH_MASK32) {
-        // bit j of a's mask -> byte j of the low half, c's -> the high half: each mask byte
-        // broadcast 8 times, one bit tested per byte lane
-        uint32_t ba, bc;
-        std::memcpy(&ba, a + src.hi, 4);
-        std::memcpy(&bc, c + src.hi, 4);
+// x86_gemm.h's ISA traits: vpmaddwd + vpaddd dots (AVX2 has no vpdpwssd: two ops a pair), f16
+// scales by scalar loads, ymm tiles only.
+struct Avx2 {
+    static constexpr int TW_MAX = 8;
+    using Wide = Ymm<Avx2>;
+    template <class F>
+    TV_AVX2 static W16 unpack(const uint8_t *blk, int s) { return unpack2<F>(blk, s); }
+    // decode (x86_gemm.h's pair_bytes): top added to the bytes whose bit is set in ba (low half), bc (high)
+    template <class F>
+    TV_AVX2 static void high_bits(__m256i &z1, __m256i &z2, uint32_t ba, uint32_t bc) {
+        // each mask byte broadcast 8 times, one bit tested per byte lane
         const __m256i v = _mm256_set1_epi64x((long long)(ba | (uint64_t)bc << 32));
         const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL), top = _mm256_set1_epi8((char)(1 << F::LOW_BITS));
         const __m256i i1 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5);
@@ -129,82 +100,9 @@ TV_AVX2 inline void pair_bytes(const uint8_t *a, const uint8_t *c, int s, __m256
         };
         z1 = _mm256_or_si256(z1, bit(i1));
         z2 = _mm256_or_si256(z2, bit(i2));
-    } else if constexpr (F::HIGH == HIGH_BYTES) {
-        const __m256i m = _mm256_set1_epi8(F::HIGH_MASK);
-        z1 = _mm256_or_si256(z1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(load2(a + src.hi, c + src.hi), src.hi_shift), m), F::LOW_BITS));
-        z2 = _mm256_or_si256(z2, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(load2(a + src.hi + 16, c + src.hi + 16), src.hi_shift), m), F::LOW_BITS));
     }
-    if constexpr (F::HAS_TABLE) {
-        const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(F::TABLE)));
-        z1 = _mm256_shuffle_epi8(t, z1);
-        z2 = _mm256_shuffle_epi8(t, z2);
-    }
-}
-
-// Bytes -> their dot with 16 activations: even bytes (low halves of int16 lanes) against xe, odd
-// ones against xo; 8 int32 lanes, 4 per 128-bit half.
-template <bool SIGNED>
-TV_AVX2 inline __m256i dot_bytes(__m256i z, __m256i xe, __m256i xo) {
-    __m256i e, o;
-    if constexpr (SIGNED) {
-        e = _mm256_srai_epi16(_mm256_slli_epi16(z, 8), 8);
-        o = _mm256_srai_epi16(z, 8);
-    } else {
-        e = _mm256_and_si256(z, _mm256_set1_epi16(0xFF));
-        o = _mm256_srli_epi16(z, 8);
-    }
-    return _mm256_add_epi32(_mm256_madd_epi16(e, xe), _mm256_madd_epi16(o, xo));
-}
-
-// Pair vectors p[q] (lanes 0..3: row q's partial dots, 4..7: row q + 4's) -> lane r = row r's dot.
-TV_AVX2 inline __m256i reduce_pairs(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
-    const __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
-    const __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
-    return _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
-}
-
-// x86_gemm.h's ISA traits: vpmaddwd + vpaddd dots (AVX2 has no vpdpwssd: two ops a pair), f16
-// scales by scalar loads, ymm tiles only.
-struct Avx2 {
-    static constexpr int TW_MAX = 8;
-    using Wide = Ymm<Avx2>;
     template <class F>
-    TV_AVX2 static W16 unpack(const uint8_t *blk, int s) { return unpack2<F>(blk, s); }
-    // even values 0..14, odd 1..15, even 16..30, odd 17..31 (see pair_bytes)
-    TV_AVX2 static void decode_act(const int16_t *qs, int16_t *out) {
-        for (int h = 0; h < 2; h++)
-            for (int j = 0; j < 8; j++) out[16 * h + j] = qs[16 * h + 2 * j], out[16 * h + 8 + j] = qs[16 * h + 2 * j + 1];
-    }
-    template <class F, int NR>
-    TV_AVX2 static void slice_dots(const uint8_t *blk, const int32_t *off, int s, const Prep &x, int64_t nb, int64_t b,
-                                   __m256i d0[NR], __m256i d1[NR]) {
-        constexpr bool SIGNED = signed_bytes<F>();
-        auto bcast = [](const int16_t *p) TV_AVX2 { return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(p))); };
-        __m256i p[NR][4], p2[NR][4];  // pair q: rows q and q + 4 (p2: values 16..31, per-half scales)
-        for (int q = 0; q < 4; q++) {
-            __m256i z1, z2;
-            pair_bytes<F>(blk + off[q], blk + off[q + 4], s, z1, z2);
-            for (int i = 0; i < NR; i++) {
-                const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
-                const __m256i a = dot_bytes<SIGNED>(z1, bcast(xq), bcast(xq + 8)), c = dot_bytes<SIGNED>(z2, bcast(xq + 16), bcast(xq + 24));
-                if constexpr (F::TWO_SCALES) p[i][q] = a, p2[i][q] = c;
-                else p[i][q] = _mm256_add_epi32(a, c);
-            }
-        }
-        for (int i = 0; i < NR; i++) {
-            const int32_t *sum = &x.sum[(size_t)(2 * (i * nb + b))];
-            d0[i] = reduce_pairs(p[i][0], p[i][1], p[i][2], p[i][3]);
-            if constexpr (F::TWO_SCALES) d1[i] = reduce_pairs(p2[i][0], p2[i][1], p2[i][2], p2[i][3]);
-            if constexpr (!SIGNED && F::OFFSET != 0) {  // dot(q - OFFSET, x) = dot(q, x) - OFFSET * sum(x)
-                if constexpr (F::TWO_SCALES) {
-                    d0[i] = _mm256_sub_epi32(d0[i], _mm256_set1_epi32(F::OFFSET * sum[0]));
-                    d1[i] = _mm256_sub_epi32(d1[i], _mm256_set1_epi32(F::OFFSET * sum[1]));
-                } else {
-                    d0[i] = _mm256_sub_epi32(d0[i], _mm256_set1_epi32(F::OFFSET * (sum[0] + sum[1])));
-                }
-            }
-        }
-    }
+    static constexpr bool zmm_decode() { return false; }
     TV_AVX2 static __m256i dot_pairs(__m256i acc, __m256i w, __m256i x) {
         __m256i r = _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
         // keeps the accumulator a register chain: GCC otherwise re-associates the exact int sums

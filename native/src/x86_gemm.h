@@ -2,10 +2,10 @@
 // kernels_avx512.cpp each define TV_ISA (their target attribute) and an ISA traits struct, include
 // this file, and instantiate `x86_gemm<Isa>`. What a traits struct `I` holds:
 //   unpack<F>(blk, s) -> W16        a slice as int16 lanes (x86_common.h's unpack, or a faster form)
-//   decode_act(qs, out)             one activation slice's int16 values in the order slice_dots reads
-//   slice_dots<F, NR>(blk, off, s, x, nb, b, d0, d1)  decode: slice s of 8 rows' blocks (blk + off[r])
-//                                   against NR activation rows: per row i, lane r = row r's exact
-//                                   integer dot (TWO_SCALES: d0 values 0..15, d1 values 16..31)
+//   high_bits<F>(z1, z2, ba, bc)    decode: adds 1 << LOW_BITS to the slice bytes of two rows (one
+//                                   128-bit half each) whose bit is set in their 32-bit masks
+//   zmm_decode<F>(), slice_dots_zmm<F, NR>(...)  decode formats the ISA runs its own way (AVX-512:
+//                                   signed bytes widened into zmm), in place of slice_dots
 //   halves<AT, BYTES>(w0, off, voff, second)  the f16 at byte AT of 8 rows' blocks as 8 float lanes
 //                                   (second: also the f16 right after it)
 //   dot_pairs(acc, w, x)            acc + w . x per int16 pair, 8 int32 lanes (for Ymm below)
@@ -55,13 +55,19 @@ struct alignas(64) Blk16 {
 };
 
 struct Prep {
-    std::vector<Blk16> qs;       // [m][nb] (decode path, in I::decode_act's order)
+    std::vector<Blk16> qs, qe;   // [m][nb] (decode path): as quantized; in decode_act's order
     std::vector<int32_t> sum;    // [m][nb][2]: the integer sums of values 0..15 and 16..31 (decode)
     std::vector<float> d, s;     // [m][nb]
     int64_t tw = 8;              // panel path: activation rows per tile (8: ymm lanes, 16: zmm)
     std::vector<int32_t> xt;     // [tile][nb][16 pairs][tw rows], padded rows 0
     std::vector<float> xd, xs;   // [tile][nb][tw]
 };
+
+// One activation slice in decode order: even values 0..14, odd 1..15, even 16..30, odd 17..31.
+TV_ISA inline void decode_act(const int16_t *qs, int16_t *out) {
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 8; j++) out[16 * h + j] = qs[16 * h + 2 * j], out[16 * h + 8 + j] = qs[16 * h + 2 * j + 1];
+}
 
 // One tile of the panel path's activation layout (rows [t * tw, t * tw + tw), zero-padded).
 TV_ISA void prepare_tile(Prep &p, const ActBlock *x, int64_t m, int64_t nb, int64_t t) {
@@ -89,9 +95,10 @@ TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
     thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
     const size_t n = (size_t)(m * nb);
     if (m < GEMM_MIN) {
-        if (p.qs.size() < n) p.qs.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
+        if (p.qs.size() < n) p.qs.resize(n), p.qe.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
         for (size_t i = 0; i < n; i++) {
-            I::decode_act(x[i].qs, p.qs[i].v);
+            std::memcpy(p.qs[i].v, x[i].qs, sizeof p.qs[i].v);
+            decode_act(x[i].qs, p.qe[i].v);
             int32_t s0 = 0, s1 = 0;
             for (int j = 0; j < QK / 2; j++) s0 += x[i].qs[j], s1 += x[i].qs[j + QK / 2];
             p.sum[2 * i] = s0, p.sum[2 * i + 1] = s1;
@@ -154,6 +161,114 @@ TV_ISA inline __m256i group_offsets(int64_t g0, int64_t r1, size_t row_bytes, in
     return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(off));
 }
 
+// Decode: rows r and r + 4 of a group share one ymm of slice bytes (one 128-bit half each), and no
+// byte is widened by a shuffle: an int16 lane's low byte (even value) is split off by a mask (or
+// vpmaddubsw by 1, signed) and its high byte (odd value) by one shift, against activations stored
+// even values first (decode_act). The shuffle port (port 5 on Intel, which alone runs widenings and
+// lane-crossing shuffles) then serves only the reduction: 6 shuffles per 8 rows, where a per-row
+// layout took 16 widenings and 14 shuffles (hadds are 2 shuffle uops each). Unsigned fields (every
+// format but int8 and code books) stay unsigned: their offset leaves the exact integer dot as
+// OFFSET * (the activations' integer sum), once per 8 rows instead of a subtraction per byte. ymm,
+// not zmm, on AVX-512 too: Intel runs 512-bit ops on 2 ports, 256-bit ones on 3 (measured faster).
+
+// 16 bytes at p, then 16 at q.
+TV_ISA inline __m256i load2(const uint8_t *p, const uint8_t *q) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))),
+                                   _mm_loadu_si128(reinterpret_cast<const __m128i *>(q)), 1);
+}
+
+// Whether pair_bytes leaves the values as signed bytes (int8, code book) or unsigned, offset not applied.
+template <class F>
+constexpr bool signed_bytes() { return F::LOW == LOW_I8 || F::HAS_TABLE; }
+
+// Slice s of rows a and c as bytes: z1 = values 0..15 of a, then of c; z2 = values 16..31.
+template <class I, class F>
+TV_ISA inline void pair_bytes(const uint8_t *a, const uint8_t *c, int s, __m256i &z1, __m256i &z2) {
+    const SliceSrc src = F::src(s);
+    if constexpr (F::LOW == LOW_NIB16) {
+        const __m256i q = load2(a + src.lo, c + src.lo), m = _mm256_set1_epi8(0x0F);
+        z1 = _mm256_and_si256(q, m);
+        z2 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
+    } else if constexpr (F::LOW == LOW_NIB32 || F::LOW == LOW_BIT2) {
+        const __m256i m = _mm256_set1_epi8(F::LOW == LOW_NIB32 ? 0x0F : 0x03);
+        z1 = _mm256_and_si256(_mm256_srli_epi16(load2(a + src.lo, c + src.lo), src.lo_shift), m);
+        z2 = _mm256_and_si256(_mm256_srli_epi16(load2(a + src.lo + 16, c + src.lo + 16), src.lo_shift), m);
+    } else {
+        z1 = load2(a + src.lo, c + src.lo);
+        z2 = load2(a + src.lo + 16, c + src.lo + 16);
+    }
+    if constexpr (F::HIGH == HIGH_MASK32) {
+        uint32_t ba, bc;
+        std::memcpy(&ba, a + src.hi, 4);
+        std::memcpy(&bc, c + src.hi, 4);
+        I::template high_bits<F>(z1, z2, ba, bc);
+    } else if constexpr (F::HIGH == HIGH_BYTES) {
+        const __m256i m = _mm256_set1_epi8(F::HIGH_MASK);
+        z1 = _mm256_or_si256(z1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(load2(a + src.hi, c + src.hi), src.hi_shift), m), F::LOW_BITS));
+        z2 = _mm256_or_si256(z2, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(load2(a + src.hi + 16, c + src.hi + 16), src.hi_shift), m), F::LOW_BITS));
+    }
+    if constexpr (F::HAS_TABLE) {
+        const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(F::TABLE)));
+        z1 = _mm256_shuffle_epi8(t, z1);
+        z2 = _mm256_shuffle_epi8(t, z2);
+    }
+}
+
+// acc + the bytes' dot with 16 activations: even bytes (low halves of int16 lanes) against xe, odd
+// ones against xo; 8 int32 lanes, 4 per 128-bit half (row).
+template <class I, bool SIGNED>
+TV_ISA inline __m256i dot_bytes(__m256i acc, __m256i z, __m256i xe, __m256i xo) {
+    __m256i e, o;
+    if constexpr (SIGNED) {
+        e = _mm256_maddubs_epi16(_mm256_set1_epi16(1), z);  // 1 * even byte + 0 * odd byte
+        o = _mm256_srai_epi16(z, 8);
+    } else {
+        e = _mm256_and_si256(z, _mm256_set1_epi16(0xFF));
+        o = _mm256_srli_epi16(z, 8);
+    }
+    return I::dot_pairs(I::dot_pairs(acc, e, xe), o, xo);
+}
+
+// Pair vectors (lanes 0..3: row q's partial dots, 4..7: row q + 4's) -> lane r = row r's dot.
+TV_ISA inline __m256i reduce_pairs(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+    const __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+    const __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
+}
+
+// Slice s of a group's 8 rows (blocks at blk + off[r]) against NR activation rows: per row i, lane
+// r = row r's exact integer dot (TWO_SCALES: d0 values 0..15, d1 values 16..31).
+template <class I, class F, int NR>
+TV_ISA inline void slice_dots(const uint8_t *blk, const int32_t *off, int s, const Prep &x, int64_t nb, int64_t b,
+                              __m256i d0[NR], __m256i d1[NR]) {
+    constexpr bool SIGNED = signed_bytes<F>();
+    auto bcast = [](const int16_t *p) TV_ISA { return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(p))); };
+    __m256i p[NR][4], p2[NR][4];  // pair q: rows q and q + 4 (p2: values 16..31, per-half scales)
+    for (int q = 0; q < 4; q++) {
+        __m256i z1, z2;
+        pair_bytes<I, F>(blk + off[q], blk + off[q + 4], s, z1, z2);
+        for (int i = 0; i < NR; i++) {
+            const int16_t *xq = x.qe[(size_t)(i * nb + b)].v;
+            const __m256i a = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z1, bcast(xq), bcast(xq + 8));
+            if constexpr (F::TWO_SCALES) p[i][q] = a, p2[i][q] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z2, bcast(xq + 16), bcast(xq + 24));
+            else p[i][q] = dot_bytes<I, SIGNED>(a, z2, bcast(xq + 16), bcast(xq + 24));
+        }
+    }
+    for (int i = 0; i < NR; i++) {
+        const int32_t *sum = &x.sum[(size_t)(2 * (i * nb + b))];
+        d0[i] = reduce_pairs(p[i][0], p[i][1], p[i][2], p[i][3]);
+        if constexpr (F::TWO_SCALES) d1[i] = reduce_pairs(p2[i][0], p2[i][1], p2[i][2], p2[i][3]);
+        if constexpr (!SIGNED && F::OFFSET != 0) {  // dot(q - OFFSET, x) = dot(q, x) - OFFSET * sum(x)
+            if constexpr (F::TWO_SCALES) {
+                d0[i] = _mm256_sub_epi32(d0[i], _mm256_set1_epi32(F::OFFSET * sum[0]));
+                d1[i] = _mm256_sub_epi32(d1[i], _mm256_set1_epi32(F::OFFSET * sum[1]));
+            } else {
+                d0[i] = _mm256_sub_epi32(d0[i], _mm256_set1_epi32(F::OFFSET * (sum[0] + sum[1])));
+            }
+        }
+    }
+}
+
 // Weight rows past a chunk's end compute and are not stored.
 TV_ISA inline void store_lanes(__m256 v, float *y, int n) {
     alignas(32) float t[8];
@@ -184,7 +299,8 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
             for (int c = 0; c < PF_LINES; c++)
                 _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
             __m256i h[NR], h2[NR];
-            I::template slice_dots<F, NR>(w0 + o, off, s, x, nb, b, h, h2);
+            if constexpr (I::template zmm_decode<F>()) I::template slice_dots_zmm<F, NR>(w0 + o, off, s, x, nb, b, h);
+            else slice_dots<I, F, NR>(w0 + o, off, s, x, nb, b, h, h2);
             __m256 d0, d1, mn;  // the 8 rows' scales of this slice (fixed f16 fields: read here)
             if constexpr (F::D_AT >= 0) {
                 d0 = d1 = I::template halves<F::D_AT, F::BYTES>(w0 + o, off, voff, F::HAS_MIN ? &mn : nullptr);
