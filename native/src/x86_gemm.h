@@ -5,7 +5,7 @@
 //   high_bits<F>(z1, z2, ba, bc)    decode: adds 1 << LOW_BITS to the slice bytes of two rows (one
 //                                   128-bit half each) whose bit is set in their 32-bit masks
 //   zmm_decode<F>(), slice_dots_zmm<F, NR>(...)  decode formats the ISA runs its own way (AVX-512:
-//                                   signed bytes widened into zmm), in place of slice_dots
+//                                   int8 two rows per zmm), in place of slice_dots
 //   halves<AT, BYTES>(w0, off, voff, second)  the f16 at byte AT of 8 rows' blocks as 8 float lanes
 //                                   (second: also the f16 right after it)
 //   dot_pairs(acc, w, x)            acc + w . x per int16 pair, 8 int32 lanes (for Ymm below)
@@ -55,7 +55,7 @@ struct alignas(64) Blk16 {
 };
 
 struct Prep {
-    std::vector<Blk16> qs, qe;   // [m][nb] (decode path): as quantized; in decode_act's order
+    std::vector<Blk16> qe;       // [m][nb] (decode path), in decode_act's order
     std::vector<int32_t> sum;    // [m][nb][2]: the integer sums of values 0..15 and 16..31 (decode)
     std::vector<float> d, s;     // [m][nb]
     int64_t tw = 8;              // panel path: activation rows per tile (8: ymm lanes, 16: zmm)
@@ -63,10 +63,9 @@ struct Prep {
     std::vector<float> xd, xs;   // [tile][nb][tw]
 };
 
-// One activation slice in decode order: even values 0..14, odd 1..15, even 16..30, odd 17..31.
+// One activation slice in decode order: the even values (0, 2, .., 30), then the odd ones.
 TV_ISA inline void decode_act(const int16_t *qs, int16_t *out) {
-    for (int h = 0; h < 2; h++)
-        for (int j = 0; j < 8; j++) out[16 * h + j] = qs[16 * h + 2 * j], out[16 * h + 8 + j] = qs[16 * h + 2 * j + 1];
+    for (int j = 0; j < QK / 2; j++) out[j] = qs[2 * j], out[QK / 2 + j] = qs[2 * j + 1];
 }
 
 // One tile of the panel path's activation layout (rows [t * tw, t * tw + tw), zero-padded).
@@ -95,9 +94,8 @@ TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
     thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
     const size_t n = (size_t)(m * nb);
     if (m < GEMM_MIN) {
-        if (p.qs.size() < n) p.qs.resize(n), p.qe.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
+        if (p.qe.size() < n) p.qe.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
         for (size_t i = 0; i < n; i++) {
-            std::memcpy(p.qs[i].v, x[i].qs, sizeof p.qs[i].v);
             decode_act(x[i].qs, p.qe[i].v);
             int32_t s0 = 0, s1 = 0;
             for (int j = 0; j < QK / 2; j++) s0 += x[i].qs[j], s1 += x[i].qs[j + QK / 2];
@@ -249,9 +247,9 @@ TV_ISA inline void slice_dots(const uint8_t *blk, const int32_t *off, int s, con
         pair_bytes<I, F>(blk + off[q], blk + off[q + 4], s, z1, z2);
         for (int i = 0; i < NR; i++) {
             const int16_t *xq = x.qe[(size_t)(i * nb + b)].v;
-            const __m256i a = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z1, bcast(xq), bcast(xq + 8));
-            if constexpr (F::TWO_SCALES) p[i][q] = a, p2[i][q] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z2, bcast(xq + 16), bcast(xq + 24));
-            else p[i][q] = dot_bytes<I, SIGNED>(a, z2, bcast(xq + 16), bcast(xq + 24));
+            const __m256i a = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z1, bcast(xq), bcast(xq + 16));
+            if constexpr (F::TWO_SCALES) p[i][q] = a, p2[i][q] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z2, bcast(xq + 8), bcast(xq + 24));
+            else p[i][q] = dot_bytes<I, SIGNED>(a, z2, bcast(xq + 8), bcast(xq + 24));
         }
     }
     for (int i = 0; i < NR; i++) {
