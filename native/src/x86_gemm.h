@@ -201,9 +201,13 @@ TV_ISA inline void pair_bytes(const uint8_t *a, const uint8_t *c, int s, __m256i
         std::memcpy(&bc, c + src.hi, 4);
         I::template high_bits<F>(z1, z2, ba, bc);
     } else if constexpr (F::HIGH == HIGH_BYTES) {
-        const __m256i m = _mm256_set1_epi8(F::HIGH_MASK);
-        z1 = _mm256_or_si256(z1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(load2(a + src.hi, c + src.hi), src.hi_shift), m), F::LOW_BITS));
-        z2 = _mm256_or_si256(z2, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(load2(a + src.hi + 16, c + src.hi + 16), src.hi_shift), m), F::LOW_BITS));
+        // ((h >> hi_shift) & HIGH_MASK) << LOW_BITS as one shift and one mask: the bits a 16-bit
+        // shift carries in from the neighbour byte land outside the mask (every format's fields)
+        const __m256i m = _mm256_set1_epi8((char)(F::HIGH_MASK << F::LOW_BITS));
+        const int up = F::LOW_BITS - src.hi_shift;
+        auto high = [&](__m256i h) TV_ISA { return _mm256_and_si256(up >= 0 ? _mm256_slli_epi16(h, up) : _mm256_srli_epi16(h, -up), m); };
+        z1 = _mm256_or_si256(z1, high(load2(a + src.hi, c + src.hi)));
+        z2 = _mm256_or_si256(z2, high(load2(a + src.hi + 16, c + src.hi + 16)));
     }
     if constexpr (F::HAS_TABLE) {
         const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(F::TABLE)));
@@ -289,6 +293,9 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
     for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
         const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
         if constexpr (F::D_AT < 0) group_scales<I, F>(w0 + o, off, voff, gs);
+        // unrolled: the slices' bit positions (F::src) become immediate shift counts (a count in a
+        // register costs vpsrlw a second uop, on the shuffle port)
+#pragma GCC unroll 8
         for (int s = 0; s < F::SLICES; s++) {
             const int64_t b = b0 + s;
             // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
