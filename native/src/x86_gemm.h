@@ -231,10 +231,13 @@ TV_ISA inline __m256i dot_bytes(__m256i acc, __m256i z, __m256i xe, __m256i xo) 
     return I::dot_pairs(I::dot_pairs(acc, e, xe), o, xo);
 }
 
-// Pair vectors (lanes 0..3: row q's partial dots, 4..7: row q + 4's) -> lane r = row r's dot.
-TV_ISA inline __m256i reduce_pairs(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
-    const __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
-    const __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
+// Pair vectors (lanes 0..3: row q's partial dots, 4..7: row q + 4's) -> lane r = row r's dot, in
+// two steps (pairs q = 0, 1, then 2, 3: fewer live registers, AVX2 has 16): per 128-bit half
+// [row q, row q + 1, row q, row q + 1] partial sums, then [rows 0, 1, 2, 3].
+TV_ISA inline __m256i sum_pairs(__m256i p0, __m256i p1) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+}
+TV_ISA inline __m256i sum_quads(__m256i s01, __m256i s23) {
     return _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
 }
 
@@ -245,21 +248,28 @@ TV_ISA inline void slice_dots(const uint8_t *blk, const int32_t *off, int s, con
                               __m256i d0[NR], __m256i d1[NR]) {
     constexpr bool SIGNED = signed_bytes<F>();
     auto bcast = [](const int16_t *p) TV_ISA { return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(p))); };
-    __m256i p[NR][4], p2[NR][4];  // pair q: rows q and q + 4 (p2: values 16..31, per-half scales)
-    for (int q = 0; q < 4; q++) {
-        __m256i z1, z2;
-        pair_bytes<I, F>(blk + off[q], blk + off[q + 4], s, z1, z2);
+    // pair q: rows q and q + 4; h: pairs 0, 1 and 2, 3 summed (h2: values 16..31, per-half scales)
+    __m256i h[NR][2], h2[NR][2];
+    for (int k = 0; k < 2; k++) {
+        __m256i z1[2], z2[2];
+        for (int j = 0; j < 2; j++) pair_bytes<I, F>(blk + off[2 * k + j], blk + off[2 * k + j + 4], s, z1[j], z2[j]);
         for (int i = 0; i < NR; i++) {
             const int16_t *xq = x.qe[(size_t)(i * nb + b)].v;
-            const __m256i a = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z1, bcast(xq), bcast(xq + 16));
-            if constexpr (F::TWO_SCALES) p[i][q] = a, p2[i][q] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z2, bcast(xq + 8), bcast(xq + 24));
-            else p[i][q] = dot_bytes<I, SIGNED>(a, z2, bcast(xq + 8), bcast(xq + 24));
+            const __m256i e1 = bcast(xq), e2 = bcast(xq + 8), o1 = bcast(xq + 16), o2 = bcast(xq + 24);
+            __m256i a[2], c[2];
+            for (int j = 0; j < 2; j++) {
+                a[j] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z1[j], e1, o1);
+                if constexpr (F::TWO_SCALES) c[j] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z2[j], e2, o2);
+                else a[j] = dot_bytes<I, SIGNED>(a[j], z2[j], e2, o2);
+            }
+            h[i][k] = sum_pairs(a[0], a[1]);
+            if constexpr (F::TWO_SCALES) h2[i][k] = sum_pairs(c[0], c[1]);
         }
     }
     for (int i = 0; i < NR; i++) {
         const int32_t *sum = &x.sum[(size_t)(2 * (i * nb + b))];
-        d0[i] = reduce_pairs(p[i][0], p[i][1], p[i][2], p[i][3]);
-        if constexpr (F::TWO_SCALES) d1[i] = reduce_pairs(p2[i][0], p2[i][1], p2[i][2], p2[i][3]);
+        d0[i] = sum_quads(h[i][0], h[i][1]);
+        if constexpr (F::TWO_SCALES) d1[i] = sum_quads(h2[i][0], h2[i][1]);
         if constexpr (!SIGNED && F::OFFSET != 0) {  // dot(q - OFFSET, x) = dot(q, x) - OFFSET * sum(x)
             if constexpr (F::TWO_SCALES) {
                 d0[i] = _mm256_sub_epi32(d0[i], _mm256_set1_epi32(F::OFFSET * sum[0]));
