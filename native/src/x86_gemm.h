@@ -18,8 +18,9 @@
 //                         [HAS_MIN: acc = fma(m_w, s_x, acc)]
 // where idot is the slice's exact integer dot (so the order of its int32 partial sums does not
 // matter). Rows of a batch therefore get the same bits whichever x86 path (and tile) ran them.
-//   - m < GEMM_MIN (decode): 8 weight rows at a time, unpacked in registers, their slice dots
-//     reduced into one 8-lane vector (lane = weight row): float work once per slice for 8 rows;
+//   - m < GEMM_MIN (decode): 8 weight rows at a time, two per register (slice_dots below), their
+//     slice dots reduced into one 8-lane vector (lane = weight row): float work once per slice for
+//     8 rows;
 //   - m >= GEMM_MIN: 8 weight rows unpacked once into an L1 panel of int16 pairs, then run against
 //     tiles of 8 (ymm) or 16 (zmm) activation rows (lane = activation row): per pair one broadcast
 //     weight dword meets the tile in one vpdpwssd (AVX2: vpmaddwd + vpaddd). AVX2 has 16 ymm
