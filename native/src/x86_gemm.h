@@ -252,13 +252,27 @@ TV_ISA inline void slice_dots(const uint8_t *blk, const int32_t *off, int s, con
     // pair q: rows q and q + 4; h: pairs 0, 1 and 2, 3 summed (h2: values 16..31, per-half scales)
     __m256i h[NR][2], h2[NR][2];
     for (int k = 0; k < 2; k++) {
+        // plain nibbles (Q4_0, Q4_1): the int16 lanes' even and odd values straight from the loaded
+        // bytes (a mask, two shifts and masks, one shift), 6 ops where bytes then their split take 7
+        constexpr bool NIBBLES = F::LOW == LOW_NIB16 && F::HIGH == HIGH_NONE && !F::HAS_TABLE;
         __m256i z1[2], z2[2];
-        for (int j = 0; j < 2; j++) pair_bytes<I, F>(blk + off[2 * k + j], blk + off[2 * k + j + 4], s, z1[j], z2[j]);
+        for (int j = 0; j < 2; j++) {
+            if constexpr (NIBBLES) z1[j] = load2(blk + off[2 * k + j] + F::src(s).lo, blk + off[2 * k + j + 4] + F::src(s).lo);
+            else pair_bytes<I, F>(blk + off[2 * k + j], blk + off[2 * k + j + 4], s, z1[j], z2[j]);
+        }
         for (int i = 0; i < NR; i++) {
             const int16_t *xq = x.qe[(size_t)(i * nb + b)].v;
             const __m256i e1 = bcast(xq), e2 = bcast(xq + 8), o1 = bcast(xq + 16), o2 = bcast(xq + 24);
             __m256i a[2], c[2];
             for (int j = 0; j < 2; j++) {
+                if constexpr (NIBBLES) {
+                    const __m256i y = z1[j], m = _mm256_set1_epi16(0x000F);
+                    a[j] = I::dot_pairs(I::dot_pairs(_mm256_setzero_si256(), _mm256_and_si256(y, m), e1),
+                                        _mm256_and_si256(_mm256_srli_epi16(y, 8), m), o1);
+                    a[j] = I::dot_pairs(I::dot_pairs(a[j], _mm256_and_si256(_mm256_srli_epi16(y, 4), m), e2),
+                                        _mm256_srli_epi16(y, 12), o2);
+                    continue;
+                }
                 a[j] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z1[j], e1, o1);
                 if constexpr (F::TWO_SCALES) c[j] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z2[j], e2, o2);
                 else a[j] = dot_bytes<I, SIGNED>(a[j], z2[j], e2, o2);
