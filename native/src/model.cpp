@@ -78,6 +78,11 @@ Model::Model(const tv_model_params &p) : p_(p) {
     p_.swa_layers = p_.nope_layers = nullptr;  // copied into swa_ and nope_; the caller's arrays are not kept
     layers_.resize((size_t)p.n_layer);
     pool_ = std::make_unique<ThreadPool>(p.n_threads);
+    // A matmul may return while a descheduled worker still computes a copy of one of its tasks (it
+    // reads weights, scratch and the caller's prepared activations, writes only its pool scratch):
+    // each forward starts with quiesce(), and so does the destructor.
+    pool_->set_allow_stale_workers(true);
+    pool_->reserve_scratch((size_t)DUP_ITEM_FLOATS);  // paid by workspace_bytes
     p_.n_threads = pool_->size();
 }
 
@@ -185,8 +190,13 @@ void Model::finalize() {
     finalized_ = true;
 }
 
+Model::~Model() {
+    if (pool_) pool_->quiesce();  // before the scratch a late worker may still read goes away
+}
+
 void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
     std::lock_guard<std::mutex> lock(forward_mu_);
+    pool_->quiesce();  // scratch may grow below: no worker of the last forward may still read it
     const char *f = "tv_model_forward";
     if (!finalized_) fail("%s: model is not finalized (call tv_model_finalize)", f);
     if (cache.n_layer != p_.n_layer || cache.n_head_kv != p_.n_head_kv || cache.head_dim != p_.head_dim)

@@ -28,6 +28,7 @@ struct LayerWeights {
 class Model {
    public:
     explicit Model(const tv_model_params &p);  // validates params (throws InvalidArgument)
+    ~Model();
 
     void set_tensor(const char *name, const tv_tensor &t);
     void finalize();
