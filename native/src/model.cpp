@@ -196,13 +196,19 @@ Model::~Model() {
 
 void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
     std::lock_guard<std::mutex> lock(forward_mu_);
-    pool_->quiesce();  // scratch may grow below: no worker of the last forward may still read it
     const char *f = "tv_model_forward";
     if (!finalized_) fail("%s: model is not finalized (call tv_model_finalize)", f);
     if (cache.n_layer != p_.n_layer || cache.n_head_kv != p_.n_head_kv || cache.head_dim != p_.head_dim)
         fail("%s: KV cache was made for a different model shape", f);
     check_batch(f, cache, &b, p_.n_vocab, logits, s_.last_pos);
     const int T = b.n_tokens, E = p_.n_embd, half = p_.n_rot / 2;
+    // The scratch that matmul tasks read grows with the rows (T, n_logits) only: when it may grow, a
+    // late worker of the last forward must be out first. Otherwise nobody waits for it (its result
+    // is discarded; ThreadPool::run_dup).
+    if (T > scratch_rows_ || b.n_logits > scratch_logits_) {
+        pool_->quiesce();
+        scratch_rows_ = std::max(scratch_rows_, T), scratch_logits_ = std::max(scratch_logits_, b.n_logits);
+    }
 
     float *x = grow(s_.x, (size_t)T * E);
     for (int t = 0; t < T; t++) dequantize_row(g_.token_embd.dtype, g_.token_embd.row(b.tokens[t]), x + (size_t)t * E, E);

@@ -48,6 +48,7 @@ class Model {
     GlobalWeights g_;
     std::vector<LayerWeights> layers_;
     bool finalized_ = false;
+    int scratch_rows_ = 0, scratch_logits_ = 0;  // the most rows / logits rows a forward has grown s_ for
     std::unique_ptr<ThreadPool> pool_;
     std::mutex forward_mu_;  // scratch below belongs to one forward at a time
 

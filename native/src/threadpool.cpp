@@ -82,6 +82,9 @@ namespace {
 ThreadPool::Backoff default_backoff() {
     ThreadPool::Backoff b;
     if (const char *e = std::getenv("TINYVLLM_POOL_WAIT_SHARE")) b.max_wait_share = std::atof(e);
+    // tests only (tests/test_pool_thread_exit.py): every worker task sleeps this long, a worker the OS
+    // descheduled in it, so a forward returns while one still runs
+    if (const char *e = std::getenv("TINYVLLM_POOL_TEST_TASK_DELAY_US")) b.test_item_delay_ns = std::atoll(e) * 1000;
     return b;
 }
 }  // namespace
