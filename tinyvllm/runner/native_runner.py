@@ -76,8 +76,10 @@ class NativeModelRunner:
         params = ffi.new("tv_model_params *", fields)
         out = ffi.new("tv_model **")
         check(lib.tv_model_create(params, out))
-        self._model = ffi.gc(out[0], lib.tv_model_free)
-        self._keep = []  # the native side borrows these arrays: keep them alive with the model
+        # The native side borrows these arrays: they live until the model is freed (the free waits for
+        # a thread-pool worker that may still read weights after the last forward returned).
+        self._keep = keep = []
+        self._model = ffi.gc(out[0], lambda m: (lib.tv_model_free(m), keep.clear()))
         for name, t in weights.tensors.items():
             data = np.ascontiguousarray(t.data)
             if data.ctypes.data % 16:  # a file with a small general.alignment: the core reads floats and block
