@@ -14,6 +14,10 @@ optionally the same with another checkout's Python code (--before-src) for compa
     flock /work/bench.lock python benchmarks/bench_neighbour.py \
         --llama-bench /work/llama-tools/avx512/bin/llama-bench
     python benchmarks/bench_neighbour.py --quick ...   # smoke test (1 run each, 32 tokens)
+    # the busy-neighbour section alone, against another build (main's) in the same run:
+    TINYVLLM_LIB=$PWD/build-dev/native/libtinyvllm.so flock /work/bench.lock python benchmarks/bench_neighbour.py \
+        --only neighbour --llama-bench /work/llama-tools/avx512/bin/llama-bench \
+        --before-lib /work/main/build-dev/native/libtinyvllm.so --before-commit main
 """
 import argparse
 import json

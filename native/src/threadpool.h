@@ -110,7 +110,8 @@ class ThreadPool {
     // quiesce() on every pool that allows stale workers: before memory one may read is freed or moved.
     static void quiesce_all();
     // With true, run_dup returns without waiting for stale workers; the owner calls quiesce() before
-    // freeing or reallocating anything a job's compute reads (Model: at each forward's start).
+    // freeing or reallocating anything a job's compute reads (Model: before a forward whose scratch may
+    // grow, and when it is destroyed).
     void set_allow_stale_workers(bool allow);
     // run_dup's per-thread item buffers: size() buffers of this many floats, allocated now (the owner
     // pays them from its memory budget); a job that needs more grows them (while no worker is inside).
