@@ -80,7 +80,7 @@ Model::Model(const tv_model_params &p) : p_(p) {
     pool_ = std::make_unique<ThreadPool>(p.n_threads);
     // A matmul may return while a descheduled worker still computes a copy of one of its tasks (it
     // reads weights, scratch and the caller's prepared activations, writes only its pool scratch):
-    // each forward starts with quiesce(), and so does the destructor.
+    // a forward whose scratch may grow starts with quiesce(), and so does the destructor.
     pool_->set_allow_stale_workers(true);
     pool_->reserve_scratch((size_t)DUP_ITEM_FLOATS);  // paid by workspace_bytes
     p_.n_threads = pool_->size();
