@@ -62,6 +62,8 @@ struct Prep {
     int64_t tw = 8;              // panel path: activation rows per tile (8: ymm lanes, 16: zmm)
     std::vector<int32_t> xt;     // [tile][nb][16 pairs][tw rows], padded rows 0
     std::vector<float> xd, xs;   // [tile][nb][tw]
+    int64_t m = 0;               // the shape a late run_dup worker may still read p as (see prepare)
+    StaleReaders readers;        // last: waits for late run_dup workers at thread exit
 };
 
 // One activation slice in decode order: the even values (0, 2, .., 30), then the odd ones.
@@ -93,9 +95,12 @@ TV_ISA void prepare_tile(Prep &p, const ActBlock *x, int64_t m, int64_t nb, int6
 template <class I>
 TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool) {
     thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
+    // A late run_dup worker may still read p (its result is discarded): new contents are harmless,
+    // a new shape (m) or a reallocation is not, so those wait for it first.
+    if (p.m != m) ThreadPool::quiesce_all(), p.m = m;
     const size_t n = (size_t)(m * nb);
     if (m < GEMM_MIN) {
-        if (p.qe.size() < n) p.qe.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
+        if (p.qe.size() < n) ThreadPool::quiesce_all(), p.qe.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
         for (size_t i = 0; i < n; i++) {
             decode_act(x[i].qs, p.qe[i].v);
             int32_t s0 = 0, s1 = 0;
@@ -107,6 +112,7 @@ TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
         return &p;
     }
     const int64_t tw = p.tw = m <= 8 ? 8 : I::TW_MAX, tiles = (m + tw - 1) / tw;
+    if (p.xt.size() < (size_t)(tiles * nb * 16 * tw) || p.xd.size() < (size_t)(tiles * nb * tw)) ThreadPool::quiesce_all();
     if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
     if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
     // tiles are disjoint: a prefill's prep (2% of it) runs on every thread (one tile runs inline);
