@@ -4,9 +4,9 @@
 // The exp passes use GCC/Clang vector extensions (16 floats), so one source serves NEON, AVX2 and
 // AVX-512; on x86 the hot loops are cloned per ISA (target_clones) and picked once at load time.
 // Weights exp((x - max) / T) are float32 (Cephes' polynomial, ~2 ulp); every sum over them is
-// double. The filters are decided on a candidate set (the tokens with weight >= e^-12 of the best
-// one, else e^-30, else every token with a nonzero weight) when it provably holds every survivor:
-// then only the candidates are sorted, and only as many of them as the nucleus needs.
+// double. The filters are decided on a candidate set (the tokens with weight >= e^-8 of the best
+// one, else e^-12, e^-30, else every token with a nonzero weight) when it provably holds every
+// survivor; top-p buckets the candidates by weight and sorts only the bucket where the nucleus ends.
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors pass between always_inline helpers only
 
 #include <algorithm>
