@@ -19,6 +19,7 @@ from tinyvllm._native import check, ffi, lib
 from tinyvllm.sampling_params import SamplingParams
 
 _INT32_MAX = 2**31 - 1
+_GREEDY_ROW = (0.0, 0, 1.0, 0.0, 0.0)  # temperature, top_k, top_p, min_p, u of a greedy row
 
 
 class SamplingState(Protocol):
@@ -178,14 +179,12 @@ class Sampler:
             if token_bitmask is not None:
                 apply_token_bitmask(x, *token_bitmask)
         # (2) per row: temperature 0 (greedy) or the filters and one uniform from the row's own generator
-        temperature, top_p, min_p, u = np.zeros(B), np.ones(B), np.zeros(B), np.zeros(B)
-        top_k = np.zeros(B, dtype=np.int32)
-        for i, s in enumerate(states):
+        rows = []
+        for s in states:  # in row order: one draw per sampled row and step (batch-independent)
             p = s.params
-            if not p.greedy:
-                temperature[i], top_p[i], min_p[i] = p.temperature, p.top_p, p.min_p
-                top_k[i] = min(max(p.top_k, 0), _INT32_MAX)
-                u[i] = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
+            rows.append(_GREEDY_ROW if p.greedy else (p.temperature, min(max(p.top_k, 0), _INT32_MAX), p.top_p, p.min_p,
+                                                      (self.rng if s.generator is None else s.generator).random()))
+        temperature, top_k, top_p, min_p, u = np.array(rows, dtype=np.float64).T
         tokens, lse = native_sample(logits, x, temperature, top_k, top_p, min_p, u)
         results = []
         chosen = (logits[np.arange(len(states)), tokens] - lse).tolist()  # every row's logprob at once
