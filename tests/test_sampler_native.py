@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sampler_oracle as oracle
-from tinyvllm._native import NativeError
+from tinyvllm._native import NativeError, check, ffi, lib
 from tinyvllm.sampler import Sampler, log_sum_exp, make_generator, native_sample, sampling_weights
 from tinyvllm.sampling_params import SamplingParams
 
@@ -33,6 +33,17 @@ def logits_rows(rng, n: int, V: int) -> np.ndarray:
             x[rng.random(V) < 0.5] = -np.inf
         rows.append(x)
     return np.asarray(rows, dtype=np.float32)
+
+
+@pytest.fixture(params=["best", "avx2", "scalar"])
+def kernel_path(request):
+    """Each kernel path this CPU runs: on AVX-512 ones tv_sample's own AVX-512 loops, elsewhere its
+    generic vector loops (cloned per ISA)."""
+    restore = ffi.string(lib.tv_kernel_path()).decode()
+    if request.param != "best" and lib.tv_select_kernel_path(request.param.encode()) != 0:
+        pytest.skip(f"{request.param} does not run here")
+    yield request.param
+    check(lib.tv_select_kernel_path(restore.encode()))
 
 
 def call(x, temperature, u, top_k=0, top_p=1.0, min_p=0.0, weights=None):
@@ -72,7 +83,7 @@ def boundary_case(x, u, T, tok, kw) -> bool:
 
 
 @pytest.mark.parametrize("V", [1000, 49152])
-def test_native_draws_the_oracle_token_for_the_same_u(V):
+def test_native_draws_the_oracle_token_for_the_same_u(V, kernel_path):
     rng = np.random.default_rng(V)
     rows = logits_rows(rng, 20 if V > 1000 else 60, V)
     draws = boundary = 0
@@ -90,7 +101,7 @@ def test_native_draws_the_oracle_token_for_the_same_u(V):
 
 
 @pytest.mark.parametrize("V", [7, 1000, 49152])
-def test_native_keeps_what_the_oracle_keeps(V):
+def test_native_keeps_what_the_oracle_keeps(V, kernel_path):
     """Survivor sets (weights out) equal the oracle's on rows whose top-p edge is clear of float error."""
     rng = np.random.default_rng(V + 1)
     rows = logits_rows(rng, 12, V)
@@ -108,7 +119,7 @@ def test_native_keeps_what_the_oracle_keeps(V):
     assert checked >= 0.99 * len(PARAMS) * len(rows)
 
 
-def test_ties_and_edges():
+def test_ties_and_edges(kernel_path):
     keep = lambda x, **kw: np.flatnonzero(sampling_weights(np.array(x, np.float32), SamplingParams(**kw))).tolist()
     assert keep([0, 0, 0, 0], top_p=0.5) == [0, 1]  # ties at the top-p edge: lower ids first
     assert keep([0, 0, 0, 0], top_p=0.51) == [0, 1, 2]
@@ -140,7 +151,7 @@ def test_very_low_temperature_underflow():
         assert tok[7] in (11, 40000)
 
 
-def test_chi_square_distribution():
+def test_chi_square_distribution(kernel_path):
     """20,000 draws of one row (a batch of 20,000 rows, each its own u) follow the oracle's exact
     probabilities; the wrong temperature fails the same check."""
     rng = np.random.default_rng(11)
@@ -162,7 +173,7 @@ def test_chi_square_distribution():
             assert (((counts - N * wrong) ** 2) / (N * wrong)).sum() > 3 * V + 30
 
 
-def test_log_sum_exp_and_logprobs():
+def test_log_sum_exp_and_logprobs(kernel_path):
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((6, 49152)) * 4).astype(np.float32)
     x[2, ::2] = -np.inf

@@ -90,6 +90,47 @@ TV_INLINE vf load_tail(const float *x, int64_t n) {
     return load(buf);
 }
 
+// The vector exp and candidate collection the row loops below are instantiated with: Generic (vector
+// extensions: NEON, AVX2, SSE; cloned per x86 ISA) and, on x86 CPUs with AVX-512, Avx512 (scalef: ~20%
+// fewer instructions per exp; candidates compress-stored while the weights are made).
+struct Generic {
+    static constexpr bool COLLECTS = false;
+    vf exp(vf x) const { return vexp(x); }
+    void collect(vf, float, int64_t, int32_t *, int64_t &) const {}
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TV_AVX512 1
+struct Avx512 {
+    static constexpr bool COLLECTS = true;
+    __attribute__((target("avx512f"))) inline vf exp(vf v) const {
+        const __m512 lo = _mm512_set1_ps(-87.33f);
+        __m512 x = (__m512)v;
+        const __mmask16 ok = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);  // below: 0, as vexp
+        x = _mm512_max_ps(x, lo);
+        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+        __m512 p = _mm512_set1_ps(EXP_POLY[0]);
+        for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
+        const __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+        return (vf)_mm512_maskz_scalef_ps(ok, y, n);
+    }
+    // appends the ids base + l of the lanes with e >= cut
+    __attribute__((target("avx512f"))) inline void collect(vf e, float cut, int64_t base, int32_t *ids,
+                                                            int64_t &k) const {
+        const __mmask16 hit = _mm512_cmp_ps_mask((__m512)e, _mm512_set1_ps(cut), _CMP_GE_OQ);
+        if (hit) {
+            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int32_t(base)),
+                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+            _mm512_mask_compressstoreu_epi32(ids + k, hit, idx);
+            k += __builtin_popcount(hit);
+        }
+    }
+};
+#endif
+
 struct RowMax {
     float max;
     bool nan;
@@ -122,7 +163,8 @@ TV_INLINE void prefetch_line(const float *p) { __builtin_prefetch(p, 0, 2); }
 
 // sum of e^(x - m): the log-sum-exp's mass. next (may be null): the next row, pulled into cache
 // meanwhile (one line per vector of this row), so its first pass does not wait on memory.
-TV_SIMD_CLONES double exp_sum(const float *x, int64_t n, float m, const float *next) {
+template <class S>
+TV_INLINE double exp_sum_rows(S isa, const float *x, int64_t n, float m, const float *next) {
     double total = 0.0;
     const vf mv = splat(m);
     int64_t i = 0;
@@ -132,26 +174,28 @@ TV_SIMD_CLONES double exp_sum(const float *x, int64_t n, float m, const float *n
             const float *p = x + i + j;
             if (next)
                 for (int q = 0; q < 4; q++) prefetch_line(next + i + j + q * L);
-            a0 += vexp(load(p) - mv);
-            a1 += vexp(load(p + L) - mv);
-            a2 += vexp(load(p + 2 * L) - mv);
-            a3 += vexp(load(p + 3 * L) - mv);
+            a0 += isa.exp(load(p) - mv);
+            a1 += isa.exp(load(p + L) - mv);
+            a2 += isa.exp(load(p + 2 * L) - mv);
+            a3 += isa.exp(load(p + 3 * L) - mv);
         }
         total += chunk_total(a0, a1, a2, a3);
     }
-    for (; i < n; i += L) total += hsum(vexp(load_tail(x + i, n - i) - mv));
+    for (; i < n; i += L) total += hsum(isa.exp(load_tail(x + i, n - i) - mv));
     return total;
 }
 
 // w[i] = e^((x[i] - m) * inv_t); returns their sum (per chunk as chunk_total, added in double) and
 // counts the nonzero weights. mass (may be null): also sum of e^(x - m), the log-sum-exp's mass of
-// the same row. next: as exp_sum.
-TV_SIMD_CLONES double weights(const float *x, int64_t n, float m, float inv_t, float *w, int64_t *nonzero,
-                              double *mass, const float *next) {
+// the same row. next: as exp_sum. Where the ISA collects: the ids of the weights >= cut into ids
+// (*n_ids; -1 where it does not).
+template <class S>
+TV_INLINE double weights_rows(S isa, const float *x, int64_t n, float m, float inv_t, float *w, int64_t *nonzero,
+                              double *mass, const float *next, float cut, int32_t *ids, int64_t *n_ids) {
     const vf mv = splat(m), tv = splat(inv_t), zero = vf{};
     double total = 0.0, raw_total = 0.0;
     vi nz = vi{};
-    int64_t i = 0;
+    int64_t i = 0, k = 0;
     for (; i + CHUNK <= n; i += CHUNK) {
         vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{}, r0 = vf{}, r1 = vf{}, r2 = vf{}, r3 = vf{};
         for (int j = 0; j < CHUNK; j += 4 * L) {
@@ -159,7 +203,7 @@ TV_SIMD_CLONES double weights(const float *x, int64_t n, float m, float inv_t, f
                 for (int q = 0; q < 4; q++) prefetch_line(next + i + j + q * L);
             const vf d0 = load(x + i + j) - mv, d1 = load(x + i + j + L) - mv;
             const vf d2 = load(x + i + j + 2 * L) - mv, d3 = load(x + i + j + 3 * L) - mv;
-            const vf e0 = vexp(d0 * tv), e1 = vexp(d1 * tv), e2 = vexp(d2 * tv), e3 = vexp(d3 * tv);
+            const vf e0 = isa.exp(d0 * tv), e1 = isa.exp(d1 * tv), e2 = isa.exp(d2 * tv), e3 = isa.exp(d3 * tv);
             std::memcpy(w + i + j, &e0, sizeof e0);
             std::memcpy(w + i + j + L, &e1, sizeof e1);
             std::memcpy(w + i + j + 2 * L, &e2, sizeof e2);
@@ -170,7 +214,13 @@ TV_SIMD_CLONES double weights(const float *x, int64_t n, float m, float inv_t, f
             nz -= e2 > zero;
             nz -= e3 > zero;
             if (mass) {
-                r0 += vexp(d0), r1 += vexp(d1), r2 += vexp(d2), r3 += vexp(d3);
+                r0 += isa.exp(d0), r1 += isa.exp(d1), r2 += isa.exp(d2), r3 += isa.exp(d3);
+            }
+            if constexpr (S::COLLECTS) {
+                isa.collect(e0, cut, i + j, ids, k);
+                isa.collect(e1, cut, i + j + L, ids, k);
+                isa.collect(e2, cut, i + j + 2 * L, ids, k);
+                isa.collect(e3, cut, i + j + 3 * L, ids, k);
             }
         }
         total += chunk_total(a0, a1, a2, a3);
@@ -180,17 +230,66 @@ TV_SIMD_CLONES double weights(const float *x, int64_t n, float m, float inv_t, f
     for (int l = 0; l < L; l++) count += nz[l];
     for (int64_t j = i; j < n; j += L) {  // the tail's weights, a vector at a time
         const vf d = load_tail(x + j, n - j) - mv;
-        const vf e = vexp(d * tv);
+        const vf e = isa.exp(d * tv);
         for (int l = 0; l < L && j + l < n; l++) w[j + l] = e[l];
-        if (mass) raw_total += hsum(vexp(d));
+        if (mass) raw_total += hsum(isa.exp(d));
     }
     for (; i < n; i++) {  // then one at a time, each its own partial sum (as draw_all walks it)
         total += w[i];
         count += w[i] > 0.0f;
+        if (S::COLLECTS && w[i] >= cut) ids[k++] = int32_t(i);
     }
     *nonzero = count;
+    *n_ids = S::COLLECTS ? k : -1;
     if (mass) *mass = raw_total;
     return total;
+}
+
+TV_SIMD_CLONES double exp_sum_generic(const float *x, int64_t n, float m, const float *next) {
+    return exp_sum_rows(Generic{}, x, n, m, next);
+}
+
+TV_SIMD_CLONES double weights_generic(const float *x, int64_t n, float m, float inv_t, float *w, int64_t *nonzero,
+                                      double *mass, const float *next, float cut, int32_t *ids, int64_t *n_ids) {
+    return weights_rows(Generic{}, x, n, m, inv_t, w, nonzero, mass, next, cut, ids, n_ids);
+}
+
+#ifdef TV_AVX512
+__attribute__((target("avx512f"))) double exp_sum_avx512(const float *x, int64_t n, float m, const float *next) {
+    return exp_sum_rows(Avx512{}, x, n, m, next);
+}
+
+__attribute__((target("avx512f"))) double weights_avx512(const float *x, int64_t n, float m, float inv_t, float *w,
+                                                         int64_t *nonzero, double *mass, const float *next, float cut,
+                                                         int32_t *ids, int64_t *n_ids) {
+    return weights_rows(Avx512{}, x, n, m, inv_t, w, nonzero, mass, next, cut, ids, n_ids);
+}
+#endif
+
+// The Avx512 loops where the CPU has AVX-512 and the kernel path in use is an AVX-512 one
+// (TINYVLLM_KERNEL=avx2 or scalar, or tv_select_kernel_path, selects the generic loops: tests run both).
+bool use_avx512() {
+#ifdef TV_AVX512
+    static const bool cpu = __builtin_cpu_supports("avx512f");
+    return cpu && std::strncmp(kernels().name, "avx512", 6) == 0;
+#else
+    return false;
+#endif
+}
+
+double exp_sum(const float *x, int64_t n, float m, const float *next) {
+#ifdef TV_AVX512
+    if (use_avx512()) return exp_sum_avx512(x, n, m, next);
+#endif
+    return exp_sum_generic(x, n, m, next);
+}
+
+double weights(const float *x, int64_t n, float m, float inv_t, float *w, int64_t *nonzero, double *mass,
+               const float *next, float cut, int32_t *ids, int64_t *n_ids) {
+#ifdef TV_AVX512
+    if (use_avx512()) return weights_avx512(x, n, m, inv_t, w, nonzero, mass, next, cut, ids, n_ids);
+#endif
+    return weights_generic(x, n, m, inv_t, w, nonzero, mass, next, cut, ids, n_ids);
 }
 
 // The ids of the weights >= cut (cut 0: > 0), ascending; returns how many.
@@ -213,17 +312,29 @@ __attribute__((target("avx512f"))) int64_t collect_avx512(const float *w, int64_
 }
 #endif
 
-int64_t collect(const float *w, int64_t n, float cut, int32_t *ids) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) return collect_avx512(w, n, cut, ids);
-#endif
-    int64_t k = 0;  // branchless: candidates are often dense enough to defeat the branch predictor
-    for (int64_t i = 0; i < n; i++) {
+TV_SIMD_CLONES int64_t collect_generic(const float *w, int64_t n, float cut, int32_t *ids) {
+    const vf c = splat(cut), zero = vf{};
+    int64_t k = 0, i = 0;
+    for (; i + L <= n; i += L) {  // a vector test first: most vectors hold no candidate
+        const vf v = load(w + i);
+        if (any_lane(cut > 0.0f ? v >= c : v > zero))
+            for (int l = 0; l < L; l++) {
+                ids[k] = int32_t(i + l);
+                k += cut > 0.0f ? w[i + l] >= cut : w[i + l] > 0.0f;
+            }
+    }
+    for (; i < n; i++) {
         ids[k] = int32_t(i);
         k += cut > 0.0f ? w[i] >= cut : w[i] > 0.0f;
     }
     return k;
+}
+
+int64_t collect(const float *w, int64_t n, float cut, int32_t *ids) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use_avx512()) return collect_avx512(w, n, cut, ids);
+#endif
+    return collect_generic(w, n, cut, ids);
 }
 
 TV_SIMD_CLONES double chunk_sum(const float *w) {
@@ -390,7 +501,7 @@ void sample_row(Scratch &s, const float *x, int64_t V, float m, double temperatu
     const float inv_t = float(std::min(1.0 / temperature, 1e30));
     int64_t nonzero = 0, n_ids = 0;
     float *w = s.w.data();
-    const double total = weights(x, V, m, inv_t, w, &nonzero, mass, next);
+    const double total = weights(x, V, m, inv_t, w, &nonzero, mass, next, cuts[0], s.ids.data(), &n_ids);
     const bool filtered = (p.top_k > 0 && p.top_k < nonzero) || p.top_p < 1.0 || p.min_p > 0.0;
     if (!filtered) {
         *token = int32_t(draw_all(w, V, u * total));
@@ -399,7 +510,7 @@ void sample_row(Scratch &s, const float *x, int64_t V, float m, double temperatu
         return;
     }
     for (int c = 0; c < 4; c++) {
-        n_ids = collect(w, V, cuts[c], s.ids.data());  // wider and wider sets, from the stored weights
+        if (c > 0 || n_ids < 0) n_ids = collect(w, V, cuts[c], s.ids.data());  // wider and wider, from the weights
         for (int64_t j = 0; j < n_ids; j++) s.cw[j] = w[s.ids[j]];
         int64_t kept = 0;
         if (decide(s, n_ids, p, nonzero, total, cuts[c], c == 3, &kept)) {
