@@ -131,6 +131,15 @@ def test_ties_and_edges(kernel_path):
     # greedy: the lowest id of the maxima, bit-exact; -inf elsewhere is fine
     x = np.array([[1, 5, 5, -np.inf, 5], [-np.inf, -np.inf, 0, -np.inf, 0]], np.float32)
     assert call(x, 0.0, [0.5, 0.5])[0].tolist() == [1, 2]
+    # u just below 1 (u * total may round up to the total): the last token that has a weight, never a
+    # masked one after it
+    x = np.zeros((2, 1000), np.float32)
+    x[:, 600:] = -np.inf
+    x[1, 599] = -200.0  # underflows at T = 1: weight 0
+    for kw in PARAMS:
+        got = call(x, 1.0, [np.nextafter(1.0, 0.0)] * 2, **kw)[0].tolist()
+        assert got[0] < 600 and got[1] < 599, (kw, got)
+        assert kw or got == [599, 598], got
     # one token left: every u draws it, every filter keeps it
     row = np.full((1, 1000), -np.inf, np.float32)
     row[0, 777] = 3.0

@@ -307,13 +307,12 @@ double weights(const float *x, int64_t n, float m, float inv_t, float *w, int64_
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx512f"))) int64_t collect_avx512(const float *w, int64_t n, float cut, int32_t *ids) {
     const __m512 c = _mm512_set1_ps(cut);
-    const int pred = cut > 0.0f ? _CMP_GE_OQ : _CMP_GT_OQ;
     __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i step = _mm512_set1_epi32(L);
     int64_t k = 0, i = 0;
     for (; i + L <= n; i += L, idx = _mm512_add_epi32(idx, step)) {
         const __m512 v = _mm512_loadu_ps(w + i);
-        const __mmask16 hit = pred == _CMP_GE_OQ ? _mm512_cmp_ps_mask(v, c, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, c, _CMP_GT_OQ);
+        const __mmask16 hit = cut > 0.0f ? _mm512_cmp_ps_mask(v, c, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, c, _CMP_GT_OQ);
         _mm512_mask_compressstoreu_epi32(ids + k, hit, idx);
         k += __builtin_popcount(hit);
     }
@@ -356,6 +355,13 @@ TV_SIMD_CLONES double chunk_sum(const float *w) {
     return chunk_total(a0, a1, a2, a3);
 }
 
+// The last token with a weight at or before w[end - 1] (u * total rounded up to the total).
+int64_t last_weighted(const float *w, int64_t end) {
+    for (int64_t j = end - 1; j >= 0; j--)
+        if (w[j] > 0.0f) return j;
+    return 0;
+}
+
 // The inverse-cdf draw over all of w (id order) for target = u * total, total as weights() summed it.
 int64_t draw_all(const float *w, int64_t n, double target) {
     double run = 0.0;
@@ -365,16 +371,13 @@ int64_t draw_all(const float *w, int64_t n, double target) {
         if (run + s > target) {  // the token is in this chunk: walk it in double
             for (int j = 0; j < CHUNK; j++)
                 if ((run += w[i + j]) > target && w[i + j] > 0.0f) return i + j;
-            break;  // rounding: the chunk's float sum crossed, its walk did not
+            return last_weighted(w, i + CHUNK);  // rounding: the chunk's float sum crossed, its walk did not
         }
         run += s;
     }
-    for (; i < n && run <= target; i++)
+    for (; i < n; i++)
         if ((run += w[i]) > target && w[i] > 0.0f) return i;
-    // u * total rounded up to the total: the last token with a weight, at or before where the walk ended
-    for (int64_t j = std::min(n, i + CHUNK) - 1; j >= 0; j--)
-        if (w[j] > 0.0f) return j;
-    return 0;
+    return last_weighted(w, n);
 }
 
 struct RowParams {
