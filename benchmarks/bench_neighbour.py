@@ -95,12 +95,8 @@ class Neighbour:
 def run_child(code: str, args: list[str], env_extra: dict) -> dict:
     env = {**os.environ, **env_extra}
     # cwd: not this checkout, or `python -c` would import its tinyvllm ahead of PYTHONPATH's
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                       cwd=env.get("PYTHONPATH") or "/")
-    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode or not line:
-        sys.exit(f"child failed ({args}):\n{r.stderr[-3000:]}")
-    return json.loads(line[-1][7:])
+    return machine.child_result([sys.executable, "-c", code, *args], f"child {args}", env=env,
+                                cwd=env.get("PYTHONPATH") or "/")
 
 
 def tinyvllm_decode(threads: int, n: int, reps: int, lib: str | None) -> dict:
