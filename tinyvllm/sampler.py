@@ -184,7 +184,7 @@ class Sampler:
             p = s.params
             rows.append(_GREEDY_ROW if p.greedy else (p.temperature, min(max(p.top_k, 0), _INT32_MAX), p.top_p, p.min_p,
                                                       (self.rng if s.generator is None else s.generator).random()))
-        temperature, top_k, top_p, min_p, u = np.array(rows, dtype=np.float64).T
+        temperature, top_k, top_p, min_p, u = np.array(rows, dtype=np.float64).reshape(-1, 5).T
         tokens, lse = native_sample(logits, x, temperature, top_k, top_p, min_p, u)
         results = []
         chosen = (logits[np.arange(len(states)), tokens] - lse).tolist()  # every row's logprob at once
