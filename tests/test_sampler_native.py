@@ -265,3 +265,24 @@ def test_bad_rows_are_errors_not_crashes():
         call(np.zeros((1, 10), np.float32), 1.0, [1.0])
     with pytest.raises(NativeError, match="out of range"):
         call(np.zeros((1, 10), np.float32), 1.0, [0.5], top_p=0.0)
+
+
+def test_a_fully_forbidden_row_does_not_fail_its_batch():
+    """A grammar that allows only EOS while min_tokens forbids it leaves no token: the grammar wins
+    for that row (it draws EOS), and the other rows of the batch sample as they would alone."""
+    from types import SimpleNamespace
+    rng = np.random.default_rng(5)
+    V, eos = 300, 7
+    logits = rng.standard_normal((3, V)).astype(np.float32)
+
+    def state(**kw):
+        return SimpleNamespace(params=SamplingParams(**kw), generator=None, prompt_token_ids=[1], output_token_ids=[])
+    states = [state(temperature=0.0), state(temperature=0.0, min_tokens=4), state(temperature=0.0)]
+    bitmask = np.zeros((1, (V + 31) // 32), dtype=np.int32)
+    bitmask[0, eos // 32] = 1 << (eos % 32)  # only EOS allowed in row 1
+    out = Sampler().sample(logits, states, eos_token_ids=[eos], token_bitmask=([1], bitmask))
+    assert out[1].token_id == eos
+    assert [out[0].token_id, out[2].token_id] == np.argmax(logits[[0, 2]], axis=1).tolist()
+    # nothing allowed at all (an empty mask): the row draws from its raw logits instead of failing
+    out = Sampler().sample(logits, states, eos_token_ids=[eos], token_bitmask=([1], np.zeros_like(bitmask)))
+    assert out[1].token_id == int(np.argmax(logits[1]))

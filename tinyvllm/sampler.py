@@ -178,6 +178,16 @@ class Sampler:
             apply_penalties(x, states)
             if token_bitmask is not None:
                 apply_token_bitmask(x, *token_bitmask)
+            # A row with every token forbidden (a grammar that allows only EOS before min_tokens is out)
+            # must not fail the batch it rides in: the grammar outranks min_tokens, and a row with
+            # nothing allowed at all draws from its raw logits.
+            for i in np.flatnonzero(x.max(axis=1) == -np.inf).tolist():
+                x[i] = logits[i]
+                if token_bitmask is not None and i in token_bitmask[0]:
+                    k = token_bitmask[0].index(i)
+                    apply_token_bitmask(x, [i], token_bitmask[1][k:k + 1])
+                    if x[i].max() == -np.inf:
+                        x[i] = logits[i]
         # (2) per row: temperature 0 (greedy) or the filters and one uniform from the row's own generator
         rows = []
         for s in states:  # in row order: one draw per sampled row and step (batch-independent)
