@@ -110,29 +110,11 @@ struct Avx2 {
         asm("" : "+x"(r));
         return r;
     }
-    // 8 scalar loads (AVX2 gathers are slow on many cores, and there is no vpmovdw to narrow a
-    // dword gather), joined 4 (or 2) to a 64-bit register by integer shifts and ors, so that only
-    // 2 (4) moves and 1 (3) unpacks reach the vector ports, which decode keeps busy (8 inserts did:
-    // 2 uops each on Intel, one on the shuffle port); with `second`, 8 dword loads split into low
-    // halves (returned) and high ones.
+    // with `second`, the 8 dwords split into low halves (returned) and high ones
     template <int AT, int>
     TV_AVX2 static __m256 halves(const uint8_t *w0, const int32_t *off, __m256i, __m256 *second) {
-        const uint8_t *p = w0 + AT;
-        if (!second) {
-            auto four = [&](int r) {
-                return (long long)((uint64_t)load_u16(p + off[r]) | (uint64_t)load_u16(p + off[r + 1]) << 16 |
-                                   (uint64_t)load_u16(p + off[r + 2]) << 32 | (uint64_t)load_u16(p + off[r + 3]) << 48);
-            };
-            return _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(four(0)), _mm_cvtsi64_si128(four(4))));
-        }
-        auto two = [&](int r) {
-            uint32_t a, b;
-            std::memcpy(&a, p + off[r], 4);
-            std::memcpy(&b, p + off[r + 1], 4);
-            return _mm_cvtsi64_si128((long long)(a | (uint64_t)b << 32));
-        };
-        const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi64(two(0), two(2))),
-                                                  _mm_unpacklo_epi64(two(4), two(6)), 1);
+        if (!second) return _mm256_cvtph_ps(rows_f16x8(w0 + AT, off));
+        const __m256i v = rows_u32x8(w0 + AT, off);
         const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                                0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
         const __m256i t = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xD8);  // [d 0..7 | m 0..7]

@@ -132,26 +132,11 @@ struct Avx512 {
         for (int i = 0; i < NR; i++) d[i] = reduce_pairs512(p[i]);
     }
     TV_AVX512 static __m256i dot_pairs(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_epi32(acc, w, x); }
-    // 8 scalar loads joined 4 (or 2) to a 64-bit register by integer shifts and ors (as Avx2's):
-    // fewer vector-port uops than a gather and its narrowing, which decode keeps busy.
+    // as Avx2's, the high halves narrowed by vpmovdw
     template <int AT, int>
     TV_AVX512 static __m256 halves(const uint8_t *w0, const int32_t *off, __m256i, __m256 *second) {
-        const uint8_t *p = w0 + AT;
-        if (!second) {
-            auto four = [&](int r) {
-                return (long long)((uint64_t)load_u16(p + off[r]) | (uint64_t)load_u16(p + off[r + 1]) << 16 |
-                                   (uint64_t)load_u16(p + off[r + 2]) << 32 | (uint64_t)load_u16(p + off[r + 3]) << 48);
-            };
-            return _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(four(0)), _mm_cvtsi64_si128(four(4))));
-        }
-        auto two = [&](int r) {
-            uint32_t a, b;
-            std::memcpy(&a, p + off[r], 4);
-            std::memcpy(&b, p + off[r + 1], 4);
-            return _mm_cvtsi64_si128((long long)(a | (uint64_t)b << 32));
-        };
-        const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi64(two(0), two(2))),
-                                                  _mm_unpacklo_epi64(two(4), two(6)), 1);
+        if (!second) return _mm256_cvtph_ps(rows_f16x8(w0 + AT, off));
+        const __m256i v = rows_u32x8(w0 + AT, off);
         *second = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16)));
         return _mm256_cvtph_ps(_mm256_cvtepi32_epi16(v));
     }

@@ -8,6 +8,8 @@
 
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "formats.h"
 
 #define TV_X86 __attribute__((target("avx2,fma,f16c")))
@@ -30,6 +32,29 @@ TV_X86 inline int hsum_i32(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     return _mm_cvtsi128_si32(s);
+}
+
+// The 8 rows' f16 scales (at p + off[r]) for decode, by scalar loads joined 4 to a 64-bit register
+// with integer shifts and ors: 2 moves and 1 unpack reach the vector ports, which decode keeps busy
+// (8 inserts cost 2 uops each on Intel, one on the shuffle port; AVX2 gathers are slow and have no
+// narrowing). rows_f16x8: the 8 halves; rows_u32x8: 8 dwords (a scale and a min each), 2 per register.
+TV_X86 inline __m128i rows_f16x8(const uint8_t *p, const int32_t *off) {
+    auto four = [&](int r) {
+        return (long long)((uint64_t)load_u16(p + off[r]) | (uint64_t)load_u16(p + off[r + 1]) << 16 |
+                           (uint64_t)load_u16(p + off[r + 2]) << 32 | (uint64_t)load_u16(p + off[r + 3]) << 48);
+    };
+    return _mm_unpacklo_epi64(_mm_cvtsi64_si128(four(0)), _mm_cvtsi64_si128(four(4)));
+}
+
+TV_X86 inline __m256i rows_u32x8(const uint8_t *p, const int32_t *off) {
+    auto two = [&](int r) {
+        uint32_t a, b;
+        std::memcpy(&a, p + off[r], 4);
+        std::memcpy(&b, p + off[r + 1], 4);
+        return _mm_cvtsi64_si128((long long)(a | (uint64_t)b << 32));
+    };
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi64(two(0), two(2))),
+                                   _mm_unpacklo_epi64(two(4), two(6)), 1);
 }
 
 // Slice s of block `blk`: each step below is one shape of formats.h, on two 16-byte halves.
