@@ -141,6 +141,21 @@ TV_ISA inline void group_scales(const uint8_t *w0, const int32_t *off, __m256i v
     }
 }
 
+// dst[0, n) = src[0, n); `stream`: the whole cache lines of dst bypass the caches (non-temporal
+// stores: no read for ownership of lines that are only written; a partial line would be a slow
+// partial write, so the ends go through the cache).
+TV_ISA inline void copy_out(float *dst, const float *src, int64_t n, bool stream) {
+    int64_t i = 0;
+    if (stream) {
+        for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63); i++) dst[i] = src[i];
+        for (; i + 16 <= n; i += 16) {
+            _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+            _mm256_stream_ps(dst + i + 8, _mm256_loadu_ps(src + i + 8));
+        }
+    }
+    for (; i < n; i++) dst[i] = src[i];
+}
+
 // Row offsets of a group: rows past r1 repeat the last one (computed, never stored).
 TV_ISA inline __m256i group_offsets(int64_t g0, int64_t r1, size_t row_bytes, int32_t *off) {
     for (int r = 0; r < NW; r++) off[r] = (int32_t)((size_t)(std::min(g0 + r, r1 - 1) - g0) * row_bytes);
@@ -297,9 +312,19 @@ TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
     static thread_local Panel P;
     const size_t np = (size_t)(nb * NW);
     if (P.w.size() < np) P.w.resize(np), P.d.resize(np), P.d2.resize(np), P.mn.resize(np);
+    // The micro kernels write 8 outputs into each of m rows of y, ldy apart; with ldy * 4 a multiple
+    // of 4 KiB (the 49152-row output matrix) those rows share one L1 set and few L2 sets, and every
+    // line is evicted between its two halves' writes (the output matrix at m = 32 ran at 60% of
+    // the others' rate). They write into this buffer instead, YB outputs per row, copied out in
+    // whole lines once the YB weight rows are done.
+    const int64_t YB = std::clamp<int64_t>(16384 / m / NW * NW, NW, 512);  // a buffer of up to 64 KiB
+    static thread_local std::vector<float> ybuf;
+    if (ybuf.size() < (size_t)(m * YB)) ybuf.resize((size_t)(m * YB));
+    const bool stream = ldy >= 16384;  // rows 64 KiB or more apart (an output matrix's logits)
     GroupScales<F> gs;
     for (int64_t g0 = r0; g0 < r1; g0 += NW) {
         const int nw = (int)std::min<int64_t>(NW, r1 - g0);
+        const int64_t c0 = r0 + (g0 - r0) / YB * YB;  // the buffer's first weight row
         alignas(32) int32_t off[NW];
         const __m256i voff = group_offsets(g0, r1, row_bytes, off);
         const uint8_t *w0 = w + (size_t)g0 * row_bytes, *next = w0 + NW * row_bytes;
@@ -322,12 +347,17 @@ TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
                 if (F::HAS_MIN) std::memcpy(P.mn.data() + b * NW, gs.m[s], sizeof(float) * NW);
             }
         }
+        float *yb = ybuf.data() + (g0 - c0);
         for (int64_t t = 0; t * x.tw < m; t++) {
             const int ni = (int)std::min<int64_t>(x.tw, m - t * x.tw);
-            if (x.tw == 8) micro<Ymm<I>, F>(P, x, t, nb, nw, ni, y + g0, ldy);
-            else micro<typename I::Wide, F>(P, x, t, nb, nw, ni, y + g0, ldy);
+            if (x.tw == 8) micro<Ymm<I>, F>(P, x, t, nb, nw, ni, yb, YB);
+            else micro<typename I::Wide, F>(P, x, t, nb, nw, ni, yb, YB);
         }
+        if (g0 + NW >= std::min(r1, c0 + YB))  // the buffer's last group: copy it out
+            for (int64_t i = 0; i < m; i++)
+                copy_out(y + i * ldy + c0, ybuf.data() + i * YB, std::min(r1, c0 + YB) - c0, stream);
     }
+    if (stream) _mm_sfence();  // the streamed stores are visible before the pool reports this task done
 }
 
 template <class I>
