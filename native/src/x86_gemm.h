@@ -97,9 +97,14 @@ TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
     if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
     if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
     // tiles are disjoint: a prefill's prep (2% of it) runs on every thread (one tile runs inline);
-    // through a pointer: inside the lambda `p` would name each worker's own thread_local
+    // a decode batch's (a few us: m = 32, k = 576) runs inline, cheaper than a parallel region.
+    // Through a pointer: inside the lambda `p` would name each worker's own thread_local
     Prep *mine = &p;
-    pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
+    if (tiles * nb * 16 * tw <= 32768) {
+        for (int64_t t = 0; t < tiles; t++) prepare_tile(p, x, m, nb, t);
+    } else {
+        pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
+    }
     return &p;
 }
 
