@@ -322,7 +322,7 @@ TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
     // line is evicted between its two halves' writes (the output matrix at m = 32 ran at 60% of
     // the others' rate). They write into this buffer instead, YB outputs per row, copied out in
     // whole lines once the YB weight rows are done.
-    const int64_t YB = std::clamp<int64_t>(16384 / m / NW * NW, NW, 512);  // a buffer of up to 64 KiB
+    const int64_t YB = std::clamp<int64_t>(4096 / m / NW * NW, NW, 512);  // a buffer of up to 16 KiB (L1)
     static thread_local std::vector<float> ybuf;
     if (ybuf.size() < (size_t)(m * YB)) ybuf.resize((size_t)(m * YB));
     const bool stream = ldy >= 16384;  // rows 64 KiB or more apart (an output matrix's logits)
