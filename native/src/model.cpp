@@ -294,11 +294,12 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     });
     const AttentionBatch ab{T, b.positions, b.seq_ids, b.block_tables, b.max_blocks, swa ? p_.sliding_window : 0,
                             p_.attn_scale};
-    attention(cache, l, ab, q, att, p_.n_head, pool, s_.attn);
     // (a quantized weight's cols are a whole number of blocks, checked at set_tensor: qD, qE, qF hold
-    // whenever the matmul needs xq; float weights ignore it)
-    const bool qD = Dq % QK == 0;
-    if (qD) per_token(pool, T, [&](int t) { K.quantize_act(att + (size_t)t * Dq, xq + (size_t)t * (Dq / QK), Dq); });
+    // whenever the matmul needs xq; float weights ignore it). Whole-block heads are quantized by the
+    // attention tasks that write them (one parallel region fewer per layer).
+    const bool qD = Dq % QK == 0, q_heads = hd % QK == 0;
+    attention(cache, l, ab, q, att, p_.n_head, pool, s_.attn, q_heads ? xq : nullptr);
+    if (qD && !q_heads) per_token(pool, T, [&](int t) { K.quantize_act(att + (size_t)t * Dq, xq + (size_t)t * (Dq / QK), Dq); });
     matmul(L.wo, att, qD ? xq : nullptr, T, tmp, pool);
 
     // --- feed-forward block
