@@ -17,11 +17,9 @@ By default tinyvllm is imported from this checkout (newest build*/libtinyvllm.so
 overrides); --installed uses the copy pip installed into the environment instead.
 """
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -185,11 +183,7 @@ def run_child(engine, args, model_path) -> dict:
     cmd = [sys.executable, __file__, "--child", "--engine", engine, "--threads", str(args.threads),
            "--inner", str(args.inner), "--decode-tokens", str(args.decode_tokens),
            "--model-path", str(model_path)] + (["--installed"] if args.installed else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode or not lines:
-        sys.exit(f"{engine} child failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return machine.child_result(cmd, f"{engine} child")
 
 
 def stats(samples, work) -> dict:
@@ -216,7 +210,7 @@ def main():
     args = ap.parse_args()
     machine.use_source_tree(args.installed)
     if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        machine.print_result(child(args))
         return
     if args.quick:
         args.reps, args.inner = 1, 1
@@ -319,8 +313,7 @@ def markdown(d, engines) -> str:
     lc = first.get("llama.cpp", {}).get("info", {})
     lines = [
         "# tinyvllm vs llama.cpp", "",
-        ("**Smoke test (--quick): 1 repetition, not a measurement.**\n\n" if d["quick"] else "") +
-        machine.busy_warning(d["other_cpu_share"]) +
+        machine.caveats(d["other_cpu_share"], d["quick"] and "1 repetition") +
         f"{m['date']} · {cpu.get('model')} · {cpu.get('usable_cpus')} CPUs usable · "
         f"{d['threads']} threads per engine · {d['reps']} child processes per engine and model x {d['inner']} timed "
         f"runs, engines alternating · other processes' CPU share during the run {_pct(d['other_cpu_share'])} · "

@@ -114,7 +114,7 @@ def markdown(d) -> str:
     m = d["machine"]
     return "\n".join([
         "# Weight formats: one matmul each, per kernel path", "",
-        ("**Smoke test (--quick), not a measurement.**\n\n" if d["quick"] else "") + machine.busy_warning(d["other_cpu_share"]) +
+        machine.caveats(d["other_cpu_share"], d["quick"]) +
         f"{m['date']} · {m['cpu'].get('model')} · git {m['git_commit']} · {d['rows']} x {d['cols']} weights, random "
         f"valid blocks · median (min-max) of {d['reps']} repetitions · other processes' CPU share "
         + ("?" if d["other_cpu_share"] is None else f"{d['other_cpu_share']:.0%}"), "",

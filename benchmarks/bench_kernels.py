@@ -229,8 +229,7 @@ def markdown(d) -> str:
         return "-" if v is None else f"{v / 2**20:.1f}"
     lines = [
         "# tinyvllm kernels vs the machine", "",
-        ("**Smoke test (--quick), not a measurement.**\n\n" if d["quick"] else "") +
-        machine.busy_warning(d["other_cpu_share"]) +
+        machine.caveats(d["other_cpu_share"], d["quick"]) +
         f"{m['date']} · {cpu.get('model')} · {d['threads']} threads · kernels `{d['kernel_path']}` · "
         f"other processes' CPU share during the run "
         f"{'?' if d['other_cpu_share'] is None else format(d['other_cpu_share'], '.0%')} · git {m['git_commit']}", "",

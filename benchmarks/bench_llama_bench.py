@@ -54,11 +54,7 @@ print("RESULT " + json.dumps({"pp512": 512 / pp, "tg128": 128 / tg}))
 
 def ours(path: Path, threads: int, kernel: str = "auto") -> dict:
     env = dict(os.environ, TINYVLLM_KERNEL=kernel)
-    r = subprocess.run([sys.executable, "-c", CHILD, str(path), str(threads)], capture_output=True, text=True, env=env)
-    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode or not line:
-        sys.exit(f"tinyvllm child failed:\n{r.stderr[-3000:]}")
-    return json.loads(line[-1][7:])
+    return machine.child_result([sys.executable, "-c", CHILD, str(path), str(threads)], "tinyvllm child", env=env)
 
 
 def theirs(bench: str, path: Path, threads: int, flags: str) -> dict:

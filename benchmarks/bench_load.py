@@ -23,7 +23,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -218,11 +217,7 @@ def run_child(args, part: str, checkout: Path, policy: dict | None = None) -> di
            "--decode-steps", str(args.decode_steps), "--policy", json.dumps(policy or {})]
     cmd += ["--quick"] if args.quick else []
     load = os.getloadavg()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=checkout)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    if r.returncode or not lines:
-        sys.exit(f"{part} child failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = machine.child_result(cmd, f"{part} child", env=env, cwd=checkout)
     res["loadavg_before"] = load
     return res
 
@@ -247,7 +242,7 @@ def main():
     args = ap.parse_args()
     if args.child:  # tinyvllm comes from PYTHONPATH (the checkout under test), the library from TINYVLLM_LIB
         res = {"chat": child_chat, "sweep": child_sweep, "smooth": child_smooth}[args.child](args)
-        print("RESULT " + json.dumps(res))
+        machine.print_result(res)
         return
     machine.use_source_tree(False)
     here, parts = machine.ROOT, args.parts.split(",")
@@ -321,8 +316,7 @@ def markdown(d) -> str:
     s, cpu = d["summary"], d["machine"]["cpu"]
     other = "?" if d["other_cpu_share"] is None else f"{d['other_cpu_share']:.0%}"
     lines = ["# Throughput and latency under load", "",
-             ("**Smoke test (--quick): shrunken workload, not a measurement.**\n\n" if d["quick"] else "")
-             + machine.busy_warning(d["other_cpu_share"])
+             machine.caveats(d["other_cpu_share"], d["quick"] and "shrunken workload")
              + f"{d['machine']['date']} · {cpu.get('model')} · {d['threads']} threads · git {d['machine']['git_commit']} · "
              f"other processes' CPU share during the run {other} · `benchmarks/bench_load.py`, model {d['model']}. "
              f"Every figure: median (min-max) of {d['repeats']} runs, each in its own child process; the load "

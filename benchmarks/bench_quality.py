@@ -195,10 +195,7 @@ def child_reference(path: str, a) -> dict:
 def run_child(engine: str, path: Path, a) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, str(path), "--threads", str(a.threads), "--ctx", str(a.ctx),
            "--decode-tokens", str(a.decode_tokens), "--decode-runs", str(a.decode_runs)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if p.returncode:
-        sys.exit(f"{engine} on {path.name} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return machine.child_result(cmd, f"{engine} on {path.name}")
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -386,7 +383,7 @@ def main():
     machine.use_source_tree(a.installed)
     if a.child:
         fn = {"tinyvllm": child_tinyvllm, "reference": child_reference}[a.child[0]]
-        print(json.dumps(fn(a.child[1], a)))
+        machine.print_result(fn(a.child[1], a))
         return
     if a.from_json:
         data = json.loads(a.from_json.read_text())

@@ -20,11 +20,9 @@ By default tinyvllm is imported from this checkout (newest build*/libtinyvllm.so
 overrides); --installed uses the copy pip installed into the environment instead.
 """
 import argparse
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -276,15 +274,11 @@ def run_child(engine, mode, args, model_path, vocab) -> dict | None:
            "--decode-tokens", str(args.decode_tokens), "--kv-budget-mib", str(args.kv_budget_mib)]
     cmd += ["--installed"] if args.installed else []
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode or not lines:
-        msg = f"{engine} {mode} child failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-        if engine == "llama.cpp":  # llama.cpp is a reference: report its failure, keep the run
-            print(msg, file=sys.stderr)
-            return {"engine": engine, "mode": mode, "error": msg[-1500:]}
-        sys.exit(msg)
-    res = json.loads(lines[-1][len("RESULT "):])
+
+    def reference_failed(msg):  # llama.cpp is a reference: report its failure, keep the run
+        print(msg, file=sys.stderr)
+        return {"engine": engine, "mode": mode, "error": msg[-1500:]}
+    res = machine.child_result(cmd, f"{engine} {mode} child", **({"fail": reference_failed} if engine == "llama.cpp" else {}))
     res["child_wall_s"] = time.perf_counter() - t
     return res
 
@@ -336,7 +330,7 @@ def main():
     args = ap.parse_args()
     machine.use_source_tree(args.installed)
     if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        machine.print_result(child(args))
         return
     if args.quick:
         args.n_requests, args.subset, args.decode_tokens, args.group = 8, 2, 16, 4
@@ -476,8 +470,7 @@ def markdown(d) -> str:
     ]
     lines = [
         "# Serving: paged KV, continuous batching, llama.cpp", "",
-        ("**Smoke test (--quick): shrunken workload, not a measurement.**\n\n" if d["quick"] else "") +
-        machine.busy_warning(d["other_cpu_share"]) +
+        machine.caveats(d["other_cpu_share"], d["quick"] and "shrunken workload") +
         f"{d['machine']['date']} · {cpu.get('model')} · {cpu.get('usable_cpus')} CPUs usable · {d['threads']} threads · "
         f"other processes' CPU share during the run {other} · "
         f"git {d['machine']['git_commit']} · tinyvllm {tv.get('version', '?')} (kernels `{tv.get('kernel_path', '?')}`)", "",

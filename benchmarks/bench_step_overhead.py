@@ -7,6 +7,7 @@ process importing tinyvllm from one checkout with that checkout's own library, a
 alternate (before, after, before, after, ...) so that machine noise falls on both alike.
 
     python benchmarks/bench_step_overhead.py --before /path/to/old/checkout     # about 3 minutes
+    python benchmarks/bench_step_overhead.py --before ... --quick  # smoke test: 1 and 16 sequences, 4 steps, to /tmp
     python benchmarks/bench_step_overhead.py --before ... --before-lib .../libtinyvllm.so
 
 A checkout's library is its newest build*/libtinyvllm.so unless --*-lib names one. The block
@@ -14,7 +15,6 @@ manager's calls are counted by wrapping the `lib` object its Python module calls
 """
 import argparse
 import importlib
-import json
 import os
 import statistics
 import subprocess
@@ -100,10 +100,7 @@ def run_child(repo: Path, lib: str, args, batch: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo), TINYVLLM_LIB=lib)
     cmd = [sys.executable, __file__, "--child", str(batch), "--model", args.model, "--steps", str(args.steps),
            "--threads", str(args.threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
-    if out.returncode:
-        sys.exit(f"child failed ({repo}, batch {batch}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return machine.child_result(cmd, f"child ({repo}, batch {batch})", env=env, cwd=repo)
 
 
 def spread(xs, scale=1e6) -> list[float]:
@@ -119,21 +116,29 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3, help="child runs per checkout and batch size")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-dir", type=Path, default=machine.DOCS)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 and 16 sequences, 4 steps, 1 run, "
+                    "written under /tmp unless --out-dir is given")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.child, args.steps, args.threads)))
+        machine.print_result(child(args.model, args.child, args.steps, args.threads))
         return
     if not args.before:
         ap.error("--before is required")
+    batches = BATCHES
+    if args.quick:
+        batches, args.steps, args.repeats = BATCHES[:2], 4, 1
+        if args.out_dir == machine.DOCS:
+            args.out_dir = Path("/tmp")
     sides = {"before": (args.before.resolve(), args.before_lib or newest_lib(args.before)),
              "after": (args.after.resolve(), args.after_lib or newest_lib(args.after))}
     commits = {k: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                                  text=True).stdout.strip() for k, (repo, _) in sides.items()}
     load = machine.OtherLoad()
     data = {"machine": machine.machine_info(), "model": args.model, "steps": args.steps, "repeats": args.repeats,
-            "threads": args.threads, "commits": commits, "results": {}}
-    for batch in BATCHES:
+            "threads": args.threads, "commits": commits, "quick": args.quick, "results": {}}
+    for batch in batches:
         got = {k: {"overhead_s": [], "wall_s": [], "bm_calls": []} for k in sides}
         for _ in range(args.repeats):
             for k, (repo, lib) in sides.items():
@@ -151,7 +156,7 @@ def main():
                      f"{statistics.median(b['overhead_s']) / statistics.median(a['overhead_s']):.2f}x",
                      f"{statistics.median(b['bm_calls']):.0f}", f"{statistics.median(a['bm_calls']):.0f}",
                      f"{statistics.median(b['wall_s']) * 1e3:.1f}", f"{statistics.median(a['wall_s']) * 1e3:.1f}"])
-    md = (f"# Python overhead per decode step\n\n{machine.busy_warning(data['other_load_share'])}"
+    md = ("# Python overhead per decode step\n\n" + machine.caveats(data["other_load_share"], args.quick) +
           f"`benchmarks/bench_step_overhead.py`: {args.model}, {args.threads} threads, temperature 0.8 / top-p "
           f"0.95, {args.steps} decode steps x {args.repeats} child runs per cell, before = {commits['before']}, "
           f"after = {commits['after']}, children alternating. Overhead = step wall time minus time inside the "
@@ -159,7 +164,7 @@ def main():
           f"Other processes' CPU share during the run: {data['other_load_share']:.0%}.\n\n"
           + machine.md_table(["running seqs", "before us (min/med/max)", "after us (min/med/max)", "speed-up",
                               "block-manager calls/step before", "after", "step ms before", "step ms after"], rows))
-    machine.write_outputs("step_overhead", data, md)
+    machine.write_outputs("step_overhead", data, md, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -104,12 +104,37 @@ class OtherLoad:
         return max(0.0, other / ((end[2] - self.start[2]) * cpus))
 
 
+RESULT = "RESULT "  # the line a child benchmark process answers with (anything else it prints is ignored)
+
+
+def print_result(obj) -> None:
+    print(RESULT + json.dumps(obj), flush=True)
+
+
+def child_result(cmd, what: str, fail=sys.exit, **run_kwargs) -> dict:
+    """Run a child benchmark process (subprocess.run's keyword arguments pass through) and return the
+    object it gave print_result(). When it fails (non-zero exit, no result line): fail(message), whose
+    return is returned (the default exits with the message)."""
+    r = subprocess.run(cmd, capture_output=True, text=True, **run_kwargs)
+    lines = [line for line in r.stdout.splitlines() if line.startswith(RESULT)]
+    if r.returncode or not lines:
+        return fail(f"{what} failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
 def busy_warning(other_share) -> str:
     """A markdown warning when other processes took a noticeable share of the CPUs during the run."""
     if other_share is not None and other_share > 0.05:
         return (f"**Warning: other processes used {other_share:.0%} of the CPUs during this run: "
                 "these numbers are not a measurement; rerun on a quiet machine.**\n\n")
     return ""
+
+
+def caveats(other_share, quick: bool | str = False) -> str:
+    """A report's opening warnings: a --quick run is a smoke test (quick: True, or what it shrank), and
+    busy_warning's."""
+    detail = f": {quick}" if isinstance(quick, str) else ""
+    return (f"**Smoke test (--quick){detail}, not a measurement.**\n\n" if quick else "") + busy_warning(other_share)
 
 
 # ---- measured ceilings (benchmarks/membw.c) ------------------------------------------------------

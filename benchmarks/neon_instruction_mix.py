@@ -18,7 +18,11 @@ llama.cpp's activations are int8 (Q8_0/Q8_1/Q8_K), tinyvllm's int16 (one more SD
 the dotprod path, SMLAL on 16-bit lanes on the neon one): its dot count per weight is lower by design.
 
     python benchmarks/neon_instruction_mix.py [--llama-cpp DIR] [--cxx aarch64-linux-gnu-g++]
-Writes docs/benchmarks/neon_mix.{json,md}. Needs the Debian cross toolchain (g++-aarch64-linux-gnu,
+Writes docs/benchmarks/neon_mix.{json,md}.
+    python benchmarks/neon_instruction_mix.py --compare REV
+compiles native/src of git revision REV and of the working tree and compares every tinyvllm kernel's
+hot loop, format by format (exit status 1 when one differs): a refactoring's check that no NEON
+hot loop got longer. Needs the Debian cross toolchain (g++-aarch64-linux-gnu,
 binutils-aarch64-linux-gnu).
 """
 import argparse
@@ -228,12 +232,57 @@ def find(syms, pattern):
     return min(hits, key=len)
 
 
+def compile_ours(cxx: str, root: Path, obj: Path) -> Path:
+    # the project's flags (native/CMakeLists.txt, Release); dotprod per function (target attribute)
+    subprocess.run([cxx, "-std=c++17", "-O3", "-DNDEBUG", "-fPIC", f"-I{root}/native/include", f"-I{root}/native/src",
+                    "-c", str(root / "native/src/kernels_neon.cpp"), "-o", str(obj)], check=True)
+    return obj
+
+
+def tinyvllm_kernels(trait: str, slices: int) -> list:
+    """(label, symbol pattern, slice dots per pass, inner trips) of tinyvllm's kernels for one format."""
+    return [
+        # decode: a loop the compiler keeps inside is the per-row scales loop (NW = 4 rows)
+        ("tinyvllm neon decode", rf"gemv_NeonDot<tv::{trait}, 1>", 4 * slices, 4),
+        ("tinyvllm dotprod decode", rf"gemv_DotprodDot<tv::{trait}, 1>", 4 * slices, 4),
+        # the rows kernels (one weight row x NX activation rows; its hottest loop is NX = 4: two
+        # 32-value blocks or one super-block x 4 rows per pass): prefill before QuantGemm
+        ("tinyvllm neon rows x4", rf"rows_NeonDot<tv::{trait}>", 4 * (2 if slices == 1 else 8), 1),
+        ("tinyvllm dotprod rows x4", rf"rows_DotprodDot<tv::{trait}>", 4 * (2 if slices == 1 else 8), 1),
+        ("tinyvllm neon prefill", rf"micro_neon<tv::{trait}>", 16, 1),
+        ("tinyvllm dotprod prefill", rf"micro_dotprod<tv::{trait}>", 16, 1),
+    ]
+
+
+def compare(rev: str, cxx: str) -> int:
+    """Hot-loop instruction mixes of every tinyvllm kernel at git revision rev vs the working tree."""
+    objdump = cxx.replace("g++", "objdump")
+    traits = [t for t, *_ in FORMATS.values()] + ["FmtQ2_K", "FmtQ3_K"]
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old"
+        old.mkdir()
+        archive = subprocess.run(["git", "archive", rev, "native"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        code = {tag: disassemble(compile_ours(cxx, root, Path(tmp) / f"{tag}.o"), objdump)
+                for tag, root in ((rev, old), ("working tree", ROOT))}
+    differ = 0
+    for trait in traits:
+        for label, pattern, _, inner in tinyvllm_kernels(trait, 1):
+            mixes = []
+            for syms in code.values():
+                hits = [s for s in syms if re.search(pattern, s)]
+                mixes.append(hot_loop_mix(syms[min(hits, key=len)], inner)[0] if hits else None)
+            same = mixes[0] == mixes[1]
+            differ += not same
+            totals = ["-" if m is None else sum(m.values()) for m in mixes]
+            print(f"{'same' if same else 'DIFFERS':8}{trait:11}{label:26}{rev}: {totals[0]}  working tree: {totals[1]}")
+    print(f"{differ} kernel(s) differ")
+    return 1 if differ else 0
+
+
 def compile_objects(cxx: str, llama: Path, tmp: Path) -> dict:
     cc = cxx.replace("g++", "gcc")
-    ours = tmp / "kernels_neon.o"
-    # the project's flags (native/CMakeLists.txt, Release); dotprod per function (target attribute)
-    subprocess.run([cxx, "-std=c++17", "-O3", "-DNDEBUG", "-fPIC", f"-I{ROOT}/native/include", f"-I{ROOT}/native/src",
-                    "-c", str(ROOT / "native/src/kernels_neon.cpp"), "-o", str(ours)], check=True)
+    ours = compile_ours(cxx, ROOT, tmp / "kernels_neon.o")
     src = llama / "ggml/src/ggml-cpu/arch/arm/quants.c"
     inc = [f"-I{llama}/ggml/include", f"-I{llama}/ggml/src", f"-I{llama}/ggml/src/ggml-cpu"]
     out = {"tinyvllm": ours}
@@ -250,7 +299,10 @@ def main():
     ap.add_argument("--llama-cpp", type=Path, default=LLAMA_CPP, help="llama.cpp source tree")
     ap.add_argument("--cxx", default="aarch64-linux-gnu-g++")
     ap.add_argument("--out-dir", type=Path, default=machine.DOCS)
+    ap.add_argument("--compare", metavar="REV", help="compare tinyvllm's hot loops with git revision REV's, then exit")
     args = ap.parse_args()
+    if args.compare:
+        raise SystemExit(compare(args.compare, args.cxx))
     objdump = args.cxx.replace("g++", "objdump")
     with tempfile.TemporaryDirectory() as tmp:
         objs = compile_objects(args.cxx, args.llama_cpp, Path(tmp))
@@ -259,16 +311,7 @@ def main():
     rows = []
     for fmt, (trait, values, vec_dot, llama_blocks, trips) in FORMATS.items():
         slices = values // 32
-        kernels = [
-            # decode: a loop the compiler keeps inside is the per-row scales loop (NW = 4 rows)
-            ("tinyvllm neon decode", "tinyvllm", rf"gemv_NeonDot<tv::{trait}, 1>", 4 * slices, 4),
-            ("tinyvllm dotprod decode", "tinyvllm", rf"gemv_DotprodDot<tv::{trait}, 1>", 4 * slices, 4),
-            # the rows kernels (one weight row x NX activation rows; its hottest loop is NX = 4: two
-            # 32-value blocks or one super-block x 4 rows per pass): prefill before QuantGemm
-            ("tinyvllm neon rows x4", "tinyvllm", rf"rows_NeonDot<tv::{trait}>", 4 * (2 if slices == 1 else 8), 1),
-            ("tinyvllm dotprod rows x4", "tinyvllm", rf"rows_DotprodDot<tv::{trait}>", 4 * (2 if slices == 1 else 8), 1),
-            ("tinyvllm neon prefill", "tinyvllm", rf"micro_neon<tv::{trait}>", 16, 1),
-            ("tinyvllm dotprod prefill", "tinyvllm", rf"micro_dotprod<tv::{trait}>", 16, 1),
+        kernels = [(label, "tinyvllm", *rest) for label, *rest in tinyvllm_kernels(trait, slices)] + [
             ("llama.cpp neon (armv8.0)", "llama.cpp neon", rf"^{vec_dot}$", llama_blocks * slices, trips),
             ("llama.cpp dotprod", "llama.cpp dotprod", rf"^{vec_dot}$", llama_blocks * slices, trips),
         ]

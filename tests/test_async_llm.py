@@ -132,7 +132,31 @@ def test_abort_and_cancellation_free_every_block(llm):
         last = outs[-1].outputs[0]
         assert last.finish_reason == "abort" and 0 < len(last.token_ids) < 400
     assert_pool_full(llm)
-    assert {rid for rid, _ in llm.aborted[-4:]} == {"a", "b", "c", "dropped"}
+    assert {rid for rid, _ in list(llm.aborted)[-4:]} == {"a", "b", "c", "dropped"}
+
+
+def test_the_abort_record_is_bounded(llm):
+    """A server aborts for as long as it runs: `aborted` keeps the latest ABORT_HISTORY aborts only, while
+    num_aborted counts every one and aborts_since() reads the new ones."""
+    assert_pool_full(llm)
+    n = AsyncLLM.ABORT_HISTORY + 44
+    before = llm.num_aborted
+    llm.pause()  # they stay in the inbox: each abort takes one over and ends it before any step
+    try:
+        handles = [llm.submit(PROMPTS[i % 50], SamplingParams(max_tokens=4, **GREEDY), request_id=f"bounded-{i}")
+                   for i in range(n)]
+
+        async def abort_all():
+            await llm.abort([h.request_id for h in handles])
+        asyncio.run(abort_all())
+    finally:
+        llm.resume()
+    assert all(h.result(60).outputs[0].finish_reason == "abort" for h in handles)
+    assert llm.num_aborted == before + n
+    assert len(llm.aborted) == AsyncLLM.ABORT_HISTORY
+    assert llm.aborts_since(before) == [(f"bounded-{i}", 0) for i in range(n - AsyncLLM.ABORT_HISTORY, n)]
+    assert llm.aborts_since(llm.num_aborted - 3) == [(f"bounded-{i}", 0) for i in range(n - 3, n)]
+    assert_pool_full(llm)
 
 
 def test_deadline_frees_every_block(llm):

@@ -322,10 +322,49 @@ def test_forks_use_fewer_blocks_than_independent_sequences(model_path):
     assert peak[0] < ind_peak[0] / 2
 
 
+def test_temperature_adds_the_sampled_token_as_a_candidate():
+    """vLLM's beam search asks its sampler for 2 * width logprobs at the request's temperature: the token
+    it samples joins the candidates. At temperature 0 the draw is the argmax, already among them."""
+    from tinyvllm.beam_search import top_candidates
+    logits = np.random.default_rng(3).normal(size=500).astype(np.float32)
+    x = logits.astype(np.float64)
+    lsm = x - np.log(np.exp(x - x.max()).sum()) - x.max()
+    order = list(np.argsort(-lsm, kind="stable"))
+    plain = top_candidates(logits, 4)
+    assert [t for t, _, _ in plain] == order[:4] and [r for _, _, r in plain] == [1, 2, 3, 4]
+    assert top_candidates(logits, 4, 1e-6, np.random.default_rng(0)) == plain  # the draw is the argmax
+    rng, extra = np.random.default_rng(0), []
+    for _ in range(20):  # a near-uniform temperature draws outside the top 4 nearly always
+        cands = top_candidates(logits, 4, 1e4, rng)
+        assert cands[:4] == plain and len(cands) in (4, 5)
+        extra += cands[4:]
+    assert len(extra) >= 15
+    for t, lp, rank in extra:
+        assert abs(lp - lsm[t]) < 1e-12 and rank == order.index(t) + 1
+
+
+def test_a_sampled_search_runs_and_keeps_its_books(llm):
+    """temperature > 0 through the engine: every step's candidates are the 2 * width likeliest plus at most
+    the sampled one, each beam's cum_logprob is the sum of its tokens' raw logprobs, and it frees its blocks."""
+    width, steps = 2, 6
+    (out,) = llm.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=width, max_tokens=steps, temperature=50.0))
+    n = len(prompt_ids(llm, PROMPTS[0]))
+    assert len(out.sequences) == width
+    sizes = set()
+    for seq in out.sequences:
+        gen = seq.tokens[n:]
+        assert len(seq.logprobs) == len(gen)
+        assert abs(seq.cum_logprob - sum(e[t].logprob for t, e in zip(gen, seq.logprobs))) < 1e-9
+        sizes |= {len(e) for e in seq.logprobs}
+    assert sizes <= {2 * width, 2 * width + 1} and 2 * width + 1 in sizes  # the temperature explored
+    assert_pool_empty(llm)
+
+
 def test_bad_params_and_a_busy_engine(llm):
     for kw, word in [(dict(beam_width=0, max_tokens=4), "beam_width"), (dict(beam_width=2, max_tokens=0), "max_tokens"),
                      (dict(beam_width=2.5, max_tokens=4), "beam_width"), (dict(beam_width=True, max_tokens=4), "beam_width"),
-                     (dict(beam_width=2, max_tokens=4, temperature=0.7), "temperature"),
+                     (dict(beam_width=2, max_tokens=4, temperature=-0.7), "temperature"),
+                     (dict(beam_width=2, max_tokens=4, temperature=float("inf")), "temperature"),
                      (dict(beam_width=2, max_tokens=4, length_penalty=float("nan")), "length_penalty")]:
         with pytest.raises(ValueError, match=word):
             BeamSearchParams(**kw)
@@ -445,7 +484,7 @@ def test_server_equals_offline_api(model_path, llm):
         forward = llm.engine.runner.forward
         llm.engine.runner.forward = lambda *a: time.sleep(0.05) or forward(*a)  # a search of seconds
         for stream in (True, False):
-            steps, aborted = aeng.stats["beam_search"]["steps"], len(aeng.aborted)
+            steps, aborted = aeng.stats["beam_search"]["steps"], aeng.num_aborted
             searching = lambda a: a.stats["beam_search"]["steps"] > steps + 2
             body = {"model": "tiny", "prompt": "the cat", "n": 4, "max_tokens": 60, "ignore_eos": True,
                     "use_beam_search": True, "stream": stream}
@@ -461,7 +500,7 @@ def test_server_equals_offline_api(model_path, llm):
                                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
                     assert aeng.wait_until(searching, timeout=60)
             assert aeng.wait_until(idle, timeout=120), aeng.stats
-            assert len(aeng.aborted) == aborted + 1, (stream, aeng.aborted[aborted:])
+            assert aeng.num_aborted == aborted + 1, (stream, aeng.aborts_since(aborted))
             assert aeng.stats["beam_search"]["steps"] - steps < 60
         llm.engine.runner.forward = forward
     finally:

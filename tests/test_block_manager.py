@@ -22,7 +22,55 @@ import numpy as np
 import pytest
 
 from tinyvllm._native import NativeError
-from tinyvllm.engine.block_manager import ALLOCATE, APPEND, FORK, FREE, OP_DTYPE, BlockManager
+from tinyvllm.engine import block_manager
+from tinyvllm.engine.block_manager import ALLOCATE, APPEND, FORK, FREE, OP_DTYPE, TRUNCATE
+
+
+def _i32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int32).reshape(-1)
+
+
+class BlockManager(block_manager.BlockManager):
+    """The native manager driven one op at a time, as the reference model is (the scheduler sends a
+    step's ops in one list). `token_ids` are always the whole sequence's tokens."""
+
+    def _one(self, kind, seq_id, tokens=None, num_tokens=0, num_computed=0, parent_id=0):
+        op = np.zeros(1, OP_DTYPE)
+        op[0] = (kind, num_tokens, num_computed, -1, seq_id, parent_id, 0 if tokens is None else tokens.ctypes.data)
+        done, cow = self.apply(op)
+        return (op[0]["num_computed"], cow) if done else None
+
+    def allocate(self, seq_id: int, token_ids) -> int | None:
+        """Slots for a new sequence's prompt. Returns how many leading prompt tokens are already in the
+        cache (they count as computed), or None when the pool cannot hold the prompt now."""
+        t = _i32(token_ids)
+        r = self._one(ALLOCATE, seq_id, t, num_tokens=len(t))
+        return None if r is None else int(r[0])
+
+    def append(self, seq_id: int, token_ids, num_computed: int) -> list[tuple[int, int]] | None:
+        """Mark the first `num_computed` tokens computed, then slots for all of `token_ids`. Returns the
+        copy-on-write pairs ([] or one) or None when the pool cannot hold them now."""
+        t = _i32(token_ids)
+        r = self._one(APPEND, seq_id, t, num_tokens=len(t), num_computed=num_computed)
+        return None if r is None else r[1]
+
+    def truncate(self, seq_id: int, token_ids, num_computed: int) -> None:
+        t = _i32(token_ids)
+        self._one(TRUNCATE, seq_id, t, num_tokens=len(t), num_computed=num_computed)
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        self._one(FORK, child_id, parent_id=parent_id)
+
+    def free(self, seq_id: int, token_ids=None, num_computed: int | None = None) -> None:
+        """Drop the sequence, after marking `num_computed` (default: as marked so far)."""
+        t = None if token_ids is None else _i32(token_ids)
+        self._one(FREE, seq_id, t, num_computed=self.num_computed_tokens(seq_id) if num_computed is None else num_computed)
+
+    def num_tokens(self, seq_id: int) -> int:
+        return self.seq_info(seq_id)[0]
+
+    def num_computed_tokens(self, seq_id: int) -> int:
+        return self.seq_info(seq_id)[2]
 
 
 # ---- the reference model -------------------------------------------------------------------------

@@ -212,3 +212,15 @@ def test_invalid_utf8_string_values_round_trip(tmp_path):
     md = parse_gguf(p).metadata
     assert md["s"].encode("utf-8", "surrogateescape") == b"\x80x"
     assert [s.encode("utf-8", "surrogateescape") for s in md["a"]] == raw
+
+
+def test_ggml_format_table_matches_gguf_package():
+    """model/weights.py writes GGML's type ids and block sizes out (importing `gguf` costs every load
+    ~60 ms): they must be the gguf package's."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from tinyvllm.model.weights import QUANT_BLOCKS, GGMLType
+    for t in GGMLType:
+        assert int(GGMLQuantizationType[t.name]) == int(t), t.name
+        if t.name not in ("F32", "F16", "BF16"):
+            assert QUANT_BLOCKS[int(t)] == GGML_QUANT_SIZES[GGMLQuantizationType[t.name]], t.name
+    assert set(QUANT_BLOCKS) == {int(t) for t in GGMLType} - {int(GGMLType[n]) for n in ("F32", "F16", "BF16")}

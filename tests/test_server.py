@@ -289,9 +289,15 @@ BAD = [
     (C, {"prompt": "x", "use_beam_search": True, "n": 33}, 400, "n"),  # more beams than max_num_seqs
     (C, {"prompt": "x", "use_beam_search": True, "n": 2.5}, 400, "n"),
     (C, {"prompt": "x", "use_beam_search": True, "max_tokens": 0}, 400, "max_tokens"),
-    (C, {"prompt": "x", "use_beam_search": True, "temperature": 0.7}, 400, "temperature"),
+    (C, {"prompt": "x", "use_beam_search": True, "temperature": -0.7}, 400, "temperature"),
     (C, {"prompt": "x", "use_beam_search": True, "logprobs": 2}, 400, "logprobs"),  # ignored by a search: refused
     (C, {"prompt": "x", "length_penalty": 0.5}, 400, "length_penalty"),  # beam search only
+    (C, {"prompt": "x", "deadline_s": -1}, 400, "deadline_s"),
+    (C, {"prompt": "x", "deadline_s": 0}, 400, "deadline_s"),
+    (C, {"prompt": "x", "deadline_s": "soon"}, 400, "deadline_s"),
+    (C, {"prompt": "x", "deadline_s": "nan"}, 400, "deadline_s"),
+    (CHAT, {"messages": FRANCE, "deadline_s": "inf"}, 400, "deadline_s"),
+    (C, {"prompt": "x", "use_beam_search": True, "deadline_s": 5}, 400, "deadline_s"),
     (CHAT, {"messages": FRANCE, "use_beam_search": True, "n": 2, "top_p": 0.5}, 400, "top_p"),
     (C, b'{"prompt": "x", "max_tokens": ', 400, None),
     (C, b'["prompt"]', 400, None),
@@ -329,11 +335,36 @@ def test_still_serving_after_bad_input(client, server, ref):
     assert r.choices[0].text == ref["completion"].outputs[0].text
 
 
-def test_beam_search_equals_offline(client, ref, engine, aeng):
+def test_deadline_s_extra_body_ends_requests_at_their_deadline(client, server, engine, aeng):
+    """deadline_s (tinyvllm's extra body, SamplingParams.deadline_s): both requests wait in the paused
+    engine's inbox past their deadline, so the first step ends them with nothing generated; OpenAI's
+    schema has no "deadline" reason: they finish with "length", streamed or not."""
+    wait_idle(engine, aeng)
+    body = dict(model=MODEL, prompt="The capital of France is", max_tokens=64, temperature=0)
+    aeng.pause()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(client.completions.create, **body, extra_body={"deadline_s": 0.01, "ignore_eos": True})
+            streamed = pool.submit(sse_completion, server.url, {**body, "deadline_s": 0.01, "ignore_eos": True})
+            queued(aeng, 2)
+            time.sleep(0.05)  # past both deadlines before any step runs
+            aeng.resume()
+            r, (status, text, finish) = plain.result(), streamed.result()
+    finally:
+        aeng.resume()
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text == "" and r.usage.completion_tokens == 0
+    assert (status, text, finish) == (200, "", "length")
+    r = client.completions.create(**body, extra_body={"deadline_s": 300, "ignore_eos": True})  # a far deadline changes nothing
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 64
+    wait_idle(engine, aeng)
+
+
+def test_beam_search_equals_offline(client, server, ref, engine, aeng):
     """use_beam_search with n (the beam width), vLLM's extra body: the n best beams are the choices, best
     first, as the engine's offline beam search (LLM.beam_search's path) returns them; streamed, each
-    beam arrives whole when the search ends. The engine counts the beam steps."""
-    steps = aeng.stats["beam_search"]["steps"]
+    beam arrives whole when the search ends. The engine counts the beam steps, and /metrics shows them.
+    A temperature is taken, as vLLM takes it (the sampled token joins each beam's candidates)."""
+    steps, before = aeng.stats["beam_search"]["steps"], httpx.get(server.url + "/metrics").text
     want = ref["beam"].outputs
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, n=3,
                                   extra_body={"use_beam_search": True})
@@ -352,14 +383,21 @@ def test_beam_search_equals_offline(client, ref, engine, aeng):
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
             finish[c.index] = c.finish_reason or finish.get(c.index)
     assert [(texts[i], finish[i]) for i in range(2)] == [(o.text, o.finish_reason) for o in want]
-    assert aeng.stats["beam_search"]["steps"] - steps >= 8 + 12 + 12
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, n=2,
+                                  temperature=1.0, extra_body={"use_beam_search": True})
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens > 0
+    assert aeng.stats["beam_search"]["steps"] - steps >= 8 + 12 + 12 + 4
+    m = httpx.get(server.url + "/metrics").text
+    assert metric(m, "tinyvllm:beam_search_steps_total") - metric(before, "tinyvllm:beam_search_steps_total") \
+        == aeng.stats["beam_search"]["steps"] - steps
+    assert metric(m, "tinyvllm:beam_search_rows_total") == aeng.stats["beam_search"]["beam_rows"]
 
 
 def test_beam_search_client_that_hangs_up_is_aborted(server, engine, aeng):
     """A non-streaming beam search has no output until it ends: the server still notices the client left
     (it polls) and aborts the search; every beam's blocks go back."""
     wait_idle(engine, aeng)
-    steps, aborted = aeng.stats["beam_search"]["steps"], len(aeng.aborted)
+    steps, aborted = aeng.stats["beam_search"]["steps"], aeng.num_aborted
     body = json.dumps({"prompt": "Tell me a story", "max_tokens": 400, "n": 4, "use_beam_search": True,
                        "ignore_eos": True}).encode()
     host, port = server.url.removeprefix("http://").split(":")
@@ -368,7 +406,7 @@ def test_beam_search_client_that_hangs_up_is_aborted(server, engine, aeng):
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert aeng.wait_until(lambda a: a.stats["beam_search"]["steps"] > steps + 2)  # it is searching
     wait_idle(engine, aeng)
-    (n,) = [n for _, n in aeng.aborted[aborted:]]  # aborted, not finished
+    (n,) = [n for _, n in aeng.aborts_since(aborted)]  # aborted, not finished
     assert 0 < n < 4 * 400 and aeng.stats["beam_search"]["steps"] - steps < 400
 
 
@@ -380,7 +418,7 @@ def test_disconnect_storm_frees_everything(server, engine, aeng, ref):
     """200 streaming clients at once, 30% of them hanging up mid-stream: afterwards the KV pool is back to
     full, and every client that stayed got the text its prompt gets alone (greedy)."""
     wait_idle(engine, aeng)
-    generated, aborted = aeng.stats["generated_tokens"], len(aeng.aborted)
+    generated, aborted = aeng.stats["generated_tokens"], aeng.num_aborted
     drops = {i for i in range(STORM_CLIENTS) if i % 10 in (0, 3, 7)}  # 30%
 
     def one(i):
@@ -396,7 +434,7 @@ def test_disconnect_storm_frees_everything(server, engine, aeng, ref):
     assert [r for _, r in kept] == [(200, ref["alone"][PROMPTS[i % len(PROMPTS)]].text, "length") for i, _ in kept]
     wait_idle(engine, aeng)
     # each dropped request was aborted before its 64 tokens (one that ran on would finish, not abort)...
-    dropped = [n for _, n in aeng.aborted[aborted:]]
+    dropped = [n for _, n in aeng.aborts_since(aborted)]
     assert len(dropped) == len(drops) and all(n < 64 for n in dropped), dropped
     # ...and nothing else was generated: the kept requests' tokens plus what the dropped ones had
     assert aeng.stats["generated_tokens"] - generated == len(kept) * GEN + sum(dropped)
@@ -405,7 +443,7 @@ def test_disconnect_storm_frees_everything(server, engine, aeng, ref):
 
 def test_non_streaming_client_that_hangs_up_is_aborted(server, engine, aeng):
     wait_idle(engine, aeng)
-    before, aborted = aeng.stats["generated_tokens"], len(aeng.aborted)
+    before, aborted = aeng.stats["generated_tokens"], aeng.num_aborted
     body = json.dumps({"prompt": "Tell me a story", "max_tokens": 400, **GREEDY}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
@@ -413,7 +451,7 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server, engine, aeng):
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert aeng.wait_until(lambda a: a.stats["generated_tokens"] > before)  # it is generating
     wait_idle(engine, aeng)
-    (n,) = [n for _, n in aeng.aborted[aborted:]]  # aborted, not finished
+    (n,) = [n for _, n in aeng.aborts_since(aborted)]  # aborted, not finished
     assert 0 < n < 400 and aeng.stats["generated_tokens"] - before == n
 
 
@@ -452,6 +490,7 @@ def test_queue_full_is_429(aeng, engine, ref):
 METRICS = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv_blocks_used": "gauge",
            "kv_blocks_free": "gauge", "kv_cache_usage_perc": "gauge", "num_preemptions": "counter",
            "prefix_cache_queries": "counter", "prefix_cache_hits": "counter", "engine_steps": "counter",
+           "beam_search_steps": "counter", "beam_search_rows": "counter",
            "time_to_first_token_seconds": "histogram", "time_per_output_token_seconds": "histogram",
            "e2e_request_latency_seconds": "histogram", "batch_size": "histogram", "prompt_tokens": "counter",
            "generation_tokens": "counter", "request_success": "counter"}
@@ -501,6 +540,7 @@ def test_metrics_after_a_known_workload(reference_gguf_path):
         want = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 12,
                 "kv_cache_usage_perc": 0, "num_preemptions_total": eng.scheduler.num_preemptions,
                 "engine_steps_total": eng.num_steps, "batch_size_count": eng.num_steps,
+                "beam_search_steps_total": 0, "beam_search_rows_total": 0,
                 "time_to_first_token_seconds_count": 8, "time_per_output_token_seconds_count": 8,
                 "e2e_request_latency_seconds_count": 8, 'request_success_total{finished_reason="length"}': 8,
                 "prompt_tokens_total": 2 * 40 + 6 * 8, "generation_tokens_total": 2 * 4 + 6 * 40}

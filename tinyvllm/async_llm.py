@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 
@@ -79,6 +80,8 @@ class AsyncLLM:
     """Constructed like LLM, or over an engine with from_engine(); starts at once unless start=False.
     A context manager; shutdown() stops the engine thread."""
 
+    ABORT_HISTORY = 256  # the latest unfinished aborts kept in `aborted` (a server aborts without end)
+
     def __init__(self, model: str = DEFAULT_MODEL, *, threads: int | None = None, device: str = "cpu",
                  quantization: str | None = None, memory_budget=None, enable_prefix_caching: bool = True,
                  start: bool = True, **engine_args):
@@ -109,13 +112,20 @@ class AsyncLLM:
         self.stats = engine.stats()  # snapshot refreshed by the engine thread: safe to read anywhere
         self.step_observers: list = []     # called on the engine thread after each step with the engine
         self.error: BaseException | None = None  # set when the engine thread died
-        self.aborted: list[tuple[str, int]] = []  # (request id, tokens it had generated) per unfinished abort
+        # (request id, tokens it had generated) of the latest unfinished aborts; num_aborted counts them all
+        self.aborted: deque[tuple[str, int]] = deque(maxlen=self.ABORT_HISTORY)
+        self.num_aborted = 0
         self._thread = threading.Thread(target=self._run, name="tinyvllm-engine", daemon=True)
         if start:
             self.start()
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def aborts_since(self, num_aborted: int) -> list[tuple[str, int]]:
+        """The aborts after the first num_aborted (an earlier reading of num_aborted), as far as kept."""
+        new = min(self.num_aborted - num_aborted, len(self.aborted))
+        return list(self.aborted)[len(self.aborted) - new:]
 
     def start(self) -> AsyncLLM:
         if not self._thread.is_alive() and not self._stopping:
@@ -298,6 +308,7 @@ class AsyncLLM:
         out = self.engine.abort(rid)
         if out is not None:
             self.aborted.append((rid, sum(len(c.token_ids) for c in out.outputs)))
+            self.num_aborted += 1
         return out
 
     def _publish(self) -> None:

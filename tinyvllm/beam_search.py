@@ -2,7 +2,7 @@
 
 Every live beam is one engine Sequence; the group decides, the engine applies. Each step every live beam
 proposes its 2 * beam_width likeliest next tokens (log-softmax of its logits row, accumulated in
-float64); once all of a group's beams have proposed (a preempted beam is recomputed first), candidates
+float64; with a temperature, as in vLLM, also the token its sampler draws at that temperature); once all of a group's beams have proposed (a preempted beam is recomputed first), candidates
 ending in EOS (unless ignore_eos) are set aside as finished and the beam_width best of the rest live on.
 A parent with several surviving children is forked (the children share its blocks; a block is copied
 only when a beam writes into a shared one); a parent with none is freed. After max_tokens steps the
@@ -18,6 +18,7 @@ import numpy as np
 
 from .outputs import Logprob
 from .sampling_params import BeamSearchParams
+from .spec.rejection import draw
 
 
 @dataclass
@@ -51,16 +52,24 @@ def beam_search_score(tokens, cum_logprob: float, eos_token_ids, length_penalty:
     return cum_logprob / scale
 
 
-def top_candidates(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k likeliest tokens of one logits row with their log-softmax in float64, likeliest first (equal
-    logprobs: lower token id first)."""
+def top_candidates(logits: np.ndarray, k: int, temperature: float = 0.0,
+                   rng: np.random.Generator | None = None) -> list[tuple[int, float, int]]:
+    """The k likeliest tokens of one logits row as (token, log-softmax in float64, rank), likeliest first
+    (equal logprobs: lower token id first). With a temperature, as vLLM's beam search asks its sampler for
+    2 * width logprobs at that temperature: the token drawn from softmax(logits / temperature) joins them
+    when it is not among them already (with its raw logprob and its rank in the whole vocabulary)."""
     x = logits.astype(np.float64)
     m = x.max()
     lsm = x - (m + np.log(np.exp(x - m).sum()))
     k = min(k, len(x))
     ids = np.argpartition(-lsm, k - 1)[:k] if k < len(x) else np.arange(len(x))
     ids = ids[np.lexsort((ids, -lsm[ids]))]
-    return list(zip(ids.tolist(), lsm[ids].tolist()))
+    cands = [(t, lp, rank) for rank, (t, lp) in enumerate(zip(ids.tolist(), lsm[ids].tolist()), 1)]
+    if temperature > 0:
+        drawn = draw(np.exp((x - m) / temperature), rng)
+        if drawn not in ids:
+            cands.append((drawn, float(lsm[drawn]), 1 + int((lsm > lsm[drawn]).sum())))
+    return cands
 
 
 def blocks_needed(prompt_len: int, steps: int, width: int, block_size: int, shared_prompt: bool = True) -> int:
@@ -91,17 +100,18 @@ class BeamGroup:
     """One beam-search request's state. steps: max_tokens, or fewer where the context ends first (so a
     beam's sequence never stops by itself)."""
 
-    def __init__(self, params: BeamSearchParams, first_seq, steps: int, eos_token_ids):
+    def __init__(self, params: BeamSearchParams, first_seq, steps: int, eos_token_ids, rng=None):
         self.width, self.steps_left, self.length_penalty = params.beam_width, steps, params.length_penalty
+        self.temperature, self.rng = params.temperature, rng  # rng: draws the tokens a temperature adds
         self.eos = frozenset(() if params.ignore_eos else eos_token_ids)
         self.beams = [Beam(first_seq, 0.0, [])]
         self.finished: list[BeamSearchSequence] = []
-        self.candidates: dict[int, list[tuple[int, float]]] = {}  # seq_id -> this step's (token, logprob)
+        self.candidates: dict[int, list[tuple[int, float, int]]] = {}  # seq_id -> this step's (token, logprob, rank)
         self.done = False
         self.end_reason: str | None = None  # set when the request is ended early ("abort", "deadline")
 
     def propose(self, seq, logits_row: np.ndarray) -> None:
-        self.candidates[seq.seq_id] = top_candidates(logits_row, 2 * self.width)
+        self.candidates[seq.seq_id] = top_candidates(logits_row, 2 * self.width, self.temperature, self.rng)
 
     def ready(self, is_current) -> bool:
         """Every beam has proposed for its current last token (is_current(seq): its KV is complete and it
@@ -115,8 +125,8 @@ class BeamGroup:
         cands = []  # (parent, token, cum_logprob, step logprobs) of the candidates that go on
         for beam in self.beams:
             proposed = self.candidates.pop(beam.seq.seq_id)
-            step_lps = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(proposed, 1)}
-            for t, lp in proposed:
+            step_lps = {t: Logprob(lp, rank) for t, lp, rank in proposed}
+            for t, lp, _ in proposed:
                 cum = beam.cum_logprob + lp
                 if t in self.eos:
                     self.finished.append(BeamSearchSequence(beam.seq.token_ids.tolist() + [t],

@@ -3,7 +3,8 @@
 Templates are untrusted text shipped with a model: they run in jinja2's immutable sandbox under a time
 and an output size limit (a TemplateError instead of a hang or gigabytes). The environment mirrors
 transformers': trim/lstrip blocks, loop controls, `tojson` without ASCII escaping, `raise_exception`,
-`strftime_now` and a no-op `{% generation %}` tag.
+`strftime_now` and a no-op `{% generation %}` tag. jinja2 is imported on the first template, not with
+this module: a model without a template never pays its import (~30 ms).
 """
 from __future__ import annotations
 
@@ -13,11 +14,7 @@ import threading
 from datetime import datetime
 import re
 from functools import lru_cache
-
-import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from types import SimpleNamespace
 
 
 # Real chat templates render a conversation in milliseconds into at most a few MB.
@@ -54,58 +51,69 @@ def _width_checked(f):
     return checked
 
 
-class _GenerationTag(Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for HF's training masks;
-    for rendering it is a plain block."""
-    tags = {"generation"}
+@lru_cache(maxsize=1)
+def _jinja() -> SimpleNamespace:
+    """jinja2 and the two classes built on it, made on first use."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+    class _GenerationTag(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for HF's training masks;
+        for rendering it is a plain block."""
+        tags = {"generation"}
 
-    def _render(self, caller):
-        return caller()
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    class _LimitedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, plus size checks on the operators that make big values from small ones
+        (`'x' * 10**12`, `10 ** 10 ** 10`, `'%999999999d' % 1`) before they run."""
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(n, int) and hasattr(seq, "__len__") and len(seq) * max(n, 0) > MAX_OUTPUT_CHARS:
+                    raise TemplateError(f"chat template builds a value of {len(seq) * n} items "
+                                        f"(limit {MAX_OUTPUT_CHARS})")
+            elif operator == "**":
+                if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
+                    raise TemplateError(f"chat template computes an integer power too large ({left} ** {right})")
+            elif operator == "%" and isinstance(left, str):
+                widths = [int(w) for pair in _FORMAT_WIDTH.findall(left) for w in pair if w]
+                if widths and max(widths) > MAX_OUTPUT_CHARS:
+                    raise TemplateError(f"chat template formats a field {max(widths)} characters wide")
+            return super().call_binop(context, operator, left, right)
+
+    return SimpleNamespace(jinja2=jinja2, GenerationTag=_GenerationTag, LimitedSandbox=_LimitedSandbox)
 
 
-class _LimitedSandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, plus size checks on the operators that make big values from small ones
-    (`'x' * 10**12`, `10 ** 10 ** 10`, `'%999999999d' % 1`) before they run."""
-    intercepted_binops = frozenset({"*", "**", "%"})
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "*":
-            seq, n = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(n, int) and hasattr(seq, "__len__") and len(seq) * max(n, 0) > MAX_OUTPUT_CHARS:
-                raise TemplateError(f"chat template builds a value of {len(seq) * n} items "
-                                    f"(limit {MAX_OUTPUT_CHARS})")
-        elif operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
-                raise TemplateError(f"chat template computes an integer power too large ({left} ** {right})")
-        elif operator == "%" and isinstance(left, str):
-            widths = [int(w) for pair in _FORMAT_WIDTH.findall(left) for w in pair if w]
-            if widths and max(widths) > MAX_OUTPUT_CHARS:
-                raise TemplateError(f"chat template formats a field {max(widths)} characters wide")
-        return super().call_binop(context, operator, left, right)
-
-
-def check_template(template) -> jinja2.Template:
+def check_template(template):
     """The compiled template; TemplateError naming the problem (with the line) when it is not jinja2 text
     that compiles (loaders check every template a model ships: a damaged one fails at load)."""
     if not isinstance(template, str):
         raise TemplateError(f"chat template is a {type(template).__name__}, not text")
+    jinja = _jinja()
     try:
         return _compile_template(template)
-    except jinja2.TemplateSyntaxError as e:
+    except jinja.jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template does not compile: line {e.lineno}: {e.message}") from None
     except (RecursionError, MemoryError) as e:  # deeply nested text exhausts the parser
         raise TemplateError(f"chat template does not compile: {type(e).__name__}") from None
 
 
 @lru_cache(maxsize=16)
-def _compile_template(template: str) -> jinja2.Template:
-    env = _LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
+def _compile_template(template: str):
+    jinja = _jinja()
+    env = jinja.LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
+                               extensions=[jinja.GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     for name in ("center", "indent"):  # width arguments make big strings from small ones
         env.filters[name] = _width_checked(env.filters[name])

@@ -11,6 +11,11 @@ _SAMPLING_EPS = 1e-5  # temperatures below this are greedy (same threshold as vL
 _MAX_LOGPROBS = 20
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
 class SamplingType(IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -100,37 +105,34 @@ class SamplingParams:
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     def _verify(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(msg)
-        need(isinstance(self.n, int) and self.n >= 1, f"n must be at least 1, got {self.n}.")
-        need(self.best_of is None or self.best_of == self.n,
-             f"best_of is not supported (must be None or equal to n={self.n}), got {self.best_of}.")
-        need(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
-        need(-2.0 <= self.frequency_penalty <= 2.0,
-             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
-        need(self.repetition_penalty > 0.0, f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
-        need(self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}.")
-        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}.")
-        need(isinstance(self.top_k, int) and self.top_k >= -1,
-             f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}.")
-        need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}.")
-        need(self.seed is None or isinstance(self.seed, int), f"seed must be an int or None, got {self.seed!r}.")
-        need(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}.")
-        need(self.min_tokens >= 0, f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
-        need(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-             f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
-        need(self.logprobs is None or 0 <= self.logprobs <= _MAX_LOGPROBS,
-             f"logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}.")
-        need(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and
-                                             0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
-             f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs}.")
-        need(self.deadline_s is None or (isinstance(self.deadline_s, (int, float)) and self.deadline_s > 0),
-             f"deadline_s must be a positive number of seconds or None, got {self.deadline_s!r}.")
-        need(all(isinstance(s, str) and s for s in self.stop), "stop cannot contain an empty string.")
-        need(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
+        _need(isinstance(self.n, int) and self.n >= 1, f"n must be at least 1, got {self.n}.")
+        _need(self.best_of is None or self.best_of == self.n,
+              f"best_of is not supported (must be None or equal to n={self.n}), got {self.best_of}.")
+        _need(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        _need(-2.0 <= self.frequency_penalty <= 2.0,
+              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        _need(self.repetition_penalty > 0.0, f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        _need(self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}.")
+        _need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}.")
+        _need(isinstance(self.top_k, int) and self.top_k >= -1,
+              f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}.")
+        _need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}.")
+        _need(self.seed is None or isinstance(self.seed, int), f"seed must be an int or None, got {self.seed!r}.")
+        _need(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}.")
+        _need(self.min_tokens >= 0, f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        _need(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+              f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        _need(self.logprobs is None or 0 <= self.logprobs <= _MAX_LOGPROBS,
+              f"logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}.")
+        _need(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and
+                                              0 <= self.prompt_logprobs <= _MAX_LOGPROBS),
+              f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs}.")
+        _need(self.deadline_s is None or (isinstance(self.deadline_s, (int, float)) and 0 < self.deadline_s < math.inf),
+              f"deadline_s must be a positive, finite number of seconds or None, got {self.deadline_s!r}.")
+        _need(all(isinstance(s, str) and s for s in self.stop), "stop cannot contain an empty string.")
+        _need(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
         # n identical greedy completions are pointless; vLLM rejects them too
-        need(not (self.temperature < _SAMPLING_EPS and self.n > 1), f"n must be 1 when using greedy sampling, got {self.n}.")
+        _need(not (self.temperature < _SAMPLING_EPS and self.n > 1), f"n must be 1 when using greedy sampling, got {self.n}.")
 
     @property
     def greedy(self) -> bool:
@@ -152,7 +154,9 @@ class BeamSearchParams:
     likeliest next tokens; candidates ending in EOS (unless ignore_eos) are set aside as finished, and
     the beam_width best of the rest live on. After max_tokens steps the beam_width best of the finished
     and live beams are returned, ranked by cum_logprob / len(tokens) ** length_penalty (tokens count the
-    prompt, and not a final EOS). tinyvllm's search is deterministic: temperature must be 0.
+    prompt, and not a final EOS). temperature > 0 (vLLM's semantics: its beam search samples each beam's
+    next token at that temperature and asks for 2 * beam_width logprobs): the sampled token joins each
+    beam's candidates, so the search may explore one token beyond the likeliest; 0 is deterministic.
     include_stop_str_in_output is accepted for vLLM compatibility; beam search has no stop strings."""
     beam_width: int
     max_tokens: int
@@ -162,14 +166,11 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(msg)
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        need(integer(self.beam_width) and self.beam_width >= 1, f"beam_width must be at least 1, got {self.beam_width!r}.")
-        need(integer(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens!r}.")
-        need(isinstance(self.temperature, (int, float)) and self.temperature == 0,
-             f"beam search here is deterministic: temperature must be 0, got {self.temperature!r}.")
-        need(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool)
-             and math.isfinite(self.length_penalty),
-             f"length_penalty must be a finite number, got {self.length_penalty!r}.")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        _need(integer(self.beam_width) and self.beam_width >= 1, f"beam_width must be at least 1, got {self.beam_width!r}.")
+        _need(integer(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens!r}.")
+        _need(number(self.temperature) and 0 <= self.temperature < math.inf,
+              f"temperature must be a non-negative number, got {self.temperature!r}.")
+        _need(number(self.length_penalty) and math.isfinite(self.length_penalty),
+              f"length_penalty must be a finite number, got {self.length_penalty!r}.")

@@ -45,6 +45,15 @@ void check_cache_args(const char *f, int n_blocks, int block_size, int kv_dtype)
     if (kv_dtype != TV_F16 && kv_dtype != TV_F32) fail("%s: kv_dtype must be TV_F16 (1) or TV_F32 (0), got %d", f, kv_dtype);
 }
 
+void new_cache(const char *f, tv_kv_cache **out, int n_layer, int n_head_kv, int head_dim, int n_blocks, int block_size,
+               int kv_dtype) {
+    if (!out) fail("%s: out must not be null", f);
+    *out = nullptr;
+    if (n_layer <= 0 || n_head_kv <= 0 || head_dim <= 0) fail("%s: n_layer, n_head_kv and head_dim must be > 0", f);
+    check_cache_args(f, n_blocks, block_size, kv_dtype);
+    *out = new tv_kv_cache(n_layer, n_head_kv, head_dim, n_blocks, block_size, kv_dtype);
+}
+
 // The token layout of a standalone paged attention call (tokens and logits are not read).
 AttentionBatch check_paged(const char *f, const KvCache &c, int layer, const tv_batch *b) {
     if (layer < 0 || layer >= c.n_layer) fail("%s: layer %d out of range [0, %d)", f, layer, c.n_layer);
@@ -107,12 +116,9 @@ void tv_model_free(tv_model *model) { delete model; }
 int tv_kv_cache_create(const tv_model *model, int32_t n_blocks, int32_t block_size, int32_t kv_dtype,
                        tv_kv_cache **out) {
     return guard([&] {
-        const char *f = "tv_kv_cache_create";
-        if (!model || !out) fail("%s: model and out must not be null", f);
-        *out = nullptr;
-        check_cache_args(f, n_blocks, block_size, kv_dtype);
+        if (!model) fail("tv_kv_cache_create: model is null");
         const tv_model_params &p = model->m.params();
-        *out = new tv_kv_cache(p.n_layer, p.n_head_kv, p.head_dim, n_blocks, block_size, kv_dtype);
+        new_cache("tv_kv_cache_create", out, p.n_layer, p.n_head_kv, p.head_dim, n_blocks, block_size, kv_dtype);
     });
 }
 
@@ -132,14 +138,7 @@ void tv_kv_cache_free(tv_kv_cache *cache) { delete cache; }
 
 int tv_kv_cache_create_raw(int32_t n_layer, int32_t n_head_kv, int32_t head_dim, int32_t n_blocks, int32_t block_size,
                            int32_t kv_dtype, tv_kv_cache **out) {
-    return guard([&] {
-        const char *f = "tv_kv_cache_create_raw";
-        if (!out) fail("%s: out must not be null", f);
-        *out = nullptr;
-        if (n_layer <= 0 || n_head_kv <= 0 || head_dim <= 0) fail("%s: n_layer, n_head_kv and head_dim must be > 0", f);
-        check_cache_args(f, n_blocks, block_size, kv_dtype);
-        *out = new tv_kv_cache(n_layer, n_head_kv, head_dim, n_blocks, block_size, kv_dtype);
-    });
+    return guard([&] { new_cache("tv_kv_cache_create_raw", out, n_layer, n_head_kv, head_dim, n_blocks, block_size, kv_dtype); });
 }
 
 int tv_kv_cache_write(tv_kv_cache *cache, int32_t layer, const tv_batch *batch, const float *k, const float *v) {

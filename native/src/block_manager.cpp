@@ -174,7 +174,7 @@ void BlockManager::release_block(int32_t b) {
 bool BlockManager::allocate(int64_t id, const int32_t *tokens, int32_t n, int32_t *num_cached, bool use_cache) {
     if (n < 1) fail("ALLOCATE: num_tokens must be >= 1 (got %d)", n);
     if (!tokens) fail("ALLOCATE: tokens is null");
-    if (seqs_.count(id)) fail("ALLOCATE: sequence id %lld is already allocated", (long long)id);
+    if (has_seq(id)) fail("ALLOCATE: sequence id %lld is already allocated", (long long)id);
     std::vector<int32_t> hits;
     if (use_cache) lookup(tokens, n, hits);
     int32_t revived = 0;  // evictable hits stop being available once shared
@@ -272,21 +272,17 @@ void BlockManager::truncate(int64_t id, int32_t num_tokens) {
 
 void BlockManager::fork(int64_t parent, int64_t child) {
     const Seq &p = seq(parent);
-    if (seqs_.count(child)) fail("FORK: child id %lld is already allocated", (long long)child);
-    Seq copy = p;
-    seqs_.emplace(child, std::move(copy));
-    const Seq &c = seqs_.at(child);
+    if (has_seq(child)) fail("FORK: child id %lld is already allocated", (long long)child);
+    const Seq &c = seqs_.emplace(child, p).first->second;
     for (int32_t b : c.table) blocks_[b].ref++;
     for (int32_t n : c.nodes) nodes_[n].refs++;
 }
 
 void BlockManager::free_seq(int64_t id) {
-    auto it = seqs_.find(id);
-    if (it == seqs_.end()) fail("FREE: unknown sequence id %lld (never allocated, or already freed)", (long long)id);
-    Seq &s = it->second;
+    Seq &s = seq_mut(id);
     for (size_t i = s.table.size(); i-- > 0;) release_block(s.table[i]);  // tail first: evicted first
     for (int32_t n : s.nodes) unref_node(n);
-    seqs_.erase(it);
+    seqs_.erase(id);
 }
 
 bool BlockManager::apply(tv_block_op *ops, int32_t n, int32_t *tables, int32_t max_blocks, int32_t *cow,
@@ -303,10 +299,9 @@ bool BlockManager::apply(tv_block_op *ops, int32_t n, int32_t *tables, int32_t m
         if (writes_table && op.table_row >= 0 && !tables) fail("op %d: table_row %d and tables is null", i, op.table_row);
         switch (op.kind) {
         case TV_BLOCK_ALLOCATE:
-            if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed)) return false;
-            break;
         case TV_BLOCK_ALLOCATE_UNCACHED:
-            if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed, false)) return false;
+            if (!allocate(op.seq_id, op.tokens, op.num_tokens, &op.num_computed, op.kind == TV_BLOCK_ALLOCATE))
+                return false;
             break;
         case TV_BLOCK_APPEND: {
             mark_computed(op.seq_id, op.num_computed, op.tokens);
@@ -483,15 +478,7 @@ int tv_block_manager_num_seqs(const tv_block_manager *bm) {
 }
 
 int tv_block_manager_has_seq(const tv_block_manager *bm, int64_t seq_id) {
-    return tv::guard([&] {
-        const tv::BlockManager &m = mgr(bm, "tv_block_manager_has_seq");
-        try {
-            m.seq(seq_id);
-            return 1;
-        } catch (const tv::InvalidArgument &) {
-            return 0;
-        }
-    });
+    return tv::guard([&] { return (int)mgr(bm, "tv_block_manager_has_seq").has_seq(seq_id); });
 }
 
 int tv_block_manager_apply(tv_block_manager *bm, tv_block_op *ops, int32_t n_ops, int32_t *tables, int32_t max_blocks,

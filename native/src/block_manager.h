@@ -47,6 +47,7 @@ public:
     // Blocks a new allocation can take: free ones plus evictable cached ones.
     int32_t num_free_blocks() const { return (int32_t)free_.size() + lru_size_; }
     int32_t num_seqs() const { return (int32_t)seqs_.size(); }
+    bool has_seq(int64_t id) const { return seqs_.count(id) != 0; }
 
     // Creates sequence `id` holding slots for the n prompt tokens. Leading full blocks found in the
     // prefix cache are shared (never the whole prompt: the last token is always left to compute);

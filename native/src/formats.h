@@ -125,11 +125,11 @@ template <class F>
 constexpr int sc_index(int s, int h) { return F::TWO_SCALES ? 2 * s + h : s; }
 template <class F>
 constexpr int mn_index(int s, int h) { return nsc<F>() + (F::TWO_MINS ? 2 * s + h : s); }
-template <class F>
+template <class F, float (*HALF)(const uint8_t *, int) = half_at>  // HALF: an ISA's f16 load, same bits
 inline void k_scales(const uint8_t *b, BlockScales<8> &s) {
     int8_t v[32] = {};
     F::scale_ints(b, v);
-    const float d = half_at(b, F::SD_AT), dmin = F::SDMIN_AT >= 0 ? half_at(b, F::SDMIN_AT) : 0.0f;
+    const float d = HALF(b, F::SD_AT), dmin = F::SDMIN_AT >= 0 ? HALF(b, F::SDMIN_AT) : 0.0f;
     for (int j = 0; j < 8; j++)
         for (int h = 0; h < 2; h++) {
             s.d[j][h] = d * (float)v[sc_index<F>(j, h)];

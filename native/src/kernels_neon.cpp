@@ -69,47 +69,35 @@ namespace tv {
 namespace {
 
 // Block scales: one FCVT (ACLE __fp16 is baseline on aarch64) instead of the portable bit twiddling.
-inline float half(const uint8_t *p) {
+inline float half(const uint8_t *b, int off = 0) {
     __fp16 h;
-    std::memcpy(&h, p, 2);
+    std::memcpy(&h, b + off, 2);
     return (float)h;
 }
 
 // ---- float dots (both paths) ----------------------------------------------------------------
 
-float dot_f32(const float *w, const float *x, int64_t n) {
+// FCVTL (half -> float) is baseline ARMv8 Advanced SIMD: no +fp16 extension needed.
+inline float32x4_t load4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+inline float32x4_t load4(const float *p) { return vld1q_f32(p); }
+inline float to_f32(uint16_t v) { return fp16_to_fp32(v); }
+inline float to_f32(float v) { return v; }
+
+template <class T>  // float or f16 weights
+float dot(const T *w, const float *x, int64_t n) {
     float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;  // 4 chains hide FMA latency
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
-        a1 = vfmaq_f32(a1, vld1q_f32(w + i + 4), vld1q_f32(x + i + 4));
-        a2 = vfmaq_f32(a2, vld1q_f32(w + i + 8), vld1q_f32(x + i + 8));
-        a3 = vfmaq_f32(a3, vld1q_f32(w + i + 12), vld1q_f32(x + i + 12));
+        a0 = vfmaq_f32(a0, load4(w + i), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, load4(w + i + 4), vld1q_f32(x + i + 4));
+        a2 = vfmaq_f32(a2, load4(w + i + 8), vld1q_f32(x + i + 8));
+        a3 = vfmaq_f32(a3, load4(w + i + 12), vld1q_f32(x + i + 12));
     }
-    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
+    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, load4(w + i), vld1q_f32(x + i));
     float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
-    for (; i < n; i++) s = std::fma(w[i], x[i], s);
+    for (; i < n; i++) s = std::fma(to_f32(w[i]), x[i], s);
     return s;
 }
-
-// FCVTL (half -> float) is baseline ARMv8 Advanced SIMD: no +fp16 extension needed.
-inline float32x4_t load_h4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-
-float dot_f16(const uint16_t *w, const float *x, int64_t n) {
-    float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = vfmaq_f32(a0, load_h4(w + i), vld1q_f32(x + i));
-        a1 = vfmaq_f32(a1, load_h4(w + i + 4), vld1q_f32(x + i + 4));
-        a2 = vfmaq_f32(a2, load_h4(w + i + 8), vld1q_f32(x + i + 8));
-        a3 = vfmaq_f32(a3, load_h4(w + i + 12), vld1q_f32(x + i + 12));
-    }
-    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, load_h4(w + i), vld1q_f32(x + i));
-    float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
-    for (; i < n; i++) s = std::fma(fp16_to_fp32(w[i]), x[i], s);
-    return s;
-}
-
 
 // ---- weight slices (formats.h shapes) as int8: a = values 0..15, b = values 16..31 ------------
 
@@ -193,28 +181,18 @@ TV_INLINE W8 unpack(const uint8_t *blk) {
 // (as fast as before the traits); K super-blocks convert F::scale_ints, once per block of a
 // weight row (shared by its NX activation rows).
 template <class F>
-struct Scales {
+TV_INLINE BlockScales<F::SLICES> scales(const uint8_t *w) {
     BlockScales<F::SLICES> s;
-    TV_INLINE explicit Scales(const uint8_t *w) {
-        if constexpr (F::D_AT >= 0) {
-            s.d[0][0] = half(w + F::D_AT);
-            if constexpr (F::HAS_MIN) s.m[0][0] = half(w + F::M_AT);
-        } else {  // F::scales with FCVT for the f16 super-scales (same products: the same bits)
-            int8_t v[32] = {};
-            F::scale_ints(w, v);
-            const float d = half(w + F::SD_AT);
-            float nd = 0.0f;
-            if constexpr (F::HAS_MIN) nd = -half(w + F::SDMIN_AT);
-            for (int j = 0; j < F::SLICES; j++)
-                for (int h = 0; h < 2; h++) {
-                    s.d[j][h] = d * (float)v[sc_index<F>(j, h)];
-                    if constexpr (F::HAS_MIN) s.m[j][h] = nd * (float)v[mn_index<F>(j, h)];
-                }
-        }
+    if constexpr (F::D_AT < 0) {
+        k_scales<F, half>(w, s);  // F::scales with FCVT for the f16 super-scales: the same bits
+    } else {
+        s.d[0][0] = half(w + F::D_AT);
+        if constexpr (F::HAS_MIN) s.m[0][0] = half(w + F::M_AT);
     }
-    // {h0, h0, h1, h1}: per-half values in the lane layout of a TWO_SCALES integer dot
-    TV_INLINE static float32x4_t halves(const float *h) { return vcombine_f32(vdup_n_f32(h[0]), vdup_n_f32(h[1])); }
-};
+    return s;
+}
+// {h0, h0, h1, h1}: per-half values in the lane layout of a TWO_SCALES integer dot
+TV_INLINE float32x4_t halves(const float *h) { return vcombine_f32(vdup_n_f32(h[0]), vdup_n_f32(h[1])); }
 
 // Sum of x per 16-value half, lanes {a, a, b, b} (Q2_K's per-half mins: sum_j m_h x_j).
 TV_INLINE int32x4_t xsum_halves(const int16_t *x) {
@@ -327,11 +305,11 @@ struct DotprodDot {
 // between two accumulator sets (even / odd) to hide the FMA latency.
 #define TV_ROWS(ATTR, Dot)                                                                               \
     template <class F, int NX, int S>                                                                    \
-    ATTR TV_INLINE void slice_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, const Scales<F> &sc, \
-                                    float32x4_t *acc) {                                                  \
+    ATTR TV_INLINE void slice_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb,                      \
+                                    const BlockScales<F::SLICES> &sc, float32x4_t *acc) {                \
         static_assert(F::TWO_SCALES && F::TWO_MINS, "the QuantGemm runs every other format");             \
         const auto p = Dot::template prep<F>(unpack<F, S>(w));                                           \
-        const float32x4_t dv = Scales<F>::halves(sc.s.d[S]), mv = Scales<F>::halves(sc.s.m[S]);          \
+        const float32x4_t dv = halves(sc.d[S]), mv = halves(sc.m[S]);                                  \
         for (int i = 0; i < NX; i++) {                                                                   \
             const ActBlock &xb = x[i * nb + S];                                                          \
             const float32x4_t isum = vcvtq_f32_s32(Dot::template dot_x<F>(p, Dot::load_x(xb.qs)));       \
@@ -342,7 +320,7 @@ struct DotprodDot {
     template <class F, int NX, int... S>                                                                 \
     ATTR TV_INLINE void block_##Dot(const uint8_t *w, const ActBlock *x, int64_t nb, float32x4_t *acc0,  \
                                     float32x4_t *acc1, std::integer_sequence<int, S...>) {               \
-        const Scales<F> sc(w);                                                                           \
+        const auto sc = scales<F>(w);                                                                    \
         (slice_##Dot<F, NX, S>(w, x, nb, sc, S % 2 ? acc1 : acc0), ...);                                 \
     }                                                                                                    \
     template <class F, int NX>                                                                           \
@@ -454,7 +432,7 @@ struct Panel {
 template <class F, int... S>
 TV_INLINE void fill_block(Panel &P, const uint8_t *w0, const size_t *off, int64_t b0, std::integer_sequence<int, S...>) {
     BlockScales<F::SLICES> sc[NW];
-    for (int r = 0; r < NW; r++) sc[r] = Scales<F>(w0 + off[r]).s;
+    for (int r = 0; r < NW; r++) sc[r] = scales<F>(w0 + off[r]);
     auto slice = [&](auto s_) {
         constexpr int s = decltype(s_)::value;
         const size_t b = (size_t)(b0 + s);
@@ -527,15 +505,12 @@ TV_NOINLINE void micro_neon(const Panel &P, const GemmPrep &x, int64_t t, int64_
         int32x4_t id[NW];
         for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
         mlal8(id, pw, 0, xt, eight), mlal8(id, pw, 1, xt, eight);
-        if constexpr (F::TWO_SCALES) {
+        if constexpr (F::TWO_SCALES) {  // the first half's dots with its own scale
             fold(acc, id, P.d.data() + b * NW, dx);
             for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
-            mlal8(id, pw, 2, xt, eight), mlal8(id, pw, 3, xt, eight);
-            fold(acc, id, P.d2.data() + b * NW, dx);
-        } else {
-            mlal8(id, pw, 2, xt, eight), mlal8(id, pw, 3, xt, eight);
-            fold(acc, id, P.d.data() + b * NW, dx);
         }
+        mlal8(id, pw, 2, xt, eight), mlal8(id, pw, 3, xt, eight);
+        fold(acc, id, (F::TWO_SCALES ? P.d2 : P.d).data() + b * NW, dx);
         fold_min<F>(acc, P.mn.data() + b * NW, x.xs.data() + tb * TW);
     }
     store_tile(acc, nw, ni, t * TW, y, ldy);
@@ -588,15 +563,12 @@ TV_DOTPROD TV_NOINLINE void micro_dotprod(const Panel &P, const GemmPrep &x, int
         int32x4_t id[NW];
         for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
         sdot_half<F>(id, wv, xh, xl, corr, 0, q0);
-        if constexpr (F::TWO_SCALES) {
+        if constexpr (F::TWO_SCALES) {  // the first half's dots with its own scale
             fold(acc, id, P.d.data() + b * NW, dx);
             for (int r = 0; r < NW; r++) id[r] = vdupq_n_s32(0);
-            sdot_half<F>(id, wv, xh, xl, corr, 1, q1);
-            fold(acc, id, P.d2.data() + b * NW, dx);
-        } else {
-            sdot_half<F>(id, wv, xh, xl, corr, 1, q1);
-            fold(acc, id, P.d.data() + b * NW, dx);
         }
+        sdot_half<F>(id, wv, xh, xl, corr, 1, q1);
+        fold(acc, id, (F::TWO_SCALES ? P.d2 : P.d).data() + b * NW, dx);
         fold_min<F>(acc, P.mn.data() + b * NW, x.xs.data() + tb * TW);
     }
     store_tile(acc, nw, ni, t * TW, y, ldy);
@@ -610,9 +582,9 @@ template <class F>
 TV_INLINE void group_scales4(const uint8_t *w0, const size_t *off, float (*d)[2][NW], float (*mn)[NW]) {
     if constexpr (F::D_AT >= 0) {
         for (int r = 0; r < NW; r++) {
-            const Scales<F> sc(w0 + off[r]);
-            d[0][0][r] = d[0][1][r] = sc.s.d[0][0];
-            mn[0][r] = F::HAS_MIN ? sc.s.m[0][0] : 0.0f;
+            const auto sc = scales<F>(w0 + off[r]);
+            d[0][0][r] = d[0][1][r] = sc.d[0][0];
+            mn[0][r] = F::HAS_MIN ? sc.m[0][0] : 0.0f;
         }
     } else {
         static_assert(nsc<F>() + (F::HAS_MIN ? F::SLICES : 0) <= 16 && !F::TWO_MINS, "one 16-byte row of integers");
@@ -722,7 +694,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
     if (f16) {
         const uint16_t *h = reinterpret_cast<const uint16_t *>(src);
         int i = 0;
-        for (; i + 4 <= hd; i += 4) vst1q_f32(dst + i, load_h4(h + i));
+        for (; i + 4 <= hd; i += 4) vst1q_f32(dst + i, load4(h + i));
         for (; i < hd; i++) dst[i] = fp16_to_fp32(h[i]);
     } else {
         std::memcpy(dst, src, sizeof(float) * hd);
@@ -730,7 +702,7 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 }
 TV_DEFINE_ATTN_BLOCK(TV_NOATTR, attn_block, conv_row, exp_in_place_libm)
 Kernels make_neon_table() {
-    Kernels k = make_kernels("neon", dot_f32, dot_f16, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
+    Kernels k = make_kernels("neon", dot<float>, dot<uint16_t>, attn_block, quantize_row_act, swiglu, gelu_tanh_mul);
     k.rows[FmtQ2_K::DTYPE] = rows_NeonDot<FmtQ2_K>;  // per-half mins: the one format its QuantGemm leaves to rows[]
     k.gemm = &gemm_NeonDot;
     return k;

@@ -85,31 +85,15 @@ void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {  // hd: any co
 }
 TV_DEFINE_ATTN_BLOCK(, attn_block, conv_row, exp_in_place_libm)
 
-struct RowsTable {
-    RowsFn fn[DTYPE_SLOTS] = {};
-    RowsTable() {
-#define TV_ROWS(F) fn[F::DTYPE] = rows<F>;
-        TV_QUANT_FORMATS(TV_ROWS)
-#undef TV_ROWS
-    }
-};
-
-
 }  // namespace
 
 Kernels make_kernels(const char *name, decltype(Kernels::dot_f32) dot_f32_, decltype(Kernels::dot_f16) dot_f16_,
                      decltype(Kernels::attn_block) attn_block_, decltype(Kernels::quantize_act) quantize_act,
                      decltype(Kernels::silu_mul) silu_mul, decltype(Kernels::gelu_mul) gelu_mul) {
-    static const RowsTable t;  // function-local: other paths build their tables during static initialization
-    Kernels k{};
-    k.name = name;
-    std::memcpy(k.rows, t.fn, sizeof k.rows);
-    k.dot_f32 = dot_f32_;
-    k.dot_f16 = dot_f16_;
-    k.attn_block = attn_block_;
-    k.quantize_act = quantize_act;
-    k.silu_mul = silu_mul;
-    k.gelu_mul = gelu_mul;
+    Kernels k{name, {}, nullptr, dot_f32_, dot_f16_, attn_block_, quantize_act, silu_mul, gelu_mul};
+#define TV_ROWS(F) k.rows[F::DTYPE] = rows<F>;
+    TV_QUANT_FORMATS(TV_ROWS)
+#undef TV_ROWS
     return k;
 }
 

@@ -65,17 +65,10 @@ size_t row_bytes(int dtype, int64_t cols) {
 
 void dequantize_row(int dtype, const void *row, float *out, int64_t cols) {
     const uint8_t *p = static_cast<const uint8_t *>(row);
-    switch (dtype) {
-        case TV_F32: std::memcpy(out, row, (size_t)cols * 4); return;
-        case TV_F16:
-            for (int64_t i = 0; i < cols; i++) out[i] = fp16_to_fp32(load_u16(p + 2 * i));
-            return;
-#define TV_DEQ(F) \
-    case F::DTYPE: return dequantize_fmt<F>(p, out, cols);
-            TV_QUANT_FORMATS(TV_DEQ)
-#undef TV_DEQ
-        default: return;
-    }
+    if (dtype == TV_F32) std::memcpy(out, row, (size_t)cols * 4);
+    if (dtype == TV_F16)
+        for (int64_t i = 0; i < cols; i++) out[i] = fp16_to_fp32(load_u16(p + 2 * i));
+    with_format(dtype, [&](auto f) { return dequantize_fmt<decltype(f)>(p, out, cols), true; });
 }
 
 void quantize_row_act(const float *x, ActBlock *out, int64_t cols) {

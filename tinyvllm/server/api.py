@@ -33,6 +33,8 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatMessag
 from .tools import template_uses_tools
 
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+# finish reasons OpenAI's schema lacks: a request cut by its deadline_s ended at a limit, as at max_tokens
+_OPENAI_FINISH = {"deadline": "length"}
 _OPEN_PATHS = {"/health", "/metrics"}  # monitoring stays reachable without the API key
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 # A prompt longer than this many characters per token of context is refused before it is tokenized:
@@ -314,7 +316,7 @@ def build_app(engine: LLMEngine | AsyncLLM, served_model_name: str, *, api_key: 
                     sent[k * n + c.index] = [max(chars, len(c.text)), len(c.token_ids), c.finish_reason is not None]
                     if text or toks or c.finish_reason:
                         yield (k * n + c.index, text, toks, c.logprobs[ntok:] if c.logprobs is not None else None,
-                               c.finish_reason, c.stop_reason)
+                               _OPENAI_FINISH.get(c.finish_reason, c.finish_reason), c.stop_reason)
                 if out.finished:
                     metrics.on_finished(out)
                     usage["completion_tokens"] = usage.get("completion_tokens", 0) + sum(

@@ -44,7 +44,10 @@ class _EngineCollector:
                 ("num_preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.", s["preemptions"]),
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", pc["query_tokens"]),
                 ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", pc["hit_tokens"]),
-                ("engine_steps", "Engine steps (batched forward passes).", s["steps"])]:
+                ("engine_steps", "Engine steps (batched forward passes).", s["steps"]),
+                ("beam_search_steps", "Engine steps that ran beam-search beams.", s["beam_search"]["steps"]),
+                ("beam_search_rows", "Beam logits rows scored (one per live beam per step).",
+                 s["beam_search"]["beam_rows"])]:
             yield CounterMetricFamily(f"tinyvllm:{name}", doc, value=value)
         spec = s.get("spec_decode")
         if spec:  # speculative decoding, under vLLM's names too

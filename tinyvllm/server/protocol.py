@@ -66,6 +66,7 @@ class _Sampling(_Body):
     structured_outputs: dict[str, Any] | None = None  # vLLM's extra body: StructuredOutputsParams' fields
     use_beam_search: bool = False  # vLLM's extra body: beam search, beam width n, the n best beams as choices
     length_penalty: float = 1.0    # vLLM's extra body, beam search only
+    deadline_s: float | None = None  # extra body (SamplingParams.deadline_s): ends with what it has by then
 
     def constraint(self) -> StructuredOutputsParams | None:
         from_format = self.response_format.structured_outputs() if self.response_format else None
@@ -89,21 +90,19 @@ class _Sampling(_Body):
             include_stop_str_in_output=self.include_stop_str_in_output, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
-            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, deadline_s=self.deadline_s)
 
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
         """use_beam_search (vLLM's mapping: beam_width = n). A sampling field set to anything but its
-        default would be ignored by a beam search: refused, naming it. temperature must be 0 when given."""
+        default would be ignored by a beam search: refused, naming it. temperature is 0 unless given."""
         for name in sorted(self.model_fields_set - _BEAM_SEARCH_FIELDS):
             if getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(f"{name} is not supported with use_beam_search (it takes n, max_tokens, "
                                  "length_penalty, ignore_eos).")
         if self.n < 1:
             raise ValueError(f"n must be at least 1 (the beam width), got {self.n}.")
-        if "temperature" in self.model_fields_set and self.temperature != 0:
-            raise ValueError(f"temperature must be 0 with use_beam_search (the search is deterministic), "
-                             f"got {self.temperature}.")
         return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                temperature=self.temperature if "temperature" in self.model_fields_set else 0.0,
                                 length_penalty=self.length_penalty,
                                 include_stop_str_in_output=self.include_stop_str_in_output)
 
