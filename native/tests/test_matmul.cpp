@@ -170,7 +170,7 @@ TEST(matmul_rows_batch_invariant) {
 }
 
 TEST(matmul_tall_output_rows_match_decode) {
-    // the tied-output shape class at decode batches: outputs buffered per thread and, with rows
+    // the tied-output shape class at decode batches (avx512amx: m >= 33 on AMX tiles): outputs buffered per thread and, with rows
     // 64 KiB or more apart, copied out with streaming stores (an unaligned y: a scalar head); every
     // row equals the same row run alone (the decode path), on every path, 1 and 2 threads
     const char *restore = tv_kernel_path();
@@ -180,7 +180,7 @@ TEST(matmul_tall_output_rows_match_decode) {
             tv::select_kernels(path);
             HostTensor w = random_tensor(dtype, n, k);
             tv_tensor d = w.desc();
-            for (int m : {5, 20, 33}) {
+            for (int m : {5, 20, 33, 64}) {
                 std::vector<float> x = random_vec((size_t)(m * k)), y((size_t)m * n + 1, NAN), y1(n);
                 for (int threads : {1, 2}) {
                     CHECK(tv_matmul(&d, x.data(), m, y.data() + 1, threads) == TV_OK);
