@@ -33,9 +33,10 @@ namespace tv {
 namespace {
 
 // Activation rows from which the tile path runs; below, avx512vnni. Measured 2026-12-03 (one thread's
-// CPU time for a reference-model decode step's matmuls, min of 3, two rounds): vnni ahead at 4 rows
-// (2x) and 24 (4%), even at 32, AMX ahead from 33 (6%; 40: 8%, 48: 10%, 56: 13%).
-constexpr int AMX_MIN = 33;
+// CPU time for a reference-model decode step's matmuls, min of 3 per round): vnni ahead at 4 rows (2x),
+// even at 24; AMX ahead at 32 (2-4% in 4 of 5 rounds, with the logits buffered below), 33 (6%),
+// 40 (8%), 48 (10%), 56 (13%).
+constexpr int AMX_MIN = 32;
 constexpr int TR = 16;      // activation rows per tile, weight rows per group
 
 // Tiles: 0-3 int32 results (hi, lo; a second pair for the second half of per-half-scale slices),
