@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--with-avx512", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--llama-flags", default="-fa on,off -ub 256,512",
+                    help="llama-bench options, comma lists allowed (its best per test is kept)")
     ap.add_argument("--out-dir", type=Path, default=machine.DOCS)
     args = ap.parse_args()
     machine.use_source_tree(False)
@@ -55,7 +57,7 @@ def main():
     version = subprocess.run([args.llama_bench, "--version"], capture_output=True, text=True)
     models = [resolve(m) for m in args.models.split(",")]
     engines = [("tinyvllm avx2", lambda m: ours_on("avx2", m, args.threads)),
-               ("llama-bench avx2", lambda m: theirs(args.llama_bench, m, args.threads))]
+               ("llama-bench avx2", lambda m: theirs(args.llama_bench, m, args.threads, args.llama_flags))]
     if args.with_avx512:
         engines.append(("tinyvllm avx512vnni", lambda m: ours_on("avx512vnni", m, args.threads)))
     res = {str(m): {name: [] for name, _ in engines} for m in models}
@@ -69,7 +71,7 @@ def main():
                 print(f"round {rnd} {m.name[:40]:40s} {name:19s} pp512 {r['pp512']:7.1f}  tg128 {r['tg128']:6.1f} tok/s"
                       f"  (load {before:.2f})", flush=True)
     data = {"machine": info, "threads": args.threads, "rounds": args.rounds, "results": res, "target": TARGET,
-            "llama_bench": args.llama_bench, "llama_bench_version": (version.stdout + version.stderr).strip(),
+            "llama_bench": args.llama_bench, "llama_flags": args.llama_flags, "llama_bench_version": (version.stdout + version.stderr).strip(),
             "other_cpu_share": load.share()}
     machine.write_outputs("avx2", data, markdown(data), args.out_dir)
 
@@ -103,7 +105,8 @@ def markdown(d) -> str:
         f"(`{d['llama_bench']}`: built with AVX-512 and AMX off)", "",
         "tok/s, median (min-max) over rounds. tinyvllm runs with `TINYVLLM_KERNEL=avx2` (its AVX2 + FMA + F16C "
         "kernels, no AVX-512 instruction); each of its rounds is the best of 3 in a fresh process, its Python engine "
-        "step included. Each llama-bench round is its own average of 3 repetitions (pp512, tg128)."
+        "step included. Each llama-bench round is its own average of 3 repetitions (pp512, tg128), the best over "
+        f"`{d.get('llama_flags', '')}`."
         + (" The last column is tinyvllm's AVX-512 path on the same machine, for the cost of lacking AVX-512."
            if has512 else ""), "",
         machine.md_table(header, rows),

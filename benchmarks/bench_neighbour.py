@@ -14,6 +14,10 @@ optionally the same with another checkout's Python code (--before-src) for compa
     flock /work/bench.lock python benchmarks/bench_neighbour.py \
         --llama-bench /work/llama-tools/avx512/bin/llama-bench
     python benchmarks/bench_neighbour.py --quick ...   # smoke test (1 run each, 32 tokens)
+    # the busy-neighbour section alone, against another build (main's) in the same run:
+    TINYVLLM_LIB=$PWD/build-dev/native/libtinyvllm.so flock /work/bench.lock python benchmarks/bench_neighbour.py \
+        --only neighbour --llama-bench /work/llama-tools/avx512/bin/llama-bench \
+        --before-lib /work/main/build-dev/native/libtinyvllm.so --before-commit main
 """
 import argparse
 import json
@@ -191,7 +195,11 @@ def markdown(d) -> str:
     if "neighbour" in d:
         nb = d["neighbour"]
         conds = nb["conditions"]
+        mn = d.get("machine_neighbour", m)
         lines += ["## Decode with a busy neighbour", "",
+                  f"{mn['date']}, commit {mn['git_commit']}, load average at start {mn['loadavg_at_start'][0]:.2f}"
+                  + (f"; other processes' CPU share during this section {nb['other_cpu_share']:.0%} (the neighbour "
+                     "included)" if nb.get("other_cpu_share") is not None else "") + ".", "",
                   f"Single-stream decode of the reference model, {d['args']['tokens']} tokens after a 16-token prompt, "
                   "tok/s as median (min-max) of the runs; `kept` = busy median / quiet median. The neighbour is "
                   "`python -c 'while True: pass'`. llama.cpp is its own llama-bench (tg, no AMX build).", ""]
@@ -202,11 +210,18 @@ def markdown(d) -> str:
                         + [" / ".join(", ".join(f"{x:.2f}" for x in r[c]["loadavg"]) for c in conds)])
         lines += [machine.md_table(header, rows), "",
                   "Target (issue 15, 6): default settings keep >= 70% of the quiet decode speed with a busy "
-                  "neighbour. How: the thread pool's workers join a job only while it is open (a worker the OS "
-                  "has not scheduled misses it instead of stalling the step), and a wait of more than 1 ms for "
-                  "a worker that holds an item switches the pool to caller-only jobs for a back-off period "
-                  "(50 ms, doubling up to 2 s while stalls recur), so with a neighbour the step runs on one "
-                  "core that is never descheduled; results do not depend on which thread runs an item.", ""]
+                  "neighbour. How (native/src/threadpool.*): workers join a job only while it is open (a worker "
+                  "the OS has not scheduled misses it). The matmuls, most of a decode step, run as `run_dup` "
+                  "jobs: each thread gets a contiguous range of small tasks (~32 KiB of weights) and steals the "
+                  "back half of another's range when its own runs out; a task is computed into the thread's own "
+                  "buffer and committed once, so when a worker is descheduled holding a task the caller re-runs "
+                  "that one task after ~20 us instead of waiting for the neighbour's time slice to end, and runs "
+                  "the next jobs alone until the worker is back. When the caller itself waits for a CPU (over "
+                  "15% of a 5 ms window, from /proc/thread-self/schedstat: our threads and the neighbour are "
+                  "taking turns on one core), or a worker of another job stalls it > 1 ms, jobs run on the "
+                  "caller alone for a back-off (50 ms doubling), after which the workers are kept off the "
+                  "caller's CPU: the caller keeps a core and a worker takes what the neighbour leaves of the "
+                  "other. Every task computes the same values whoever runs it.", ""]
     if "startup" in d:
         lines += ["## Start-up", "",
                   "Fresh process each run: `import tinyvllm`, then `LLM(model, threads=1)` (load), then the first "
@@ -253,7 +268,9 @@ def main():
         d = {**json.loads((out_dir / "neighbour.json").read_text()), **{k: d[k] for k in ("args", "lib")},
              "machine_" + a.only: d["machine"]}
     if a.only in (None, "neighbour"):
+        other = machine.OtherLoad()
         d["neighbour"] = neighbour_section(a)
+        d["neighbour"]["other_cpu_share"] = other.share()
     if a.only in (None, "startup"):
         d["startup"] = startup_section(a)
     machine.write_outputs("neighbour", d, markdown(d), out_dir)

@@ -3,6 +3,9 @@
 Order follows vLLM: reported logprobs come from the raw model logits; then min_tokens masking,
 repetition/frequency/presence penalties, the structured-output bitmask (constrained rows only), and
 greedy argmax or temperature -> top-k -> top-p -> min-p -> a draw from the sequence's own generator.
+The per-row work over the vocabulary (log-sum-exp, argmax, weights, filters, the draw) is native
+(tv_sample, native/src/sampler.cpp); this file keeps the rare row processing and draws each row's one
+uniform from its own generator, so a row's token never depends on the other rows.
 """
 from __future__ import annotations
 
@@ -12,14 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
+from tinyvllm._native import check, ffi, lib
 from tinyvllm.sampling_params import SamplingParams
 
-_TOP_P_HEADS = (8192, 1024)  # top-p sorts only this many best tokens when they already hold top_p of the mass
-# Candidate sets of the fast path: the tokens whose weight is at least e^-c of the most likely one's. A
-# filter is decided on them when the candidates provably hold every token it keeps; else the next set.
-_CANDIDATE_LOGS = (12.0, 30.0)
-_CANDIDATE_CUTS = tuple(np.exp(-np.array(_CANDIDATE_LOGS)))
-_UNDERFLOW = -700.0  # (logit - max) / temperature above this: exp() > 0 for every token of the row
+_INT32_MAX = 2**31 - 1
+_GREEDY_ROW = (0.0, 0, 1.0, 0.0, 0.0)  # temperature, top_k, top_p, min_p, u of a greedy row
 
 
 class SamplingState(Protocol):
@@ -79,84 +79,6 @@ def apply_token_bitmask(logits: np.ndarray, rows: list[int], bitmask: np.ndarray
     return logits
 
 
-def filter_probs(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
-    """Zero out (in place) the probs [V] dropped by top-k, then top-p (on the top-k renormalized
-    mass), then min-p; returns w, unnormalized. Masking beats gathering id lists (fresh arrays fault
-    pages). Ties with the k-th value are kept (vLLM masks `< kth`); top-p keeps the smallest prefix
-    of the descending order (ties: lower id first) whose mass reaches top_p, i.e. a token survives
-    iff the mass strictly before it is < top_p; min-p drops p < min_p * max p (ratio-invariant)."""
-    nz = np.count_nonzero(w)
-    pos = w if nz == len(w) else w[w > 0]  # underflowed exp() zeros make np.partition crawl (~10 ms)
-    if 0 < top_k < nz:
-        w[w < np.partition(pos, -top_k)[-top_k]] = 0.0
-        pos = w[w > 0]  # ~k left
-    if top_p < 1.0:
-        target = top_p * pos.sum()
-        head = pos
-        for n in _TOP_P_HEADS:  # shrink to the best n while they still hold the nucleus: skips a full sort
-            if len(head) > n:
-                h = head[head >= np.partition(head, -n)[-n]]
-                if h.sum() < target:
-                    break
-                head = h
-        s = np.sort(head)[::-1]  # values only (argsort is ~3x dearer); ids are recovered by value
-        before = np.concatenate(([0.0], np.cumsum(s)[:-1]))  # mass strictly before each, exact prefix sums
-        k = int(np.count_nonzero(before < target)) or 1  # nucleus size; before[0] = 0 keeps at least one
-        t = s[k - 1]
-        tied = np.flatnonzero(w == t)
-        w[tied[k - int(np.count_nonzero(w > t)):]] = 0.0  # ties at the edge: lower ids first
-        w[w < t] = 0.0
-    if min_p > 0.0:
-        w[w < min_p * w.max()] = 0.0
-    return w
-
-
-def filtered_candidates(w: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                        total: float | None = None, vocab: int | None = None, cuts=_CANDIDATE_CUTS):
-    """What filter_probs(w, ...) keeps, as (ids ascending, weights), decided on a candidate set (every
-    token with w >= cut) when it provably holds every survivor, with filter_probs' arithmetic in the same
-    order: the same survivors. w: exp weights, all > 0, max 1; total: w.sum() if known; vocab: w holds
-    only the tokens with w >= cuts[0] of a vocabulary this big (top-k only: it needs no total).
-    None: no filter applies, or no candidate set decides (the caller falls back to filter_probs)."""
-    vocab = len(w) if vocab is None else vocab
-    if not (0 < top_k < vocab or top_p < 1.0 or min_p > 0.0):
-        return None
-    for cut in cuts:
-        ids = np.flatnonzero(w >= cut)
-        cw = w[ids]
-        complete = False  # True once ids hold exactly the survivors so far (not only the candidates)
-        if 0 < top_k < vocab:
-            if top_k > len(ids):
-                continue
-            keep = cw >= np.partition(cw, -top_k)[-top_k]  # every token >= the k-th is a candidate
-            ids, cw, complete = ids[keep], cw[keep], True
-        if top_p < 1.0:
-            target = top_p * (cw.sum() if complete else (w.sum() if total is None else total))
-            s = np.sort(cw)[::-1]
-            before = np.concatenate(([0.0], np.cumsum(s)[:-1]))
-            k = int(np.count_nonzero(before < target)) or 1
-            if k == len(s) and not complete:  # the nucleus may reach past the candidates
-                continue
-            t = s[k - 1]  # t >= cut: every token tied with it is a candidate
-            keep = cw > t
-            keep[np.flatnonzero(cw == t)[:k - int(np.count_nonzero(keep))]] = True  # ties: lower ids first
-            ids, cw, complete = ids[keep], cw[keep], True
-        if min_p > 0.0:
-            floor = min_p * cw.max()  # the most likely token survives top-k and top-p
-            if not complete and floor < cut:
-                continue
-            keep = cw >= floor
-            ids, cw = ids[keep], cw[keep]
-        return ids, cw
-    return None
-
-
-def draw(cdf: np.ndarray, u: float) -> int:
-    """Index of the first cdf entry > u * total (the inverse-cdf draw; u in [0, 1))."""
-    j = int(np.searchsorted(cdf, u * cdf[-1], side="right"))  # first cdf > u*total: never a zero weight
-    return j if j < len(cdf) else int(np.searchsorted(cdf, cdf[-1]))  # u*total rounded up to total
-
-
 def _best(row: np.ndarray, k: int) -> list[int]:
     """The k highest-scoring ids of row, best first (ties: lower ids first)."""
     best = np.flatnonzero(row >= np.partition(row, -k)[-k])  # >= the k-th: every tie is in
@@ -181,18 +103,57 @@ def score_tokens(logits: np.ndarray, token_ids, k: int, rows_at_once: int = 4):
     return out
 
 
+def native_sample(raw: np.ndarray, processed: np.ndarray | None, temperature: np.ndarray, top_k: np.ndarray,
+                  top_p: np.ndarray, min_p: np.ndarray, u: np.ndarray, weights: np.ndarray | None = None):
+    """tv_sample over C-contiguous float32 rows [B, V] (raw: reported logprobs; processed, None: raw:
+    drawn from): (tokens int32 [B], lse float32 [B]). temperature 0: greedy. weights: float64 [B, V]
+    to receive each sampled row's filtered, unnormalized weights."""
+    B, V = raw.shape
+    assert raw.dtype == np.float32 and raw.flags["C_CONTIGUOUS"]
+    assert processed is None or (processed.dtype == np.float32 and processed.flags["C_CONTIGUOUS"])
+    tokens, lse = np.empty(B, dtype=np.int32), np.empty(B, dtype=np.float32)
+    args = [np.ascontiguousarray(a, dtype=np.float64) for a in (temperature, top_p, min_p, u)]
+    k = np.ascontiguousarray(top_k, dtype=np.int32)
+    assert all(len(a) == B for a in (*args, k)) and (processed is None or processed.shape == raw.shape)
+    assert weights is None or (weights.shape == raw.shape and weights.dtype == np.float64 and weights.flags["C_CONTIGUOUS"])
+    check(lib.tv_sample(ffi.cast("const float *", raw.ctypes.data),
+                        ffi.NULL if processed is None else ffi.cast("const float *", processed.ctypes.data),
+                        B, V, V, ffi.cast("const double *", args[0].ctypes.data),
+                        ffi.cast("const int32_t *", k.ctypes.data), ffi.cast("const double *", args[1].ctypes.data),
+                        ffi.cast("const double *", args[2].ctypes.data), ffi.cast("const double *", args[3].ctypes.data),
+                        ffi.cast("int32_t *", tokens.ctypes.data), ffi.cast("float *", lse.ctypes.data),
+                        ffi.NULL if weights is None else ffi.cast("double *", weights.ctypes.data)))
+    return tokens, lse
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """C-contiguous float32 rows (no copy when they already are)."""
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def log_sum_exp(rows: np.ndarray) -> np.ndarray:
+    """float32 [n]: each raw row's log-sum-exp, as the Sampler computes it (logprob = row[t] - lse)."""
+    rows = _rows(np.atleast_2d(rows))
+    zeros = np.zeros(len(rows))
+    return native_sample(rows, None, zeros, zeros.astype(np.int32), zeros + 1.0, zeros, zeros)[1]
+
+
+def sampling_weights(x: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """float64 [V]: the unnormalized weights a random request draws from, for processed logits x
+    (temperature, then top-k, top-p, min-p; dropped tokens 0)."""
+    x = _rows(x[None])
+    w = np.empty(x.shape, dtype=np.float64)
+    native_sample(x, None, np.array([params.temperature]), np.array([min(max(params.top_k, 0), _INT32_MAX)]),
+                  np.array([params.top_p]), np.array([params.min_p]), np.zeros(1), w)
+    return w[0]
+
+
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.rng = np.random.default_rng(seed)  # for requests without a seed
-        # Reused [B, V] scratch: a fresh multi-MB temporary per step costs more in page faults
-        # (kernel zeroing) than the exp over it (~4 ms vs ~1 ms at 16 x 49152).
+        # Reused [B, V] scratch for processed logits: a fresh multi-MB temporary per step costs more in
+        # page faults (kernel zeroing) than the processing.
         self._scratch = np.empty((0, 0), dtype=np.float32)
-        self._row = np.empty(0, dtype=np.float64)  # one row's weights in float64, reused row after row
-
-    def _row_buffer(self, vocab: int) -> np.ndarray:
-        if self._row.shape[0] != vocab:
-            self._row = np.empty(vocab, dtype=np.float64)
-        return self._row
 
     def _buffer(self, shape) -> np.ndarray:
         if self._scratch.shape[0] < shape[0] or self._scratch.shape[1] != shape[1]:
@@ -203,52 +164,38 @@ class Sampler:
                token_bitmask: tuple[list[int], np.ndarray] | None = None) -> list[SampleResult]:
         """token_bitmask: (rows, int32 [len(rows), ceil(V/32)]) for structured outputs: in row rows[k]
         only tokens whose bit is set in bitmask[k] may be drawn (reported logprobs stay raw)."""
-        logits = np.asarray(logits, dtype=np.float32)
+        logits = _rows(logits)
         assert logits.ndim == 2 and logits.shape[0] == len(states), (logits.shape, len(states))
-        # (1) reporting logprobs from the raw logits: keep only log-sum-exp per row, gather later
-        m = logits.max(axis=1, keepdims=True)
-        buf = np.subtract(logits, m, out=self._buffer(logits.shape))
-        lse = m[:, 0] + np.log(np.exp(buf, out=buf).sum(axis=1))
-        # (2)+(3) processed logits on a copy (the scratch again), only when some row needs processing
-        x = logits
+        B, V = logits.shape
+        # (1) min_tokens, penalties, bitmask on a copy (the scratch), only when some row needs them;
+        # reported logprobs come from the raw logits
+        x = None
         if token_bitmask is not None or any(s.params.min_tokens or s.params.repetition_penalty != 1.0 or
                                             s.params.frequency_penalty or s.params.presence_penalty for s in states):
-            x = np.copyto(buf, logits) or buf
+            x = self._buffer(logits.shape)
+            np.copyto(x, logits)
             apply_min_tokens(x, states, eos_token_ids)
             apply_penalties(x, states)
             if token_bitmask is not None:
                 apply_token_bitmask(x, *token_bitmask)
-        tokens = np.argmax(x, axis=1)  # greedy rows: first max => lowest id on ties
-        rows = [i for i, s in enumerate(states) if not s.params.greedy]
-        if rows:
-            top = (m[:, 0] if x is logits else x.max(axis=1))[rows]  # no [rows] copy of the logits
-            bottom = x.min(axis=1)[rows]
-            w = self._row_buffer(x.shape[1])
-            for i, hi, lo in zip(rows, top.tolist(), bottom.tolist()):
-                s = states[i]
-                p, inv_t = s.params, 1.0 / s.params.temperature
-                u = (self.rng if s.generator is None else s.generator).random()  # one draw per step: batch-independent
-                if 0 < p.top_k < len(w) and (lo - hi) * inv_t >= _UNDERFLOW:
-                    # top-k needs no total mass: exp only the tokens near the max (every one with w >= the
-                    # first cut; the same float64 arithmetic as the whole row's, so the same weights)
-                    near = np.flatnonzero(x[i] >= hi - (_CANDIDATE_LOGS[0] + 1.0) / inv_t)
-                    wn = np.exp((x[i, near].astype(np.float64) - hi) * inv_t)
-                    found = filtered_candidates(wn, p.top_k, p.top_p, p.min_p, vocab=len(w), cuts=_CANDIDATE_CUTS[:1])
-                    if found is not None:
-                        tokens[i] = near[found[0][draw(np.cumsum(found[1]), u)]]
-                        continue
-                np.subtract(x[i], hi, out=w, dtype=np.float64)  # w = (x - max) / T in float64, exp'd in place
-                w *= inv_t
-                np.exp(w, out=w)
-                if not (0 < p.top_k < len(w) or p.top_p < 1.0 or p.min_p > 0.0):  # no filter: all of the vocabulary
-                    tokens[i] = draw(np.cumsum(w, out=w), u)
-                    continue
-                found = None if (lo - hi) * inv_t < _UNDERFLOW else filtered_candidates(w, p.top_k, p.top_p, p.min_p)
-                if found is not None:
-                    ids, weights = found
-                    tokens[i] = ids[draw(np.cumsum(weights), u)]
-                else:  # zeros in w (masked or underflowed tokens) or no candidate set decided: the full path
-                    tokens[i] = draw(np.cumsum(filter_probs(w, p.top_k, p.top_p, p.min_p), out=w), u)
+            # A row with every token forbidden (a grammar that allows only EOS before min_tokens is out)
+            # must not fail the batch it rides in: the grammar outranks min_tokens, and a row with
+            # nothing allowed at all draws from its raw logits.
+            for i in np.flatnonzero(x.max(axis=1) == -np.inf).tolist():
+                x[i] = logits[i]
+                if token_bitmask is not None and i in token_bitmask[0]:
+                    k = token_bitmask[0].index(i)
+                    apply_token_bitmask(x, [i], token_bitmask[1][k:k + 1])
+                    if x[i].max() == -np.inf:
+                        x[i] = logits[i]
+        # (2) per row: temperature 0 (greedy) or the filters and one uniform from the row's own generator
+        rows = []
+        for s in states:  # in row order: one draw per sampled row and step (batch-independent)
+            p = s.params
+            rows.append(_GREEDY_ROW if p.greedy else (p.temperature, min(max(p.top_k, 0), _INT32_MAX), p.top_p, p.min_p,
+                                                      (self.rng if s.generator is None else s.generator).random()))
+        temperature, top_k, top_p, min_p, u = np.array(rows, dtype=np.float64).reshape(-1, 5).T
+        tokens, lse = native_sample(logits, x, temperature, top_k, top_p, min_p, u)
         results = []
         chosen = (logits[np.arange(len(states)), tokens] - lse).tolist()  # every row's logprob at once
         for i, (s, tok, lp) in enumerate(zip(states, tokens.tolist(), chosen)):

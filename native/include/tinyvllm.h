@@ -180,6 +180,21 @@ int tv_attention_paged(const tv_kv_cache *cache, int32_t layer, const tv_batch *
 int tv_attention(int32_t n_q, int32_t n_kv, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                  const float *q, const float *k, const float *v, int32_t kv_dtype, float *out, int32_t n_threads);
 
+/* ---- Sampler (src/sampler.cpp) -------------------------------------------------------------
+ * One token per row of float32 logits [rows][vocab] (row r at + r * row_stride), and lse[r], the
+ * log-sum-exp of the row's raw logits (logprob of token t: raw[t] - lse). processed (NULL: raw) holds
+ * the logits to draw from (penalties, masks applied; -inf = forbidden). temperature[r] == 0: greedy,
+ * the lowest id among the maxima, nothing drawn. Otherwise weights exp((x - max) / T) (float32) are
+ * filtered in vLLM's order: top_k[r] (on when 0 < top_k < the nonzero weights; ties with the k-th
+ * kept), top_p[r] < 1 (on the top-k renormalized mass: the smallest prefix of the descending order,
+ * ties by lower id, whose mass reaches top_p), min_p[r] > 0 (drops w < min_p * max w); the token is
+ * the first survivor, in id order, whose cumulative weight exceeds u[r] * their total (u in [0, 1)).
+ * weights (NULL: not wanted) [rows][vocab] receives each sampled row's filtered, unnormalized weights.
+ * A row with a NaN or without a finite logit is an error. */
+int tv_sample(const float *raw, const float *processed, int64_t rows, int64_t vocab, int64_t row_stride,
+              const double *temperature, const int32_t *top_k, const double *top_p, const double *min_p,
+              const double *u, int32_t *tokens, float *lse, double *weights);
+
 /* ---- Paged-KV block manager (src/block_manager.cpp) ------------------------------------------
  * A pool of num_blocks blocks of block_size token slots with reference counts, and per-sequence
  * block tables (logical block -> physical block id), sequences named by caller-chosen int64 ids.

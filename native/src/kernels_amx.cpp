@@ -76,6 +76,8 @@ struct Prep {
     const void *vnni = nullptr;  // m < AMX_MIN: avx512vnni's own prep
     std::vector<ASlice> a;       // [tile][nb]
     std::vector<float> xd, xs;   // [tile][nb][16]
+    int64_t m = 0;               // the shape a late run_dup worker may still read p as
+    StaleReaders readers;        // last: waits for late run_dup workers at thread exit
 };
 
 const QuantGemm *vnni_gemm() { return kernels_avx512_table()->gemm; }
@@ -102,6 +104,7 @@ TV_AMX void prepare_tile(Prep &p, const ActBlock *x, int64_t m, int64_t nb, int6
 
 TV_AMX const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool) {
     thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
+    if (p.m != m) ThreadPool::quiesce_all(), p.m = m;  // as x86_gemm.h's prepare
     p.tiles = m >= AMX_MIN;
     if (!p.tiles) {
         p.vnni = vnni_gemm()->prepare(x, m, nb, pool);
@@ -109,7 +112,7 @@ TV_AMX const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
     }
     const int64_t tiles = (m + TR - 1) / TR;
     const size_t n = (size_t)(tiles * nb);
-    if (p.a.size() < n) p.a.resize(n), p.xd.resize(n * TR), p.xs.resize(n * TR);
+    if (p.a.size() < n) ThreadPool::quiesce_all(), p.a.resize(n), p.xd.resize(n * TR), p.xs.resize(n * TR);
     Prep *mine = &p;  // inside the lambda `p` would name each worker's own thread_local
     pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
     return &p;

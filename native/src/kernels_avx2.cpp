@@ -87,12 +87,22 @@ struct Avx2 {
     using Wide = Ymm<Avx2>;
     template <class F>
     TV_AVX2 static W16 unpack(const uint8_t *blk, int s) { return unpack2<F>(blk, s); }
-    TV_AVX2 static __m256i dot_half(__m256i w, const int16_t *x) {
-        return _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
+    // decode (x86_gemm.h's pair_bytes): top added to the bytes whose bit is set in ba (low half), bc (high)
+    template <class F>
+    TV_AVX2 static void high_bits(__m256i &z1, __m256i &z2, uint32_t ba, uint32_t bc) {
+        // each mask byte broadcast 8 times, one bit tested per byte lane
+        const __m256i v = _mm256_set1_epi64x((long long)(ba | (uint64_t)bc << 32));
+        const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL), top = _mm256_set1_epi8((char)(1 << F::LOW_BITS));
+        const __m256i i1 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5);
+        const __m256i i2 = _mm256_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7);
+        auto bit = [&](__m256i idx) TV_AVX2 {
+            return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, idx), sel), sel), top);
+        };
+        z1 = _mm256_or_si256(z1, bit(i1));
+        z2 = _mm256_or_si256(z2, bit(i2));
     }
-    TV_AVX2 static __m256i dot8(__m256i wlo, __m256i whi, const int16_t *x) {
-        return _mm256_add_epi32(dot_half(wlo, x), dot_half(whi, x + 16));
-    }
+    template <class F>
+    static constexpr bool zmm_decode() { return false; }
     TV_AVX2 static __m256i dot_pairs(__m256i acc, __m256i w, __m256i x) {
         __m256i r = _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
         // keeps the accumulator a register chain: GCC otherwise re-associates the exact int sums
@@ -101,17 +111,28 @@ struct Avx2 {
         return r;
     }
     // 8 scalar loads (AVX2 gathers are slow on many cores, and there is no vpmovdw to narrow a
-    // dword gather); with `second`, 8 dword loads split into low halves (returned) and high ones.
+    // dword gather), joined 4 (or 2) to a 64-bit register by integer shifts and ors, so that only
+    // 2 (4) moves and 1 (3) unpacks reach the vector ports, which decode keeps busy (8 inserts did:
+    // 2 uops each on Intel, one on the shuffle port); with `second`, 8 dword loads split into low
+    // halves (returned) and high ones.
     template <int AT, int>
     TV_AVX2 static __m256 halves(const uint8_t *w0, const int32_t *off, __m256i, __m256 *second) {
         const uint8_t *p = w0 + AT;
-        if (!second)
-            return _mm256_cvtph_ps(_mm_setr_epi16((short)load_u16(p + off[0]), (short)load_u16(p + off[1]),
-                                                  (short)load_u16(p + off[2]), (short)load_u16(p + off[3]),
-                                                  (short)load_u16(p + off[4]), (short)load_u16(p + off[5]),
-                                                  (short)load_u16(p + off[6]), (short)load_u16(p + off[7])));
-        auto u32 = [&](int r) { uint32_t v; std::memcpy(&v, p + off[r], 4); return (int)v; };
-        const __m256i v = _mm256_setr_epi32(u32(0), u32(1), u32(2), u32(3), u32(4), u32(5), u32(6), u32(7));
+        if (!second) {
+            auto four = [&](int r) {
+                return (long long)((uint64_t)load_u16(p + off[r]) | (uint64_t)load_u16(p + off[r + 1]) << 16 |
+                                   (uint64_t)load_u16(p + off[r + 2]) << 32 | (uint64_t)load_u16(p + off[r + 3]) << 48);
+            };
+            return _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(four(0)), _mm_cvtsi64_si128(four(4))));
+        }
+        auto two = [&](int r) {
+            uint32_t a, b;
+            std::memcpy(&a, p + off[r], 4);
+            std::memcpy(&b, p + off[r + 1], 4);
+            return _mm_cvtsi64_si128((long long)(a | (uint64_t)b << 32));
+        };
+        const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi64(two(0), two(2))),
+                                                  _mm_unpacklo_epi64(two(4), two(6)), 1);
         const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                                0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
         const __m256i t = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xD8);  // [d 0..7 | m 0..7]

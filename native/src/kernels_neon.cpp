@@ -368,6 +368,8 @@ struct GemmPrep {
     std::vector<int16_t> x16;     // neon panel: [tile][nb][32 values][TW rows]
     std::vector<int8_t> xh, xl;   // dotprod panel: high / low bytes [tile][nb][8 quads][TW rows][4]
     std::vector<float> xd, xs;    // [tile][nb][TW], padded rows 0
+    int64_t m = 0;                // the shape a late run_dup worker may still read p as
+    StaleReaders readers;         // last: waits for late run_dup workers at thread exit
 };
 
 template <bool DP>
@@ -396,10 +398,12 @@ void prepare_tile(GemmPrep &p, const ActBlock *x, int64_t m, int64_t nb, int64_t
 template <bool DP>
 const void *gemm_prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool) {
     thread_local GemmPrep p;  // the calling thread's; workers fill tiles of it, then only read it
+    if (p.m != m) ThreadPool::quiesce_all(), p.m = m;  // as x86_gemm.h's prepare
     p.x = x;
     if (m < GEMM_MIN) return &p;
     const int64_t tiles = (m + TW - 1) / TW;
     const size_t n = (size_t)(tiles * nb);
+    if ((DP ? p.xh.size() : p.x16.size()) < n * 128 || p.xd.size() < n * TW) ThreadPool::quiesce_all();
     if (DP && p.xh.size() < n * 128) p.xh.resize(n * 128), p.xl.resize(n * 128);
     if (!DP && p.x16.size() < n * 128) p.x16.resize(n * 128);
     if (p.xd.size() < n * TW) p.xd.resize(n * TW), p.xs.resize(n * TW);

@@ -36,10 +36,10 @@ const ActBlock *quantize_acts(const float *x, int64_t m, int64_t k, std::vector<
 
 namespace {
 
-// Rows [r0, r1) of y = x W^T for one weight.
+// Rows [r0, r1) of y = x W^T for one weight: y[i * ldy + r] for activation row i, weight row r.
 void run_rows(const Kernels &K, const QuantGemm *G, const void *prep, const Weight &w, const float *x,
-              const ActBlock *xq, int64_t m, float *y, int64_t r0, int64_t r1) {
-    const int64_t n = w.rows, k = w.cols, nb = k / QK;
+              const ActBlock *xq, int64_t m, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    const int64_t n = ldy, k = w.cols, nb = k / QK;
     switch (w.dtype) {
         case TV_F32:
             for (int64_t i = 0; i < m; i++)
@@ -62,6 +62,49 @@ void run_rows(const Kernels &K, const QuantGemm *G, const void *prep, const Weig
     }
 }
 
+// Decode-sized matmuls (m <= MAX_DUP_M) run as ThreadPool::run_dup jobs: a task may be computed
+// twice (by the caller when the worker holding it was descheduled), so a task computes into its
+// thread's pool scratch and is copied out once. Each output element is still computed by the same
+// code from the same inputs, whoever runs it. Held by value: a late worker may read this after
+// matmul returned (it reads weights, x / xq and prep: see ThreadPool::run_dup for their lifetime).
+constexpr int MAXW = 4;
+constexpr int64_t MAX_DUP_M = 64;  // larger (prefill) tasks are long and their copy-out is not free
+
+struct MatmulJob {
+    const Kernels *K;
+    const QuantGemm *G;
+    const void *prep;
+    const float *x;
+    const ActBlock *xq;
+    int64_t m;
+    Weight w[MAXW];
+    float *y[MAXW];
+    int64_t chunk[MAXW], first[MAXW + 1];
+
+    void rows_of(int64_t t, int &j, int64_t &r0, int64_t &r1) const {
+        j = 0;
+        while (t >= first[j + 1]) j++;
+        r0 = (t - first[j]) * chunk[j];
+        r1 = std::min(w[j].rows, r0 + chunk[j]);
+    }
+    void compute(int64_t t, int, float *buf) const {
+        int j;
+        int64_t r0, r1;
+        rows_of(t, j, r0, r1);
+        Weight part = w[j];  // rows [r0, r1) as a weight of their own: buf[i * (r1 - r0) + r - r0]
+        part.data += (size_t)r0 * part.row_bytes;
+        part.rows = r1 - r0;
+        run_rows(*K, G, prep, part, x, xq, m, buf, r1 - r0, 0, r1 - r0);
+    }
+    void commit(int64_t t, int, const float *buf) const {
+        int j;
+        int64_t r0, r1;
+        rows_of(t, j, r0, r1);
+        for (int64_t i = 0; i < m; i++)
+            std::copy(buf + i * (r1 - r0), buf + (i + 1) * (r1 - r0), y[j] + i * w[j].rows + r0);
+    }
+};
+
 }  // namespace
 
 void matmul_multi(const Weight *const *ws, float *const *ys, int count, const float *x, const ActBlock *xq, int64_t m,
@@ -70,8 +113,8 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
     const Kernels &K = kernels();
     const int64_t k = ws[0]->cols;
     bool quant = false;
-    constexpr int MAXW = 4;
     int64_t chunk[MAXW], first[MAXW + 1];  // chunk rows of weight j; its chunks are tasks [first[j], first[j+1])
+    const bool dup = m <= MAX_DUP_M && pool.size() > 1;
     first[0] = 0;
     for (int j = 0; j < count && j < MAXW; j++) {
         const int64_t n = ws[j]->rows;
@@ -82,19 +125,37 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
         // at m = 32 cost 30% more than 512-row ones, single-thread CPU time). m <= 4 (decode):
         // each weight row is read once anyway, and a task start costs a DRAM ramp-up (the prefetch
         // runs ahead only within a task), so 2 long chunks per thread (a reference-model decode step:
-        // 5.4 ms instead of 6.6 with 8 per thread, medians of 4 runs). Results do not depend on chunks.
+        // 5.4 ms instead of 6.6 with 8 per thread, medians of 4 runs) -- with the shared counter of
+        // run(); run_dup below hands out contiguous ranges instead. Results do not depend on chunks.
         chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * (m <= MAX_NX ? 2 : 8)), 1, m <= MAX_NX ? n : 512);
-        if (K.gemm) chunk[j] = (chunk[j] + K.gemm->rows_per_group - 1) / K.gemm->rows_per_group * K.gemm->rows_per_group;
+        // run_dup (decode): each thread runs a contiguous range of tasks (its weight stream runs on
+        // from task to task), so tasks can be small: ~DUP_ITEM_BYTES of weights, what the caller
+        // re-runs for a worker the OS descheduled; a task's m x rows outputs fit the pool scratch.
+        if (dup && m <= MAX_NX) chunk[j] = std::max<int64_t>(1, DUP_ITEM_BYTES / (int64_t)ws[j]->row_bytes);
+        const int64_t g = K.gemm ? K.gemm->rows_per_group : 1;
+        chunk[j] = (chunk[j] + g - 1) / g * g;
+        if (dup) chunk[j] = std::max<int64_t>(g, std::min(chunk[j], DUP_ITEM_FLOATS / m / g * g));
         first[j + 1] = first[j] + (n + chunk[j] - 1) / chunk[j];
     }
     count = std::min(count, MAXW);
     const QuantGemm *G = quant ? K.gemm : nullptr;
     const void *prep = G ? G->prepare(xq, m, k / QK, pool) : nullptr;
+    if (dup) {
+        MatmulJob job{&K, G, prep, x, xq, m, {}, {}, {}, {}};
+        for (int j = 0; j < count; j++) {
+            job.w[j] = *ws[j];
+            job.y[j] = ys[j];
+            job.chunk[j] = chunk[j];
+        }
+        std::copy(first, first + count + 1, job.first);
+        pool.run_dup(first[count], (size_t)(m * *std::max_element(chunk, chunk + count)), job);
+        return;
+    }
     pool.run(first[count], [&](int64_t t, int) {
         int j = 0;
         while (t >= first[j + 1]) j++;
         const int64_t r0 = (t - first[j]) * chunk[j], r1 = std::min(ws[j]->rows, r0 + chunk[j]);
-        run_rows(K, G, prep, *ws[j], x, xq, m, ys[j], r0, r1);
+        run_rows(K, G, prep, *ws[j], x, xq, m, ys[j], ws[j]->rows, r0, r1);
     });
 }
 

@@ -39,6 +39,13 @@ void matmul(const Weight &w, const float *x, const ActBlock *xq, int64_t m, floa
 void matmul_multi(const Weight *const *ws, float *const *ys, int count, const float *x, const ActBlock *xq, int64_t m,
                   ThreadPool &pool);
 
+// Decode-sized matmuls (m <= 64 on more than one thread) run as ThreadPool::run_dup jobs of tasks of
+// about DUP_ITEM_BYTES of weights, each computing at most DUP_ITEM_FLOATS outputs into the pool's
+// per-thread scratch: an owner reserves ThreadPool::reserve_scratch(DUP_ITEM_FLOATS) up front
+// (runner/native_runner.py's workspace_bytes pays size() x 4 x DUP_ITEM_FLOATS bytes).
+constexpr int64_t DUP_ITEM_BYTES = 32 * 1024;
+constexpr int64_t DUP_ITEM_FLOATS = 4096;
+
 // Convenience: quantizes x itself when w needs it.
 void matmul(const Weight &w, const float *x, int64_t m, float *y, ThreadPool &pool, std::vector<ActBlock> &buf);
 

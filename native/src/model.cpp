@@ -78,6 +78,11 @@ Model::Model(const tv_model_params &p) : p_(p) {
     p_.swa_layers = p_.nope_layers = nullptr;  // copied into swa_ and nope_; the caller's arrays are not kept
     layers_.resize((size_t)p.n_layer);
     pool_ = std::make_unique<ThreadPool>(p.n_threads);
+    // A matmul may return while a descheduled worker still computes a copy of one of its tasks (it
+    // reads weights, scratch and the caller's prepared activations, writes only its pool scratch):
+    // a forward whose scratch may grow starts with quiesce(), and so does the destructor.
+    pool_->set_allow_stale_workers(true);
+    pool_->reserve_scratch((size_t)DUP_ITEM_FLOATS);  // paid by workspace_bytes
     p_.n_threads = pool_->size();
 }
 
@@ -185,6 +190,10 @@ void Model::finalize() {
     finalized_ = true;
 }
 
+Model::~Model() {
+    if (pool_) pool_->quiesce();  // before the scratch a late worker may still read goes away
+}
+
 void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
     std::lock_guard<std::mutex> lock(forward_mu_);
     const char *f = "tv_model_forward";
@@ -193,6 +202,13 @@ void Model::forward(KvCache &cache, const tv_batch &b, float *logits) {
         fail("%s: KV cache was made for a different model shape", f);
     check_batch(f, cache, &b, p_.n_vocab, logits, s_.last_pos);
     const int T = b.n_tokens, E = p_.n_embd, half = p_.n_rot / 2;
+    // The scratch that matmul tasks read grows with the rows (T, n_logits) only: when it may grow, a
+    // late worker of the last forward must be out first. Otherwise nobody waits for it (its result
+    // is discarded; ThreadPool::run_dup).
+    if (T > scratch_rows_ || b.n_logits > scratch_logits_) {
+        pool_->quiesce();
+        scratch_rows_ = std::max(scratch_rows_, T), scratch_logits_ = std::max(scratch_logits_, b.n_logits);
+    }
 
     float *x = grow(s_.x, (size_t)T * E);
     for (int t = 0; t < T; t++) dequantize_row(g_.token_embd.dtype, g_.token_embd.row(b.tokens[t]), x + (size_t)t * E, E);

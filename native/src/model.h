@@ -28,6 +28,7 @@ struct LayerWeights {
 class Model {
    public:
     explicit Model(const tv_model_params &p);  // validates params (throws InvalidArgument)
+    ~Model();
 
     void set_tensor(const char *name, const tv_tensor &t);
     void finalize();
@@ -47,6 +48,7 @@ class Model {
     GlobalWeights g_;
     std::vector<LayerWeights> layers_;
     bool finalized_ = false;
+    int scratch_rows_ = 0, scratch_logits_ = 0;  // the most rows / logits rows a forward has grown s_ for
     std::unique_ptr<ThreadPool> pool_;
     std::mutex forward_mu_;  // scratch below belongs to one forward at a time
 

@@ -2,7 +2,10 @@
 // kernels_avx512.cpp each define TV_ISA (their target attribute) and an ISA traits struct, include
 // this file, and instantiate `x86_gemm<Isa>`. What a traits struct `I` holds:
 //   unpack<F>(blk, s) -> W16        a slice as int16 lanes (x86_common.h's unpack, or a faster form)
-//   dot_half(w, x), dot8(lo, hi, x) 16 / 32 weights against int16 activations as 8 int32 lanes
+//   high_bits<F>(z1, z2, ba, bc)    decode: adds 1 << LOW_BITS to the slice bytes of two rows (one
+//                                   128-bit half each) whose bit is set in their 32-bit masks
+//   zmm_decode<F>(), slice_dots_zmm<F, NR>(...)  decode formats the ISA runs its own way (AVX-512:
+//                                   int8 two rows per zmm), in place of slice_dots
 //   halves<AT, BYTES>(w0, off, voff, second)  the f16 at byte AT of 8 rows' blocks as 8 float lanes
 //                                   (second: also the f16 right after it)
 //   dot_pairs(acc, w, x)            acc + w . x per int16 pair, 8 int32 lanes (for Ymm below)
@@ -15,8 +18,9 @@
 //                         [HAS_MIN: acc = fma(m_w, s_x, acc)]
 // where idot is the slice's exact integer dot (so the order of its int32 partial sums does not
 // matter). Rows of a batch therefore get the same bits whichever x86 path (and tile) ran them.
-//   - m < GEMM_MIN (decode): 8 weight rows at a time, unpacked in registers, their slice dots
-//     reduced into one 8-lane vector (lane = weight row): float work once per slice for 8 rows;
+//   - m < GEMM_MIN (decode): 8 weight rows at a time, two per register (slice_dots below), their
+//     slice dots reduced into one 8-lane vector (lane = weight row): float work once per slice for
+//     8 rows;
 //   - m >= GEMM_MIN: 8 weight rows unpacked once into an L1 panel of int16 pairs, then run against
 //     tiles of 8 (ymm) or 16 (zmm) activation rows (lane = activation row): per pair one broadcast
 //     weight dword meets the tile in one vpdpwssd (AVX2: vpmaddwd + vpaddd). AVX2 has 16 ymm
@@ -52,12 +56,20 @@ struct alignas(64) Blk16 {
 };
 
 struct Prep {
-    std::vector<Blk16> qs;       // [m][nb] (decode path)
+    std::vector<Blk16> qe;       // [m][nb] (decode path), in decode_act's order
+    std::vector<int32_t> sum;    // [m][nb][2]: the integer sums of values 0..15 and 16..31 (decode)
     std::vector<float> d, s;     // [m][nb]
     int64_t tw = 8;              // panel path: activation rows per tile (8: ymm lanes, 16: zmm)
     std::vector<int32_t> xt;     // [tile][nb][16 pairs][tw rows], padded rows 0
     std::vector<float> xd, xs;   // [tile][nb][tw]
+    int64_t m = 0;               // the shape a late run_dup worker may still read p as (see prepare)
+    StaleReaders readers;        // last: waits for late run_dup workers at thread exit
 };
+
+// One activation slice in decode order: the even values (0, 2, .., 30), then the odd ones.
+TV_ISA inline void decode_act(const int16_t *qs, int16_t *out) {
+    for (int j = 0; j < QK / 2; j++) out[j] = qs[2 * j], out[QK / 2 + j] = qs[2 * j + 1];
+}
 
 // One tile of the panel path's activation layout (rows [t * tw, t * tw + tw), zero-padded).
 TV_ISA void prepare_tile(Prep &p, const ActBlock *x, int64_t m, int64_t nb, int64_t t) {
@@ -83,17 +95,24 @@ TV_ISA void prepare_tile(Prep &p, const ActBlock *x, int64_t m, int64_t nb, int6
 template <class I>
 TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool &pool) {
     thread_local Prep p;  // the calling thread's; workers fill tiles of it, then only read it
+    // A late run_dup worker may still read p (its result is discarded): new contents are harmless,
+    // a new shape (m) or a reallocation is not, so those wait for it first.
+    if (p.m != m) ThreadPool::quiesce_all(), p.m = m;
     const size_t n = (size_t)(m * nb);
     if (m < GEMM_MIN) {
-        if (p.qs.size() < n) p.qs.resize(n), p.d.resize(n), p.s.resize(n);
+        if (p.qe.size() < n) ThreadPool::quiesce_all(), p.qe.resize(n), p.sum.resize(2 * n), p.d.resize(n), p.s.resize(n);
         for (size_t i = 0; i < n; i++) {
-            std::memcpy(p.qs[i].v, x[i].qs, sizeof p.qs[i].v);
+            decode_act(x[i].qs, p.qe[i].v);
+            int32_t s0 = 0, s1 = 0;
+            for (int j = 0; j < QK / 2; j++) s0 += x[i].qs[j], s1 += x[i].qs[j + QK / 2];
+            p.sum[2 * i] = s0, p.sum[2 * i + 1] = s1;
             p.d[i] = x[i].d;
             p.s[i] = x[i].s;
         }
         return &p;
     }
     const int64_t tw = p.tw = m <= 8 ? 8 : I::TW_MAX, tiles = (m + tw - 1) / tw;
+    if (p.xt.size() < (size_t)(tiles * nb * 16 * tw) || p.xd.size() < (size_t)(tiles * nb * tw)) ThreadPool::quiesce_all();
     if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
     if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
     // tiles are disjoint: a prefill's prep (2% of it) runs on every thread (one tile runs inline);
@@ -167,10 +186,140 @@ TV_ISA inline __m256i group_offsets(int64_t g0, int64_t r1, size_t row_bytes, in
     return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(off));
 }
 
-// 4 x (two rows' 8-lane dots, hadd-ed) -> one vector, lane r = row r's whole dot.
-TV_ISA inline __m256i reduce8(const __m256i h[4]) {
-    const __m256i A = _mm256_hadd_epi32(h[0], h[1]), B = _mm256_hadd_epi32(h[2], h[3]);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
+// Decode: rows r and r + 4 of a group share one ymm of slice bytes (one 128-bit half each), and no
+// byte is widened by a shuffle: an int16 lane's low byte (even value) is split off by a mask (or
+// vpmaddubsw by 1, signed) and its high byte (odd value) by one shift, against activations stored
+// even values first (decode_act). The shuffle port (port 5 on Intel, which alone runs widenings and
+// lane-crossing shuffles) then serves only the reduction: 6 shuffles per 8 rows, where a per-row
+// layout took 16 widenings and 14 shuffles (hadds are 2 shuffle uops each). Unsigned fields (every
+// format but int8 and code books) stay unsigned: their offset leaves the exact integer dot as
+// OFFSET * (the activations' integer sum), once per 8 rows instead of a subtraction per byte. ymm,
+// not zmm, on AVX-512 too: Intel runs 512-bit ops on 2 ports, 256-bit ones on 3 (measured faster).
+
+// 16 bytes at p, then 16 at q.
+TV_ISA inline __m256i load2(const uint8_t *p, const uint8_t *q) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))),
+                                   _mm_loadu_si128(reinterpret_cast<const __m128i *>(q)), 1);
+}
+
+// Whether pair_bytes leaves the values as signed bytes (int8, code book) or unsigned, offset not applied.
+template <class F>
+constexpr bool signed_bytes() { return F::LOW == LOW_I8 || F::HAS_TABLE; }
+
+// Slice s of rows a and c as bytes: z1 = values 0..15 of a, then of c; z2 = values 16..31.
+template <class I, class F>
+TV_ISA inline void pair_bytes(const uint8_t *a, const uint8_t *c, int s, __m256i &z1, __m256i &z2) {
+    const SliceSrc src = F::src(s);
+    if constexpr (F::LOW == LOW_NIB16) {
+        const __m256i q = load2(a + src.lo, c + src.lo), m = _mm256_set1_epi8(0x0F);
+        z1 = _mm256_and_si256(q, m);
+        z2 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
+    } else if constexpr (F::LOW == LOW_NIB32 || F::LOW == LOW_BIT2) {
+        const __m256i m = _mm256_set1_epi8(F::LOW == LOW_NIB32 ? 0x0F : 0x03);
+        z1 = _mm256_and_si256(_mm256_srli_epi16(load2(a + src.lo, c + src.lo), src.lo_shift), m);
+        z2 = _mm256_and_si256(_mm256_srli_epi16(load2(a + src.lo + 16, c + src.lo + 16), src.lo_shift), m);
+    } else {
+        z1 = load2(a + src.lo, c + src.lo);
+        z2 = load2(a + src.lo + 16, c + src.lo + 16);
+    }
+    if constexpr (F::HIGH == HIGH_MASK32) {
+        uint32_t ba, bc;
+        std::memcpy(&ba, a + src.hi, 4);
+        std::memcpy(&bc, c + src.hi, 4);
+        I::template high_bits<F>(z1, z2, ba, bc);
+    } else if constexpr (F::HIGH == HIGH_BYTES) {
+        // ((h >> hi_shift) & HIGH_MASK) << LOW_BITS as one shift and one mask: the bits a 16-bit
+        // shift carries in from the neighbour byte land outside the mask (every format's fields)
+        const __m256i m = _mm256_set1_epi8((char)(F::HIGH_MASK << F::LOW_BITS));
+        const int up = F::LOW_BITS - src.hi_shift;
+        auto high = [&](__m256i h) TV_ISA { return _mm256_and_si256(up >= 0 ? _mm256_slli_epi16(h, up) : _mm256_srli_epi16(h, -up), m); };
+        z1 = _mm256_or_si256(z1, high(load2(a + src.hi, c + src.hi)));
+        z2 = _mm256_or_si256(z2, high(load2(a + src.hi + 16, c + src.hi + 16)));
+    }
+    if constexpr (F::HAS_TABLE) {
+        const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(F::TABLE)));
+        z1 = _mm256_shuffle_epi8(t, z1);
+        z2 = _mm256_shuffle_epi8(t, z2);
+    }
+}
+
+// acc + the bytes' dot with 16 activations: even bytes (low halves of int16 lanes) against xe, odd
+// ones against xo; 8 int32 lanes, 4 per 128-bit half (row).
+template <class I, bool SIGNED>
+TV_ISA inline __m256i dot_bytes(__m256i acc, __m256i z, __m256i xe, __m256i xo) {
+    __m256i e, o;
+    if constexpr (SIGNED) {
+        e = _mm256_maddubs_epi16(_mm256_set1_epi16(1), z);  // 1 * even byte + 0 * odd byte
+        o = _mm256_srai_epi16(z, 8);
+    } else {
+        e = _mm256_and_si256(z, _mm256_set1_epi16(0xFF));
+        o = _mm256_srli_epi16(z, 8);
+    }
+    return I::dot_pairs(I::dot_pairs(acc, e, xe), o, xo);
+}
+
+// Pair vectors (lanes 0..3: row q's partial dots, 4..7: row q + 4's) -> lane r = row r's dot, in
+// two steps (pairs q = 0, 1, then 2, 3: fewer live registers, AVX2 has 16): per 128-bit half
+// [row q, row q + 1, row q, row q + 1] partial sums, then [rows 0, 1, 2, 3].
+TV_ISA inline __m256i sum_pairs(__m256i p0, __m256i p1) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+}
+TV_ISA inline __m256i sum_quads(__m256i s01, __m256i s23) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
+}
+
+// Slice s of a group's 8 rows (blocks at blk + off[r]) against NR activation rows: per row i, lane
+// r = row r's exact integer dot (TWO_SCALES: d0 values 0..15, d1 values 16..31).
+template <class I, class F, int NR>
+TV_ISA inline void slice_dots(const uint8_t *blk, const int32_t *off, int s, const Prep &x, int64_t nb, int64_t b,
+                              __m256i d0[NR], __m256i d1[NR]) {
+    constexpr bool SIGNED = signed_bytes<F>();
+    auto bcast = [](const int16_t *p) TV_ISA { return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(p))); };
+    // pair q: rows q and q + 4; h: pairs 0, 1 and 2, 3 summed (h2: values 16..31, per-half scales)
+    __m256i h[NR][2], h2[NR][2];
+    for (int k = 0; k < 2; k++) {
+        // plain nibbles (Q4_0, Q4_1): the int16 lanes' even and odd values straight from the loaded
+        // bytes (a mask, two shifts and masks, one shift), 6 ops where bytes then their split take 7
+        constexpr bool NIBBLES = F::LOW == LOW_NIB16 && F::HIGH == HIGH_NONE && !F::HAS_TABLE;
+        __m256i z1[2], z2[2];
+        for (int j = 0; j < 2; j++) {
+            if constexpr (NIBBLES) z1[j] = load2(blk + off[2 * k + j] + F::src(s).lo, blk + off[2 * k + j + 4] + F::src(s).lo);
+            else pair_bytes<I, F>(blk + off[2 * k + j], blk + off[2 * k + j + 4], s, z1[j], z2[j]);
+        }
+        for (int i = 0; i < NR; i++) {
+            const int16_t *xq = x.qe[(size_t)(i * nb + b)].v;
+            const __m256i e1 = bcast(xq), e2 = bcast(xq + 8), o1 = bcast(xq + 16), o2 = bcast(xq + 24);
+            __m256i a[2], c[2];
+            for (int j = 0; j < 2; j++) {
+                if constexpr (NIBBLES) {
+                    const __m256i y = z1[j], m = _mm256_set1_epi16(0x000F);
+                    a[j] = I::dot_pairs(I::dot_pairs(_mm256_setzero_si256(), _mm256_and_si256(y, m), e1),
+                                        _mm256_and_si256(_mm256_srli_epi16(y, 8), m), o1);
+                    a[j] = I::dot_pairs(I::dot_pairs(a[j], _mm256_and_si256(_mm256_srli_epi16(y, 4), m), e2),
+                                        _mm256_srli_epi16(y, 12), o2);
+                    continue;
+                }
+                a[j] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z1[j], e1, o1);
+                if constexpr (F::TWO_SCALES) c[j] = dot_bytes<I, SIGNED>(_mm256_setzero_si256(), z2[j], e2, o2);
+                else a[j] = dot_bytes<I, SIGNED>(a[j], z2[j], e2, o2);
+            }
+            h[i][k] = sum_pairs(a[0], a[1]);
+            if constexpr (F::TWO_SCALES) h2[i][k] = sum_pairs(c[0], c[1]);
+        }
+    }
+    for (int i = 0; i < NR; i++) {
+        const int32_t *sum = &x.sum[(size_t)(2 * (i * nb + b))];
+        d0[i] = sum_quads(h[i][0], h[i][1]);
+        if constexpr (F::TWO_SCALES) d1[i] = sum_quads(h2[i][0], h2[i][1]);
+        if constexpr (!SIGNED && F::OFFSET != 0) {  // dot(q - OFFSET, x) = dot(q, x) - OFFSET * sum(x)
+            if constexpr (F::TWO_SCALES) {
+                d0[i] = _mm256_sub_epi32(d0[i], _mm256_set1_epi32(F::OFFSET * sum[0]));
+                d1[i] = _mm256_sub_epi32(d1[i], _mm256_set1_epi32(F::OFFSET * sum[1]));
+            } else {
+                d0[i] = _mm256_sub_epi32(d0[i], _mm256_set1_epi32(F::OFFSET * (sum[0] + sum[1])));
+            }
+        }
+    }
 }
 
 // Weight rows past a chunk's end compute and are not stored.
@@ -195,6 +344,9 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
     for (int64_t b0 = 0; b0 < nb; b0 += F::SLICES) {
         const size_t o = (size_t)(b0 / F::SLICES) * F::BYTES;
         if constexpr (F::D_AT < 0) group_scales<I, F>(w0 + o, off, voff, gs);
+        // unrolled: the slices' bit positions (F::src) become immediate shift counts (a count in a
+        // register costs vpsrlw a second uop, on the shuffle port)
+#pragma GCC unroll 8
         for (int s = 0; s < F::SLICES; s++) {
             const int64_t b = b0 + s;
             // 8 interleaved row streams defeat the hardware prefetcher: fetch the next group (the 8
@@ -202,19 +354,9 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
             // burst of a whole K block's lines fills the miss buffers and stalls)
             for (int c = 0; c < PF_LINES; c++)
                 _mm_prefetch(reinterpret_cast<const char *>(next + (b * PF_LINES + c) * 64), _MM_HINT_T0);
-            __m256i h[NR][4], h2[NR][4];
-            for (int p = 0; p < 4; p++) {
-                const W16 a = I::template unpack<F>(w0 + off[2 * p] + o, s), c = I::template unpack<F>(w0 + off[2 * p + 1] + o, s);
-                for (int i = 0; i < NR; i++) {
-                    const int16_t *xq = x.qs[(size_t)(i * nb + b)].v;
-                    if constexpr (F::TWO_SCALES) {
-                        h[i][p] = _mm256_hadd_epi32(I::dot_half(a.lo, xq), I::dot_half(c.lo, xq));
-                        h2[i][p] = _mm256_hadd_epi32(I::dot_half(a.hi, xq + 16), I::dot_half(c.hi, xq + 16));
-                    } else {
-                        h[i][p] = _mm256_hadd_epi32(I::dot8(a.lo, a.hi, xq), I::dot8(c.lo, c.hi, xq));
-                    }
-                }
-            }
+            __m256i h[NR], h2[NR];
+            if constexpr (I::template zmm_decode<F>()) I::template slice_dots_zmm<F, NR>(w0 + o, off, s, x, nb, b, h);
+            else slice_dots<I, F, NR>(w0 + o, off, s, x, nb, b, h, h2);
             __m256 d0, d1, mn;  // the 8 rows' scales of this slice (fixed f16 fields: read here)
             if constexpr (F::D_AT >= 0) {
                 d0 = d1 = I::template halves<F::D_AT, F::BYTES>(w0 + o, off, voff, F::HAS_MIN ? &mn : nullptr);
@@ -224,9 +366,9 @@ TV_ISA void gemv8(const uint8_t *w, size_t row_bytes, int64_t g0, int64_t r1, co
             for (int i = 0; i < NR; i++) {
                 const size_t xb = (size_t)(i * nb + b);
                 const __m256 dx = _mm256_set1_ps(x.d[xb]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h[i])), _mm256_mul_ps(d0, dx), acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]), _mm256_mul_ps(d0, dx), acc[i]);
                 if constexpr (F::TWO_SCALES)
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(h2[i])), _mm256_mul_ps(d1, dx), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h2[i]), _mm256_mul_ps(d1, dx), acc[i]);
                 if constexpr (F::HAS_MIN) acc[i] = _mm256_fmadd_ps(mn, _mm256_set1_ps(x.s[xb]), acc[i]);
             }
         }

@@ -21,6 +21,13 @@ def _amx_scratch_bytes(cfg, max_tokens: int, threads: int) -> int:
     return -(-max_tokens // 16) * 16 * k * 9 // 4 + threads * 64 * k * 19 // 8
 
 
+def _matmul_scratch_bytes(threads: int) -> int:
+    """The model's thread pool keeps one buffer per thread for the decode-sized matmuls' tasks (a task
+    computes into it, then copies out: native/src/matmul.h DUP_ITEM_FLOATS = 4096 floats, reserved
+    when the model is made and never grown by its matmuls: native test threadpool_matmul_scratch_stays_reserved)."""
+    return threads * 4096 * 4
+
+
 def default_threads() -> int:
     """Physical cores where we can tell (SMT siblings share the FMA units), else online CPUs."""
     try:
@@ -69,8 +76,10 @@ class NativeModelRunner:
         params = ffi.new("tv_model_params *", fields)
         out = ffi.new("tv_model **")
         check(lib.tv_model_create(params, out))
-        self._model = ffi.gc(out[0], lib.tv_model_free)
-        self._keep = []  # the native side borrows these arrays: keep them alive with the model
+        # The native side borrows these arrays: they live until the model is freed (the free waits for
+        # a thread-pool worker that may still read weights after the last forward returned).
+        self._keep = keep = []
+        self._model = ffi.gc(out[0], lambda m: (lib.tv_model_free(m), keep.clear()))
         for name, t in weights.tensors.items():
             data = np.ascontiguousarray(t.data)
             if data.ctypes.data % 16:  # a file with a small general.alignment: the core reads floats and block
@@ -90,7 +99,8 @@ class NativeModelRunner:
     @staticmethod
     def workspace_bytes(cfg, max_num_batched_tokens: int, max_num_seqs: int, threads: int | None = None) -> int:
         """The native activation scratch of one step (its buffers grow to this), the logits rows and
-        the sampler's copies of them, and the AMX path's scratch where it runs."""
+        the sampler's copies of them, the thread pool's per-thread matmul task buffers, and the AMX
+        path's scratch where it runs."""
         q_kv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         rope = cfg.head_dim if getattr(cfg, "sliding_window", 0) else 0  # the sliding layers' own RoPE cos + sin
         per_token = 4 * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + q_kv + 2 * cfg.num_heads * cfg.head_dim
@@ -99,6 +109,7 @@ class NativeModelRunner:
         # logits (one row per sampled sequence, plus up to max_num_seqs prompt positions scored for prompt
         # logprobs), the sampled rows gathered out of them, and the sampler's scratch
         return (max_num_batched_tokens * per_token + 4 * max_num_seqs * cfg.vocab_size * 4
+                + _matmul_scratch_bytes(threads or default_threads())
                 + _amx_scratch_bytes(cfg, max_num_batched_tokens, threads or default_threads()))
 
     @property

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampler import SampleResult, apply_min_tokens, apply_penalties, apply_token_bitmask, filter_probs
+from ..sampler import SampleResult, apply_min_tokens, apply_penalties, apply_token_bitmask, log_sum_exp, sampling_weights
 
 
 def accept_probability(p_draft: float, q_draft: float) -> float:
@@ -45,10 +45,7 @@ def target_row(logits_row: np.ndarray, seq, accepted: list[int], eos_token_ids, 
 
 def probs_of(x: np.ndarray, params) -> np.ndarray:
     """Sampling probabilities (float64 [V], summing to 1) of processed logits x for a random request."""
-    w = x.astype(np.float64)
-    w -= w.max()
-    w *= 1.0 / params.temperature
-    w = filter_probs(np.exp(w, out=w), params.top_k, params.top_p, params.min_p)
+    w = sampling_weights(x, params)
     return w / w.sum()
 
 
@@ -137,8 +134,7 @@ class RejectionSampler:
     def _result(row: np.ndarray, token: int, k: int | None) -> SampleResult:
         """The token with its raw logprob (and the k best), computed as the Sampler computes them (float32),
         so logprobs match those of a run without speculation."""
-        m = row.max()
-        lse = m + np.log(np.exp(row - m).sum())
+        lse = log_sum_exp(row)[0]
         lp = float(row[token] - lse)
         top = None
         if k is not None:
