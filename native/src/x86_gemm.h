@@ -463,10 +463,12 @@ TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
     // of 4 KiB (the 49152-row output matrix) those rows share one L1 set and few L2 sets, and every
     // line is evicted between its two halves' writes (the output matrix at m = 32 ran at 60% of
     // the others' rate). They write into this buffer instead, YB outputs per row, copied out in
-    // whole lines once the YB weight rows are done.
+    // whole lines once the YB weight rows are done. Rows < 4 KiB apart (a run_dup task's own
+    // scratch, q/k/v/o outputs) spread over the sets: written directly.
+    const bool buffered = ldy >= 1024;
     const int64_t YB = std::clamp<int64_t>(4096 / m / NW * NW, NW, 512);  // a buffer of up to 16 KiB (L1)
     static thread_local std::vector<float> ybuf;
-    if (ybuf.size() < (size_t)(m * YB)) ybuf.resize((size_t)(m * YB));
+    if (buffered && ybuf.size() < (size_t)(m * YB)) ybuf.resize((size_t)(m * YB));
     const bool stream = ldy >= 16384;  // rows 64 KiB or more apart (an output matrix's logits)
     GroupScales<F> gs;
     for (int64_t g0 = r0; g0 < r1; g0 += NW) {
@@ -494,13 +496,14 @@ TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
                 if (F::HAS_MIN) std::memcpy(P.mn.data() + b * NW, gs.m[s], sizeof(float) * NW);
             }
         }
-        float *yb = ybuf.data() + (g0 - c0);
+        float *yb = buffered ? ybuf.data() + (g0 - c0) : y + g0;
+        const int64_t ldb = buffered ? YB : ldy;
         for (int64_t t = 0; t * x.tw < m; t++) {
             const int ni = (int)std::min<int64_t>(x.tw, m - t * x.tw);
-            if (x.tw == 8) micro<Ymm<I>, F>(P, x, t, nb, nw, ni, yb, YB);
-            else micro<typename I::Wide, F>(P, x, t, nb, nw, ni, yb, YB);
+            if (x.tw == 8) micro<Ymm<I>, F>(P, x, t, nb, nw, ni, yb, ldb);
+            else micro<typename I::Wide, F>(P, x, t, nb, nw, ni, yb, ldb);
         }
-        if (g0 + NW >= std::min(r1, c0 + YB))  // the buffer's last group: copy it out
+        if (buffered && g0 + NW >= std::min(r1, c0 + YB))  // the buffer's last group: copy it out
             for (int64_t i = 0; i < m; i++)
                 copy_out(y + i * ldy + c0, ybuf.data() + i * YB, std::min(r1, c0 + YB) - c0, stream);
     }
