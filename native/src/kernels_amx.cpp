@@ -34,9 +34,10 @@ namespace {
 
 // Activation rows from which the tile path runs; below, avx512vnni. Measured 2026-12-03 (one thread's
 // CPU time for a reference-model decode step's matmuls, min of 3 per round): vnni ahead at 4 rows (2x),
-// even at 24; AMX ahead at 32 (2-4% in 4 of 5 rounds, with the logits buffered below), 33 (6%),
-// 40 (8%), 48 (10%), 56 (13%).
-constexpr int AMX_MIN = 32;
+// even at 24; at 32 AMX 2-4% ahead on one thread (4 of 5 rounds) but not on two under run_dup's
+// 128-row tasks (whole forward, 4 rounds): a tie, left to vnni; AMX ahead from 33 (6%), 40 (8%),
+// 48 (10%), 56 (13%).
+constexpr int AMX_MIN = 33;
 constexpr int TR = 16;      // activation rows per tile, weight rows per group
 
 // Tiles: 0-3 int32 results (hi, lo; a second pair for the second half of per-half-scale slices),

@@ -170,7 +170,7 @@ TEST(matmul_rows_batch_invariant) {
 }
 
 TEST(matmul_tall_output_rows_match_decode) {
-    // the tied-output shape class at decode batches (avx512amx: m >= 32 on AMX tiles): outputs buffered per thread and, with rows
+    // the tied-output shape class at decode batches (avx512amx: m >= 33 on AMX tiles): outputs buffered per thread and, with rows
     // 64 KiB or more apart, copied out with streaming stores (an unaligned y: a scalar head); every
     // row equals the same row run alone (the decode path), on every path, 1 and 2 threads
     const char *restore = tv_kernel_path();
