@@ -17,7 +17,9 @@
 #include <cstring>
 #include <limits>
 
+#include "common.h"
 #include "kernels.h"
+#include "quant.h"
 #include "tinyvllm.h"
 
 namespace tv {
@@ -32,8 +34,9 @@ struct Tile {
 }  // namespace
 
 void attention(const KvCache &cache, int layer, const AttentionBatch &b, const float *q, float *out, int n_head,
-               ThreadPool &pool, std::vector<float> &scratch) {
+               ThreadPool &pool, std::vector<float> &scratch, ActBlock *out_q) {
     const int hd = cache.head_dim, bs = cache.block_size, n_kv = cache.n_head_kv, group = n_head / n_kv;
+    if (out_q && hd % QK != 0) fail("attention: out_q needs head_dim (%d) a multiple of %d", hd, QK);
     const int T = b.n_tokens, R = QT * group;
     const float scale = b.scale > 0.0f ? b.scale : 1.0f / std::sqrt((float)hd);
     const int window = b.window;
@@ -117,6 +120,7 @@ void attention(const KvCache &cache, int layer, const AttentionBatch &b, const f
                 float *o = out + ((size_t)tok[i] * n_head + (size_t)kvh * group + g0 + g) * hd;
                 const float inv = 1.0f / l[r];  // l >= 1: the max position contributes exp(0)
                 for (int e = 0; e < hd; e++) o[e] = acc[(size_t)r * hd + e] * inv;
+                if (out_q) K.quantize_act(o, out_q + (o - out) / QK, hd);
             }
     });
 }

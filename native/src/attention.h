@@ -22,8 +22,13 @@ struct AttentionBatch {
     float scale = 0.0f;  // score scale; 0: 1/sqrt(head_dim)
 };
 
+struct ActBlock;
+
 // q, out: [n_tokens, n_head * head_dim]. scratch is grown as needed (per-thread work space).
+// out_q (optional, head_dim a multiple of QK): out's int16 blocks too, [n_tokens, n_head * head_dim / QK],
+// quantized by the task that wrote each head (the next matmul's input without a region of its own;
+// blocks are quantized independently, so the bits equal quantizing whole rows).
 void attention(const KvCache &cache, int layer, const AttentionBatch &b, const float *q, float *out, int n_head,
-               ThreadPool &pool, std::vector<float> &scratch);
+               ThreadPool &pool, std::vector<float> &scratch, ActBlock *out_q = nullptr);
 
 }  // namespace tv

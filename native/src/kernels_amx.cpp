@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -31,7 +32,12 @@
 namespace tv {
 namespace {
 
-constexpr int AMX_MIN = 64;  // activation rows from which the tile path runs; below, avx512vnni (twice as fast at 4 rows, still ahead at 32: decode batches, measured 17:25 UTC 2026-12-03)
+// Activation rows from which the tile path runs; below, avx512vnni. Measured 2026-12-03 (one thread's
+// CPU time for a reference-model decode step's matmuls, min of 3 per round): vnni ahead at 4 rows (2x),
+// even at 24; at 32 AMX 2-4% ahead on one thread (4 of 5 rounds) but not on two under run_dup's
+// 128-row tasks (whole forward, 4 rounds): a tie, left to vnni; AMX ahead from 33 (6%), 40 (8%),
+// 48 (10%), 56 (13%).
+constexpr int AMX_MIN = 33;
 constexpr int TR = 16;      // activation rows per tile, weight rows per group
 
 // Tiles: 0-3 int32 results (hi, lo; a second pair for the second half of per-half-scale slices),
@@ -257,10 +263,27 @@ TV_AMX void tile_block(const Group<F> &g, const Prep &x, int64_t t, int64_t nb, 
     for (int i = 0; i < ni; i++) _mm512_mask_storeu_ps(y + (t * TR + i) * ldy, k, acc[i]);
 }
 
+// dst[0, n) = src[0, n), the whole cache lines of dst with non-temporal stores (see below).
+TV_AMX void copy_out_streaming(float *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63); i++) dst[i] = src[i];
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+}
+
 template <class F>
 TV_AMX void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1, const Prep &x, int64_t m, int64_t nb,
                       float *y, int64_t ldy) {
     configure_tiles();
+    // Output rows 64 KiB or more apart (an output matrix's logits; a multiple of 4 KiB for the
+    // 49,152-row one) share a few cache sets: 16-float writes into each of m rows evict each other's
+    // lines before they are whole (the output matrix at m = 64: 21.5 ms, 15 ms without that). The
+    // tiles write into a buffer of the chunk's outputs instead (the driver's chunks are <= 512 rows
+    // here; up to 256 KiB, else direct as before), copied out at the end with non-temporal stores.
+    const int64_t BW = r1 - r0;
+    const bool stream = ldy >= 16384 && m * BW <= 65536;
+    thread_local std::vector<float> ybuf;
+    if (stream && ybuf.size() < (size_t)(m * BW)) ybuf.resize((size_t)(m * BW));
     // up to GROUPS_MAX groups unpacked first, then each tile of activation rows meets all of them (the
     // tile's slices stay in L1 while the groups' B slices, ~nb KiB each, stay in L2)
     WeightScratch &s = weight_scratch(nb);
@@ -275,9 +298,14 @@ TV_AMX void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
             const int ni = (int)std::min<int64_t>(TR, m - t * TR);
             for (int64_t gi = 0; gi < ng; gi++) {
                 const int64_t g0 = c0 + gi * TR;
-                tile_block<F>(groups[gi], x, t, nb, (int)std::min<int64_t>(TR, c1 - g0), ni, y + g0, ldy);
+                tile_block<F>(groups[gi], x, t, nb, (int)std::min<int64_t>(TR, c1 - g0), ni,
+                              stream ? ybuf.data() + (g0 - r0) : y + g0, stream ? BW : ldy);
             }
         }
+    }
+    if (stream) {
+        for (int64_t i = 0; i < m; i++) copy_out_streaming(y + i * ldy + r0, ybuf.data() + i * BW, BW);
+        _mm_sfence();  // the streamed stores are visible before the pool reports this task done
     }
 }
 

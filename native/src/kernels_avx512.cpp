@@ -206,6 +206,80 @@ TV_AVX512 void conv_row(const uint8_t *src, bool f16, float *dst, int hd) {
     }
 }
 
+// NR (1-4) query rows against one block: keys from kt (fp32, transposed, 16 per row d), or straight
+// from the cache's fp16 rows (kh: a decode's single row group converts each key row once anyway,
+// without the store and reload). Each row's arithmetic is the same whatever NR and the key source.
+template <int NR>
+TV_AVX512 inline void attn_rows(const float *q, const int *n_valid, const float *kt, const uint16_t *kh, int bs,
+                                __mmask16 gm, int nmax, const uint8_t *v, size_t ld, bool f16, float scale, float *m,
+                                float *l, float *acc) {
+    alignas(64) float pa[NR][16];
+    __m512 se[NR], so[NR];
+    for (int j = 0; j < NR; j++) se[j] = so[j] = _mm512_setzero_ps();
+    for (int d = 0; d < 64; d += 2) {
+        __m512 k0, k1;
+        if (kh) {
+            k0 = load_h16(gm, kh + d * bs), k1 = load_h16(gm, kh + (d + 1) * bs);
+        } else {
+            k0 = _mm512_load_ps(kt + 16 * d), k1 = _mm512_load_ps(kt + 16 * (d + 1));
+        }
+        for (int j = 0; j < NR; j++) {
+            se[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * 64 + d]), k0, se[j]);
+            so[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * 64 + d + 1]), k1, so[j]);
+        }
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int j = 0; j < NR; j++) {
+        const int n = n_valid[j];
+        if (n <= 0) {
+            _mm512_store_ps(pa[j], _mm512_setzero_ps());
+            continue;
+        }
+        const __mmask16 mk = tail_mask(n);
+        const __m512 sc = _mm512_mul_ps(_mm512_add_ps(se[j], so[j]), vscale);
+        const float bmax = _mm512_mask_reduce_max_ps(mk, sc);
+        float mr = m[j], lr = l[j];
+        if (bmax > mr) {  // new running max: rescale what was accumulated so far
+            const float rr = std::exp(mr - bmax);
+            lr *= rr;
+            const __m512 vr = _mm512_set1_ps(rr);
+            for (int i = 0; i < 64; i += 16) _mm512_storeu_ps(acc + j * 64 + i, _mm512_mul_ps(_mm512_loadu_ps(acc + j * 64 + i), vr));
+            mr = bmax;
+        }
+        const __m512 p = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(mr))));
+        lr += _mm512_reduce_add_ps(p);
+        m[j] = mr;
+        l[j] = lr;
+        _mm512_store_ps(pa[j], p);
+    }
+    __m512 a[NR][4];
+    for (int j = 0; j < NR; j++)
+        for (int i = 0; i < 4; i++) a[j][i] = _mm512_loadu_ps(acc + j * 64 + 16 * i);
+    for (int s = 0; s < nmax; s++) {
+        const uint8_t *vs = v + s * ld;
+        __m512 v0, v1, v2, v3;
+        if (f16) {
+            v0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs)));
+            v1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 32)));
+            v2 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 64)));
+            v3 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 96)));
+        } else {
+            const float *vf = reinterpret_cast<const float *>(vs);
+            v0 = _mm512_loadu_ps(vf), v1 = _mm512_loadu_ps(vf + 16), v2 = _mm512_loadu_ps(vf + 32),
+            v3 = _mm512_loadu_ps(vf + 48);
+        }
+        for (int j = 0; j < NR; j++) {
+            const __m512 p = _mm512_set1_ps(pa[j][s]);
+            a[j][0] = _mm512_fmadd_ps(p, v0, a[j][0]);
+            a[j][1] = _mm512_fmadd_ps(p, v1, a[j][1]);
+            a[j][2] = _mm512_fmadd_ps(p, v2, a[j][2]);
+            a[j][3] = _mm512_fmadd_ps(p, v3, a[j][3]);
+        }
+    }
+    for (int j = 0; j < NR; j++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc + j * 64 + 16 * i, a[j][i]);
+}
+
 TV_AVX512 void attn_block(const float *q, int R, int hd, const int *n_valid, const uint8_t *k, const uint8_t *v,
                           size_t ld, bool f16, int bs, float scale, float *m, float *l, float *acc, float *work) {
     if (hd != 64 || bs > 16 || ld > (1u << 24))
@@ -214,85 +288,22 @@ TV_AVX512 void attn_block(const float *q, int R, int hd, const int *n_valid, con
     for (int r = 0; r < R; r++) nmax = std::max(nmax, n_valid[r]);
     if (nmax <= 0) return;
     alignas(64) float kt[64 * 16];
-    alignas(64) float pa[4][16];
-    alignas(64) float dummy[64];
     const __mmask16 gm = tail_mask(nmax);  // keys past every query load as 0
-    for (int d = 0; d < 64; d++)
-        _mm512_store_ps(kt + 16 * d, f16 ? load_h16(gm, reinterpret_cast<const uint16_t *>(k) + d * bs)
-                                         : _mm512_maskz_loadu_ps(gm, reinterpret_cast<const float *>(k) + d * bs));
-    const __m512 vscale = _mm512_set1_ps(scale);
+    // one row group (decode: a GQA group of <= 4 heads) reads fp16 keys directly; more convert once
+    const uint16_t *kh = f16 && R <= 4 ? reinterpret_cast<const uint16_t *>(k) : nullptr;
+    if (!kh)
+        for (int d = 0; d < 64; d++)
+            _mm512_store_ps(kt + 16 * d, f16 ? load_h16(gm, reinterpret_cast<const uint16_t *>(k) + d * bs)
+                                             : _mm512_maskz_loadu_ps(gm, reinterpret_cast<const float *>(k) + d * bs));
     for (int r0 = 0; r0 < R; r0 += 4) {
-        const int nr = std::min(4, R - r0);
-        const float *qr[4];
-        float *ar[4];
-        for (int j = 0; j < 4; j++) {
-            qr[j] = q + (size_t)(j < nr ? r0 + j : r0) * 64;
-            ar[j] = j < nr ? acc + (size_t)(r0 + j) * 64 : dummy;
+        const float *qr = q + (size_t)r0 * 64;
+        float *ar = acc + (size_t)r0 * 64;
+        switch (std::min(4, R - r0)) {
+            case 1: attn_rows<1>(qr, n_valid + r0, kt, kh, bs, gm, nmax, v, ld, f16, scale, m + r0, l + r0, ar); break;
+            case 2: attn_rows<2>(qr, n_valid + r0, kt, kh, bs, gm, nmax, v, ld, f16, scale, m + r0, l + r0, ar); break;
+            case 3: attn_rows<3>(qr, n_valid + r0, kt, kh, bs, gm, nmax, v, ld, f16, scale, m + r0, l + r0, ar); break;
+            default: attn_rows<4>(qr, n_valid + r0, kt, kh, bs, gm, nmax, v, ld, f16, scale, m + r0, l + r0, ar); break;
         }
-        __m512 se0 = _mm512_setzero_ps(), se1 = se0, se2 = se0, se3 = se0, so0 = se0, so1 = se0, so2 = se0, so3 = se0;
-        for (int d = 0; d < 64; d += 2) {
-            const __m512 k0 = _mm512_load_ps(kt + 16 * d), k1 = _mm512_load_ps(kt + 16 * (d + 1));
-            se0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[0][d]), k0, se0);
-            so0 = _mm512_fmadd_ps(_mm512_set1_ps(qr[0][d + 1]), k1, so0);
-            se1 = _mm512_fmadd_ps(_mm512_set1_ps(qr[1][d]), k0, se1);
-            so1 = _mm512_fmadd_ps(_mm512_set1_ps(qr[1][d + 1]), k1, so1);
-            se2 = _mm512_fmadd_ps(_mm512_set1_ps(qr[2][d]), k0, se2);
-            so2 = _mm512_fmadd_ps(_mm512_set1_ps(qr[2][d + 1]), k1, so2);
-            se3 = _mm512_fmadd_ps(_mm512_set1_ps(qr[3][d]), k0, se3);
-            so3 = _mm512_fmadd_ps(_mm512_set1_ps(qr[3][d + 1]), k1, so3);
-        }
-        const __m512 sv[4] = {_mm512_add_ps(se0, so0), _mm512_add_ps(se1, so1), _mm512_add_ps(se2, so2),
-                              _mm512_add_ps(se3, so3)};
-        for (int j = 0; j < 4; j++) {
-            const int n = j < nr ? n_valid[r0 + j] : 0;
-            if (n <= 0) {
-                _mm512_store_ps(pa[j], _mm512_setzero_ps());
-                continue;
-            }
-            const int r = r0 + j;
-            const __mmask16 mk = tail_mask(n);
-            const __m512 s = _mm512_mul_ps(sv[j], vscale);
-            const float bmax = _mm512_mask_reduce_max_ps(mk, s);
-            float mr = m[r], lr = l[r];
-            if (bmax > mr) {  // new running max: rescale what was accumulated so far
-                const float rr = std::exp(mr - bmax);
-                lr *= rr;
-                const __m512 vr = _mm512_set1_ps(rr);
-                for (int i = 0; i < 64; i += 16) _mm512_storeu_ps(ar[j] + i, _mm512_mul_ps(_mm512_loadu_ps(ar[j] + i), vr));
-                mr = bmax;
-            }
-            const __m512 p = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mr))));
-            lr += _mm512_reduce_add_ps(p);
-            m[r] = mr;
-            l[r] = lr;
-            _mm512_store_ps(pa[j], p);
-        }
-        __m512 a[4][4];
-        for (int j = 0; j < 4; j++)
-            for (int i = 0; i < 4; i++) a[j][i] = _mm512_loadu_ps(ar[j] + 16 * i);
-        for (int s = 0; s < nmax; s++) {
-            const uint8_t *vs = v + s * ld;
-            __m512 v0, v1, v2, v3;
-            if (f16) {
-                v0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs)));
-                v1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 32)));
-                v2 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 64)));
-                v3 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(vs + 96)));
-            } else {
-                const float *vf = reinterpret_cast<const float *>(vs);
-                v0 = _mm512_loadu_ps(vf), v1 = _mm512_loadu_ps(vf + 16), v2 = _mm512_loadu_ps(vf + 32),
-                v3 = _mm512_loadu_ps(vf + 48);
-            }
-            for (int j = 0; j < 4; j++) {
-                const __m512 p = _mm512_set1_ps(pa[j][s]);
-                a[j][0] = _mm512_fmadd_ps(p, v0, a[j][0]);
-                a[j][1] = _mm512_fmadd_ps(p, v1, a[j][1]);
-                a[j][2] = _mm512_fmadd_ps(p, v2, a[j][2]);
-                a[j][3] = _mm512_fmadd_ps(p, v3, a[j][3]);
-            }
-        }
-        for (int j = 0; j < 4; j++)
-            for (int i = 0; i < 4; i++) _mm512_storeu_ps(ar[j] + 16 * i, a[j][i]);
     }
     (void)work;
 }

@@ -119,13 +119,15 @@ void matmul_multi(const Weight *const *ws, float *const *ys, int count, const fl
     for (int j = 0; j < count && j < MAXW; j++) {
         const int64_t n = ws[j]->rows;
         quant |= dtype_quantized(ws[j]->dtype);
-        // m > 4: ~8 chunks per thread for balance (tasks are handed out dynamically), at most 64 rows
-        // so a chunk of weights stays cache resident while the activation rows go by. m <= 4 (decode):
+        // m > 4: ~8 chunks per thread for balance (tasks are handed out dynamically), at most 512 rows
+        // (the panel path unpacks 8 weight rows at a time and prefetches the next 8 within a task: a
+        // task's start waits for its first rows, and 64-row chunks of the 49,152-row output matrix
+        // at m = 32 cost 30% more than 512-row ones, single-thread CPU time). m <= 4 (decode):
         // each weight row is read once anyway, and a task start costs a DRAM ramp-up (the prefetch
         // runs ahead only within a task), so 2 long chunks per thread (a reference-model decode step:
         // 5.4 ms instead of 6.6 with 8 per thread, medians of 4 runs) -- with the shared counter of
         // run(); run_dup below hands out contiguous ranges instead. Results do not depend on chunks.
-        chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * (m <= MAX_NX ? 2 : 8)), 1, m <= MAX_NX ? n : 64);
+        chunk[j] = std::clamp<int64_t>(n / ((int64_t)pool.size() * (m <= MAX_NX ? 2 : 8)), 1, m <= MAX_NX ? n : 512);
         // run_dup (decode): each thread runs a contiguous range of tasks (its weight stream runs on
         // from task to task), so tasks can be small: ~DUP_ITEM_BYTES of weights, what the caller
         // re-runs for a worker the OS descheduled; a task's m x rows outputs fit the pool scratch.

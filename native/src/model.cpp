@@ -270,7 +270,10 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
 
     // --- attention block
     {
-        const ActBlock *xqn = norm_quant(L.attn_norm, false, nullptr);  // shared by q, k, v
+        // the previous layer's FFN residual add runs here, in this norm's parallel region (one region
+        // fewer per layer; each token's arithmetic and order unchanged)
+        const Weight *prev_post_ffw = p_.post_norms && l > 0 ? &layers_[(size_t)l - 1].post_ffw_norm : nullptr;
+        const ActBlock *xqn = norm_quant(L.attn_norm, l > 0, prev_post_ffw);  // shared by q, k, v
         const Weight *ws[3] = {&L.wq, &L.wk, &L.wv};
         float *ys[3] = {q, k, v};
         matmul_multi(ws, ys, 3, xn, xqn, T, pool);  // one parallel region for q, k and v
@@ -307,11 +310,12 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
     });
     const AttentionBatch ab{T, b.positions, b.seq_ids, b.block_tables, b.max_blocks, swa ? p_.sliding_window : 0,
                             p_.attn_scale};
-    attention(cache, l, ab, q, att, p_.n_head, pool, s_.attn);
     // (a quantized weight's cols are a whole number of blocks, checked at set_tensor: qD, qE, qF hold
-    // whenever the matmul needs xq; float weights ignore it)
-    const bool qD = Dq % QK == 0;
-    if (qD) per_token(pool, T, [&](int t) { K.quantize_act(att + (size_t)t * Dq, xq + (size_t)t * (Dq / QK), Dq); });
+    // whenever the matmul needs xq; float weights ignore it). Whole-block heads are quantized by the
+    // attention tasks that write them (one parallel region fewer per layer).
+    const bool qD = Dq % QK == 0, q_heads = hd % QK == 0;
+    attention(cache, l, ab, q, att, p_.n_head, pool, s_.attn, q_heads ? xq : nullptr);
+    if (qD && !q_heads) per_token(pool, T, [&](int t) { K.quantize_act(att + (size_t)t * Dq, xq + (size_t)t * (Dq / QK), Dq); });
     matmul(L.wo, att, qD ? xq : nullptr, T, tmp, pool);
 
     // --- feed-forward block
@@ -329,7 +333,7 @@ void Model::run_layer(int l, KvCache &cache, const tv_batch &b) {
         if (qF) K.quantize_act(g + (size_t)t * F, xq + (size_t)t * (F / QK), F);
     });
     matmul(L.down, g, qF ? xq : nullptr, T, tmp, pool);
-    per_token(pool, T, [&](int t) { residual_add(t, post_ffw); });
+    if (l == p_.n_layer - 1) per_token(pool, T, [&](int t) { residual_add(t, post_ffw); });  // else the next layer's
 }
 
 }  // namespace tv

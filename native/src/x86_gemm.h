@@ -116,9 +116,14 @@ TV_ISA const void *prepare(const ActBlock *x, int64_t m, int64_t nb, ThreadPool 
     if (p.xt.size() < (size_t)(tiles * nb * 16 * tw)) p.xt.resize((size_t)(tiles * nb * 16 * tw));
     if (p.xd.size() < (size_t)(tiles * nb * tw)) p.xd.resize((size_t)(tiles * nb * tw)), p.xs.resize(p.xd.size());
     // tiles are disjoint: a prefill's prep (2% of it) runs on every thread (one tile runs inline);
-    // through a pointer: inside the lambda `p` would name each worker's own thread_local
+    // a decode batch's (a few us: m = 32, k = 576) runs inline, cheaper than a parallel region.
+    // Through a pointer: inside the lambda `p` would name each worker's own thread_local
     Prep *mine = &p;
-    pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
+    if (tiles * nb * 16 * tw <= 32768) {
+        for (int64_t t = 0; t < tiles; t++) prepare_tile(p, x, m, nb, t);
+    } else {
+        pool.run(tiles, [&](int64_t t, int) { prepare_tile(*mine, x, m, nb, t); });
+    }
     return &p;
 }
 
@@ -158,6 +163,21 @@ TV_ISA inline void group_scales(const uint8_t *w0, const int32_t *off, __m256i v
             for (int s = 0; s < F::SLICES; s++) _mm256_store_ps(g.m[s], _mm256_mul_ps(nd, col(mn_index<F>(s, 0))));
         }
     }
+}
+
+// dst[0, n) = src[0, n); `stream`: the whole cache lines of dst bypass the caches (non-temporal
+// stores: no read for ownership of lines that are only written; a partial line would be a slow
+// partial write, so the ends go through the cache).
+TV_ISA inline void copy_out(float *dst, const float *src, int64_t n, bool stream) {
+    int64_t i = 0;
+    if (stream) {
+        for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63); i++) dst[i] = src[i];
+        for (; i + 16 <= n; i += 16) {
+            _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+            _mm256_stream_ps(dst + i + 8, _mm256_loadu_ps(src + i + 8));
+        }
+    }
+    for (; i < n; i++) dst[i] = src[i];
 }
 
 // Row offsets of a group: rows past r1 repeat the last one (computed, never stored).
@@ -439,9 +459,21 @@ TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
     static thread_local Panel P;
     const size_t np = (size_t)(nb * NW);
     if (P.w.size() < np) P.w.resize(np), P.d.resize(np), P.d2.resize(np), P.mn.resize(np);
+    // The micro kernels write 8 outputs into each of m rows of y, ldy apart; with ldy * 4 a multiple
+    // of 4 KiB (the 49152-row output matrix) those rows share one L1 set and few L2 sets, and every
+    // line is evicted between its two halves' writes (the output matrix at m = 32 ran at 60% of
+    // the others' rate). They write into this buffer instead, YB outputs per row, copied out in
+    // whole lines once the YB weight rows are done. Rows < 4 KiB apart (a run_dup task's own
+    // scratch, q/k/v/o outputs) spread over the sets: written directly.
+    const bool buffered = ldy >= 1024;
+    const int64_t YB = std::clamp<int64_t>(4096 / m / NW * NW, NW, 512);  // a buffer of up to 16 KiB (L1)
+    static thread_local std::vector<float> ybuf;
+    if (buffered && ybuf.size() < (size_t)(m * YB)) ybuf.resize((size_t)(m * YB));
+    const bool stream = ldy >= 16384;  // rows 64 KiB or more apart (an output matrix's logits)
     GroupScales<F> gs;
     for (int64_t g0 = r0; g0 < r1; g0 += NW) {
         const int nw = (int)std::min<int64_t>(NW, r1 - g0);
+        const int64_t c0 = r0 + (g0 - r0) / YB * YB;  // the buffer's first weight row
         alignas(32) int32_t off[NW];
         const __m256i voff = group_offsets(g0, r1, row_bytes, off);
         const uint8_t *w0 = w + (size_t)g0 * row_bytes, *next = w0 + NW * row_bytes;
@@ -464,12 +496,18 @@ TV_ISA void gemm_rows(const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1
                 if (F::HAS_MIN) std::memcpy(P.mn.data() + b * NW, gs.m[s], sizeof(float) * NW);
             }
         }
+        float *yb = buffered ? ybuf.data() + (g0 - c0) : y + g0;
+        const int64_t ldb = buffered ? YB : ldy;
         for (int64_t t = 0; t * x.tw < m; t++) {
             const int ni = (int)std::min<int64_t>(x.tw, m - t * x.tw);
-            if (x.tw == 8) micro<Ymm<I>, F>(P, x, t, nb, nw, ni, y + g0, ldy);
-            else micro<typename I::Wide, F>(P, x, t, nb, nw, ni, y + g0, ldy);
+            if (x.tw == 8) micro<Ymm<I>, F>(P, x, t, nb, nw, ni, yb, ldb);
+            else micro<typename I::Wide, F>(P, x, t, nb, nw, ni, yb, ldb);
         }
+        if (buffered && g0 + NW >= std::min(r1, c0 + YB))  // the buffer's last group: copy it out
+            for (int64_t i = 0; i < m; i++)
+                copy_out(y + i * ldy + c0, ybuf.data() + i * YB, std::min(r1, c0 + YB) - c0, stream);
     }
+    if (stream) _mm_sfence();  // the streamed stores are visible before the pool reports this task done
 }
 
 template <class I>

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <thread>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -166,6 +167,34 @@ TEST(matmul_rows_batch_invariant) {
                 }
         }
     tv::select_kernels(restore);
+}
+
+TEST(matmul_tall_output_rows_match_decode) {
+    // the tied-output shape class at decode batches (avx512amx: m >= 33 on AMX tiles): outputs buffered per thread and, with rows
+    // 64 KiB or more apart, copied out with streaming stores (an unaligned y: a scalar head); every
+    // row equals the same row run alone (the decode path), on every path, 1 and 2 threads
+    const char *restore = tv_kernel_path();
+    const std::mt19937_64 saved = rng();  // left as found for later tests (see the test below)
+    const int64_t n = 16387, k = 64;
+    for (const char *path : paths())
+        for (int32_t dtype : {TV_Q8_0, TV_Q4_1}) {
+            tv::select_kernels(path);
+            HostTensor w = random_tensor(dtype, n, k);
+            tv_tensor d = w.desc();
+            for (int m : {5, 20, 33, 64}) {
+                std::vector<float> x = random_vec((size_t)(m * k)), y((size_t)m * n + 1, NAN), y1(n);
+                for (int threads : {1, 2}) {
+                    CHECK(tv_matmul(&d, x.data(), m, y.data() + 1, threads) == TV_OK);
+                    for (int i = 0; i < m; i += 4) {
+                        CHECK(tv_matmul(&d, x.data() + i * k, 1, y1.data(), 1) == TV_OK);
+                        CHECK(std::memcmp(y1.data(), y.data() + 1 + (size_t)i * n, (size_t)n * 4) == 0)
+                            << path << " " << tv::dtype_name(dtype) << " m=" << m << " threads=" << threads << " row " << i;
+                    }
+                }
+            }
+        }
+    tv::select_kernels(restore);
+    rng() = saved;
 }
 
 TEST(matmul_decode_bit_identical_across_x86_paths) {
