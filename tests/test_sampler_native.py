@@ -286,3 +286,17 @@ def test_a_fully_forbidden_row_does_not_fail_its_batch():
     # nothing allowed at all (an empty mask): the row draws from its raw logits instead of failing
     out = Sampler().sample(logits, states, eos_token_ids=[eos], token_bitmask=([1], np.zeros_like(bitmask)))
     assert out[1].token_id == int(np.argmax(logits[1]))
+
+
+def test_nan_and_infinite_logits_still_sample():
+    """A model that emits NaN / inf logits (random or damaged weights) gets a token per row, not a
+    failed batch: NaN counts as -inf, +inf as the largest logit, a row with nothing finite is uniform."""
+    from types import SimpleNamespace
+    x = np.zeros((3, 50), np.float32)
+    x[0, 5], x[0, 9] = np.nan, 3.0
+    x[1, 7] = np.inf
+    x[2] = np.nan
+    states = [SimpleNamespace(params=SamplingParams(temperature=0.0), generator=None, prompt_token_ids=[1],
+                              output_token_ids=[]) for _ in range(3)]
+    out = Sampler().sample(x, states)
+    assert [o.token_id for o in out] == [9, 7, 0]

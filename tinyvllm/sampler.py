@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tinyvllm._native import check, ffi, lib
+from tinyvllm._native import NativeError, check, ffi, lib
 from tinyvllm.sampling_params import SamplingParams
 
 _INT32_MAX = 2**31 - 1
@@ -131,6 +131,14 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _finite(rows: np.ndarray) -> np.ndarray:
+    """A copy with NaN as -inf and +inf as the largest float; a row with no finite logit left is
+    all zeros (uniform)."""
+    y = np.nan_to_num(rows, nan=-np.inf, posinf=np.finfo(np.float32).max, neginf=-np.inf)
+    y[y.max(axis=1) == -np.inf] = 0.0
+    return _rows(y)
+
+
 def log_sum_exp(rows: np.ndarray) -> np.ndarray:
     """float32 [n]: each raw row's log-sum-exp, as the Sampler computes it (logprob = row[t] - lse)."""
     rows = _rows(np.atleast_2d(rows))
@@ -195,7 +203,13 @@ class Sampler:
             rows.append(_GREEDY_ROW if p.greedy else (p.temperature, min(max(p.top_k, 0), _INT32_MAX), p.top_p, p.min_p,
                                                       (self.rng if s.generator is None else s.generator).random()))
         temperature, top_k, top_p, min_p, u = np.array(rows, dtype=np.float64).reshape(-1, 5).T
-        tokens, lse = native_sample(logits, x, temperature, top_k, top_p, min_p, u)
+        try:
+            tokens, lse = native_sample(logits, x, temperature, top_k, top_p, min_p, u)
+        except NativeError:
+            # NaN or infinite logits (a damaged model, random weights): checked only when the native
+            # sampler refuses them, so a normal step pays nothing; sampled from finite stand-ins
+            logits, x = _finite(logits), None if x is None else _finite(x)
+            tokens, lse = native_sample(logits, x, temperature, top_k, top_p, min_p, u)
         results = []
         chosen = (logits[np.arange(len(states)), tokens] - lse).tolist()  # every row's logprob at once
         for i, (s, tok, lp) in enumerate(zip(states, tokens.tolist(), chosen)):
